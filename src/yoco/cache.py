@@ -1,0 +1,100 @@
+"""The cache protocol and the caches shared by several mixers.
+
+Every token mixer owns its cache kind and builds it with ``mixer.new_cache(...)``:
+
+- ``KVCache`` (here): full causal attention's keys/values, and YOCO's single global K/V.
+- ``RingKVCache`` (``mixers/sliding_window.py``): exactly W positions for sliding windows.
+- ``RetentionState`` (``mixers/retention.py``): gated retention's fp32 recurrent state.
+
+A model's cache is a ``ModelCache``: one entry per cache-owning mixer plus the number of slots
+filled so far and the batch's left padding. Every cache reports ``nbytes()``: the bytes its tensors
+hold, which is what the machine actually spends on it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class CacheError(RuntimeError):
+    """A cache used beyond what it was built for (capacity, batch size)."""
+
+
+class LayerCache(Protocol):
+    def nbytes(self) -> int: ...
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class KVCache:
+    """Keys and values of every position so far, [B, n_kv, capacity, d], written by slot.
+
+    With a known ``capacity`` the buffers are allocated once at that size; without one they start
+    small and double when full, so appending is amortised O(1) (never a per-token concatenation).
+    """
+
+    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None, capacity: int | None = None):
+        self.growing = capacity is None
+        size = 256 if capacity is None else capacity
+        if size < 1:
+            raise CacheError(f"KV cache capacity must be positive, got {capacity}")
+        shape = (batch_size, n_kv_heads, size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def _grow(self, needed: int) -> None:
+        size = max(needed, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:2] + (size,) + old.shape[3:])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, n_kv, T, d] at the next T slots; return views of every slot so far."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            if not self.growing:
+                raise CacheError(f"KV cache holds {self.capacity} positions; writing {k.shape[2]} more "
+                                 f"after {self.length} exceeds it (allocate a larger capacity)")
+            self._grow(end)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.k, self.v)
+
+
+class ModelCache:
+    """A model's inference state: one cache per cache-owning mixer, in the model's order.
+
+    ``seen`` is the number of slots already processed (the same for every row); ``pad`` holds each
+    row's left padding (or None).
+    """
+
+    def __init__(self, layers: list, batch_size: int, pad: torch.Tensor | None = None):
+        self.layers = layers
+        self.batch_size = batch_size
+        self.pad = pad
+        self.seen = 0
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers if c is not None)
+
+    def __getitem__(self, i: int):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)

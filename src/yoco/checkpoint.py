@@ -1,0 +1,103 @@
+"""Saving and loading models: ``config.json`` + ``model.safetensors`` in a folder, written atomically.
+
+Each file is written to a temporary name in the same folder and moved into place with
+``os.replace``, so an interrupted save leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+from .models import CausalLM, build_model, resolve_dtype
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not match its config."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the file to ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: CausalLM, directory: str | os.PathLike) -> Path:
+    directory = Path(directory)
+    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors refuses shared storage; rebuilt by tying
+    # Weights first, config last: a config always describes weights that are already complete.
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(model.config.to_json() + "\n"))
+    return directory
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(directory)!r} does not exist")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing: not a yoco checkpoint folder")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object")
+    try:
+        return ModelConfig.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{str(path)!r}: {e}") from None
+
+
+def load_model(directory: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
+    directory = Path(directory)
+    config = load_config(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing: the checkpoint has a config but no weights")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is corrupt or truncated ({e})") from None
+    model = build_model(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{str(path)!r} does not match its {config.arch} config: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{str(path)!r}: {name} has shape {tuple(tensor.shape)}, "
+                                  f"the config needs {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=not config.tie_embeddings)
+    if dtype is not None:
+        model = model.to(resolve_dtype(dtype))
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

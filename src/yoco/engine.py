@@ -1,0 +1,213 @@
+"""The inference engine: chunked prefill, token-by-token decode, sampling, batching, streaming.
+
+It is separate from the models and talks to them only through ``model.new_cache`` and
+``model(ids, cache, num_logits=...)``:
+
+- prefill: all prompt tokens but the last go through in chunks of ``prefill_chunk`` with
+  ``num_logits=0`` (memory bounded by the chunk, and YOCO skips its cross-decoder); the last prompt
+  token then takes the ordinary decode step through every layer and yields the first logits;
+- decode: one token per row per step;
+- batches of prompts of different lengths are left-padded; each row keeps its own RoPE positions
+  and never attends to its pads, so it gets the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import ModelCache
+from .models.base import CausalLM, InputError
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 is greedy; top_k / top_p filter before sampling; seed makes sampling repeatable."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits [B, V]."""
+    logits = logits.float()
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def as_prompt_list(prompts) -> list[list[int]]:
+    """Accept a list of token lists, a single token list, or a 1-D/2-D integer tensor."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dtype.is_floating_point or prompts.dtype == torch.bool:
+            raise InputError(f"prompt token ids must be integers, got dtype {prompts.dtype}")
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2:
+            raise InputError(f"prompt tensor must be 1-D or 2-D, got shape {tuple(prompts.shape)}")
+        return prompts.tolist()
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [list(prompts)]
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise InputError("no prompts given: pass token ids (a list of ints, a list of lists, or a tensor)")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        if not isinstance(p, Sequence) or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise InputError(f"prompt {i} must be a sequence of integer token ids")
+        out.append(list(p))
+    return out
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T_max] left-padded with pad_id, and each row's pad count [B]."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
+    return ids, pad
+
+
+def prefill(model: CausalLM, ids: torch.Tensor, cache: ModelCache, chunk: int) -> torch.Tensor:
+    """Run the prompt ids [B, T] into the cache; return the last prompt token's logits [B, V]."""
+    if chunk < 1:
+        raise InputError(f"prefill chunk must be >= 1, got {chunk}")
+    T = ids.shape[1]
+    for start in range(0, T - 1, chunk):
+        model(ids[:, start:min(start + chunk, T - 1)], cache, num_logits=0)
+    return model(ids[:, T - 1:], cache, num_logits=1)[:, -1]
+
+
+def decode_step(model: CausalLM, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    """Feed one token per row [B]; return the next logits [B, V]."""
+    return model(tokens[:, None], cache, num_logits=1)[:, -1]
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per row (a stop token, when hit, is included)
+    finish_reasons: list[str]  # "stop" or "length" per row
+    prompt_tokens: int
+    cache_bytes: int
+    prefill_s: float
+    decode_s: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = max(len(t) for t in self.tokens) - 1
+        return steps * len(self.tokens) / self.decode_s if self.decode_s > 0 and steps > 0 else float("nan")
+
+
+class Generation:
+    """One batched generation; iterate it to stream tokens, then read ``result()``."""
+
+    def __init__(self, model: CausalLM, prompts, max_new_tokens: int = 32, *, sampling: SamplingParams | None = None,
+                 stop_tokens: Sequence[int] = (), prefill_chunk: int = 1024, pad_id: int = 0):
+        self.model = model
+        self.prompts = as_prompt_list(prompts)
+        for i, p in enumerate(self.prompts):
+            if not p:
+                raise InputError(f"prompt {i} is empty: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = model.config.max_seq_len
+        longest = max(len(p) for p in self.prompts)
+        if longest > limit:
+            raise InputError(f"prompt of {longest} tokens is longer than the model's maximum max_seq_len={limit}")
+        if longest + max_new_tokens > limit:
+            raise InputError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"max_seq_len={limit}")
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or SamplingParams()
+        self.stop_tokens = set(int(t) for t in stop_tokens)
+        self.prefill_chunk = prefill_chunk
+        self.pad_id = pad_id
+        self.tokens: list[list[int]] = [[] for _ in self.prompts]
+        self.finish_reasons = ["length"] * len(self.prompts)
+        self.prefill_s = self.decode_s = 0.0
+        self.cache: ModelCache | None = None
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        """Yields, per step, each row's new token (None for rows that already stopped)."""
+        model = self.model
+        device = next(model.parameters()).device
+        ids, pad = left_pad(self.prompts, self.pad_id)
+        ids = ids.to(device)
+        generator = None
+        if self.sampling.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(self.sampling.seed)
+        B = len(self.prompts)
+        done = torch.zeros(B, dtype=torch.bool)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.cache = cache = model.new_cache(B, capacity=ids.shape[1] + self.max_new_tokens, pad=pad, device=device)
+            logits = prefill(model, ids, cache, self.prefill_chunk)
+            self.prefill_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for step in range(self.max_new_tokens):
+                next_tokens = sample(logits, self.sampling, generator).cpu()
+                out: list[int | None] = []
+                for row in range(B):
+                    if done[row]:
+                        out.append(None)
+                        continue
+                    token = int(next_tokens[row])
+                    self.tokens[row].append(token)
+                    out.append(token)
+                    if token in self.stop_tokens:
+                        done[row] = True
+                        self.finish_reasons[row] = "stop"
+                yield out
+                if bool(done.all()) or step == self.max_new_tokens - 1:
+                    break
+                feed = next_tokens.masked_fill(done, self.pad_id).to(device)
+                logits = decode_step(model, feed, cache)
+            self.decode_s = time.perf_counter() - t0
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.tokens, self.finish_reasons, sum(len(p) for p in self.prompts),
+                                self.cache.nbytes() if self.cache is not None else 0, self.prefill_s, self.decode_s)
+
+
+def stream(model: CausalLM, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
+           prefill_chunk: int = 1024, pad_id: int = 0) -> Generation:
+    """A streaming generation: ``for step in stream(...)`` yields each row's new token per step."""
+    return Generation(model, prompts, max_new_tokens, sampling=SamplingParams(temperature, top_k, top_p, seed),
+                      stop_tokens=stop_tokens, prefill_chunk=prefill_chunk, pad_id=pad_id)
+
+
+def generate(model: CausalLM, prompts, max_new_tokens: int = 32, **kwargs) -> GenerationResult:
+    """Generate for one prompt or a batch; see ``stream`` for the options."""
+    generation = stream(model, prompts, max_new_tokens, **kwargs)
+    for _ in generation:
+        pass
+    return generation.result()

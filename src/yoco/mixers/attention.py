@@ -1,0 +1,89 @@
+"""Causal (grouped-query) softmax attention and the masking rules every attention mixer shares.
+
+All attention goes through ``attend`` (scaled_dot_product_attention with GQA), and every mask is
+built by ``slot_mask`` from slot numbers, so full, windowed, cached, padded and cross attention
+obey one rule: a query at slot q sees key slot s iff ``s <= q``, ``q - s < window`` (if windowed),
+and ``s`` is a real token of its row (a pad query sees only itself, so it stays finite).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..config import ModelConfig
+from ..layers import RotaryEmbedding, Step
+
+
+def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad: torch.Tensor | None,
+              window: int | None = None) -> torch.Tensor | None:
+    """Boolean attention mask [B or 1, 1, Tq, S] (True = may attend), or None if nothing is masked.
+
+    ``k_slots`` may hold -1 for empty cache entries (a ring buffer not yet full).
+    """
+    rel = q_slots[:, None] - k_slots[None, :]
+    allowed = (rel >= 0) & (k_slots[None, :] >= 0)
+    if window is not None:
+        allowed &= rel < window
+    if pad is not None:
+        real_key = k_slots[None, :] >= pad[:, None]  # [B, S]
+        allowed = allowed[None] & (real_key[:, None, :] | (rel == 0)[None])
+        if bool(pad.max() == 0) and bool(allowed.all()):
+            return None
+        return allowed[:, None]
+    if bool(allowed.all()):
+        return None
+    return allowed[None, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           causal: bool = False) -> torch.Tensor:
+    """Softmax attention; q [B, H, T, d], k/v [B, n_kv, S, d] with n_kv dividing H."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+class QKVProjection(nn.Module):
+    """Query/key/value/output projections with RoPE on q and k, shared by the self-attention mixers."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.rotary = rotary
+
+    def qkv(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, d], k and v [B, n_kv, T, d], RoPE applied at the step's positions."""
+        B, T, _ = x.shape
+        cos, sin = step.rope(self.rotary)
+        q = self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = self.rotary.apply(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        B, H, T, d = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
+
+
+class CausalSelfAttention(QKVProjection):
+    """Full causal GQA/MQA self-attention; its cache is a ``KVCache`` of every position."""
+
+    def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> KVCache:
+        return KVCache(batch_size, self.n_kv_heads, self.head_dim, dtype=dtype, device=device, capacity=capacity)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.qkv(x, step)
+        if cache is None:
+            if step.pad is None and step.start == 0:
+                return self.out(attend(q, k, v, causal=True))
+            k_slots = step.slots
+        else:
+            k, v = cache.append(k, v)
+            k_slots = torch.arange(k.shape[2], device=x.device)
+        return self.out(attend(q, k, v, slot_mask(step.slots, k_slots, step.pad)))

@@ -1,0 +1,70 @@
+"""YOCO's global K/V and the cross-attention that every cross-decoder layer runs against it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from ..config import ModelConfig
+from ..layers import RMSNorm, RotaryEmbedding, Step
+from .attention import attend, slot_mask
+
+
+class GlobalKV(nn.Module):
+    """Builds the one K/V cache of a YOCO model from the self-decoder output.
+
+    ``K = RoPE(k_proj(RMSNorm(h)))``, ``V = v_proj(RMSNorm(h))`` with n_kv heads; cached once and read
+    by every cross-decoder layer.
+    """
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.n_kv_heads, self.head_dim = config.n_kv_heads, config.head_dim
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.rotary = rotary
+
+    def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> KVCache:
+        return KVCache(batch_size, self.n_kv_heads, self.head_dim, dtype=dtype, device=device, capacity=capacity)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B, n_kv, S, d] for every slot so far (the cache's, or this call's without one)."""
+        B, T, _ = x.shape
+        h = self.norm(x)
+        cos, sin = step.rope(self.rotary)
+        k = self.rotary.apply(self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            return cache.append(k, v)
+        return k, v
+
+
+class CrossAttention(nn.Module):
+    """A cross-decoder layer's mixer: its own queries (RoPE) and output, the shared global K/V."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, step: Step, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        B, T, _ = x.shape
+        cos, sin = step.rope(self.rotary)
+        q = self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        o = attend(q, k, v, mask, causal=causal)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def cross_mask(step: Step, n_keys: int, device) -> tuple[torch.Tensor | None, bool]:
+    """Mask for queries at the step's slots against global keys at slots 0..n_keys-1.
+
+    Returns (mask, causal): the square unpadded case uses SDPA's causal path with no mask at all.
+    """
+    if step.pad is None and step.start == 0 and step.length == n_keys:
+        return None, True
+    return slot_mask(step.slots, torch.arange(n_keys, device=device), step.pad), False

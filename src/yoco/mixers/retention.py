@@ -1,0 +1,147 @@
+"""Gated retention (YOCO's gRetNet self-decoder mixer) in three equivalent forms.
+
+Per head, with a data-dependent scalar decay gamma_t = exp(log_decay_t):
+
+    S_t = gamma_t * S_{t-1} + k_t^T v_t,        o_t = q_t S_t
+
+where log_decay_t = logsigmoid(x_t W_gt) / 16, RoPE is applied to q and k, and k is scaled by
+d^-0.5 (no normalising denominator). The output is ``out_proj(silu(g_proj x) * RMSNorm_head(o))``
+with a per-head RMSNorm without affine weight, as in the reference code.
+
+- ``retention_parallel``: the masked decay matrix over the whole sequence (reference, for tests).
+- ``retention_chunkwise``: parallel inside chunks, state carried across chunks (prefill, training).
+- ``retention_recurrent``: one token at a time (decode).
+
+All three compute in fp32, and the recurrent state is kept in fp32 whatever the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import tensor_bytes
+from ..config import ModelConfig
+from ..layers import RMSNorm, RotaryEmbedding, Step
+
+GATE_LOGIT_NORMALIZER = 16.0
+
+
+def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """q, k [B, H, T, dk] (k pre-scaled), v [B, H, T, dv], log_decay [B, H, T] -> o [B, H, T, dv]."""
+    q, k, v, log_decay = q.float(), k.float(), v.float(), log_decay.float()
+    cum = log_decay.cumsum(-1)
+    T = q.shape[-2]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    return ((q @ k.transpose(-1, -2)) * decay) @ v
+
+
+def retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                        state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token; returns (o [B, H, T, dv], final state [B, H, dk, dv] fp32)."""
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    if state is None:
+        state = q.new_zeros(B, H, dk, dv, dtype=torch.float32)
+    q, k, v, gamma = q.float(), k.float(), v.float(), log_decay.float().exp()
+    outs = []
+    for t in range(T):
+        state = gamma[:, :, t, None, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(q[:, :, t, None, :] @ state)
+    return torch.cat(outs, dim=-2), state
+
+
+def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                        chunk: int, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise-parallel form; any length (the tail is padded with decay 1 and zero keys)."""
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v, log_decay = q.float(), k.float(), v.float(), log_decay.float()
+    extra = (-T) % chunk
+    if extra:
+        # Zero keys add nothing to the state and log-decay 0 keeps it: the padded tail is inert.
+        q, k, v = (F.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
+        log_decay = F.pad(log_decay, (0, extra))
+    n = q.shape[2] // chunk
+    q, k, v = (t.view(B, H, n, chunk, -1) for t in (q, k, v))
+    cum = log_decay.view(B, H, n, chunk).cumsum(-1)  # within-chunk cumulative log-decay
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    intra_decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    out = ((q @ k.transpose(-1, -2)) * intra_decay) @ v
+    # Each chunk's contribution to the state at its end, and its total decay.
+    chunk_kv = (k * (cum[..., -1:] - cum).exp()[..., None]).transpose(-1, -2) @ v  # [B, H, n, dk, dv]
+    chunk_decay = cum[..., -1].exp()  # [B, H, n]
+    if state is None:
+        state = q.new_zeros(B, H, dk, dv)
+    states = []
+    for i in range(n):
+        states.append(state)
+        state = chunk_decay[:, :, i, None, None] * state + chunk_kv[:, :, i]
+    incoming = torch.stack(states, dim=2)  # state entering each chunk
+    out = out + (q * cum.exp()[..., None]) @ incoming
+    return out.reshape(B, H, n * chunk, dv)[:, :, :T], state
+
+
+class RetentionState:
+    """Gated retention's recurrent state, [B, H, dk, dv] in fp32: constant in context length."""
+
+    def __init__(self, batch_size: int, n_heads: int, head_dim: int, device=None):
+        self.state = torch.zeros(batch_size, n_heads, head_dim, head_dim, dtype=torch.float32, device=device)
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.state)
+
+
+class GatedRetention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        dim = config.dim
+        self.n_heads = config.n_retention_heads
+        self.head_dim = dim // self.n_heads
+        self.chunk = config.retention_chunk
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.g_proj = nn.Linear(dim, dim, bias=False)
+        self.gt_proj = nn.Linear(dim, self.n_heads, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.head_norm = RMSNorm(self.head_dim, eps=config.norm_eps, affine=False)
+        self.rotary = rotary
+
+    def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None = None) -> RetentionState:
+        return RetentionState(batch_size, self.n_heads, self.head_dim, device=device)
+
+    def inputs(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (RoPE'd, k scaled) and v [B, H, T, d], log-decay [B, H, T] fp32; pads made inert."""
+        B, T, _ = x.shape
+        cos, sin = step.rope(self.rotary)
+        q = self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = self.rotary.apply(self.k_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = k * self.head_dim ** -0.5
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim)
+        log_decay = F.logsigmoid(self.gt_proj(x).float()) / GATE_LOGIT_NORMALIZER  # [B, T, H]
+        pad = step.pad_mask()
+        if pad is not None:
+            # A pad token neither writes to nor decays the state, which therefore starts at zero at
+            # each row's first real token, exactly as for that row alone.
+            k = k.masked_fill(pad[:, :, None, None], 0.0)
+            log_decay = log_decay.masked_fill(pad[:, :, None], 0.0)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), log_decay.transpose(1, 2)
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, H, T, d = o.shape
+        o = self.head_norm(o).transpose(1, 2).reshape(B, T, H * d).to(x.dtype)
+        return self.out_proj(F.silu(self.g_proj(x)) * o)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: RetentionState | None = None) -> torch.Tensor:
+        q, k, v, log_decay = self.inputs(x, step)
+        state = cache.state if cache is not None else None
+        if cache is not None and step.length == 1:
+            o, state = retention_recurrent(q, k, v, log_decay, state)
+        else:
+            o, state = retention_chunkwise(q, k, v, log_decay, self.chunk, state)
+        if cache is not None:
+            cache.state = state
+        return self.output(o, x)

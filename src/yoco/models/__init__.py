@@ -1,0 +1,51 @@
+"""Architectures by name: ``build_model(config)`` or ``build_model("yoco-swa", preset="tiny")``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig, get_config
+from .base import CausalLM, InputError
+from .transformer import Transformer
+from .yoco import YOCO
+
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "transformer": Transformer,
+    "yoco-swa": YOCO,
+    "yoco-gret": YOCO,
+}
+
+
+def build_model(config: ModelConfig | str, *, preset: str = "tiny", dtype: torch.dtype | str | None = None,
+                device: torch.device | str | None = None, seed: int | None = None, **overrides: Any) -> CausalLM:
+    """A freshly initialised model from a config, or from an architecture name and preset."""
+    if isinstance(config, str):
+        config = get_config(config, preset, **overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = MODEL_CLASSES[config.arch](config)
+    if dtype is not None:
+        model = model.to(resolve_dtype(dtype))
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InputError(f"unsupported dtype {dtype}; use fp32 or bf16")
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose fp32 or bf16")
+    return DTYPES[dtype]
+
+
+__all__ = ["CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "resolve_dtype"]

@@ -1,0 +1,150 @@
+"""What every yoco language model shares: embeddings, the LM head, input checks, weight init.
+
+A model's ``forward(ids, cache=None, pad=None, num_logits=None)``:
+
+- without a cache it is the full (training) forward over ``ids``;
+- with a cache it processes ``ids`` as the next tokens after the ``cache.seen`` already processed
+  and updates the cache (chunked prefill and decode are both this call);
+- ``num_logits`` is how many final positions get logits: None for all, 0 for none (a prefill chunk
+  whose logits nobody reads), k for the last k. YOCO also skips its cross-decoder for positions
+  without logits, which is what makes its prefill O(N).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..cache import ModelCache
+from ..config import ModelConfig
+from ..layers import RMSNorm, Step, SwiGLU
+
+# Projections that write into the residual stream get a depth-scaled init (GPT-2 / Megatron).
+RESIDUAL_OUTPUTS = ("o_proj", "out_proj", "down_proj")
+
+
+class InputError(ValueError):
+    """Bad input to a model or the engine; the message names the problem."""
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x += mixer(norm(x), ...); x += ffn(norm(x))``."""
+
+    def __init__(self, mixer: nn.Module, config: ModelConfig):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.mixer = mixer
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn = SwiGLU(config.dim, config.ffn_dim)
+
+    def forward(self, x: torch.Tensor, *mixer_args, **mixer_kwargs) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), *mixer_args, **mixer_kwargs)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        cfg = self.config
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = cfg.init_std
+                if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS:
+                    std /= math.sqrt(2 * cfg.n_layers)
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+        # The YOCO reference multiplies embeddings by sqrt(dim) and draws them with std dim^-0.5.
+        nn.init.normal_(self.embed.weight, std=cfg.dim ** -0.5 if cfg.scale_embeddings else cfg.init_std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ shared pieces of forward
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.dim)
+        return x
+
+    def logits(self, x: torch.Tensor, num_logits: int | None) -> torch.Tensor | None:
+        if num_logits == 0:
+            return None
+        if num_logits is not None:
+            x = x[:, -num_logits:]
+        return self.lm_head(self.norm(x))
+
+    def begin(self, ids: torch.Tensor, cache: ModelCache | None, pad: torch.Tensor | None,
+              num_logits: int | None) -> Step:
+        """Check the call and place its tokens; raises InputError naming any problem."""
+        if not isinstance(ids, torch.Tensor):
+            raise InputError(f"token ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise InputError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
+        if ids.dim() != 2:
+            raise InputError(f"token ids must have shape [batch, length], got {tuple(ids.shape)}")
+        B, T = ids.shape
+        if B == 0 or T == 0:
+            raise InputError(f"empty input: token ids have shape {tuple(ids.shape)}")
+        if num_logits is not None and not 0 <= num_logits <= T:
+            raise InputError(f"num_logits={num_logits} must be within 0..{T} (the tokens in this call)")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise InputError(f"token id {lo if lo < 0 else hi} outside the vocabulary 0..{self.config.vocab_size - 1}")
+        start = 0
+        if cache is not None:
+            if pad is not None:
+                raise InputError("pass left padding when creating the cache (new_cache(pad=...)), not per call")
+            if cache.batch_size != B:
+                raise InputError(f"cache was built for batch size {cache.batch_size}, got {B} rows")
+            start, pad = cache.seen, cache.pad
+        elif pad is not None:
+            pad = self.check_pad(pad, B, T)
+        if start + T > self.config.max_seq_len:
+            raise InputError(f"sequence of {start + T} tokens is longer than the model's maximum "
+                             f"max_seq_len={self.config.max_seq_len}")
+        return Step(start, T, pad, ids.device)
+
+    @staticmethod
+    def check_pad(pad: torch.Tensor, batch_size: int, length: int) -> torch.Tensor | None:
+        pad = torch.as_tensor(pad, dtype=torch.long)
+        if pad.shape != (batch_size,):
+            raise InputError(f"pad must hold one left-pad count per row ({batch_size}), got shape {tuple(pad.shape)}")
+        if int(pad.min()) < 0 or int(pad.max()) >= length:
+            raise InputError(f"pad counts must be within 0..{length - 1} (each row needs a real token)")
+        return pad if int(pad.max()) > 0 else None
+
+    # ------------------------------------------------------------------ caches
+    def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None, device=None) -> ModelCache:
+        """An empty inference cache. ``capacity`` is the total slots (prompt + new tokens) if known:
+        caches that grow with context are then allocated once at that size."""
+        param = next(self.parameters())
+        dtype = dtype or param.dtype
+        device = device or param.device
+        if capacity is not None and capacity > self.config.max_seq_len:
+            raise InputError(f"cache capacity {capacity} exceeds max_seq_len={self.config.max_seq_len}")
+        if pad is not None:
+            pad = self.check_pad(pad, batch_size, capacity or self.config.max_seq_len)
+            pad = pad.to(device) if pad is not None else None
+        layers = [m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity) for m in self.cache_owners()]
+        return ModelCache(layers, batch_size, pad)
+
+    def cache_owners(self) -> list[nn.Module]:
+        """The mixers that own a cache, in the order ``ModelCache.layers`` holds them."""
+        raise NotImplementedError
+
+    def cache_bytes_formula(self, batch_size: int, context: int, dtype: torch.dtype) -> int:
+        """What ``new_cache(batch_size, capacity=context).nbytes()`` must be, from the config alone."""
+        raise NotImplementedError

@@ -1,0 +1,81 @@
+"""YOCO, "You Only Cache Once" (arXiv 2405.05254): a decoder-decoder language model.
+
+    tokens -> embed -> self-decoder (L_s blocks of sliding-window attention or gated retention)
+           -> GlobalKV: K = RoPE(k_proj(norm h)), V = v_proj(norm h)      <- the ONE growing cache
+           -> cross-decoder (L - L_s blocks; each its own queries, output and FFN, all reading K/V)
+           -> norm -> lm_head
+
+The residual stream entering the cross-decoder is the self-decoder output. The self-decoder's
+caches are constant in context (a W-position ring per SWA layer, an fp32 state per retention layer),
+so the cache is ``2 * n_kv * d_h * bytes`` per token plus a constant. Positions whose logits are
+not wanted (all prompt tokens but the last) skip the cross-decoder entirely, so prefill costs the
+self-decoder plus one K/V projection: O(N).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import ModelCache
+from ..config import ModelConfig
+from ..layers import RotaryEmbedding
+from ..mixers.cross_attention import CrossAttention, GlobalKV, cross_mask
+from ..mixers.retention import GatedRetention
+from ..mixers.sliding_window import SlidingWindowAttention
+from .base import Block, CausalLM
+
+
+class YOCO(CausalLM):
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        rope = (config.rope_theta, config.rope_freqs, config.rope_pairs)
+        self.rotary = RotaryEmbedding(config.head_dim, *rope)
+        if config.arch == "yoco-swa":
+            self_rotary = self.rotary
+
+            def self_mixer() -> nn.Module:
+                return SlidingWindowAttention(config, self_rotary, config.window)
+        else:
+            self_rotary = RotaryEmbedding(config.dim // config.n_retention_heads, *rope)
+
+            def self_mixer() -> nn.Module:
+                return GatedRetention(config, self_rotary)
+        self.self_rotary = self_rotary
+        self.self_layers = nn.ModuleList(Block(self_mixer(), config) for _ in range(config.self_layers))
+        self.global_kv = GlobalKV(config, self.rotary)
+        n_cross = config.n_layers - config.self_layers
+        self.cross_layers = nn.ModuleList(Block(CrossAttention(config, self.rotary), config) for _ in range(n_cross))
+        self.init_weights()
+
+    def cache_owners(self) -> list[nn.Module]:
+        return [layer.mixer for layer in self.self_layers] + [self.global_kv]
+
+    def cache_bytes_formula(self, batch_size: int, context: int, dtype: torch.dtype) -> int:
+        cfg = self.config
+        global_kv = 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize * context
+        if cfg.arch == "yoco-swa":
+            per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * cfg.window * dtype.itemsize
+        else:
+            d = cfg.dim // cfg.n_retention_heads
+            per_layer = cfg.n_retention_heads * d * d * 4  # fp32 state
+        return batch_size * (global_kv + cfg.self_layers * per_layer)
+
+    def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,
+                num_logits: int | None = None) -> torch.Tensor | None:
+        step = self.begin(ids, cache, pad, num_logits)
+        x = self.embed_tokens(ids)
+        for i, layer in enumerate(self.self_layers):
+            x = layer(x, step, cache[i] if cache is not None else None)
+        k, v = self.global_kv(x, step, cache[-1] if cache is not None else None)
+        if cache is not None:
+            cache.seen += step.length
+        keep = step.length if num_logits is None else num_logits
+        if keep == 0:
+            return None
+        # Only the positions that need logits go through the cross-decoder.
+        x, query_step = x[:, step.length - keep:], step.last(keep)
+        mask, causal = cross_mask(query_step, k.shape[2], ids.device)
+        for layer in self.cross_layers:
+            x = layer(x, query_step, k, v, mask, causal)
+        return self.logits(x, None)
