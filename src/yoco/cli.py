@@ -1,0 +1,174 @@
+"""The ``yoco`` command line: ``yoco demo``, ``yoco generate``, ``yoco init``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from .cache import CacheError
+from .checkpoint import CheckpointError, load_model, save_model
+from .config import ARCHITECTURES, PRESETS, ConfigError
+from .engine import generate, stream
+from .models import CausalLM, InputError, build_model, resolve_dtype
+from .tokenizer import ByteTokenizer
+
+
+class UsageError(ValueError):
+    pass
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], file=None) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = file or sys.stdout
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+# ---------------------------------------------------------------------- model selection
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", choices=ARCHITECTURES, default="yoco-swa", help="architecture (default yoco-swa)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size preset (default tiny)")
+    p.add_argument("--checkpoint", help="a saved model folder (config.json + model.safetensors); overrides --arch/--preset")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation and sampling")
+
+
+def load_from_args(args: argparse.Namespace) -> CausalLM:
+    if args.checkpoint:
+        return load_model(args.checkpoint, dtype=args.dtype)
+    return build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = load_from_args(args)
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise UsageError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}")
+        tokenizer = None
+    else:
+        tokenizer = ByteTokenizer(model.config.vocab_size)
+        prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise UsageError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   stop_tokens=args.stop, prefill_chunk=args.prefill_chunk)
+
+    def show(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))
+
+    if args.stream:
+        generation = stream(model, [prompt], args.max_new_tokens, **options)
+        for step in generation:
+            if step[0] is not None:
+                print(show([step[0]]) if tokenizer else step[0], end="" if tokenizer else " ", flush=True)
+        print()
+        result = generation.result()
+    else:
+        result = generate(model, [prompt], args.max_new_tokens, **options)
+        print(show(result.tokens[0]))
+    cfg = model.config
+    print(f"[{cfg.arch}, {model.num_parameters() / 1e6:.2f}M params] prompt {len(prompt)} tokens, "
+          f"{len(result.tokens[0])} new ({result.finish_reasons[0]}); prefill {result.prefill_s:.3f} s, "
+          f"decode {result.decode_tok_s:.1f} tok/s; cache {format_bytes(result.cache_bytes)}", file=sys.stderr)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    model = build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
+    save_model(model, args.out)
+    print(f"wrote a randomly initialised {args.arch} ({args.preset}, {model.num_parameters() / 1e6:.2f}M params) to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build each architecture at one size, generate from the same random prompt, compare caches."""
+    from tqdm import tqdm
+
+    if args.context < 1 or args.new_tokens < 1:
+        raise UsageError("--context and --new-tokens must be positive")
+    dtype = resolve_dtype(args.dtype)
+    generator = torch.Generator().manual_seed(args.seed)
+    rows, base_cache = [], None
+    print(f"yoco demo: preset {args.preset}, {args.dtype}, prompt of {args.context} random tokens, "
+          f"{args.new_tokens} new tokens (greedy), {torch.get_num_threads()} threads")
+    for arch in tqdm(args.arch or ["transformer", "yoco-swa", "yoco-gret"], desc="architectures", file=sys.stderr):
+        model = build_model(arch, preset=args.preset, dtype=dtype, seed=args.seed)
+        prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=generator).tolist()
+        result = generate(model, [prompt], args.new_tokens, prefill_chunk=args.prefill_chunk)
+        per_token = model.cache_bytes_formula(1, 2, dtype) - model.cache_bytes_formula(1, 1, dtype)
+        base_cache = base_cache or result.cache_bytes
+        rows.append([arch, f"{model.num_parameters() / 1e6:.1f}M", format_bytes(result.cache_bytes),
+                     f"{base_cache / result.cache_bytes:.1f}x", format_bytes(per_token),
+                     f"{result.prefill_s:.2f}", f"{result.decode_tok_s:.1f}", " ".join(map(str, result.tokens[0][:6]))])
+    print()
+    print_table(["arch", "params", "cache", "smaller", "growth/token", "prefill s", "decode tok/s", "first tokens"], rows)
+    return 0
+
+
+# ---------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yoco", description="YOCO and KV-cache-efficient language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="build each architecture, generate, and compare cache sizes")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
+    p.add_argument("--arch", action="append", choices=ARCHITECTURES, help="repeat to choose (default: all)")
+    p.add_argument("--context", type=int, default=4096, help="prompt length in tokens (default 4096)")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate text or token ids from a model")
+    add_model_args(p)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (byte tokenizer)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--stop", type=int, action="append", default=[], help="stop token id (repeatable)")
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("init", help="write a randomly initialised model folder")
+    p.add_argument("--arch", choices=ARCHITECTURES, required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, InputError, ConfigError, CheckpointError, CacheError) as e:
+        print(f"yoco {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Tokenizers. ``ByteTokenizer`` (ids 0..255 are the UTF-8 bytes) needs no training or files, so
+any model with a vocabulary of at least 256 can read and write text before a BPE is trained."""
+
+from __future__ import annotations
+
+from .models.base import InputError
+
+
+class ByteTokenizer:
+    vocab_size = 256
+
+    def __init__(self, model_vocab_size: int | None = None):
+        if model_vocab_size is not None and model_vocab_size < self.vocab_size:
+            raise InputError(f"the byte tokenizer needs a vocabulary of at least 256 ids; the model has "
+                             f"{model_vocab_size} (pass token ids instead)")
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")

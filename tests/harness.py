@@ -1,0 +1,20 @@
+"""Shared by the tests: the architecture variants under the equivalence harness."""
+
+import torch  # noqa: F401
+
+from yoco import build_model
+
+# Architectures under the shared equivalence harness (tiny preset, fp32): the three named
+# architectures plus the Transformer's window-only control and YOCO split points off the middle.
+ARCH_VARIANTS = {
+    "transformer": ("transformer", {}),
+    "transformer-window": ("transformer", {"window": 16}),
+    "yoco-swa": ("yoco-swa", {}),
+    "yoco-swa-split1": ("yoco-swa", {"n_self_layers": 1}),
+    "yoco-gret": ("yoco-gret", {}),
+    "yoco-gret-split3": ("yoco-gret", {"n_self_layers": 3}),
+}
+
+def make_model(variant: str, **extra):
+    arch, overrides = ARCH_VARIANTS[variant]
+    return build_model(arch, preset="tiny", seed=0, **{**overrides, **extra})

@@ -1,0 +1,88 @@
+"""Cache bytes equal the formulas, caches are preallocated and written in place."""
+
+import pytest
+import torch
+from harness import make_model
+
+from yoco import CacheError, KVCache, build_model
+from yoco.engine import decode_step, prefill
+from yoco.mixers.retention import RetentionState
+
+
+@pytest.mark.parametrize("context", [1, 17, 100, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_equal_formula(variant, context, dtype):
+    model = make_model(variant).to(dtype)
+    cfg = model.config
+    assert model.new_cache(3, capacity=context).nbytes() == model.cache_bytes_formula(3, context, dtype)
+    # The formulas written out, independently of the model code.
+    b = dtype.itemsize
+    if cfg.arch == "transformer":
+        positions = cfg.window if cfg.window else context
+        expected = 3 * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * b * positions
+    elif cfg.arch == "yoco-swa":
+        expected = 3 * (2 * cfg.n_kv_heads * cfg.head_dim * b * context
+                        + cfg.self_layers * 2 * cfg.n_kv_heads * cfg.head_dim * cfg.window * b)
+    else:
+        d = cfg.dim // cfg.n_retention_heads
+        expected = 3 * (2 * cfg.n_kv_heads * cfg.head_dim * b * context + cfg.self_layers * cfg.n_retention_heads * d * d * 4)
+    assert model.cache_bytes_formula(3, context, dtype) == expected
+
+
+@pytest.mark.parametrize("arch", ["yoco-swa", "yoco-gret"])
+def test_yoco_cache_grows_only_by_the_global_kv(arch):
+    model = make_model(arch)
+    cfg = model.config
+    short, long = model.new_cache(1, capacity=200), model.new_cache(1, capacity=800)
+    per_token = 2 * cfg.n_kv_heads * cfg.head_dim * 4
+    assert long.nbytes() - short.nbytes() == 600 * per_token
+    # Only the last entry (the global KV) depends on context; the self-decoder caches are equal.
+    assert [c.nbytes() for c in short.layers[:-1]] == [c.nbytes() for c in long.layers[:-1]]
+    # A Transformer of the same shape grows by L times as much.
+    transformer = build_model("transformer", preset="tiny")
+    grow = transformer.new_cache(1, capacity=800).nbytes() - transformer.new_cache(1, capacity=200).nbytes()
+    assert grow == cfg.n_layers * 600 * per_token
+
+
+def test_measured_bytes_after_generation_equal_formula(variant):
+    model = make_model(variant)
+    prompt, new = 45, 10
+    cache = model.new_cache(2, capacity=prompt + new)
+    ids = torch.randint(0, 256, (2, prompt + new))
+    with torch.no_grad():
+        prefill(model, ids[:, :prompt], cache, chunk=16)
+        for t in range(prompt, prompt + new):
+            decode_step(model, ids[:, t], cache)
+    assert cache.seen == prompt + new
+    assert cache.nbytes() == model.cache_bytes_formula(2, prompt + new, torch.float32)
+
+
+def test_preallocated_caches_are_written_in_place(variant):
+    model = make_model(variant)
+    cache = model.new_cache(1, capacity=60)
+    def pointers():
+        # K/V buffers (full, ring, global); a retention state is constant-size and replaced per step.
+        return [t.data_ptr() for c in cache.layers if not isinstance(c, RetentionState) for t in (c.k, c.v)]
+    ids = torch.randint(0, 256, (1, 60))
+    with torch.no_grad():
+        prefill(model, ids[:, :30], cache, chunk=8)
+        before = pointers()
+        for t in range(30, 60):
+            decode_step(model, ids[:, t], cache)
+    assert pointers() == before  # no reallocation, no concatenation
+
+
+def test_growing_kv_cache_doubles_and_keeps_contents():
+    cache = KVCache(1, 2, 4, dtype=torch.float32)
+    assert cache.capacity == 256
+    k = torch.randn(1, 2, 300, 4)
+    cache.append(k[:, :, :200], k[:, :, :200])
+    keys, _ = cache.append(k[:, :, 200:], k[:, :, 200:])
+    assert cache.capacity == 512 and torch.equal(keys, k)
+
+
+def test_fixed_capacity_overflow_raises():
+    cache = KVCache(1, 1, 4, dtype=torch.float32, capacity=3)
+    cache.append(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))
+    with pytest.raises(CacheError, match="holds 3 positions"):
+        cache.append(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))

@@ -1,0 +1,257 @@
+"""RMSNorm, RoPE and SwiGLU against hand-written references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from yoco.layers import RMSNorm, RotaryEmbedding, Step, SwiGLU
+
+
+# ---------------------------------------------------------------------- RMSNorm
+def _rms_ref(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x = x.double()
+    y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    return y * w.double() if w is not None else y
+
+
+def test_rmsnorm_matches_formula_fp32():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(3, 5, 16)
+    y = norm(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, _rms_ref(x, norm.weight, 1e-5).float(), atol=1e-6, rtol=1e-5)
+
+
+def test_rmsnorm_eps_matters():
+    x = torch.full((1, 4), 1e-3)
+    y = RMSNorm(4, eps=1e-5)(x)
+    # by hand: 1e-3 / sqrt(1e-6 + 1e-5)
+    expected = 1e-3 / math.sqrt(1e-6 + 1e-5)
+    torch.testing.assert_close(y, torch.full((1, 4), expected), atol=0, rtol=1e-5)
+
+
+def test_rmsnorm_non_affine():
+    torch.manual_seed(1)
+    norm = RMSNorm(8, eps=1e-6, affine=False)
+    assert norm.weight is None
+    assert list(norm.parameters()) == []
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(norm(x), _rms_ref(x, None, 1e-6).float(), atol=1e-6, rtol=1e-5)
+
+
+def test_rmsnorm_bf16_is_computed_in_fp32():
+    torch.manual_seed(2)
+    dim = 256
+    norm = RMSNorm(dim, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim))
+    # large, spread-out values: a bf16 mean of squares would lose digits
+    x = (torch.randn(4, dim) * 30 + 7).bfloat16()
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    x32 = x.float()
+    expected = (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()).bfloat16()
+    # the fp32 computation cast to bf16, bit for bit
+    assert torch.equal(y, expected)
+    # whereas a bf16-only computation differs visibly
+    xb = x
+    bf16_only = xb / torch.sqrt(xb.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.bfloat16()
+    assert not torch.equal(bf16_only, y)
+
+
+# ---------------------------------------------------------------------- RoPE
+@pytest.mark.parametrize("d", [4, 8, 32])
+def test_rope_standard_frequencies(d):
+    theta = 10000.0
+    rope = RotaryEmbedding(d, theta, "standard", "half")
+    expected = torch.tensor([theta ** (-2 * i / d) for i in range(d // 2)], dtype=torch.float32)
+    assert rope.inv_freq.shape == (d // 2,)
+    torch.testing.assert_close(rope.inv_freq, expected, atol=0, rtol=1e-6)
+    assert rope.inv_freq[0].item() == 1.0
+
+
+@pytest.mark.parametrize("d", [4, 8, 32])
+def test_rope_linspace_frequencies(d):
+    theta = 500.0
+    rope = RotaryEmbedding(d, theta, "linspace", "interleaved")
+    expected = theta ** -torch.linspace(0, 1, d // 2, dtype=torch.float64)
+    torch.testing.assert_close(rope.inv_freq, expected.float(), atol=0, rtol=1e-6)
+    # endpoints: 1 and 1/theta
+    assert rope.inv_freq[0].item() == 1.0
+    assert rope.inv_freq[-1].item() == pytest.approx(1 / theta, rel=1e-6)
+
+
+def test_rope_bad_arguments():
+    with pytest.raises(ValueError):
+        RotaryEmbedding(7)
+    with pytest.raises(ValueError):
+        RotaryEmbedding(8, freqs="ntk")
+    with pytest.raises(ValueError):
+        RotaryEmbedding(8, pairs="diag")
+
+
+def test_rope_tables_shape_and_values():
+    rope = RotaryEmbedding(8, 100.0)
+    pos = torch.arange(5)
+    cos, sin = rope.tables(pos)
+    assert cos.shape == (5, 1, 4) and sin.shape == (5, 1, 4)
+    assert cos.dtype == torch.float32
+    ang = pos.double()[:, None] * rope.inv_freq.double()[None]
+    torch.testing.assert_close(cos[:, 0], ang.cos().float(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(sin[:, 0], ang.sin().float(), atol=1e-7, rtol=0)
+    cos_b, _ = rope.tables(torch.arange(6).view(2, 3))
+    assert cos_b.shape == (2, 3, 1, 4)
+
+
+def _naive_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, pairs: str) -> torch.Tensor:
+    B, T, H, d = x.shape
+    half = d // 2
+    out = torch.empty_like(x, dtype=torch.float64)
+    xd = x.double()
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                for i in range(half):
+                    a = float(positions[t]) * float(inv_freq[i])
+                    c, s = math.cos(a), math.sin(a)
+                    if pairs == "half":
+                        i1, i2 = i, i + half
+                    else:
+                        i1, i2 = 2 * i, 2 * i + 1
+                    x1, x2 = xd[b, t, h, i1].item(), xd[b, t, h, i2].item()
+                    out[b, t, h, i1] = x1 * c - x2 * s
+                    out[b, t, h, i2] = x1 * s + x2 * c
+    return out
+
+
+@pytest.mark.parametrize("pairs", ["half", "interleaved"])
+@pytest.mark.parametrize("freqs", ["standard", "linspace"])
+def test_rope_matches_naive_rotation(pairs, freqs):
+    torch.manual_seed(3)
+    B, T, H, d = 2, 5, 2, 8
+    rope = RotaryEmbedding(d, 10000.0, freqs, pairs)
+    x = torch.randn(B, T, H, d)
+    positions = torch.tensor([0, 1, 2, 7, 31])
+    cos, sin = rope.tables(positions)
+    y = rope.apply(x, cos, sin)
+    expected = _naive_rope(x, positions, rope.inv_freq, pairs)
+    torch.testing.assert_close(y, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_half_and_interleaved_differ():
+    torch.manual_seed(4)
+    x = torch.randn(1, 3, 1, 8)
+    cos, sin = RotaryEmbedding(8).tables(torch.arange(3) + 1)
+    a = RotaryEmbedding(8, pairs="half").apply(x, cos, sin)
+    b = RotaryEmbedding(8, pairs="interleaved").apply(x, cos, sin)
+    assert (a - b).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("pairs", ["half", "interleaved"])
+def test_rope_preserves_pair_norms(pairs):
+    torch.manual_seed(5)
+    d = 16
+    rope = RotaryEmbedding(d, 10000.0, "standard", pairs)
+    x = torch.randn(2, 9, 3, d)
+    cos, sin = rope.tables(torch.arange(100, 109))
+    y = rope.apply(x, cos, sin)
+
+    def pair_norms(t):
+        if pairs == "half":
+            a, b = t.chunk(2, dim=-1)
+        else:
+            a, b = t[..., 0::2], t[..., 1::2]
+        return (a * a + b * b).sqrt()
+
+    torch.testing.assert_close(pair_norms(y), pair_norms(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pairs", ["half", "interleaved"])
+@pytest.mark.parametrize("freqs", ["standard", "linspace"])
+def test_rope_relative_position_property(pairs, freqs):
+    torch.manual_seed(6)
+    d = 16
+    rope = RotaryEmbedding(d, 10000.0, freqs, pairs)
+    q = torch.randn(1, 1, 2, d)
+    k = torch.randn(1, 1, 2, d)
+
+    def rot(x, p):
+        cos, sin = rope.tables(torch.tensor([p]))
+        return rope.apply(x, cos, sin)
+
+    def dot(m, n):
+        return (rot(q, m) * rot(k, n)).sum(-1).double()
+
+    # same offset m - n = 3 at different absolute positions
+    torch.testing.assert_close(dot(5, 2), dot(45, 42), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dot(3, 0), dot(1003, 1000), atol=1e-4, rtol=1e-4)
+    # same offset -4
+    torch.testing.assert_close(dot(0, 4), dot(20, 24), atol=1e-4, rtol=1e-4)
+    # and a different offset gives a different score
+    assert (dot(5, 2) - dot(5, 3)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pairs", ["half", "interleaved"])
+def test_rope_position_zero_is_identity(pairs):
+    torch.manual_seed(7)
+    rope = RotaryEmbedding(8, 10000.0, "linspace", pairs)
+    x = torch.randn(2, 1, 3, 8)
+    cos, sin = rope.tables(torch.zeros(1, dtype=torch.long))
+    assert torch.equal(rope.apply(x, cos, sin), x)
+
+
+def test_rope_keeps_dtype():
+    rope = RotaryEmbedding(8)
+    x = torch.randn(1, 4, 2, 8).bfloat16()
+    cos, sin = rope.tables(torch.arange(4))
+    y = rope.apply(x, cos, sin)
+    assert y.dtype == torch.bfloat16
+    ref = rope.apply(x.float(), cos, sin).bfloat16()
+    assert torch.equal(y, ref)
+
+
+def test_rope_batched_positions_broadcast():
+    torch.manual_seed(8)
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 3, 2, 8)
+    pos = torch.tensor([[0, 1, 2], [5, 6, 7]])
+    cos, sin = rope.tables(pos)
+    y = rope.apply(x, cos, sin)
+    for b in range(2):
+        cb, sb = rope.tables(pos[b])
+        torch.testing.assert_close(y[b:b + 1], rope.apply(x[b:b + 1], cb, sb), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------- SwiGLU
+def test_swiglu_matches_hand_computation():
+    torch.manual_seed(9)
+    mlp = SwiGLU(12, 20)
+    x = torch.randn(2, 3, 12)
+    g = x @ mlp.gate_proj.weight.T
+    u = x @ mlp.up_proj.weight.T
+    expected = (g * torch.sigmoid(g) * u) @ mlp.down_proj.weight.T
+    torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)
+    assert mlp.gate_proj.bias is None and mlp.up_proj.bias is None and mlp.down_proj.bias is None
+    assert mlp.gate_proj.weight.shape == (20, 12) and mlp.down_proj.weight.shape == (12, 20)
+
+
+# ---------------------------------------------------------------------- Step
+def test_step_slots_positions_and_pad_mask():
+    cpu = torch.device("cpu")
+    s = Step(3, 4, None, cpu)
+    assert s.slots.tolist() == [3, 4, 5, 6]
+    assert s.positions.tolist() == [3, 4, 5, 6]
+    assert s.pad_mask() is None
+    p = Step(0, 4, torch.tensor([0, 2]), cpu)
+    assert p.positions.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+    assert p.pad_mask().tolist() == [[False] * 4, [True, True, False, False]]
+    last = p.last(1)
+    assert (last.start, last.length) == (3, 1)
+    assert last.positions.tolist() == [[3], [1]]
