@@ -152,3 +152,17 @@ def test_replace_validates():
     assert cfg.replace(window=3).window == 3
     with pytest.raises(ConfigError, match="window"):
         cfg.replace(window=0)
+
+
+# Optional integer fields must be integers, not floats or bools that would fail later, deep in the build.
+@pytest.mark.parametrize("changes,field", [
+    (dict(arch="yoco-gret", retention_heads=2.0), "retention_heads"),
+    (dict(arch="yoco-gret", retention_heads=True), "retention_heads"),
+    (dict(arch="yoco-swa", window=8, n_self_layers=1.5), "n_self_layers"),
+    (dict(arch="yoco-swa", window=8, n_self_layers=True), "n_self_layers"),
+    (dict(arch="yoco-swa", window=True), "window"),
+], ids=["retention_heads=2.0", "retention_heads=True", "n_self_layers=1.5", "n_self_layers=True",
+        "window=True"])
+def test_integer_fields_reject_non_integers(changes, field):
+    with pytest.raises(ConfigError, match=rf"\b{field}="):
+        _cfg(**changes)

@@ -82,11 +82,16 @@ class ModelConfig:
 
         if self.arch not in ARCHITECTURES:
             raise bad("arch", f"unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
                      "retention_chunk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
+        for name in ("window", "n_self_layers", "retention_heads"):  # optional integers
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
+                raise bad(name, "must be an integer or None")
         if self.dim % self.n_heads:
             raise bad("n_heads", f"must divide dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -101,7 +106,7 @@ class ModelConfig:
             raise bad("rope_theta", "must be positive")
         if not self.norm_eps > 0:
             raise bad("norm_eps", "must be positive")
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+        if self.window is not None and self.window < 1:
             raise bad("window", "must be a positive integer (positions each query sees, itself included)")
         if self.arch == "yoco-swa" and self.window is None:
             raise bad("window", "yoco-swa needs a sliding window size")

@@ -17,6 +17,8 @@ from yoco.mixers.retention import (
 )
 
 CPU = torch.device("cpu")
+
+
 ATOL = 1e-5
 
 

@@ -1,0 +1,240 @@
+"""GQA attention, causal self-attention with KVCache, and YOCO cross-attention masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from yoco.cache import CacheError, KVCache
+from yoco.config import get_config
+from yoco.layers import RotaryEmbedding, Step
+from yoco.mixers.attention import CausalSelfAttention, attend, slot_mask
+from yoco.mixers.cross_attention import CrossAttention, GlobalKV, cross_mask
+
+CPU = torch.device("cpu")
+
+
+def naive_attention(q, k, v, visible=None):
+    """float64 softmax(q k^T / sqrt(d)) v with K/V repeated per query group; visible [.., Tq, S] bool."""
+    H, n_kv, d = q.shape[1], k.shape[1], q.shape[-1]
+    k = k.double().repeat_interleave(H // n_kv, dim=1)
+    v = v.double().repeat_interleave(H // n_kv, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) * d ** -0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("H,n_kv", [(4, 4), (4, 2), (4, 1), (6, 3)])
+def test_attend_gqa_matches_repeated_kv(H, n_kv):
+    B, T, S, d = 2, 5, 7, 8
+    q, k, v = _rand(B, H, T, d, seed=1), _rand(B, n_kv, S, d, seed=2), _rand(B, n_kv, S, d, seed=3)
+    torch.testing.assert_close(attend(q, k, v), naive_attention(q, k, v).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_attend_gqa_groups_are_contiguous():
+    # query head h must use kv head h // (H // n_kv) (repeat_interleave), not h % n_kv (repeat)
+    B, H, n_kv, T, d = 1, 4, 2, 3, 4
+    q = torch.zeros(B, H, T, d)
+    k = torch.zeros(B, n_kv, T, d)
+    v = torch.stack([torch.full((T, d), 1.0), torch.full((T, d), 2.0)]).unsqueeze(0)
+    out = attend(q, k, v)
+    assert out[0, :, 0, 0].tolist() == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_attend_causal_and_mask():
+    B, H, n_kv, T, d = 2, 4, 2, 6, 8
+    q, k, v = _rand(B, H, T, d, seed=4), _rand(B, n_kv, T, d, seed=5), _rand(B, n_kv, T, d, seed=6)
+    tril = torch.ones(T, T, dtype=torch.bool).tril()
+    ref = naive_attention(q, k, v, tril).float()
+    torch.testing.assert_close(attend(q, k, v, causal=True), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, tril[None, None]), ref, atol=1e-5, rtol=1e-5)
+    # a per-row mask broadcast over heads
+    mask = slot_mask(torch.arange(T), torch.arange(T), torch.tensor([0, 2]))
+    ref_pad = naive_attention(q, k, v, mask).float()
+    torch.testing.assert_close(attend(q, k, v, mask), ref_pad, atol=1e-5, rtol=1e-5)
+    # causal is ignored when an explicit mask is given (the mask alone decides)
+    full = torch.ones(1, 1, T, T, dtype=torch.bool)
+    torch.testing.assert_close(attend(q, k, v, full, causal=True), naive_attention(q, k, v).float(),
+                               atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- CausalSelfAttention
+def _module(seed=0, arch="transformer"):
+    config = get_config(arch, "tiny")
+    torch.manual_seed(seed)
+    rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_freqs, config.rope_pairs)
+    return config, CausalSelfAttention(config, rotary).eval()
+
+
+def _step(start, length, pad=None):
+    return Step(start, length, pad=pad, device=CPU)
+
+
+def test_causal_self_attention_matches_naive():
+    config, module = _module(seed=1)
+    T = 11
+    x = _rand(2, T, config.dim, seed=7)
+    with torch.no_grad():
+        y = module(x, _step(0, T))
+        q, k, v = module.qkv(x, _step(0, T))
+        ref = module.out(naive_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril()).float())
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [40, None])
+def test_causal_self_attention_full_chunked_and_decode(capacity):
+    config, module = _module(seed=2)
+    B = 2
+    sizes = [3, 5, 1, 9, 2, 1, 7]
+    T = sum(sizes)
+    x = _rand(B, T, config.dim, seed=8)
+    with torch.no_grad():
+        full = module(x, _step(0, T))
+
+        cache = module.new_cache(B, dtype=torch.float32, device="cpu", capacity=capacity)
+        pieces, start = [], 0
+        for n in sizes:
+            pieces.append(module(x[:, start:start + n], _step(start, n), cache))
+            start += n
+            assert cache.length == start
+        chunked = torch.cat(pieces, dim=1)
+
+        cache2 = module.new_cache(B, dtype=torch.float32, device="cpu", capacity=capacity)
+        stepwise = torch.cat([module(x[:, t:t + 1], _step(t, 1), cache2) for t in range(T)], dim=1)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
+    if capacity is not None:
+        assert cache.capacity == capacity
+        assert cache.nbytes() == 2 * B * config.n_kv_heads * capacity * config.head_dim * 4
+    torch.testing.assert_close(cache.k[:, :, :T], cache2.k[:, :, :T], atol=1e-6, rtol=1e-6)
+
+
+def test_causal_self_attention_left_padding():
+    config, module = _module(seed=3)
+    T, p = 9, 4
+    pad = torch.tensor([0, p])
+    x = _rand(2, T, config.dim, seed=9)
+    with torch.no_grad():
+        full = module(x, _step(0, T, pad))
+        alone = module(x[1:, p:], _step(0, T - p))
+        row0 = module(x[:1], _step(0, T))
+        cache = module.new_cache(2, dtype=torch.float32, device="cpu", capacity=T)
+        pieces = [module(x[:, :5], _step(0, 5, pad), cache)]
+        pieces += [module(x[:, t:t + 1], _step(t, 1, pad), cache) for t in range(5, T)]
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(full[1:, p:], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:1], row0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- KVCache
+def _tokens(start, n, B=1, n_kv=1, d=2):
+    # value at slot s is s, so contents can be checked exactly
+    return torch.arange(start, start + n, dtype=torch.float32).view(1, 1, n, 1).expand(B, n_kv, n, d).clone()
+
+
+def test_kv_cache_grows_by_doubling_and_preserves_contents():
+    cache = KVCache(1, 1, 2, dtype=torch.float32, capacity=None)
+    assert cache.growing and cache.capacity == 256 and cache.length == 0
+    k, v = cache.append(_tokens(0, 250), -_tokens(0, 250))
+    assert cache.capacity == 256 and k.shape == (1, 1, 250, 2)
+    k, v = cache.append(_tokens(250, 10), -_tokens(250, 10))  # 260 > 256: doubles
+    assert cache.capacity == 512 and cache.length == 260
+    assert torch.equal(k[0, 0, :, 0], torch.arange(260, dtype=torch.float32))
+    assert torch.equal(v[0, 0, :, 1], -torch.arange(260, dtype=torch.float32))
+    assert cache.nbytes() == 2 * 512 * 2 * 4
+    k, v = cache.append(_tokens(260, 1000), -_tokens(260, 1000))  # more than double: exactly what's needed
+    assert cache.capacity == 1260 and cache.length == 1260
+    assert torch.equal(k[0, 0, :, 0], torch.arange(1260, dtype=torch.float32))
+    assert torch.equal(v[0, 0, :, 0], -torch.arange(1260, dtype=torch.float32))
+    k, v = cache.append(_tokens(1260, 1), -_tokens(1260, 1))
+    assert cache.capacity == 2520
+    assert torch.equal(k[0, 0, :, 1], torch.arange(1261, dtype=torch.float32))
+
+
+def test_kv_cache_fixed_capacity_overflow_raises():
+    cache = KVCache(2, 2, 4, dtype=torch.float32, capacity=5)
+    assert not cache.growing
+    cache.append(_tokens(0, 3, 2, 2, 4), _tokens(0, 3, 2, 2, 4))
+    cache.append(_tokens(3, 2, 2, 2, 4), _tokens(3, 2, 2, 2, 4))  # exactly full is fine
+    assert cache.length == 5 and cache.capacity == 5
+    with pytest.raises(CacheError, match="5"):
+        cache.append(_tokens(5, 1, 2, 2, 4), _tokens(5, 1, 2, 2, 4))
+    # the failed write changed nothing
+    assert cache.length == 5 and cache.capacity == 5
+    assert torch.equal(cache.k[0, 0, :, 0], torch.arange(5, dtype=torch.float32))
+    cache2 = KVCache(1, 1, 2, dtype=torch.float32, capacity=3)
+    with pytest.raises(CacheError):
+        cache2.append(_tokens(0, 4), _tokens(0, 4))
+    with pytest.raises(CacheError):
+        KVCache(1, 1, 2, dtype=torch.float32, capacity=0)
+
+
+def test_module_cache_overflow_raises():
+    config, module = _module(seed=4)
+    cache = module.new_cache(1, dtype=torch.float32, device="cpu", capacity=4)
+    with torch.no_grad():
+        module(_rand(1, 4, config.dim, seed=10), _step(0, 4), cache)
+        with pytest.raises(CacheError):
+            module(_rand(1, 1, config.dim, seed=11), _step(4, 1), cache)
+
+
+# ---------------------------------------------------------------------- cross-attention
+def test_cross_mask_square_unpadded_is_causal_without_mask():
+    mask, causal = cross_mask(_step(0, 7), 7, CPU)
+    assert mask is None and causal is True
+
+
+def test_cross_mask_other_cases():
+    # decode step against a longer key set: everything visible -> no mask, not the causal path
+    mask, causal = cross_mask(_step(6, 1), 7, CPU)
+    assert mask is None and causal is False
+    # a later chunk: causal mask offset by the start slot
+    mask, causal = cross_mask(_step(4, 3), 7, CPU)
+    assert causal is False
+    assert torch.equal(mask[0, 0], torch.ones(7, 7, dtype=torch.bool).tril()[4:])
+    # square but padded: explicit mask
+    pad = torch.tensor([0, 2])
+    mask, causal = cross_mask(_step(0, 4, pad), 4, CPU)
+    assert causal is False and mask.shape == (2, 1, 4, 4)
+    assert torch.equal(mask, slot_mask(torch.arange(4), torch.arange(4), pad))
+
+
+def test_cross_attention_prefill_equals_incremental():
+    config = get_config("yoco-swa", "tiny")
+    torch.manual_seed(5)
+    rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_freqs, config.rope_pairs)
+    gkv, cross = GlobalKV(config, rotary).eval(), CrossAttention(config, rotary).eval()
+    B, T = 2, 12
+    h = _rand(B, T, config.dim, seed=12)
+    x = _rand(B, T, config.dim, seed=13)
+    with torch.no_grad():
+        k, v = gkv(h, _step(0, T))
+        assert k.shape == (B, config.n_kv_heads, T, config.head_dim)
+        mask, causal = cross_mask(_step(0, T), T, CPU)
+        full = cross(x, _step(0, T), k, v, mask, causal)
+
+        # naive: causal attention of RoPE'd queries against the global K/V
+        cos, sin = rotary.tables(torch.arange(T))
+        q = rotary.apply(cross.q_proj(x).view(B, T, config.n_heads, config.head_dim), cos, sin).transpose(1, 2)
+        o = naive_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril()).float()
+        ref = cross.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        torch.testing.assert_close(full, ref, atol=1e-5, rtol=1e-5)
+
+        cache = gkv.new_cache(B, dtype=torch.float32, device="cpu", capacity=T)
+        pieces, start = [], 0
+        for n in (5, 1, 4, 1, 1):
+            step = _step(start, n)
+            kc, vc = gkv(h[:, start:start + n], step, cache)
+            assert kc.shape[2] == start + n
+            m, c = cross_mask(step, start + n, CPU)
+            pieces.append(cross(x[:, start:start + n], step, kc, vc, m, c))
+            start += n
+        torch.testing.assert_close(cache.k, k, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(cache.v, v, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
