@@ -5,10 +5,13 @@ import torch  # noqa: F401
 from yoco import build_model
 
 # Architectures under the shared equivalence harness (tiny preset, fp32): the three named
-# architectures plus the Transformer's window-only control and YOCO split points off the middle.
+# architectures plus the Transformer's window-only control, MQA and MHA head layouts, and YOCO
+# split points off the middle.
 ARCH_VARIANTS = {
     "transformer": ("transformer", {}),
     "transformer-window": ("transformer", {"window": 16}),
+    "transformer-mqa": ("transformer", {"n_kv_heads": 1}),
+    "yoco-swa-mha": ("yoco-swa", {"n_kv_heads": 4}),
     "yoco-swa": ("yoco-swa", {}),
     "yoco-swa-split1": ("yoco-swa", {"n_self_layers": 1}),
     "yoco-gret": ("yoco-gret", {}),
