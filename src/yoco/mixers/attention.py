@@ -41,8 +41,15 @@ def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad: torch.Tensor | 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            causal: bool = False) -> torch.Tensor:
     """Softmax attention; q [B, H, T, d], k/v [B, n_kv, S, d] with n_kv dividing H."""
+    B, H, T, d = q.shape
+    n_kv = k.shape[1]
+    if T == 1 and H != n_kv:
+        # Decode: fold each group's query heads into the query length so every K/V head is read once
+        # for its whole group (about 2x faster than enable_gqa on CPU); a [B, 1, 1, S] mask broadcasts.
+        o = F.scaled_dot_product_attention(q.reshape(B, n_kv, H // n_kv, d), k, v, attn_mask=mask)
+        return o.reshape(B, H, 1, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+                                          enable_gqa=H != n_kv)
 
 
 class QKVProjection(nn.Module):

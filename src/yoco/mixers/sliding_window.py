@@ -76,9 +76,10 @@ class SlidingWindowAttention(QKVProjection):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, window: int, block: int | None = None):
         super().__init__(config, rotary)
         self.window = window
-        # Query block of the blocked prefill: the window itself keeps the work per block balanced
-        # (block x (block + W) scores) without tiny matmuls.
-        self.block = block or max(window, 64)
+        # Query block of the blocked prefill. Each block scores block x (block + W - 1) keys of which
+        # W per query are useful: smaller blocks waste less (256 with W=1024: 80% useful, 35% faster
+        # than blocks of W on a 2-core CPU), but below ~64 rows the matmuls get inefficient.
+        self.block = block or max(64, min(window, 256))
 
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None = None) -> RingKVCache:
         return RingKVCache(batch_size, self.n_kv_heads, self.head_dim, self.window, dtype=dtype, device=device)
