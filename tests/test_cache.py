@@ -86,3 +86,18 @@ def test_fixed_capacity_overflow_raises():
     cache.append(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))
     with pytest.raises(CacheError, match="holds 3 positions"):
         cache.append(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
+
+
+def test_repeated_cache_continues_each_row(variant):
+    model = make_model(variant)
+    ids = torch.randint(0, 256, (2, 40))
+    cache = model.new_cache(2, capacity=50)
+    with torch.no_grad():
+        prefill(model, ids[:, :30], cache, chunk=8)
+        forked = cache.repeat(3)
+        assert forked.batch_size == 6 and forked.seen == 30
+        assert forked.nbytes() == 3 * cache.nbytes()
+        for t in range(30, 40):
+            expected = decode_step(model, ids[:, t], cache)
+            got = decode_step(model, ids[:, t].repeat_interleave(3), forked)
+            torch.testing.assert_close(got, expected.repeat_interleave(3, dim=0), atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ hold, which is what the machine actually spends on it.
 
 from __future__ import annotations
 
+import copy
 from typing import Protocol
 
 import torch
@@ -23,7 +24,17 @@ class CacheError(RuntimeError):
 
 
 class LayerCache(Protocol):
+    batch_fields: tuple[str, ...]  # the tensor attributes whose first dimension is the batch
+
     def nbytes(self) -> int: ...
+
+
+def repeat_rows(cache, n: int):
+    """A copy of a layer cache with each row repeated n times (row b becomes rows b*n .. b*n+n-1)."""
+    clone = copy.copy(cache)
+    for name in cache.batch_fields:
+        setattr(clone, name, getattr(cache, name).repeat_interleave(n, dim=0))
+    return clone
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -36,6 +47,8 @@ class KVCache:
     With a known ``capacity`` the buffers are allocated once at that size; without one they start
     small and double when full, so appending is amortised O(1) (never a per-token concatenation).
     """
+
+    batch_fields = ("k", "v")
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
                  device: torch.device | str | None = None, capacity: int | None = None):
@@ -92,6 +105,16 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers if c is not None)
+
+    def repeat(self, n: int) -> "ModelCache":
+        """A cache of n copies of each row: n continuations of the same prompt (sampling several
+        answers, or measuring batched decode at a context without prefilling every row)."""
+        if n < 1:
+            raise CacheError(f"repeat count must be >= 1, got {n}")
+        clone = ModelCache([repeat_rows(c, n) for c in self.layers], self.batch_size * n,
+                           None if self.pad is None else self.pad.repeat_interleave(n))
+        clone.seen = self.seen
+        return clone
 
     def __getitem__(self, i: int):
         return self.layers[i]

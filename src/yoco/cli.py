@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .bench import BenchError
 from .cache import CacheError
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ARCHITECTURES, PRESETS, ConfigError
@@ -122,6 +123,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_count(text: str) -> int:
+    """An integer with an optional K/M suffix (powers of two): 4096, 32K, 1M."""
+    text = text.strip()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    try:
+        return int(digits) * scale
+    except ValueError:
+        raise UsageError(f"not a token count: {text!r} (use e.g. 4096, 32K or 1M)") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import (BENCH_ARCHS, DEFAULT_CONTEXTS, GIB, QUICK_CONTEXTS, TABLE_HEADERS, BenchSettings,
+                        machine_line, ratio_rows, run_bench, table_rows, write_json, write_plot)
+
+    archs = tuple(a.strip() for a in args.arch.split(",") if a.strip()) if args.arch else BENCH_ARCHS
+    if args.context:
+        contexts = tuple(parse_count(c) for c in args.context.split(",") if c.strip())
+    else:
+        contexts = QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
+    new_tokens = args.new_tokens or (16 if args.quick else 32)
+    budget_steps = args.budget_steps or (3 if args.quick else 4)
+    settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype,
+                             new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
+                             max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
+                             max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed)
+    report = run_bench(settings, log=lambda text: print(text, flush=True))
+    print()
+    print_table(TABLE_HEADERS, table_rows(report))
+    if any(r["extrapolated"] for r in report["results"]):
+        print("* extrapolated from the longest measured context (not run): prefill by useful FLOPs, decode by "
+              "bytes read per token, cache by formula")
+    for line in ratio_rows(report):
+        print(line)
+    print(f"machine: {machine_line(report['machine'])}")
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoco", description="YOCO and KV-cache-efficient language models")
@@ -136,6 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="memory, prefill time and decode throughput against context length")
+    p.add_argument("--arch", help="comma-separated: yoco-swa,yoco-gret,transformer,hf-llama (default: all)")
+    p.add_argument("--context", help="comma-separated context lengths, e.g. 1K,4K,32K (default 1K..32K)")
+    p.add_argument("--quick", action="store_true", help="1K..8K, fewer tokens: a few minutes")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--new-tokens", type=int, help="decode steps at batch 1 (default 32, quick 16)")
+    p.add_argument("--budget-gib", type=float, default=4.0, help="memory budget for the batched throughput (GiB)")
+    p.add_argument("--budget-steps", type=int, help="decode steps timed at the budget batch (default 4, quick 3)")
+    p.add_argument("--max-budget-batch", type=int, default=512, help="cap on the budget batch (bounds run time)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="chunk size of this library's prefill")
+    p.add_argument("--max-quadratic-context", type=int, default=32768,
+                   help="Transformer contexts above this are extrapolated, not run (default 32768)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG of memory, prefill time and throughput against context here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text or token ids from a model")
     add_model_args(p)
@@ -165,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, InputError, ConfigError, CheckpointError, CacheError) as e:
+    except (UsageError, InputError, ConfigError, CheckpointError, CacheError, BenchError) as e:
         print(f"yoco {args.command}: error: {e}", file=sys.stderr)
         return 2
 

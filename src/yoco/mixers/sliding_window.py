@@ -18,6 +18,8 @@ from .attention import QKVProjection, attend, slot_mask
 class RingKVCache:
     """The last W keys/values, [B, n_kv, W, d], plus the slot each entry holds (-1 while empty)."""
 
+    batch_fields = ("k", "v")
+
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, *, dtype: torch.dtype,
                  device=None):
         shape = (batch_size, n_kv_heads, window, head_dim)

@@ -35,6 +35,11 @@ def build_model(config: ModelConfig | str, *, preset: str = "tiny", dtype: torch
     return model.eval()
 
 
+def cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
+    """Cache bytes of `batch_size` sequences of `context` positions, from the config alone."""
+    return MODEL_CLASSES[config.arch].cache_bytes_for(config, batch_size, context, dtype)
+
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -48,4 +53,4 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-__all__ = ["CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "resolve_dtype"]
+__all__ = ["CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "cache_bytes", "resolve_dtype"]

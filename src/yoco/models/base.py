@@ -147,4 +147,8 @@ class CausalLM(nn.Module):
 
     def cache_bytes_formula(self, batch_size: int, context: int, dtype: torch.dtype) -> int:
         """What ``new_cache(batch_size, capacity=context).nbytes()`` must be, from the config alone."""
+        return self.cache_bytes_for(self.config, batch_size, context, dtype)
+
+    @staticmethod
+    def cache_bytes_for(config: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
         raise NotImplementedError

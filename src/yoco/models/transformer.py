@@ -36,8 +36,8 @@ class Transformer(CausalLM):
     def cache_owners(self) -> list[nn.Module]:
         return [layer.mixer for layer in self.layers]
 
-    def cache_bytes_formula(self, batch_size: int, context: int, dtype: torch.dtype) -> int:
-        cfg = self.config
+    @staticmethod
+    def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
         per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize * batch_size
         return per_position * (cfg.window if cfg.window is not None else context)
 

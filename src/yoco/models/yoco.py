@@ -51,8 +51,8 @@ class YOCO(CausalLM):
     def cache_owners(self) -> list[nn.Module]:
         return [layer.mixer for layer in self.self_layers] + [self.global_kv]
 
-    def cache_bytes_formula(self, batch_size: int, context: int, dtype: torch.dtype) -> int:
-        cfg = self.config
+    @staticmethod
+    def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
         global_kv = 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize * context
         if cfg.arch == "yoco-swa":
             per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * cfg.window * dtype.itemsize

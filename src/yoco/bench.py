@@ -1,0 +1,573 @@
+"""``yoco bench``: memory, prefill latency and decode throughput against context length.
+
+For each context length and each architecture (interleaved, so machine drift hits all alike), one
+process run measures:
+
+- ``prefill_s``: wall time of the prefill, logits for the last position only;
+- ``peak_mem_bytes``: the process's peak resident-memory growth during that prefill;
+- ``cache_bytes``: the bytes the cache holds after prefill (the tensors the engine tracks);
+- ``decode_tok_s``: greedy decode speed for ``new_tokens`` tokens after that prefill (batch 1);
+- ``budget_batch`` / ``budget_tok_s``: how many sequences of that context fit in a memory budget
+  (cache + decode activations per sequence) and the decode tokens/s that batch reaches. The batch is
+  made by repeating the prefilled sequence's cache (values do not change attention cost).
+
+The machine's matmul FLOP/s and memory bandwidth are measured in the same run, and each prefill's
+useful FLOPs (``prefill_flops``) give its fraction of that peak.
+
+Architectures: this library's ``transformer``, ``yoco-swa``, ``yoco-gret``, and ``hf-llama``: a
+transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA attention, its
+``DynamicCache`` and ``logits_to_keep=1`` (the Transformer people run today).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from .cache import ModelCache
+from .config import PRESETS, ModelConfig, get_config
+from .engine import decode_step, prefill
+from .models import build_model, cache_bytes, resolve_dtype
+
+BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
+QUADRATIC_ARCHS = ("transformer", "hf-llama")
+DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
+QUICK_CONTEXTS = (1024, 2048, 4096, 8192)
+GIB = 1 << 30
+
+
+class BenchError(ValueError):
+    """A bad benchmark setting; the message names it."""
+
+
+@dataclass
+class BenchSettings:
+    archs: tuple[str, ...] = BENCH_ARCHS
+    contexts: tuple[int, ...] = DEFAULT_CONTEXTS
+    preset: str = "40m"
+    dtype: str = "fp32"
+    new_tokens: int = 32
+    budget_bytes: int = 4 * GIB
+    budget_steps: int = 4
+    max_budget_batch: int = 512
+    prefill_chunk: int = 2048
+    max_quadratic_context: int = 32768  # above this, Transformers are extrapolated, not run
+    threads: int = 0  # 0: torch's default
+    seed: int = 0
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields replacing the preset's
+
+    def validate(self) -> None:
+        unknown = [a for a in self.archs if a not in BENCH_ARCHS]
+        if unknown or not self.archs:
+            raise BenchError(f"unknown architecture(s) {', '.join(unknown) or '(none given)'}; "
+                             f"choose from {', '.join(BENCH_ARCHS)}")
+        if not self.contexts or any(not isinstance(c, int) or c < 2 for c in self.contexts):
+            raise BenchError(f"context lengths must be integers >= 2, got {list(self.contexts)}")
+        if self.preset not in PRESETS:
+            raise BenchError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        resolve_dtype(self.dtype)
+        for name in ("new_tokens", "budget_steps", "max_budget_batch", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.new_tokens < 2:
+            raise BenchError("new-tokens must be >= 2 (the first decoded token is a warm-up)")
+        if self.budget_bytes <= 0:
+            raise BenchError(f"memory budget must be positive, got {self.budget_bytes} bytes")
+
+
+# ---------------------------------------------------------------------- memory and machine
+_LIBC = None
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the OS so the next RSS measurement starts from what is live."""
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+class PeakRSS:
+    """Peak resident-memory growth of this process over a ``with`` block.
+
+    Linux: resets the kernel's high-water mark (``/proc/self/clear_refs``) and reads ``VmHWM``;
+    elsewhere: samples RSS every 2 ms in a thread.
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        release_free_memory()
+        self.process = psutil.Process()
+        self.start = self.process.memory_info().rss
+        self.kernel = self._reset_hwm()
+        self.peak = self.start
+        if not self.kernel:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.kernel:
+            with open("/proc/self/status") as f:
+                hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+            self.peak = max(hwm, self.process.memory_info().rss)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return max(0, self.peak - self.start)
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of FLOP/s of an n x n matmul: the machine's practical dense peak for this dtype."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def measure_bandwidth(size_bytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Best-of bytes/s of copying a large buffer (bytes read + bytes written)."""
+    src = torch.ones(size_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size_bytes / best
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(dtype: torch.dtype) -> dict:
+    import transformers
+
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "matmul_flops": measure_matmul_flops(dtype),
+        "bandwidth_bytes_s": measure_bandwidth(),
+    }
+
+
+# ---------------------------------------------------------------------- useful FLOPs
+def prefill_flops(config: ModelConfig, n: int) -> float:
+    """Useful FLOPs of a prefill of n tokens with logits for the last one only.
+
+    Matmuls count 2 per multiply-add; attention counts QK^T and AV over the keys each query may see
+    (masked-out work is not useful); YOCO's cross-decoder and every LM head run for one token.
+    """
+    d, H, dh, kv, f = config.dim, config.n_heads, config.head_dim, config.n_kv_heads, config.ffn_dim
+    attn_proj = d * H * dh * 2 + d * kv * dh * 2  # q, o + k, v
+    ffn = 3 * d * f
+    head = d * config.vocab_size
+
+    def causal_pairs(window: int | None) -> float:
+        if window is None or window >= n:
+            return n * (n + 1) / 2
+        return window * (window + 1) / 2 + (n - window) * window
+
+    if not config.is_yoco:
+        per_token = config.n_layers * (attn_proj + ffn)
+        attention = config.n_layers * 4 * H * dh * causal_pairs(config.window)
+        return 2 * per_token * n + attention + 2 * head
+    n_self, n_cross = config.self_layers, config.n_layers - config.self_layers
+    global_kv = 2 * d * kv * dh
+    cross_layer = d * H * dh * 2 + ffn
+    if config.arch == "yoco-swa":
+        self_layer = attn_proj + ffn
+        mixing = n_self * 4 * H * dh * causal_pairs(config.window)
+    else:
+        hr = config.n_retention_heads
+        dr = d // hr
+        self_layer = 5 * d * d + d * hr + ffn  # q, k, v, g, out + gate
+        chunk = config.retention_chunk
+        # intra-chunk scores and values (chunk/2 keys on average), plus the state's update and readout
+        mixing = n_self * n * hr * (4 * dr * (chunk + 1) / 2 + 4 * dr * dr)
+    cross_attention = n_cross * 4 * H * dh * n  # the last token against all n keys
+    return 2 * (n_self * self_layer + global_kv) * n + mixing + 2 * n_cross * cross_layer + cross_attention + 2 * head
+
+
+# ---------------------------------------------------------------------- runners
+class YocoRunner:
+    """One of this library's models, run by the engine (chunked prefill, preallocated caches)."""
+
+    def __init__(self, arch: str, config: ModelConfig, dtype: torch.dtype, seed: int, chunk: int):
+        self.arch, self.config, self.chunk = arch, config, chunk
+        self.model = build_model(config, dtype=dtype, seed=seed)
+        self.cache: ModelCache | None = None
+
+    @property
+    def params(self) -> int:
+        return self.model.num_parameters()
+
+    def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
+        self.cache = self.model.new_cache(ids.shape[0], capacity=capacity)
+        return prefill(self.model, ids, self.cache, self.chunk)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return decode_step(self.model, tokens, self.cache)
+
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes()
+
+    def repeat(self, n: int) -> None:
+        self.cache = self.cache.repeat(n)
+
+    def reset(self) -> None:
+        self.cache = None
+
+
+class HFLlamaRunner:
+    """transformers' LlamaForCausalLM (SDPA, DynamicCache, logits_to_keep=1) of matching size."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, seed: int):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.arch, self.config = "hf-llama", config
+        self.hf_config = LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+            rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
+            attn_implementation="sdpa")
+        torch.manual_seed(seed)
+        self.model = LlamaForCausalLM(self.hf_config).to(dtype).eval()
+        if self.model.config._attn_implementation != "sdpa":
+            raise BenchError(f"transformers chose {self.model.config._attn_implementation!r} attention, not sdpa")
+        self.cache = None
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.hf_config)
+        out = self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(tokens[:, None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+    def repeat(self, n: int) -> None:
+        self.cache.batch_repeat_interleave(n)
+
+    def reset(self) -> None:
+        self.cache = None
+
+
+def cache_bytes_per_sequence(arch: str, config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+    """The cache formula of each architecture for one sequence of `context` positions (hf-llama caches
+    exactly what this library's Transformer does)."""
+    return cache_bytes(config, 1, context, dtype)
+
+
+def cache_growth_per_token(arch: str, config: ModelConfig, dtype: torch.dtype) -> int:
+    """How many bytes one more token of context adds to one sequence's cache."""
+    return cache_bytes_per_sequence(arch, config, 2, dtype) - cache_bytes_per_sequence(arch, config, 1, dtype)
+
+
+# ---------------------------------------------------------------------- the run
+def positions_needed(context: int, settings: BenchSettings) -> int:
+    """Cache slots one measurement uses: the prompt, the timed decode, one step sizing the activations,
+    and the batched decode."""
+    return context + settings.new_tokens + 1 + settings.budget_steps + 1
+
+
+def bench_config(arch: str, settings: BenchSettings) -> ModelConfig:
+    longest = positions_needed(max(settings.contexts), settings)
+    base = "transformer" if arch == "hf-llama" else arch
+    config = get_config(base, settings.preset, **settings.overrides)
+    if config.max_seq_len < longest:
+        config = config.replace(max_seq_len=longest)
+    return config
+
+
+def make_runner(arch: str, settings: BenchSettings):
+    dtype = resolve_dtype(settings.dtype)
+    config = bench_config(arch, settings)
+    if arch == "hf-llama":
+        return HFLlamaRunner(config, dtype, settings.seed)
+    return YocoRunner(arch, config, dtype, settings.seed, settings.prefill_chunk)
+
+
+def timed_decode(runner, first: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
+    """Greedy decode `steps` tokens; tokens/s over all but the first step (a warm-up)."""
+    tokens = first
+    t0 = None
+    for i in range(steps):
+        if i == 1:
+            t0 = time.perf_counter()
+        tokens = runner.decode(tokens).argmax(-1)
+    elapsed = time.perf_counter() - t0
+    return (steps - 1) * tokens.shape[0] / elapsed, tokens
+
+
+def measure(runner, context: int, settings: BenchSettings, machine: dict, progress=None) -> dict:
+    dtype = resolve_dtype(settings.dtype)
+    generator = torch.Generator().manual_seed(settings.seed + context)
+    ids = torch.randint(0, runner.config.vocab_size, (1, context), generator=generator)
+    capacity = positions_needed(context, settings)
+    with torch.inference_mode():
+        runner.reset()
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            logits = runner.prefill(ids, capacity)
+            prefill_s = time.perf_counter() - t0
+        cache_bytes = runner.cache_bytes()
+        if progress:
+            progress(f"{runner.arch} @ {context}: decoding")
+        decode_tok_s, last = timed_decode(runner, logits.argmax(-1), settings.new_tokens)
+        # Per-sequence memory for the budget: the cache at this context, plus what one decode step
+        # allocates on top of it (scores, MLP activations, a copied cache layer for DynamicCache).
+        with PeakRSS() as step_peak:
+            runner.decode(last)
+        per_sequence = cache_bytes_per_sequence(runner.arch, runner.config, capacity, dtype) + step_peak.growth
+        budget_batch = settings.budget_bytes // per_sequence
+        if budget_batch < 1:
+            raise BenchError(f"memory budget of {settings.budget_bytes} bytes is too small for one {runner.arch} "
+                             f"sequence of {context} tokens, which needs {per_sequence} bytes")
+        budget_batch = int(min(budget_batch, settings.max_budget_batch))
+        if progress:
+            progress(f"{runner.arch} @ {context}: batch {budget_batch}")
+        runner.repeat(budget_batch)
+        budget_tok_s, _ = timed_decode(runner, last.repeat_interleave(budget_batch), settings.budget_steps + 1)
+        runner.reset()
+    flops = prefill_flops(runner.config, context)
+    return {
+        "arch": runner.arch, "context": context, "params": runner.params,
+        "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "cache_bytes": cache_bytes,
+        "cache_bytes_per_token": cache_growth_per_token(runner.arch, runner.config, dtype),
+        "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
+        "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],
+        "extrapolated": False,
+    }
+
+
+def extrapolate(arch: str, context: int, measured: list[dict], settings: BenchSettings) -> dict:
+    """A Transformer row beyond max_quadratic_context, scaled from its longest measured context:
+    prefill by useful FLOPs, decode by bytes read per token (weights + cache), memory by formula."""
+    if not measured:
+        raise BenchError(f"{arch} at context {context} is above --max-quadratic-context "
+                         f"{settings.max_quadratic_context} and would be extrapolated, but no shorter context "
+                         f"was measured for it in this run: add one (e.g. --context 8192,{context})")
+    ref = max(measured, key=lambda r: r["context"])
+    dtype = resolve_dtype(settings.dtype)
+    config = bench_config(arch, settings)
+    n, m = context, ref["context"]
+    weights = ref["params"] * dtype.itemsize
+    cache = cache_bytes_per_sequence(arch, config, n, dtype)
+    ref_cache = cache_bytes_per_sequence(arch, config, m, dtype)
+    budget_batch = int(min(settings.budget_bytes // cache, settings.max_budget_batch))
+    decode_scale = (weights + ref_cache) / (weights + cache)
+    return {
+        "arch": arch, "context": n, "params": ref["params"],
+        "prefill_s": ref["prefill_s"] * prefill_flops(config, n) / prefill_flops(config, m),
+        "peak_mem_bytes": None, "cache_bytes": cache,
+        "cache_bytes_per_token": cache_growth_per_token(arch, config, dtype),
+        "decode_tok_s": ref["decode_tok_s"] * decode_scale,
+        "budget_batch": budget_batch,
+        "budget_tok_s": None,
+        "prefill_flops": prefill_flops(config, n), "prefill_peak_fraction": None,
+        "extrapolated": True,
+    }
+
+
+def run_bench(settings: BenchSettings, log=print) -> dict:
+    from tqdm import tqdm
+
+    settings.validate()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    dtype = resolve_dtype(settings.dtype)
+    log("measuring the machine (matmul FLOP/s, memory bandwidth)...")
+    machine = machine_info(dtype)
+    log(f"machine: {machine_line(machine)}")
+    runners = {}
+    for arch in settings.archs:
+        runners[arch] = make_runner(arch, settings)
+    contexts = sorted(set(settings.contexts))
+    plan = [(c, a) for c in contexts for a in settings.archs]
+    results: list[dict] = []
+    bar = tqdm(plan, desc="bench", unit="run", dynamic_ncols=True)
+    for context, arch in bar:
+        bar.set_postfix_str(f"{arch} @ {context}")
+        if arch in QUADRATIC_ARCHS and context > settings.max_quadratic_context:
+            measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
+            results.append(extrapolate(arch, context, measured, settings))
+            continue
+        results.append(measure(runners[arch], context, settings, machine,
+                               progress=lambda text: bar.set_postfix_str(text)))
+    bar.close()
+    settings_dict = asdict(settings)
+    settings_dict["archs"], settings_dict["contexts"] = list(settings.archs), contexts
+    return {"machine": machine, "settings": settings_dict, "results": results}
+
+
+# ---------------------------------------------------------------------- reporting
+def machine_line(machine: dict) -> str:
+    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
+            f"{machine['ram_bytes'] / GIB:.0f} GiB; matmul {machine['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+            f"copy bandwidth {machine['bandwidth_bytes_s'] / 1e9:.1f} GB/s; torch {machine['torch']}")
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+TABLE_HEADERS = ["arch", "context", "params", "prefill s", "% peak", "peak mem", "cache", "decode tok/s",
+                 "budget batch", "budget tok/s"]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for r in report["results"]:
+        star = "*" if r["extrapolated"] else ""
+        rows.append([r["arch"] + star, str(r["context"]), f"{r['params'] / 1e6:.1f}M", _fmt(r["prefill_s"], ".2f"),
+                     _fmt(None if r["prefill_peak_fraction"] is None else 100 * r["prefill_peak_fraction"], ".0f"),
+                     _fmt_bytes(r["peak_mem_bytes"]), _fmt_bytes(r["cache_bytes"]), _fmt(r["decode_tok_s"], ".1f"),
+                     str(r["budget_batch"]), _fmt(r["budget_tok_s"], ".1f")])
+    return rows
+
+
+def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> list[str]:
+    """Side-by-side ratios of `arch` against `base` at each context both have."""
+    by = {(r["arch"], r["context"]): r for r in report["results"]}
+    lines = []
+    for context in report["settings"]["contexts"]:
+        a, b = by.get((arch, context)), by.get((base, context))
+        if not a or not b:
+            continue
+        parts = [f"{arch} vs {base} @ {context}:"]
+        if b["prefill_s"]:
+            parts.append(f"prefill {b['prefill_s'] / a['prefill_s']:.1f}x faster")
+        parts.append(f"cache per token {b['cache_bytes_per_token'] / a['cache_bytes_per_token']:.1f}x smaller "
+                     f"(in all {b['cache_bytes'] / a['cache_bytes']:.1f}x)")
+        if a["peak_mem_bytes"] and b["peak_mem_bytes"]:
+            parts.append(f"peak memory {b['peak_mem_bytes'] / a['peak_mem_bytes']:.1f}x smaller")
+        parts.append(f"decode {a['decode_tok_s'] / b['decode_tok_s']:.1f}x faster")
+        if a["budget_tok_s"] and b["budget_tok_s"]:
+            parts.append(f"budget throughput {a['budget_tok_s'] / b['budget_tok_s']:.1f}x")
+        lines.append(" ".join(parts[:1]) + " " + ", ".join(parts[1:]))
+    return lines
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    from .checkpoint import atomic_write
+
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+
+
+def write_plot(report: dict, path: str | os.PathLike) -> None:
+    """Memory, prefill time and throughput against context length (log-log), one line per arch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    panels = [("peak_mem_bytes", "peak memory growth in prefill (MiB)", 1 / (1 << 20)),
+              ("cache_bytes", "cache after prefill (MiB)", 1 / (1 << 20)),
+              ("prefill_s", "prefill time (s)", 1.0),
+              ("prefill_peak_fraction", "prefill: % of measured matmul peak", 100.0),
+              ("decode_tok_s", "decode tokens/s (batch 1)", 1.0),
+              ("budget_tok_s", f"tokens/s within a {report['settings']['budget_bytes'] / GIB:.0f} GiB budget", 1.0)]
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = grid.flatten()
+    archs = list(dict.fromkeys(r["arch"] for r in report["results"]))
+    for ax, (key, title, scale) in zip(axes, panels):
+        for arch in archs:
+            rows = sorted((r for r in report["results"] if r["arch"] == arch and r[key] is not None),
+                          key=lambda r: r["context"])
+            measured = [r for r in rows if not r["extrapolated"]]
+            line, = ax.plot([r["context"] for r in measured], [r[key] * scale for r in measured], "o-", label=arch)
+            extra = [r for r in rows if r["extrapolated"]]
+            if extra:
+                pts = measured[-1:] + extra
+                ax.plot([r["context"] for r in pts], [r[key] * scale for r in pts], "x--", color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("context length (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    machine = report["machine"]
+    fig.suptitle(f"yoco bench ({report['settings']['preset']}, {report['settings']['dtype']}): {machine['cpu']}, "
+                 f"{machine['threads']} threads; dashed = extrapolated", fontsize=10)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+__all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "prefill_flops", "run_bench",
+           "write_json", "write_plot"]

@@ -1,0 +1,139 @@
+"""yoco bench on tiny sizes: every field for every arch and length, formulas, plot, bad flags."""
+
+import json
+
+import pytest
+import torch
+
+from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, positions_needed,
+                        prefill_flops, run_bench, write_json, write_plot)
+from yoco.cli import main
+from yoco.config import get_config
+from yoco.models import cache_bytes
+
+FIELDS = {"arch", "context", "prefill_s", "peak_mem_bytes", "cache_bytes", "decode_tok_s", "budget_batch",
+          "budget_tok_s"}
+
+
+def tiny_settings(**changes) -> BenchSettings:
+    values = dict(archs=BENCH_ARCHS, contexts=(24, 48), preset="tiny", new_tokens=3, budget_steps=1,
+                  max_budget_batch=3, prefill_chunk=16, budget_bytes=1 << 30)
+    values.update(changes)
+    return BenchSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_bench(tiny_settings(), log=lambda text: None)
+
+
+def test_every_arch_and_length_has_every_field(report):
+    assert set(report) == {"machine", "settings", "results"}
+    assert {(r["arch"], r["context"]) for r in report["results"]} == {(a, c) for a in BENCH_ARCHS for c in (24, 48)}
+    for r in report["results"]:
+        assert FIELDS <= set(r)
+        assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0 and r["budget_tok_s"] > 0
+        assert r["budget_batch"] == 3 and r["params"] > 0 and not r["extrapolated"]
+        assert 0 < r["prefill_peak_fraction"] < 1.5
+    machine = report["machine"]
+    assert machine["matmul_flops"] > 1e8 and machine["bandwidth_bytes_s"] > 1e8 and machine["threads"] >= 1
+
+
+def test_cache_bytes_match_the_formulas(report):
+    settings = tiny_settings()
+    for r in report["results"]:
+        config = bench_config(r["arch"], settings)
+        if r["arch"] == "hf-llama":
+            # DynamicCache holds exactly the prompt; the Transformer formula is the same as Llama's.
+            expected = cache_bytes(config, 1, r["context"], torch.float32)
+        else:
+            # The engine preallocates the prompt plus every position the measurement decodes.
+            expected = cache_bytes(config, 1, positions_needed(r["context"], settings), torch.float32)
+        assert r["cache_bytes"] == expected, r["arch"]
+    per_token = {r["arch"]: r["cache_bytes_per_token"] for r in report["results"]}
+    assert per_token["hf-llama"] == per_token["transformer"] == 4 * per_token["yoco-swa"]  # tiny: 4 layers
+
+
+def test_json_and_plot_files(report, tmp_path):
+    write_json(report, tmp_path / "bench.json")
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
+    write_plot(report, tmp_path / "bench.png")
+    data = (tmp_path / "bench.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "bench.png").shape[2] in (3, 4)
+
+
+def test_quadratic_archs_beyond_the_limit_are_extrapolated():
+    settings = tiny_settings(archs=("transformer", "yoco-swa"), contexts=(32, 256), max_quadratic_context=64)
+    results = {(r["arch"], r["context"]): r for r in run_bench(settings, log=lambda text: None)["results"]}
+    row = results[("transformer", 256)]
+    assert row["extrapolated"] and row["peak_mem_bytes"] is None
+    assert row["cache_bytes"] == cache_bytes(bench_config("transformer", settings), 1, 256, torch.float32)
+    assert row["prefill_s"] > results[("transformer", 32)]["prefill_s"]
+    assert not results[("yoco-swa", 256)]["extrapolated"]  # only Transformers are extrapolated
+
+
+def test_prefill_flops():
+    t = get_config("transformer", "40m")
+    n = 4096
+    linear = 12 * (512 * 512 * 2 + 512 * 128 * 2 + 3 * 512 * 1408)
+    expected = 2 * linear * n + 12 * 4 * 8 * 64 * n * (n + 1) / 2 + 2 * 512 * 4096
+    assert prefill_flops(t, n) == pytest.approx(expected)
+    # YOCO's prefill is linear in context once past the window: equal increments.
+    for arch in ("yoco-swa", "yoco-gret"):
+        c = get_config(arch, "40m")
+        f = [prefill_flops(c, k * 8192) for k in (1, 2, 3)]
+        assert f[2] - f[1] == pytest.approx(f[1] - f[0])
+    # ... while the Transformer's grows quadratically.
+    f = [prefill_flops(t, k * 8192) for k in (1, 2, 3)]
+    assert f[2] - f[1] > 1.2 * (f[1] - f[0])
+
+
+def test_peak_rss_sees_an_allocation():
+    with PeakRSS() as peak:
+        block = torch.ones(64 << 20, dtype=torch.uint8)
+        del block
+    assert peak.growth >= 60 << 20
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(archs=("mamba",)), "unknown architecture"),
+    (dict(contexts=(0,)), "context lengths"),
+    (dict(contexts=(-5, 10)), "context lengths"),
+    (dict(new_tokens=1), "new-tokens"),
+    (dict(budget_bytes=0), "budget"),
+])
+def test_bad_settings(changes, message):
+    with pytest.raises(BenchError, match=message):
+        tiny_settings(**changes).validate()
+
+
+def test_budget_too_small_for_one_sequence():
+    with pytest.raises(BenchError, match="too small for one"):
+        run_bench(tiny_settings(archs=("transformer",), contexts=(32,), budget_bytes=1000), log=lambda text: None)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--arch", "mamba"], "unknown architecture"),
+    (["bench", "--context", "0"], "context lengths"),
+    (["bench", "--context", "4x"], "not a token count"),
+    (["bench", "--preset", "tiny", "--arch", "transformer", "--context", "32", "--budget-gib", "0.000001"],
+     "too small for one"),
+])
+def test_cli_bad_flags_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bench_writes_outputs(tmp_path, capsys):
+    argv = ["bench", "--preset", "tiny", "--arch", "yoco-swa,hf-llama", "--context", "32", "--new-tokens", "2",
+            "--budget-steps", "1", "--max-budget-batch", "2", "--json", str(tmp_path / "b.json"),
+            "--plot", str(tmp_path / "b.png")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "yoco-swa vs hf-llama @ 32" in out and "machine:" in out
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [r["arch"] for r in rows] == ["yoco-swa", "hf-llama"]
+    assert (tmp_path / "b.png").stat().st_size > 0
