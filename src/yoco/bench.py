@@ -59,7 +59,7 @@ class BenchSettings:
     dtype: str = "fp32"
     new_tokens: int = 32
     budget_bytes: int = 4 * GIB
-    budget_steps: int = 4
+    budget_steps: int = 3
     max_budget_batch: int = 512
     prefill_chunk: int = 2048
     max_quadratic_context: int = 32768  # above this, Transformers are extrapolated, not run
@@ -395,7 +395,7 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
     flops = prefill_flops(runner.config, context)
     return {
         "arch": runner.arch, "context": context, "params": runner.params,
-        "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "cache_bytes": cache_bytes,
+        "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": cache_bytes,
         "cache_bytes_per_token": cache_growth_per_token(runner.arch, runner.config, dtype),
         "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
         "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],
@@ -422,7 +422,7 @@ def extrapolate(arch: str, context: int, measured: list[dict], settings: BenchSe
     return {
         "arch": arch, "context": n, "params": ref["params"],
         "prefill_s": ref["prefill_s"] * prefill_flops(config, n) / prefill_flops(config, m),
-        "peak_mem_bytes": None, "cache_bytes": cache,
+        "peak_mem_bytes": None, "peak_rss_bytes": None, "cache_bytes": cache,
         "cache_bytes_per_token": cache_growth_per_token(arch, config, dtype),
         "decode_tok_s": ref["decode_tok_s"] * decode_scale,
         "budget_batch": budget_batch,
@@ -436,6 +436,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     from tqdm import tqdm
 
     settings.validate()
+    started = time.perf_counter()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     dtype = resolve_dtype(settings.dtype)
@@ -460,7 +461,8 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     bar.close()
     settings_dict = asdict(settings)
     settings_dict["archs"], settings_dict["contexts"] = list(settings.archs), contexts
-    return {"machine": machine, "settings": settings_dict, "results": results}
+    return {"machine": machine, "settings": settings_dict, "results": results,
+            "wall_s": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------- reporting

@@ -143,8 +143,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         contexts = tuple(parse_count(c) for c in args.context.split(",") if c.strip())
     else:
         contexts = QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
-    new_tokens = args.new_tokens or (16 if args.quick else 32)
-    budget_steps = args.budget_steps or (3 if args.quick else 4)
+    new_tokens = args.new_tokens or (12 if args.quick else 32)
+    budget_steps = args.budget_steps or (2 if args.quick else 3)
     settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype,
                              new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
                              max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
@@ -157,7 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "bytes read per token, cache by formula")
     for line in ratio_rows(report):
         print(line)
-    print(f"machine: {machine_line(report['machine'])}")
+    print(f"machine: {machine_line(report['machine'])}; whole run {report['wall_s']:.0f} s")
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
@@ -188,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="1K..8K, fewer tokens: a few minutes")
     p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--new-tokens", type=int, help="decode steps at batch 1 (default 32, quick 16)")
+    p.add_argument("--new-tokens", type=int, help="decode steps at batch 1 (default 32, quick 12)")
     p.add_argument("--budget-gib", type=float, default=4.0, help="memory budget for the batched throughput (GiB)")
-    p.add_argument("--budget-steps", type=int, help="decode steps timed at the budget batch (default 4, quick 3)")
+    p.add_argument("--budget-steps", type=int, help="decode steps timed at the budget batch (default 3, quick 2)")
     p.add_argument("--max-budget-batch", type=int, default=512, help="cap on the budget batch (bounds run time)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="chunk size of this library's prefill")
     p.add_argument("--max-quadratic-context", type=int, default=32768,

@@ -238,3 +238,14 @@ def test_cross_attention_prefill_equals_incremental():
         torch.testing.assert_close(cache.k, k, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(cache.v, v, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,S", [(1, 1), (5, 5), (5, 12), (16, 100), (3, 64)])
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_chunk_attention_equals_masked_attention(T, S, n_kv):
+    from yoco.mixers.attention import chunk_attention
+
+    q, k, v = torch.randn(2, 4, T, 8), torch.randn(2, n_kv, S, 8), torch.randn(2, n_kv, S, 8)
+    mask = slot_mask(torch.arange(S - T, S), torch.arange(S), None)
+    expected = attend(q, k, v, mask, causal=mask is None)
+    torch.testing.assert_close(chunk_attention(q, k, v), expected, atol=1e-6, rtol=1e-5)

