@@ -130,10 +130,11 @@ def test_cli_bad_flags_exit_2(argv, message, capsys):
 def test_cli_bench_writes_outputs(tmp_path, capsys):
     argv = ["bench", "--preset", "tiny", "--arch", "yoco-swa,hf-llama", "--context", "32", "--new-tokens", "2",
             "--budget-steps", "1", "--max-budget-batch", "2", "--json", str(tmp_path / "b.json"),
-            "--plot", str(tmp_path / "b.png")]
+            "--plot", str(tmp_path / "b.png"), "--markdown", str(tmp_path / "b.md")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "yoco-swa vs hf-llama @ 32" in out and "machine:" in out
     rows = json.loads((tmp_path / "b.json").read_text())["results"]
     assert [r["arch"] for r in rows] == ["yoco-swa", "hf-llama"]
     assert (tmp_path / "b.png").stat().st_size > 0
+    assert "| yoco-swa | 32 |" in (tmp_path / "b.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 import torch
@@ -61,7 +62,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
         except ValueError:
-            raise UsageError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}")
+            raise UsageError(f"--prompt-ids must be integers separated by commas or spaces, "
+                             f"got {args.prompt_ids!r}") from None
         tokenizer = None
     else:
         tokenizer = ByteTokenizer(model.config.vocab_size)
@@ -136,7 +138,8 @@ def parse_count(text: str) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import (BENCH_ARCHS, DEFAULT_CONTEXTS, GIB, QUICK_CONTEXTS, TABLE_HEADERS, BenchSettings,
-                        machine_line, ratio_rows, run_bench, table_rows, write_json, write_plot)
+                        machine_line, markdown_table, ratio_rows, run_bench, table_rows, write_json,
+                        write_plot)
 
     archs = tuple(a.strip() for a in args.arch.split(",") if a.strip()) if args.arch else BENCH_ARCHS
     if args.context:
@@ -164,6 +167,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         write_plot(report, args.plot)
         print(f"wrote {args.plot}")
+    if args.markdown:
+        from .checkpoint import atomic_write
+
+        atomic_write(Path(args.markdown), lambda tmp: Path(tmp).write_text(
+            markdown_table(report) + "\n\n" + "\n".join(f"- {line}" for line in ratio_rows(report)) + "\n"))
+        print(f"wrote {args.markdown}")
     return 0
 
 
@@ -199,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG of memory, prefill time and throughput against context here")
+    p.add_argument("--markdown", help="write the table and the ratios as Markdown here")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text or token ids from a model")
