@@ -35,10 +35,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from .cache import ModelCache
+from .cache import ModelCache, tensor_bytes
 from .config import PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
 from .models import build_model, cache_bytes, resolve_dtype
+from .report import format_bytes
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
 QUADRATIC_ARCHS = ("transformer", "hf-llama")
@@ -306,7 +307,7 @@ class HFLlamaRunner:
         return out.logits[:, -1]
 
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.cache.layers)
 
     def repeat(self, n: int) -> None:
         self.cache.batch_repeat_interleave(n)
@@ -315,15 +316,10 @@ class HFLlamaRunner:
         self.cache = None
 
 
-def cache_bytes_per_sequence(arch: str, config: ModelConfig, context: int, dtype: torch.dtype) -> int:
-    """The cache formula of each architecture for one sequence of `context` positions (hf-llama caches
-    exactly what this library's Transformer does)."""
-    return cache_bytes(config, 1, context, dtype)
-
-
-def cache_growth_per_token(arch: str, config: ModelConfig, dtype: torch.dtype) -> int:
-    """How many bytes one more token of context adds to one sequence's cache."""
-    return cache_bytes_per_sequence(arch, config, 2, dtype) - cache_bytes_per_sequence(arch, config, 1, dtype)
+def cache_growth_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """How many bytes one more token of context adds to one sequence's cache (hf-llama caches
+    exactly what this library's Transformer of the same config does)."""
+    return cache_bytes(config, 1, 2, dtype) - cache_bytes(config, 1, 1, dtype)
 
 
 # ---------------------------------------------------------------------- the run
@@ -373,7 +369,7 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
             t0 = time.perf_counter()
             logits = runner.prefill(ids, capacity)
             prefill_s = time.perf_counter() - t0
-        cache_bytes = runner.cache_bytes()
+        held = runner.cache_bytes()
         if progress:
             progress(f"{runner.arch} @ {context}: decoding")
         decode_tok_s, last = timed_decode(runner, logits.argmax(-1), settings.new_tokens)
@@ -381,7 +377,7 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         # allocates on top of it (scores, MLP activations, a copied cache layer for DynamicCache).
         with PeakRSS() as step_peak:
             runner.decode(last)
-        per_sequence = cache_bytes_per_sequence(runner.arch, runner.config, capacity, dtype) + step_peak.growth
+        per_sequence = cache_bytes(runner.config, 1, capacity, dtype) + step_peak.growth
         budget_batch = settings.budget_bytes // per_sequence
         if budget_batch < 1:
             raise BenchError(f"memory budget of {settings.budget_bytes} bytes is too small for one {runner.arch} "
@@ -395,8 +391,8 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
     flops = prefill_flops(runner.config, context)
     return {
         "arch": runner.arch, "context": context, "params": runner.params,
-        "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": cache_bytes,
-        "cache_bytes_per_token": cache_growth_per_token(runner.arch, runner.config, dtype),
+        "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": held,
+        "cache_bytes_per_token": cache_growth_per_token(runner.config, dtype),
         "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
         "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],
         "extrapolated": False,
@@ -415,15 +411,15 @@ def extrapolate(arch: str, context: int, measured: list[dict], settings: BenchSe
     config = bench_config(arch, settings)
     n, m = context, ref["context"]
     weights = ref["params"] * dtype.itemsize
-    cache = cache_bytes_per_sequence(arch, config, n, dtype)
-    ref_cache = cache_bytes_per_sequence(arch, config, m, dtype)
+    cache = cache_bytes(config, 1, n, dtype)
+    ref_cache = cache_bytes(config, 1, m, dtype)
     budget_batch = int(min(settings.budget_bytes // cache, settings.max_budget_batch))
     decode_scale = (weights + ref_cache) / (weights + cache)
     return {
         "arch": arch, "context": n, "params": ref["params"],
         "prefill_s": ref["prefill_s"] * prefill_flops(config, n) / prefill_flops(config, m),
         "peak_mem_bytes": None, "peak_rss_bytes": None, "cache_bytes": cache,
-        "cache_bytes_per_token": cache_growth_per_token(arch, config, dtype),
+        "cache_bytes_per_token": cache_growth_per_token(config, dtype),
         "decode_tok_s": ref["decode_tok_s"] * decode_scale,
         "budget_batch": budget_batch,
         "budget_tok_s": None,
@@ -479,16 +475,6 @@ def machine_line(machine: dict) -> str:
             f"copy bandwidth {machine['bandwidth_bytes_s'] / 1e9:.1f} GB/s; torch {machine['torch']}")
 
 
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -503,7 +489,7 @@ def table_rows(report: dict) -> list[list[str]]:
         star = "*" if r["extrapolated"] else ""
         rows.append([r["arch"] + star, str(r["context"]), f"{r['params'] / 1e6:.1f}M", _fmt(r["prefill_s"], ".2f"),
                      _fmt(None if r["prefill_peak_fraction"] is None else 100 * r["prefill_peak_fraction"], ".0f"),
-                     _fmt_bytes(r["peak_mem_bytes"]), _fmt_bytes(r["cache_bytes"]), _fmt(r["decode_tok_s"], ".1f"),
+                     format_bytes(r["peak_mem_bytes"], 1), format_bytes(r["cache_bytes"], 1), _fmt(r["decode_tok_s"], ".1f"),
                      str(r["budget_batch"]), _fmt(r["budget_tok_s"], ".1f")])
     return rows
 

@@ -15,29 +15,12 @@ from .checkpoint import CheckpointError, load_model, save_model
 from .config import ARCHITECTURES, PRESETS, ConfigError
 from .engine import generate, stream
 from .models import CausalLM, InputError, build_model, resolve_dtype
+from .report import format_bytes, print_table
 from .tokenizer import ByteTokenizer
 
 
 class UsageError(ValueError):
     pass
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], file=None) -> None:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    out = file or sys.stdout
-    for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))), file=out)
-        if i == 0:
-            print("  ".join("-" * w for w in widths), file=out)
 
 
 # ---------------------------------------------------------------------- model selection

@@ -1,0 +1,27 @@
+"""Formatting shared by the commands that print results."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def format_bytes(n: float | None, digits: int = 2) -> str:
+    """Bytes in binary units ("48.19 MiB"); "-" for a figure that does not exist."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], file=None) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = file or sys.stdout
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
