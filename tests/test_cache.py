@@ -19,7 +19,15 @@ def test_cache_bytes_equal_formula(variant, context, dtype):
     b = dtype.itemsize
     if cfg.arch == "transformer":
         positions = cfg.window if cfg.window else context
-        expected = 3 * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * b * positions
+        producers = len(set(cfg.kv_sources))  # layers that own K/V; the rest read them
+        per_layer = cfg.mla_kv_rank + cfg.mla_rope_dim if cfg.attention == "mla" else 2 * cfg.n_kv_heads * cfg.head_dim
+        expected = 3 * producers * per_layer * b * positions
+    elif cfg.arch == "block":
+        per_position = 2 * cfg.n_kv_heads * cfg.head_dim * b
+        n_block = cfg.n_layers // 2
+        blocks = max(1, -(-context // cfg.block_len))  # one block-decoder entry per block of context
+        local = (cfg.n_layers - n_block) * per_position * (cfg.block_prefix + cfg.block_len)
+        expected = 3 * (n_block * per_position * blocks + local + cfg.block_len * 8)  # + the block's int64 ids
     elif cfg.arch == "yoco-swa":
         expected = 3 * (2 * cfg.n_kv_heads * cfg.head_dim * b * context
                         + cfg.self_layers * 2 * cfg.n_kv_heads * cfg.head_dim * cfg.window * b)
@@ -61,8 +69,10 @@ def test_preallocated_caches_are_written_in_place(variant):
     model = make_model(variant)
     cache = model.new_cache(1, capacity=60)
     def pointers():
-        # K/V buffers (full, ring, global); a retention state is constant-size and replaced per step.
-        return [t.data_ptr() for c in cache.layers if not isinstance(c, RetentionState) for t in (c.k, c.v)]
+        # K/V and latent buffers (full, ring, global, MLA); a retention state is constant-size and
+        # replaced per step.
+        return [getattr(c, name).data_ptr() for c in cache.layers if not isinstance(c, RetentionState)
+                for name in c.batch_fields]
     ids = torch.randint(0, 256, (1, 60))
     with torch.no_grad():
         prefill(model, ids[:, :30], cache, chunk=8)

@@ -17,7 +17,7 @@ def test_every_preset_and_arch_builds(arch, preset):
     assert cfg.dim % cfg.n_heads == 0
     assert cfg.n_heads % cfg.n_kv_heads == 0
     assert cfg.head_dim % 2 == 0
-    if arch == "transformer":
+    if arch in ("transformer", "block"):
         assert cfg.window is None
         assert cfg.self_layers == 0
         assert cfg.retention_heads is None

@@ -36,13 +36,13 @@ import psutil
 import torch
 
 from .cache import ModelCache, tensor_bytes
-from .config import PRESETS, ModelConfig, get_config
+from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
 from .models import build_model, cache_bytes, resolve_dtype
 from .report import format_bytes
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
-QUADRATIC_ARCHS = ("transformer", "hf-llama")
+QUADRATIC_ARCHS = ("hf-llama",) + tuple(n for n in NAMES if n not in ("yoco-swa", "yoco-gret", "block"))
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_CONTEXTS = (1024, 2048, 4096, 8192)
 GIB = 1 << 30
@@ -69,10 +69,11 @@ class BenchSettings:
     overrides: dict = field(default_factory=dict)  # ModelConfig fields replacing the preset's
 
     def validate(self) -> None:
-        unknown = [a for a in self.archs if a not in BENCH_ARCHS]
+        known = ("hf-llama",) + NAMES
+        unknown = [a for a in self.archs if a not in known]
         if unknown or not self.archs:
             raise BenchError(f"unknown architecture(s) {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(BENCH_ARCHS)}")
+                             f"choose from {', '.join(known)}")
         if not self.contexts or any(not isinstance(c, int) or c < 2 for c in self.contexts):
             raise BenchError(f"context lengths must be integers >= 2, got {list(self.contexts)}")
         if self.preset not in PRESETS:
@@ -316,10 +317,12 @@ class HFLlamaRunner:
         self.cache = None
 
 
-def cache_growth_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """How many bytes one more token of context adds to one sequence's cache (hf-llama caches
-    exactly what this library's Transformer of the same config does)."""
-    return cache_bytes(config, 1, 2, dtype) - cache_bytes(config, 1, 1, dtype)
+def cache_growth_per_token(config: ModelConfig, dtype: torch.dtype) -> float:
+    """How many bytes one more token of context adds to one sequence's cache, on average over a span
+    of whole blocks (the Block Transformer grows by one block-decoder entry per block_len tokens).
+    hf-llama caches exactly what this library's Transformer of the same config does."""
+    span = 4096 * config.block_len
+    return (cache_bytes(config, 1, 2 * span, dtype) - cache_bytes(config, 1, span, dtype)) / span
 
 
 # ---------------------------------------------------------------------- the run
@@ -466,6 +469,32 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     settings_dict["archs"], settings_dict["contexts"] = list(settings.archs), contexts
     return {"machine": machine, "settings": settings_dict, "results": results,
             "wall_s": time.perf_counter() - started}
+
+
+# ---------------------------------------------------------------------- KV bytes per token
+def kv_table(preset: str = "40m", context: int = 4096, dtype: str = "fp32", names=None) -> list[dict]:
+    """KV-cache bytes per token of context for every architecture: the formula, and the measurement
+    (the growth of a real cache from `context` to 2 x `context` positions), plus the part that does
+    not grow with context."""
+    torch_dtype = resolve_dtype(dtype)
+    rows = []
+    for name in names or NAMES:
+        config = get_config(name, preset)
+        config = config.replace(max_seq_len=max(config.max_seq_len, 2 * context))
+        model = build_model(config, dtype=torch_dtype)
+        context = -(-context // config.block_len) * config.block_len  # whole blocks for the Block Transformer
+        short = model.new_cache(1, capacity=context).nbytes()
+        long = model.new_cache(1, capacity=2 * context).nbytes()
+        per_token = (long - short) / context
+        rows.append({"arch": name, "preset": preset, "params": model.num_parameters(),
+                     "formula_bytes_per_token": cache_growth_per_token(config, torch_dtype),
+                     "measured_bytes_per_token": per_token, "constant_bytes": short - per_token * context,
+                     "cache_bytes_at_context": short, "context": context})
+        del model
+    base = next((r for r in rows if r["arch"] == "transformer"), None)
+    for r in rows:
+        r["vs_transformer"] = (base["cache_bytes_at_context"] / r["cache_bytes_at_context"]) if base else None
+    return rows
 
 
 # ---------------------------------------------------------------------- reporting

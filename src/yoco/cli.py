@@ -12,7 +12,7 @@ import torch
 from .bench import BenchError
 from .cache import CacheError
 from .checkpoint import CheckpointError, load_model, save_model
-from .config import ARCHITECTURES, PRESETS, ConfigError
+from .config import NAMES, PRESETS, ConfigError
 from .engine import generate, stream
 from .models import CausalLM, InputError, build_model, resolve_dtype
 from .report import format_bytes, print_table
@@ -25,7 +25,7 @@ class UsageError(ValueError):
 
 # ---------------------------------------------------------------------- model selection
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=ARCHITECTURES, default="yoco-swa", help="architecture (default yoco-swa)")
+    p.add_argument("--arch", choices=NAMES, default="yoco-swa", help="architecture (default yoco-swa)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size preset (default tiny)")
     p.add_argument("--checkpoint", help="a saved model folder (config.json + model.safetensors); overrides --arch/--preset")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -159,6 +159,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kv_table(args: argparse.Namespace) -> int:
+    from .bench import kv_table
+
+    rows = kv_table(args.preset, parse_count(args.context), args.dtype)
+    print(f"KV cache per sequence, preset {args.preset}, {args.dtype}; measured = growth of a real cache "
+          f"from {args.context} to twice that")
+    print_table(["arch", "params", "bytes/token (formula)", "bytes/token (measured)", "constant",
+                 f"cache @ {args.context}", "vs transformer"],
+                [[r["arch"], f"{r['params'] / 1e6:.1f}M", f"{r['formula_bytes_per_token']:,.0f}",
+                  f"{r['measured_bytes_per_token']:,.0f}", format_bytes(r["constant_bytes"]),
+                  format_bytes(r["cache_bytes_at_context"]), f"{r['vs_transformer']:.1f}x smaller"] for r in rows])
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_kv_heads
+
+    model = load_model(args.checkpoint)
+    converted = convert_kv_heads(model, args.kv_heads)
+    save_model(converted, args.out)
+    print(f"wrote {args.out}: {model.config.n_kv_heads} -> {args.kv_heads} K/V heads (mean-pooled), "
+          f"{converted.num_parameters() / 1e6:.2f}M params")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoco", description="YOCO and KV-cache-efficient language models")
@@ -166,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build each architecture, generate, and compare cache sizes")
     p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
-    p.add_argument("--arch", action="append", choices=ARCHITECTURES, help="repeat to choose (default: all)")
+    p.add_argument("--arch", action="append", choices=NAMES, help="repeat to choose (default: transformer, yoco-swa, yoco-gret)")
     p.add_argument("--context", type=int, default=4096, help="prompt length in tokens (default 4096)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=1024)
@@ -175,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="memory, prefill time and decode throughput against context length")
-    p.add_argument("--arch", help="comma-separated: yoco-swa,yoco-gret,transformer,hf-llama (default: all)")
+    p.add_argument("--arch", help="comma-separated architectures (default: yoco-swa,yoco-gret,transformer,hf-llama; any of `yoco kv-table`'s names or hf-llama)")
     p.add_argument("--context", help="comma-separated context lengths, e.g. 1K,4K,32K (default 1K..32K)")
     p.add_argument("--quick", action="store_true", help="1K..8K, fewer tokens: a few minutes")
     p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
@@ -194,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the table and the ratios as Markdown here")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("kv-table", help="KV-cache bytes per token of every architecture: formula and measured")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
+    p.add_argument("--context", default="4096", help="context at which caches are measured (default 4096)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.set_defaults(func=cmd_kv_table)
+
+    p = sub.add_parser("convert", help="pool a saved model's K/V heads into fewer (MHA -> GQA -> MQA)")
+    p.add_argument("--checkpoint", required=True, help="a saved transformer model folder")
+    p.add_argument("--kv-heads", type=int, required=True, help="the new number of K/V heads")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("generate", help="generate text or token ids from a model")
     add_model_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
@@ -209,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("init", help="write a randomly initialised model folder")
-    p.add_argument("--arch", choices=ARCHITECTURES, required=True)
+    p.add_argument("--arch", choices=NAMES, required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")

@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-ARCHITECTURES = ("transformer", "yoco-swa", "yoco-gret")
+ARCHITECTURES = ("transformer", "yoco-swa", "yoco-gret", "block")
+ATTENTIONS = ("gqa", "mla")
 ROPE_FREQS = ("standard", "linspace")
 ROPE_PAIRS = ("half", "interleaved")
 
@@ -47,6 +48,24 @@ class ModelConfig:
     # reference default), at least 1.
     retention_heads: int | None = None
     retention_chunk: int = 64
+    # Transformer attention: "gqa" (MHA, GQA or MQA by n_kv_heads) or "mla" (multi-head latent
+    # attention, DeepSeek-V2): a latent of rank mla_kv_rank plus one decoupled RoPE key of
+    # mla_rope_dim shared by all heads is all the cache holds; mla_q_rank adds a low-rank query.
+    attention: str = "gqa"
+    mla_kv_rank: int = 128
+    mla_rope_dim: int = 32
+    mla_q_rank: int | None = None
+    # Cross-layer K/V sharing (Transformer): CLA with factor s (layers 0, s, 2s, ... produce K/V, the
+    # next s-1 layers reuse it) or MLKV with mlkv_layers producing layers (indices [0] +
+    # [int((i+1) L / L_kv)]), every other layer reusing the most recent producer's K/V.
+    cla_factor: int = 1
+    mlkv_layers: int | None = None
+    # Block Transformer: block length, prefix tokens the token decoder gets from the previous block's
+    # context embedding (expansion ratio), and the block decoder's depth (None: n_layers // 2; the
+    # token decoder has the rest).
+    block_len: int = 4
+    block_prefix: int = 2
+    block_layers: int | None = None
     # Embedding: x = sqrt(dim) * embed(tokens) as in the YOCO reference; False for Llama-style.
     scale_embeddings: bool = True
     tie_embeddings: bool = False
@@ -72,6 +91,17 @@ class ModelConfig:
         return self.n_self_layers if self.n_self_layers is not None else self.n_layers // 2
 
     @property
+    def kv_sources(self) -> list[int]:
+        """For each Transformer layer, the layer whose K/V (or MLA latent) it reads: itself for a
+        producing layer, an earlier producer under CLA or MLKV. One mechanism for both."""
+        L = self.n_layers
+        if self.mlkv_layers is not None:
+            producers = sorted({0} | {int((i + 1) * L / self.mlkv_layers) for i in range(self.mlkv_layers - 1)})
+        else:
+            producers = list(range(0, L, self.cla_factor))
+        return [max(p for p in producers if p <= i) for i in range(L)]
+
+    @property
     def n_retention_heads(self) -> int:
         return self.retention_heads if self.retention_heads is not None else max(1, self.dim // 256)
 
@@ -89,7 +119,11 @@ class ModelConfig:
                      "retention_chunk"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("window", "n_self_layers", "retention_heads"):  # optional integers
+        for name in ("mla_kv_rank", "mla_rope_dim", "cla_factor", "block_len", "block_prefix"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "must be a positive integer")
+        for name in ("window", "n_self_layers", "retention_heads", "mla_q_rank", "mlkv_layers",
+                     "block_layers"):  # optional integers
             if getattr(self, name) is not None and not is_int(getattr(self, name)):
                 raise bad(name, "must be an integer or None")
         if self.dim % self.n_heads:
@@ -124,6 +158,41 @@ class ModelConfig:
                 raise bad("retention_heads", f"only yoco-gret uses gated retention, not {self.arch}")
             if self.retention_heads < 1 or self.dim % self.retention_heads:
                 raise bad("retention_heads", f"must be a positive divisor of dim={self.dim}")
+        if self.attention not in ATTENTIONS:
+            raise bad("attention", f"choose one of {', '.join(ATTENTIONS)}")
+        if self.attention == "mla":
+            if self.arch != "transformer":
+                raise bad("attention", f"MLA is a Transformer attention, not available for {self.arch}")
+            if self.window is not None:
+                raise bad("attention", "MLA with a sliding window is not supported (set window=None)")
+            if self.mla_rope_dim % 2:
+                raise bad("mla_rope_dim", "the decoupled RoPE key dimension d_R must be even")
+            if self.mla_q_rank is not None and self.mla_q_rank < 1:
+                raise bad("mla_q_rank", "must be a positive integer or None")
+        if self.cla_factor > 1 or self.mlkv_layers is not None:
+            if self.arch != "transformer":
+                raise bad("cla_factor" if self.cla_factor > 1 else "mlkv_layers",
+                          f"cross-layer K/V sharing is for the Transformer, not {self.arch}")
+            if self.window is not None:
+                raise bad("window", "cross-layer K/V sharing needs full attention (window=None)")
+        if self.n_layers % self.cla_factor:
+            raise bad("cla_factor", f"the CLA sharing factor must divide n_layers={self.n_layers}")
+        if self.mlkv_layers is not None:
+            if self.cla_factor > 1:
+                raise bad("mlkv_layers", "choose CLA (cla_factor) or MLKV (mlkv_layers), not both")
+            if not 1 <= self.mlkv_layers <= self.n_layers:
+                raise bad("mlkv_layers", f"must be within 1..n_layers = 1..{self.n_layers}")
+        if self.arch == "block":
+            if self.dim % self.block_len:
+                raise bad("block_len", f"must divide dim={self.dim} (a block embedding concatenates block_len "
+                                       "token embeddings of width dim/block_len)")
+            depth = self.block_layers if self.block_layers is not None else self.n_layers // 2
+            if not 1 <= depth <= self.n_layers - 1:
+                raise bad("block_layers", f"must be within 1..n_layers-1 = 1..{self.n_layers - 1}")
+            if self.window is not None:
+                raise bad("window", "the Block Transformer has no sliding window")
+        elif self.block_layers is not None:
+            raise bad("block_layers", f"only the Block Transformer has a block decoder, not {self.arch}")
         if self.arch == "yoco-gret" and (self.dim // self.n_retention_heads) % 2:
             raise bad("retention_heads", "retention head dim must be even for RoPE")
 
@@ -151,27 +220,51 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: small enough that a full forward is milliseconds.
     "tiny": dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                 max_seq_len=1024, window=16, retention_heads=2, retention_chunk=16),
+                 max_seq_len=1024, window=16, retention_heads=2, retention_chunk=16, mla_kv_rank=24, mla_rope_dim=8),
     # The ~40M-parameter benchmark pair: width 512, 12 layers, 8 query / 2 KV heads, SwiGLU 1408.
     "40m": dict(vocab_size=4096, dim=512, n_layers=12, n_heads=8, n_kv_heads=2, ffn_dim=1408,
-                max_seq_len=1 << 20, window=1024, retention_heads=2, retention_chunk=64),
+                max_seq_len=1 << 20, window=1024, retention_heads=2, retention_chunk=64, mla_kv_rank=128,
+                mla_rope_dim=32),
 }
 # The YOCO reference's RoPE: interleaved pairs, linspace frequencies.
 YOCO_ROPE = dict(rope_freqs="linspace", rope_pairs="interleaved")
 
 
+# Named members of the KV-reduction family: an architecture plus the fields that make it (applied on
+# top of a preset). "n_kv_heads": "n_heads" means as many KV heads as query heads.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mha": dict(arch="transformer", n_kv_heads="n_heads"),
+    "gqa": dict(arch="transformer"),
+    "mqa": dict(arch="transformer", n_kv_heads=1),
+    "mla": dict(arch="transformer", attention="mla"),
+    "cla2": dict(arch="transformer", cla_factor=2),
+    "mqa-cla2": dict(arch="transformer", n_kv_heads=1, cla_factor=2),
+    "mlkv": dict(arch="transformer", mlkv_layers="n_layers/3"),
+}
+NAMES = ARCHITECTURES + tuple(VARIANTS)
+
+
 def get_config(arch: str, preset: str = "tiny", **overrides: Any) -> ModelConfig:
-    """The named preset's config for `arch`; `overrides` replace any field."""
+    """The named preset's config for an architecture or a named variant (``NAMES``); `overrides`
+    replace any field."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if arch not in NAMES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(NAMES)}")
+    if arch in VARIANTS:
+        variant = dict(VARIANTS[arch])
+        base = get_config(variant.pop("arch"), preset)
+        if variant.get("n_kv_heads") == "n_heads":
+            variant["n_kv_heads"] = base.n_heads
+        if variant.get("mlkv_layers") == "n_layers/3":
+            variant["mlkv_layers"] = max(1, base.n_layers // 3)
+        return base.replace(**{**variant, **overrides})
     values = dict(PRESETS[preset], arch=arch)
     if arch != "yoco-gret":
         values.pop("retention_heads")
     if arch == "yoco-gret":
         values.pop("window")
-    if arch == "transformer":
+    if arch in ("transformer", "block"):
         values.pop("window")  # full attention unless asked for the window-only control
     if arch.startswith("yoco-"):
         values.update(YOCO_ROPE)
@@ -179,4 +272,4 @@ def get_config(arch: str, preset: str = "tiny", **overrides: Any) -> ModelConfig
     return ModelConfig(**values)
 
 
-__all__ = ["ARCHITECTURES", "ConfigError", "ModelConfig", "PRESETS", "get_config"]
+__all__ = ["ARCHITECTURES", "ConfigError", "ModelConfig", "NAMES", "PRESETS", "VARIANTS", "get_config"]

@@ -40,16 +40,24 @@ def test_last_position_logits_match(variant):
         assert model(ids, num_logits=0) is None
 
 
+def alone(model, prompt: list[int], continuation: list[int] = ()) -> torch.Tensor:
+    """One row's logits at its real positions, run by itself (left-padded only as the engine pads a
+    single prompt: to the model's prompt alignment, e.g. the Block Transformer's block length)."""
+    ids, pad = left_pad([prompt], align=model.prompt_alignment)
+    ids = torch.cat([ids, torch.tensor([list(continuation)], dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        return model(ids, pad=pad)[0, int(pad[0]):]
+
+
 def test_padded_full_forward_equals_each_row_alone(variant):
     model = make_model(variant)
     lengths = [29, 11, 1]
     prompts = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in lengths]
-    ids, pad = left_pad(prompts)
+    ids, pad = left_pad(prompts, align=model.prompt_alignment)
     with torch.no_grad():
         batched = model(ids, pad=pad)
-        for row, p in enumerate(prompts):
-            alone = model(torch.tensor([p]))
-            torch.testing.assert_close(batched[row, pad[row]:], alone[0], atol=ATOL, rtol=RTOL)
+    for row, p in enumerate(prompts):
+        torch.testing.assert_close(batched[row, pad[row]:], alone(model, p), atol=ATOL, rtol=RTOL)
 
 
 def test_padded_cached_decode_equals_each_row_alone(variant):
@@ -57,14 +65,12 @@ def test_padded_cached_decode_equals_each_row_alone(variant):
     lengths = [23, 6]
     seqs = [torch.randint(0, model.config.vocab_size, (n + 20,)).tolist() for n in lengths]
     prompts = [s[:n] for s, n in zip(seqs, lengths)]
-    ids, pad = left_pad(prompts)
+    ids, pad = left_pad(prompts, align=model.prompt_alignment)
     continuation = torch.tensor([s[n:] for s, n in zip(seqs, lengths)])
     full_ids = torch.cat([ids, continuation], dim=1)
     got = engine_logits(model, full_ids, ids.shape[1], chunk=5, pad=pad)
-    with torch.no_grad():
-        for row, s in enumerate(seqs):
-            alone = model(torch.tensor([s]))[0, lengths[row] - 1:]
-            torch.testing.assert_close(got[row], alone, atol=ATOL, rtol=RTOL)
+    for row, (s, n) in enumerate(zip(seqs, lengths)):
+        torch.testing.assert_close(got[row], alone(model, s[:n], s[n:])[n - 1:], atol=ATOL, rtol=RTOL)
 
 
 def test_batched_generation_equals_one_by_one(variant):

@@ -76,26 +76,47 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return ((prefix.float() * w_prefix + own.float() * w_own) / (w_prefix + w_own)).to(q.dtype)
 
 
-class QKVProjection(nn.Module):
-    """Query/key/value/output projections with RoPE on q and k, shared by the self-attention mixers."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+    """Queries at the step's slots against keys at slots 0..S-1 (a cache's, or this call's own when the
+    call starts at slot 0), picking the fastest exact path."""
+    if step.pad is None:
+        if step.start == 0:
+            return attend(q, k, v, causal=True)
+        if step.length > 1:
+            return chunk_attention(q, k, v)
+    return attend(q, k, v, slot_mask(step.slots, torch.arange(k.shape[2], device=q.device), step.pad))
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+
+class QKVProjection(nn.Module):
+    """Query/output projections, and key/value projections for a layer that produces its own K/V;
+    RoPE on q and k. Shared by the self-attention mixers."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, produces_kv: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        if produces_kv:
+            self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+            self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.rotary = rotary
 
-    def qkv(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, H, T, d], k and v [B, n_kv, T, d], RoPE applied at the step's positions."""
+    def queries(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """q [B, H, T, d], RoPE applied at the step's positions."""
         B, T, _ = x.shape
         cos, sin = step.rope(self.rotary)
-        q = self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        return self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v [B, n_kv, T, d], RoPE on k at the step's positions."""
+        B, T, _ = x.shape
+        cos, sin = step.rope(self.rotary)
         k = self.rotary.apply(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def qkv(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.queries(x, step), *self.keys_values(x, step))
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
         B, H, T, d = o.shape
@@ -103,20 +124,37 @@ class QKVProjection(nn.Module):
 
 
 class CausalSelfAttention(QKVProjection):
-    """Full causal GQA/MQA self-attention; its cache is a ``KVCache`` of every position."""
+    """Full causal GQA/MQA self-attention; its cache is a ``KVCache`` of every position.
+
+    Cross-layer sharing (CLA, MLKV): a layer whose ``kv_source`` is an earlier layer has no K/V
+    projections and no cache; it attends with its own queries to the K/V (already RoPE'd at their
+    true positions) that its source layer left in ``shared`` during the same forward call.
+    """
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer: int = 0, kv_source: int | None = None):
+        self.layer = layer
+        self.kv_source = layer if kv_source is None else kv_source
+        super().__init__(config, rotary, produces_kv=self.kv_source == layer)
+
+    @property
+    def produces_kv(self) -> bool:
+        return self.kv_source == self.layer
 
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, dtype=dtype, device=device, capacity=capacity)
 
-    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = self.qkv(x, step)
-        if cache is None:
-            if step.pad is None and step.start == 0:
-                return self.out(attend(q, k, v, causal=True))
-            k_slots = step.slots
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | None = None,
+                shared: dict | None = None) -> torch.Tensor:
+        q = self.queries(x, step)
+        if self.produces_kv:
+            k, v = self.keys_values(x, step)
+            if cache is not None:
+                k, v = cache.append(k, v)
+            if shared is not None:
+                shared[self.layer] = (k, v)
         else:
-            k, v = cache.append(k, v)
-            if step.pad is None and step.length > 1:
-                return self.out(chunk_attention(q, k, v))
-            k_slots = torch.arange(k.shape[2], device=x.device)
-        return self.out(attend(q, k, v, slot_mask(step.slots, k_slots, step.pad)))
+            if shared is None or self.kv_source not in shared:
+                raise RuntimeError(f"layer {self.layer} reads the K/V of layer {self.kv_source}, "
+                                   "which has not produced them in this forward call")
+            k, v = shared[self.kv_source]
+        return self.out(causal_attention(q, k, v, step))

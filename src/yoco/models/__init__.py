@@ -8,6 +8,7 @@ import torch
 
 from ..config import ModelConfig, get_config
 from .base import CausalLM, InputError
+from .block_transformer import BlockTransformer
 from .transformer import Transformer
 from .yoco import YOCO
 
@@ -15,6 +16,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "transformer": Transformer,
     "yoco-swa": YOCO,
     "yoco-gret": YOCO,
+    "block": BlockTransformer,
 }
 
 
@@ -53,4 +55,4 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-__all__ = ["CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "cache_bytes", "resolve_dtype"]
+__all__ = ["BlockTransformer", "CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "cache_bytes", "resolve_dtype"]

@@ -45,6 +45,10 @@ class Block(nn.Module):
 
 
 class CausalLM(nn.Module):
+    # The engine left-pads every prompt to a multiple of this (the Block Transformer's block length,
+    # so that a prompt ends at a block boundary).
+    prompt_alignment = 1
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -130,6 +134,12 @@ class CausalLM(nn.Module):
                   dtype: torch.dtype | None = None, device=None) -> ModelCache:
         """An empty inference cache. ``capacity`` is the total slots (prompt + new tokens) if known:
         caches that grow with context are then allocated once at that size."""
+        dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
+        layers = [m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity) for m in self.cache_owners()]
+        return ModelCache(layers, batch_size, pad)
+
+    def cache_context(self, batch_size: int, capacity: int | None, pad, dtype, device):
+        """Checked (dtype, device, pad) for a new cache: the parameters' dtype and device by default."""
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
@@ -138,8 +148,7 @@ class CausalLM(nn.Module):
         if pad is not None:
             pad = self.check_pad(pad, batch_size, capacity or self.config.max_seq_len)
             pad = pad.to(device) if pad is not None else None
-        layers = [m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity) for m in self.cache_owners()]
-        return ModelCache(layers, batch_size, pad)
+        return dtype, device, pad
 
     def cache_owners(self) -> list[nn.Module]:
         """The mixers that own a cache, in the order ``ModelCache.layers`` holds them."""

@@ -1,0 +1,213 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2) with a latent-only cache and absorbed decode.
+
+Per token the producing layer computes a normed latent ``c = RMSNorm(W_dkv x)`` of size d_c and one
+decoupled RoPE key ``k_R = RoPE(W_kr x)`` of size d_R shared by every head; the two are stored side by
+side in ONE buffer ``[B, S, d_c + d_R]`` (``LatentCache``). Nothing decompressed is ever cached.
+
+Head h attends with key ``[W_uk_h c ; k_R]`` and value ``W_uv_h c``; its query is
+``[q_nope_h ; RoPE(q_rope_h)]``; the softmax scale is 1/sqrt(d_nope + d_R).
+
+Two equivalent ways to compute it:
+
+- decompressed (prefill / training): build per-head K and V from the latent and run SDPA;
+- weight-absorbed (decode): ``q_nope_h . (W_uk_h c) = (W_uk_h^T q_nope_h) . c``, so each head's query
+  is mapped into latent space and attention becomes an MQA over the cache buffer itself (keys = the
+  ``[c ; k_R]`` rows, values = the ``c`` part), after which each head's weighted latent is
+  up-projected with W_uv_h. Per decoded token this reads the cache once instead of decompressing it.
+
+Cross-layer sharing: a layer whose ``kv_source`` differs from its own index is a consumer: it has no
+latent projections and reads the producer's latent from the ``shared`` dict of the same call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import CacheError, tensor_bytes
+from ..config import ModelConfig
+from ..layers import RMSNorm, RotaryEmbedding, Step
+from .attention import attend, slot_mask
+
+
+class LatentCache:
+    """The normed latent and the RoPE'd decoupled key of every position, ``kv`` [B, capacity, d_c + d_R]
+    (latent in ``[..., :d_c]``, rope key in ``[..., d_c:]``), written by slot.
+
+    With a known ``capacity`` the buffer is allocated once; without one it starts small and doubles when
+    full (amortised O(1) appends, never a per-token concatenation), as ``KVCache`` does.
+    """
+
+    batch_fields = ("kv",)
+
+    def __init__(self, batch_size: int, latent_dim: int, rope_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None, capacity: int | None = None):
+        self.growing = capacity is None
+        size = 256 if capacity is None else capacity
+        if size < 1:
+            raise CacheError(f"latent cache capacity must be positive, got {capacity}")
+        self.latent_dim, self.rope_dim = latent_dim, rope_dim
+        self.kv = torch.zeros((batch_size, size, latent_dim + rope_dim), dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[1]
+
+    def _grow(self, needed: int) -> None:
+        size = max(needed, 2 * self.capacity)
+        new = self.kv.new_zeros((self.kv.shape[0], size, self.kv.shape[2]))
+        new[:, : self.length] = self.kv[:, : self.length]
+        self.kv = new
+
+    def append(self, latent_and_rope: torch.Tensor) -> torch.Tensor:
+        """Write [B, T, d_c + d_R] at the next T slots; return a view [B, length, d_c + d_R] of all slots."""
+        if latent_and_rope.shape[-1] != self.kv.shape[-1] or latent_and_rope.shape[0] != self.kv.shape[0]:
+            raise CacheError(f"latent cache rows are [{self.kv.shape[0]}, T, {self.kv.shape[-1]}], "
+                             f"got {list(latent_and_rope.shape)}")
+        T = latent_and_rope.shape[1]
+        end = self.length + T
+        if end > self.capacity:
+            if not self.growing:
+                raise CacheError(f"latent cache holds {self.capacity} positions; writing {T} more "
+                                 f"after {self.length} exceeds it (allocate a larger capacity)")
+            self._grow(end)
+        self.kv[:, self.length:end] = latent_and_rope
+        self.length = end
+        return self.kv[:, :end]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.kv)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Causal MLA self-attention. ``rotary`` has head dim d_R (``config.mla_rope_dim``).
+
+    ``absorb``: None picks the absorbed path for single-token calls that read a cached or shared latent
+    and the decompressed path otherwise; True/False force one path (both give the same result).
+    """
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer: int = 0,
+                 kv_source: int | None = None):
+        super().__init__()
+        self.layer = layer
+        self.kv_source = layer if kv_source is None else kv_source
+        if self.kv_source > layer:
+            raise ValueError(f"layer {layer} cannot read the latent of later layer {self.kv_source}")
+        self.n_heads = H = config.n_heads
+        self.d_nope = self.d_v = config.head_dim
+        self.d_c, self.d_R = config.mla_kv_rank, config.mla_rope_dim
+        if rotary.head_dim != self.d_R:
+            raise ValueError(f"MLA needs a rotary embedding of head dim mla_rope_dim={self.d_R}, "
+                             f"got {rotary.head_dim}")
+        self.rotary = rotary
+        self.scale = (self.d_nope + self.d_R) ** -0.5
+        self.absorb: bool | None = None
+        dim, q_out = config.dim, H * (self.d_nope + self.d_R)
+        if self.is_producer:
+            self.kv_down = nn.Linear(dim, self.d_c, bias=False)
+            self.kv_norm = RMSNorm(self.d_c, config.norm_eps)
+            self.k_rope = nn.Linear(dim, self.d_R, bias=False)
+        if config.mla_q_rank is None:
+            self.q_proj = nn.Linear(dim, q_out, bias=False)
+        else:
+            self.q_down = nn.Linear(dim, config.mla_q_rank, bias=False)
+            self.q_norm = RMSNorm(config.mla_q_rank, config.norm_eps)
+            self.q_up = nn.Linear(config.mla_q_rank, q_out, bias=False)
+        self.k_up = nn.Linear(self.d_c, H * self.d_nope, bias=False)
+        self.v_up = nn.Linear(self.d_c, H * self.d_v, bias=False)
+        self.o_proj = nn.Linear(H * self.d_v, dim, bias=False)
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_source == self.layer
+
+    def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> LatentCache:
+        if not self.is_producer:
+            raise CacheError(f"MLA layer {self.layer} reads layer {self.kv_source}'s latent and owns no cache")
+        return LatentCache(batch_size, self.d_c, self.d_R, dtype=dtype, device=device, capacity=capacity)
+
+    # ------------------------------------------------------------------ pieces
+    def latent(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """This call's [c ; RoPE(k_R)], [B, T, d_c + d_R] (producer only)."""
+        B, T, _ = x.shape
+        cos, sin = step.rope(self.rotary)
+        c = self.kv_norm(self.kv_down(x))
+        k_r = self.rotary.apply(self.k_rope(x).view(B, T, 1, self.d_R), cos, sin).view(B, T, self.d_R)
+        return torch.cat((c, k_r), dim=-1)
+
+    def queries(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_nope [B, H, T, d_nope] and RoPE'd q_rope [B, H, T, d_R]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_up(self.q_norm(self.q_down(x)))
+        q = q.view(B, T, self.n_heads, self.d_nope + self.d_R)
+        cos, sin = step.rope(self.rotary)
+        q_rope = self.rotary.apply(q[..., self.d_nope:], cos, sin)
+        return q[..., : self.d_nope].transpose(1, 2), q_rope.transpose(1, 2)
+
+    def _decompressed(self, q_nope, q_rope, all_kv, mask, causal):
+        B, S, _ = all_kv.shape
+        H = self.n_heads
+        c, k_r = all_kv[..., : self.d_c], all_kv[..., self.d_c:]
+        k_nope = self.k_up(c).view(B, S, H, self.d_nope).transpose(1, 2)
+        k = torch.cat((k_nope, k_r[:, None].expand(B, H, S, self.d_R)), dim=-1)
+        v = self.v_up(c).view(B, S, H, self.d_v).transpose(1, 2)
+        q = torch.cat((q_nope, q_rope), dim=-1)  # SDPA's default scale is 1/sqrt(d_nope + d_R)
+        return attend(q, k, v, mask, causal=causal)
+
+    def _absorbed(self, q_nope, q_rope, all_kv, mask, causal):
+        B, H, T, _ = q_nope.shape
+        w_uk = self.k_up.weight.view(H, self.d_nope, self.d_c)
+        w_uv = self.v_up.weight.view(H, self.d_v, self.d_c)
+        q_lat = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)
+        q = torch.cat((q_lat, q_rope), dim=-1)  # [B, H, T, d_c + d_R]
+        k = all_kv[:, None]  # [B, 1, S, d_c + d_R]: the cache view itself, one shared "head"
+        v = k[..., : self.d_c]
+        if T == 1:
+            # fold the heads into the query length: every head reads the one latent "head" once;
+            # a [B or 1, 1, 1, S] mask broadcasts over them.
+            ctx = F.scaled_dot_product_attention(q.reshape(B, 1, H, -1), k, v, attn_mask=mask,
+                                                 scale=self.scale).reshape(B, H, 1, self.d_c)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                                 scale=self.scale, enable_gqa=True)
+        return torch.einsum("bhtc,hvc->bhtv", ctx, w_uv)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, step: Step, cache: LatentCache | None = None,
+                shared: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.is_producer:
+            all_kv = self.latent(x, step)
+            if cache is not None:
+                all_kv = cache.append(all_kv)
+            if shared is not None:
+                shared[self.layer] = all_kv
+        else:
+            if cache is not None:
+                raise CacheError(f"MLA layer {self.layer} reads layer {self.kv_source}'s latent; pass no cache")
+            if shared is None or self.kv_source not in shared:
+                raise LookupError(f"MLA layer {self.layer} reads the latent of layer {self.kv_source}, but no "
+                               f"shared latent for layer {self.kv_source} was given (run layer "
+                               f"{self.kv_source} first with the same `shared` dict)")
+            all_kv = shared[self.kv_source]
+        S = all_kv.shape[1]
+        end = step.start + step.length
+        if S < T:
+            raise ValueError(f"latent holds {S} positions, fewer than this call's {T} tokens")
+        reused = S != T or cache is not None or not self.is_producer
+        q_nope, q_rope = self.queries(x, step)
+        # keys end at this call's last slot: 0..S-1 when cached, the call's own slots when not
+        causal = step.pad is None and step.start == 0 and S == T  # keys are exactly this call's tokens
+        if causal:
+            mask = None
+        else:
+            mask = slot_mask(step.slots, torch.arange(end - S, end, device=x.device), step.pad)
+        absorb = self.absorb if self.absorb is not None else (T == 1 and reused)
+        path = self._absorbed if absorb else self._decompressed
+        o = path(q_nope, q_rope, all_kv, mask, causal)  # [B, H, T, d_v]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
+
+
+__all__ = ["LatentCache", "MultiHeadLatentAttention"]

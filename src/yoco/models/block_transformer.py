@@ -1,0 +1,232 @@
+"""Block Transformer (arXiv 2406.02657): global-to-local language modelling.
+
+    tokens -> block embedder: each block of b tokens -> concat of b embeddings of width dim/b
+           -> block decoder (L_b causal blocks over block positions)   <- cache: one K/V per block
+           -> context embedding c_k of block k -> norm -> linear dim -> P*dim: P prefix vectors
+           -> token decoder (L - L_b causal blocks over a local window: P prefix vectors + the b
+              tokens of block k+1, own embedding of width dim, RoPE over local positions 0..P+b-1)
+           -> norm -> lm_head
+
+Block 0 has no previous block: its prefix is the same linear map of a learned start context vector.
+Token j of block k+1 is predicted by the token decoder's output at local position P-1+j, so the
+logits of slot t come from window (t+1)//b at local position P-1+(t+1)%b; the last token of a block
+only feeds the block decoder (its token-decoder output predicts nothing and is never computed).
+
+Blocks are fixed slot ranges [k*b, (k+1)*b). Padding rule: a row left-padded by ``pad`` slots has
+``pad // b`` blocks made only of pad slots; those are masked out of the block decoder (``slot_mask``
+over block indices with block pad ``pad // b``; block RoPE positions are ``k - pad // b``) and every
+window up to and including block ``pad // b`` (the row's first block holding a real token) gets the
+start prefix. Pad tokens in the row's first real block (``pad % b`` of them) are ordinary inputs.
+So a row padded by ``p0 + m*b`` behaves exactly like the same row padded by ``p0`` alone; the engine
+should left-pad every prompt to a multiple of ``prompt_alignment = b`` so prompts end on a block
+boundary and a prompt's blocks do not depend on the other rows of the batch.
+
+Cache (``ModelCache.layers``): the block decoder's ``KVCache`` per layer (one entry per completed
+block), then the token decoder's local ``KVCache`` per layer (capacity P + b, holding the current
+block's window: prefix + its tokens so far; emptied when the block completes), then the current
+block's token ids (b int64 per row, needed to embed the block once it completes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..cache import ModelCache, tensor_bytes
+from ..config import ModelConfig
+from ..layers import RMSNorm, RotaryEmbedding, Step
+from ..mixers.attention import CausalSelfAttention
+from .base import Block, CausalLM
+
+
+class BlockIds:
+    """The token ids of the current, incomplete block, [B, b] (int64)."""
+
+    batch_fields = ("ids",)
+
+    def __init__(self, batch_size: int, block_len: int, device=None):
+        self.ids = torch.zeros((batch_size, block_len), dtype=torch.long, device=device)
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.ids)
+
+
+class BlockTransformer(CausalLM):
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        b, P, D = config.block_len, config.block_prefix, config.dim
+        self.block_len, self.block_prefix = b, P
+        self.prompt_alignment = b
+        self.n_block_layers = config.block_layers if config.block_layers is not None else config.n_layers // 2
+        self.n_token_layers = config.n_layers - self.n_block_layers
+        rope = (config.rope_theta, config.rope_freqs, config.rope_pairs)
+        # Block decoder: its own token embedding of width dim/b; RoPE over block positions.
+        self.block_embed = nn.Embedding(config.vocab_size, D // b)
+        self.block_rotary = RotaryEmbedding(config.head_dim, *rope)
+        self.block_layers = nn.ModuleList(Block(CausalSelfAttention(config, self.block_rotary), config)
+                                          for _ in range(self.n_block_layers))
+        self.block_norm = RMSNorm(D, eps=config.norm_eps)
+        # Context embedding -> P prefix vectors; the start context stands in for block -1.
+        self.expand = nn.Linear(D, P * D, bias=False)
+        self.start_context = nn.Parameter(torch.zeros(D))
+        # Token decoder: self.embed (width dim) and RoPE over local positions 0..P+b-1.
+        self.token_rotary = RotaryEmbedding(config.head_dim, *rope)
+        self.token_layers = nn.ModuleList(Block(CausalSelfAttention(config, self.token_rotary), config)
+                                          for _ in range(self.n_token_layers))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        cfg = self.config
+        nn.init.normal_(self.block_embed.weight, std=cfg.dim ** -0.5 if cfg.scale_embeddings else cfg.init_std)
+        nn.init.normal_(self.start_context, std=1.0)  # the scale of a normed context embedding
+
+    # ------------------------------------------------------------------ caches
+    def cache_owners(self) -> list[nn.Module]:
+        return [layer.mixer for layer in self.block_layers] + [layer.mixer for layer in self.token_layers]
+
+    def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None, device=None) -> ModelCache:
+        dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
+        b, P = self.block_len, self.block_prefix
+        blocks = None if capacity is None else max(1, -(-capacity // b))
+        layers = [layer.mixer.new_cache(batch_size, dtype=dtype, device=device, capacity=blocks)
+                  for layer in self.block_layers]
+        layers += [layer.mixer.new_cache(batch_size, dtype=dtype, device=device, capacity=P + b)
+                   for layer in self.token_layers]
+        layers.append(BlockIds(batch_size, b, device))
+        return ModelCache(layers, batch_size, pad)
+
+    @staticmethod
+    def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
+        b, P = cfg.block_len, cfg.block_prefix
+        n_block = cfg.block_layers if cfg.block_layers is not None else cfg.n_layers // 2
+        n_token = cfg.n_layers - n_block
+        per_position = 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+        blocks = max(1, -(-context // b))
+        local = n_token * per_position * (P + b) + b * torch.long.itemsize  # window K/V + block ids
+        return batch_size * (n_block * per_position * blocks + local)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,
+                num_logits: int | None = None) -> torch.Tensor | None:
+        step = self.begin(ids, cache, pad, num_logits)
+        cfg, b, P = self.config, self.block_len, self.block_prefix
+        B, T = ids.shape
+        ids = ids.long()
+        s, end = step.start, step.start + T
+        k0, k_end = s // b, end // b  # first block touched; the block holding slot `end` (incomplete)
+        n_block = self.n_block_layers
+        block_caches = cache.layers[:n_block] if cache is not None else [None] * n_block
+        local_caches = cache.layers[n_block:-1] if cache is not None else None
+        held = cache.layers[-1] if cache is not None else None
+
+        # Token ids from the first slot of block k0 (earlier tokens of an incomplete block are held).
+        filled = s - k0 * b
+        all_ids = torch.cat([held.ids[:, :filled], ids], dim=1) if filled else ids
+
+        # Block decoder over the blocks completed by this call: k0 .. k_end-1.
+        block_pad = None if step.pad is None else torch.div(step.pad, b, rounding_mode="floor")
+        if block_pad is not None and int(block_pad.max()) == 0:
+            block_pad = None
+        context = None
+        n_done = k_end - k0
+        if n_done > 0:
+            x = self.block_embed(all_ids[:, : n_done * b]).reshape(B, n_done, cfg.dim)
+            if cfg.scale_embeddings:
+                x = x * math.sqrt(cfg.dim)
+            bstep = Step(k0, n_done, block_pad, ids.device)
+            for layer, c in zip(self.block_layers, block_caches):
+                x = layer(x, bstep, c)
+            context = self.block_norm(x)  # context[:, i] is block k0 + i's context embedding
+
+        if cache is not None:
+            cache.seen = end
+            rest = end - k_end * b  # tokens of the new incomplete block
+            if rest:
+                held.ids[:, :rest] = all_ids[:, all_ids.shape[1] - rest:]
+
+        # Which windows the token decoder must run: those holding requested logits, and (cached) the
+        # window of the block left incomplete, which the cache must hold.
+        keep = T if num_logits is None else num_logits
+        want = torch.arange(end - keep, end)  # slots whose logits are returned
+        windows = sorted({(int(t) + 1) // b for t in want})
+        first_fresh = k0 if s == 0 else k0 + 1  # windows whose prefix is not yet in the cache
+        parts = []  # token-decoder outputs at the requested slots, in slot order
+
+        def take(y: torch.Tensor, k: int, first: int) -> None:
+            """Append the rows of window k's output y [B, L, D] (local positions first..) that hold
+            requested logits: slot t sits at local position P - 1 + (t + 1) - k*b."""
+            ts = [t for t in want_list if (t + 1) // b == k]
+            if ts:
+                lo = P - 1 + ts[0] + 1 - k * b - first
+                parts.append(y[:, lo: lo + len(ts)])
+
+        want_list = want.tolist()
+        # 1. The cached window of block k0 continues with this call's tokens of that block.
+        if s > 0:
+            n0 = max(0, min(end, (k0 + 1) * b - 1) - s)
+            if n0 and (k0 in windows or k_end == k0):
+                x = self.embed_tokens(ids[:, :n0])
+                take(self._token_decode(x, P + filled, local_caches), k0, P + filled)
+        # 2. Fresh windows (prefix + up to b-1 tokens), run together without a cache.
+        fresh = [k for k in windows if first_fresh <= k and (cache is None or k < k_end)]
+        if fresh:
+            x = torch.cat([self._prefix(fresh, context, k0, block_pad, B),
+                           self.embed_tokens(self._window_ids(all_ids, fresh, k0, b))], dim=2)
+            y = self._token_decode(x.flatten(0, 1), 0, None).unflatten(0, (B, len(fresh)))
+            ts = torch.tensor([t for t in want_list if (t + 1) // b in set(fresh)], device=ids.device)
+            if len(ts):
+                w = torch.searchsorted(torch.tensor(fresh, device=ids.device), (ts + 1) // b)
+                parts.append(y[:, w, P - 1 + (ts + 1) % b])
+        # 3. The window of the block this call leaves incomplete starts now: build it in the cache.
+        if cache is not None and k_end >= first_fresh:
+            for c in local_caches:
+                c.length = 0
+            x = self._prefix([k_end], context, k0, block_pad, B)[:, 0]
+            if end > k_end * b:
+                x = torch.cat([x, self.embed_tokens(all_ids[:, (k_end - k0) * b:])], dim=1)
+            take(self._token_decode(x, 0, local_caches), k_end, 0)
+
+        if keep == 0:
+            return None
+        return self.logits(torch.cat(parts, dim=1), None)
+
+    # ------------------------------------------------------------------ pieces
+    def _prefix(self, windows: list[int], context: torch.Tensor | None, k0: int, block_pad: torch.Tensor | None,
+                B: int) -> torch.Tensor:
+        """Prefix vectors [B, len(windows), P, D]: window k gets the context of block k-1, or the start
+        context when block k-1 does not exist or is made only of pad slots (k <= pad // b)."""
+        D, P = self.config.dim, self.block_prefix
+        start = self.expand(self.start_context).view(1, 1, P, D)
+        out = []
+        for k in windows:
+            if k == 0 or context is None or k - 1 < k0:
+                out.append(start.expand(B, 1, P, D))
+                continue
+            pre = self.expand(context[:, k - 1 - k0]).view(B, 1, P, D)
+            if block_pad is not None:
+                pre = torch.where((k <= block_pad).view(B, 1, 1, 1), start, pre)
+            out.append(pre)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _window_ids(all_ids: torch.Tensor, windows: list[int], k0: int, b: int) -> torch.Tensor:
+        """The first b-1 token ids of each window's block [B, len(windows), b-1] (all_ids starts at block
+        k0); slots past the input are 0 (later positions of a causal window: no requested output
+        depends on them)."""
+        B, L = all_ids.shape
+        n = b - 1
+        cols = torch.tensor([[(k - k0) * b + j for j in range(n)] for k in windows], device=all_ids.device)
+        valid = cols < L
+        picked = all_ids[:, cols.clamp_max(L - 1)]
+        return picked.masked_fill(~valid, 0)
+
+    def _token_decode(self, x: torch.Tensor, start: int, caches) -> torch.Tensor:
+        """The token decoder over windows x [N, L, D] starting at local position `start`."""
+        step = Step(start, x.shape[1], None, x.device)
+        for i, layer in enumerate(self.token_layers):
+            x = layer(x, step, caches[i] if caches is not None else None)
+        return x

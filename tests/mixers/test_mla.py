@@ -1,0 +1,283 @@
+"""Multi-head latent attention: latent-only cache, absorbed decode == decompressed, cross-layer reuse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from yoco.cache import CacheError
+from yoco.config import get_config
+from yoco.layers import RotaryEmbedding, Step
+from yoco.mixers.mla import LatentCache, MultiHeadLatentAttention
+
+CPU = torch.device("cpu")
+D_C, D_R = 24, 8
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # inference: caches hold plain tensors (copy.deepcopy needs graph leaves)
+        yield
+
+
+def _config(q_rank=None):
+    config = get_config("mla", "tiny", mla_kv_rank=D_C, mla_rope_dim=D_R, mla_q_rank=q_rank)
+    assert (config.dim, config.n_heads, config.head_dim) == (64, 4, 16)
+    return config
+
+
+def _rotary(config):
+    return RotaryEmbedding(config.mla_rope_dim, config.rope_theta, config.rope_freqs, config.rope_pairs)
+
+
+def _mla(config, rotary, layer=0, kv_source=None, seed=0):
+    torch.manual_seed(seed)
+    m = MultiHeadLatentAttention(config, rotary, layer=layer, kv_source=kv_source)
+    with torch.no_grad():  # non-trivial norm gains so the reference must apply them
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return m.eval()
+
+
+def _x(B, T, seed, dim=64):
+    return torch.randn(B, T, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _step(start, length, pad=None):
+    return Step(start, length, pad, CPU)
+
+
+# ---------------------------------------------------------------------- naive reference (float64)
+def _rope(x, pos, theta):
+    """Explicit 'half'-paired standard RoPE of x [B, T, ..., d] at positions pos [T] or [B, T]."""
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2 / d)
+    ang = pos.double()[..., None] * inv
+    if pos.dim() == 1:
+        ang = ang[None]
+    while ang.dim() < x.dim():
+        ang = ang.unsqueeze(-2)
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def naive_latent(m, x, pos, config):
+    """c [B, S, d_c] and RoPE'd k_R [B, S, d_R] from the producer's weights."""
+    x = x.double()
+    c = _rms(x @ m.kv_down.weight.double().T, m.kv_norm.weight, config.norm_eps)
+    k_r = _rope(x @ m.k_rope.weight.double().T, pos, config.rope_theta)
+    return c, k_r
+
+
+def naive_mla(m, x, pos, c, k_r, visible, config):
+    """Per head: K_h = [W_uk_h c ; k_R], V_h = W_uv_h c, softmax(q_h K_h^T / sqrt(d_nope + d_R)) V_h."""
+    x = x.double()
+    H, dn, dr = config.n_heads, config.head_dim, config.mla_rope_dim
+    if config.mla_q_rank is None:
+        q = x @ m.q_proj.weight.double().T
+    else:
+        q = _rms(x @ m.q_down.weight.double().T, m.q_norm.weight, config.norm_eps) @ m.q_up.weight.double().T
+    B, T, _ = x.shape
+    q = q.view(B, T, H, dn + dr)
+    q = torch.cat((q[..., :dn], _rope(q[..., dn:], pos, config.rope_theta)), dim=-1)
+    w_uk = m.k_up.weight.double().view(H, dn, -1)
+    w_uv = m.v_up.weight.double().view(H, dn, -1)
+    heads = []
+    for h in range(H):
+        k_h = torch.cat((c @ w_uk[h].T, k_r), dim=-1)  # [B, S, dn + dr]
+        v_h = c @ w_uv[h].T
+        scores = q[:, :, h] @ k_h.transpose(1, 2) / (dn + dr) ** 0.5  # [B, T, S]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        heads.append(torch.softmax(scores, dim=-1) @ v_h)
+    o = torch.cat(heads, dim=-1)
+    return (o @ m.o_proj.weight.double().T).float()
+
+
+# ---------------------------------------------------------------------- tests
+@pytest.mark.parametrize("q_rank", [None, 12])
+def test_absorbed_decode_equals_decompressed_with_padding(q_rank):
+    config = _config(q_rank)
+    m = _mla(config, _rotary(config))
+    B, T0 = 3, 6
+    pad = torch.tensor([0, 2, 5])
+    x = _x(B, T0 + 3, seed=1)
+    cache = m.new_cache(B, dtype=torch.float32, device=CPU, capacity=16)
+    m(x[:, :T0], _step(0, T0, pad), cache)
+    for t in range(T0, T0 + 3):
+        step = _step(t, 1, pad)
+        outs = {}
+        for absorb in (True, False):
+            m.absorb = absorb
+            outs[absorb] = m(x[:, t:t + 1], step, copy.deepcopy(cache))
+        torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+        assert outs[True].abs().max() > 1e-3
+        m.absorb = None
+        torch.testing.assert_close(m(x[:, t:t + 1], step, cache), outs[True], atol=1e-6, rtol=1e-6)
+    # a multi-token chunk through the absorbed path (enable_gqa branch) agrees as well
+    chunk = _step(T0 + 3, 4, pad)
+    x2 = _x(B, 4, seed=2)
+    m.absorb = True
+    a = m(x2, chunk, copy.deepcopy(cache))
+    m.absorb = False
+    b = m(x2, chunk, copy.deepcopy(cache))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_automatic_decode_uses_absorbed_path_on_the_cache_view(monkeypatch):
+    config = _config()
+    m = _mla(config, _rotary(config))
+    x = _x(2, 5, seed=3)
+    cache = m.new_cache(2, dtype=torch.float32, device=CPU, capacity=8)
+    m(x[:, :4], _step(0, 4), cache)
+
+    def no_decompress(*args):
+        raise AssertionError("decode must not decompress the cache")
+
+    seen = []
+    absorbed = m._absorbed
+
+    def spy(q_nope, q_rope, all_kv, mask, causal):
+        seen.append(all_kv)
+        return absorbed(q_nope, q_rope, all_kv, mask, causal)
+
+    monkeypatch.setattr(m, "_decompressed", no_decompress)
+    monkeypatch.setattr(m, "_absorbed", spy)
+    m(x[:, 4:], _step(4, 1), cache)
+    assert len(seen) == 1 and seen[0].data_ptr() == cache.kv.data_ptr()  # the buffer itself, no copy
+    assert seen[0].shape == (2, 5, D_C + D_R)
+
+
+@pytest.mark.parametrize("q_rank", [None, 12])
+@pytest.mark.parametrize("padded", [False, True])
+def test_full_forward_equals_chunked_prefill_and_decode(q_rank, padded):
+    config = _config(q_rank)
+    m = _mla(config, _rotary(config))
+    B, T = 2, 13
+    pad = torch.tensor([0, 3]) if padded else None
+    x = _x(B, T, seed=4)
+    full = m(x, _step(0, T, pad))
+    cache = m.new_cache(B, dtype=torch.float32, device=CPU, capacity=None)
+    outs, start = [], 0
+    for n in (3, 5):  # chunks not dividing the prompt, then token-by-token decode
+        outs.append(m(x[:, start:start + n], _step(start, n, pad), cache))
+        start += n
+    while start < T:
+        outs.append(m(x[:, start:start + 1], _step(start, 1, pad), cache))
+        start += 1
+    assert cache.length == T
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_rank", [None, 12])
+def test_matches_naive_reference(q_rank):
+    config = _config(q_rank)
+    m = _mla(config, _rotary(config))
+    B, T = 2, 7
+    x = _x(B, T, seed=5)
+    pos = torch.arange(T)
+    c, k_r = naive_latent(m, x, pos, config)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    ref = naive_mla(m, x, pos, c, k_r, causal, config)
+    torch.testing.assert_close(m(x, _step(0, T)), ref, atol=1e-5, rtol=1e-5)
+    # and the cached latent is exactly [c ; k_R]
+    cache = m.new_cache(B, dtype=torch.float32, device=CPU, capacity=T)
+    m(x, _step(0, T), cache)
+    torch.testing.assert_close(cache.kv, torch.cat((c, k_r), dim=-1).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_naive_reference_with_padding():
+    config = _config()
+    m = _mla(config, _rotary(config))
+    B, T = 2, 6
+    pad = torch.tensor([0, 2])
+    x = _x(B, T, seed=6)
+    pos = (torch.arange(T)[None] - pad[:, None]).clamp_min(0)
+    c, k_r = naive_latent(m, x, pos, config)
+    s = torch.arange(T)
+    visible = (s[None, :, None] >= s[None, None, :]) & (s[None, None, :] >= pad[:, None, None])
+    visible |= torch.eye(T, dtype=torch.bool)[None]  # a pad query sees only itself
+    ref = naive_mla(m, x, pos, c, k_r, visible, config)
+    torch.testing.assert_close(m(x, _step(0, T, pad)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_cache_bytes_pointer_overflow_and_growth():
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        cache = LatentCache(3, D_C, D_R, dtype=dtype, device=CPU, capacity=10)
+        assert cache.nbytes() == 3 * 10 * (D_C + D_R) * size
+        assert cache.kv.shape == (3, 10, D_C + D_R)
+    config = _config()
+    m = _mla(config, _rotary(config))
+    x = _x(2, 6, seed=7)
+    cache = m.new_cache(2, dtype=torch.float32, device=CPU, capacity=6)
+    ptr, nbytes = cache.kv.data_ptr(), cache.nbytes()
+    m(x[:, :3], _step(0, 3), cache)
+    for t in range(3, 6):
+        m(x[:, t:t + 1], _step(t, 1), cache)
+        assert cache.kv.data_ptr() == ptr and cache.nbytes() == nbytes
+    with pytest.raises(CacheError, match="holds 6 positions"):
+        m(x[:, :1], _step(6, 1), cache)
+    # growing: starts at 256, doubles, keeps what was written
+    grow = LatentCache(1, D_C, D_R, dtype=torch.float32, device=CPU)
+    first = torch.randn(1, 200, D_C + D_R)
+    second = torch.randn(1, 100, D_C + D_R)
+    grow.append(first)
+    view = grow.append(second)
+    assert grow.capacity == 512 and grow.length == 300 and view.shape == (1, 300, D_C + D_R)
+    torch.testing.assert_close(view, torch.cat((first, second), dim=1))
+    with pytest.raises(CacheError):
+        LatentCache(1, D_C, D_R, dtype=torch.float32, capacity=0)
+
+
+def test_consumer_reuses_producer_latent():
+    config = _config(q_rank=12)
+    rotary = _rotary(config)
+    producer = _mla(config, rotary, layer=0, seed=0)
+    consumer = _mla(config, rotary, layer=1, kv_source=0, seed=1)
+    names = {n for n, _ in consumer.named_parameters()}
+    assert not any(n.startswith(("kv_down", "kv_norm", "k_rope")) for n in names)
+    assert {"q_down.weight", "q_up.weight", "k_up.weight", "v_up.weight", "o_proj.weight"} <= names
+    assert {"kv_down.weight", "k_rope.weight"} <= {n for n, _ in producer.named_parameters()}
+
+    B, T = 2, 7
+    x0, x1 = _x(B, T, seed=8), _x(B, T, seed=9)
+    shared = {}
+    producer(x0, _step(0, T), shared=shared)
+    out = consumer(x1, _step(0, T), shared=shared)
+    pos = torch.arange(T)
+    c, k_r = naive_latent(producer, x0, pos, config)  # the producer's latent, the consumer's weights
+    ref = naive_mla(consumer, x1, pos, c, k_r, torch.ones(T, T, dtype=torch.bool).tril(), config)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # its own latent would give something else
+    own = naive_mla(consumer, x1, pos, *naive_latent(producer, x1, pos, config), torch.ones(T, T).tril().bool(), config)
+    assert (own - out).abs().max() > 1e-3
+
+    # cached: prefill + absorbed decode through the producer's cache equals the uncached forward
+    cache = producer.new_cache(B, dtype=torch.float32, device=CPU, capacity=T)
+    outs = []
+    for start, n in ((0, 4), (4, 1), (5, 1), (6, 1)):
+        shared = {}
+        producer(x0[:, start:start + n], _step(start, n), cache, shared=shared)
+        assert shared[0].data_ptr() == cache.kv.data_ptr()
+        outs.append(consumer(x1[:, start:start + n], _step(start, n), shared=shared))
+    torch.testing.assert_close(torch.cat(outs, dim=1), out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CacheError):
+        consumer.new_cache(B, dtype=torch.float32, device=CPU, capacity=4)
+
+
+def test_consumer_without_shared_latent_names_source_layer():
+    config = _config()
+    rotary = _rotary(config)
+    consumer = _mla(config, rotary, layer=3, kv_source=2)
+    x = _x(1, 4, seed=10)
+    with pytest.raises(LookupError, match="latent of layer 2"):
+        consumer(x, _step(0, 4))
+    with pytest.raises(LookupError, match="latent of layer 2"):
+        consumer(x, _step(0, 4), shared={0: torch.zeros(1, 4, D_C + D_R)})
