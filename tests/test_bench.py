@@ -138,3 +138,16 @@ def test_cli_bench_writes_outputs(tmp_path, capsys):
     assert [r["arch"] for r in rows] == ["yoco-swa", "hf-llama"]
     assert (tmp_path / "b.png").stat().st_size > 0
     assert "| yoco-swa | 32 |" in (tmp_path / "b.md").read_text()
+
+
+def test_prefill_flops_of_the_kv_family():
+    base = prefill_flops(get_config("gqa", "40m"), 4096)
+    # Cross-layer sharing drops K/V projections of the consuming layers only.
+    saved = 6 * 2 * 512 * 128 * 2 * 4096  # 6 of 12 layers, k and v, 2 FLOPs per multiply-add
+    assert prefill_flops(get_config("cla2", "40m"), 4096) == pytest.approx(base - saved)
+    # MLA's attention runs over d_nope + d_R query/key dims and d_nope value dims.
+    mla = get_config("mla", "40m")
+    assert prefill_flops(mla, 8192) - prefill_flops(mla, 4096) > prefill_flops(mla, 4096)  # quadratic
+    # The Block Transformer's block decoder sees n / block_len positions.
+    block = get_config("block", "40m")
+    assert prefill_flops(block, 4096) < prefill_flops(get_config("transformer", "40m"), 4096) / 4

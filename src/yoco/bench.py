@@ -222,10 +222,28 @@ def prefill_flops(config: ModelConfig, n: int) -> float:
             return n * (n + 1) / 2
         return window * (window + 1) / 2 + (n - window) * window
 
-    if not config.is_yoco:
-        per_token = config.n_layers * (attn_proj + ffn)
-        attention = config.n_layers * 4 * H * dh * causal_pairs(config.window)
+    if config.arch == "transformer":
+        if config.attention == "mla":
+            # per token: q, latent, rope key, up-projections of its own latent, output (each latent is
+            # decompressed once: the useful work of the decompressed path)
+            r, dr = config.mla_kv_rank, config.mla_rope_dim
+            q = d * H * (dh + dr) if config.mla_q_rank is None else config.mla_q_rank * (d + H * (dh + dr))
+            producers = len(set(config.kv_sources))
+            per_token = config.n_layers * (q + r * 2 * H * dh + H * dh * d + ffn) + producers * d * (r + dr)
+            attention = config.n_layers * 2 * H * (2 * dh + dr) * causal_pairs(None)
+        else:
+            producers = len(set(config.kv_sources))  # CLA / MLKV layers without K/V projections
+            per_token = config.n_layers * (d * H * dh * 2 + ffn) + producers * d * kv * dh * 2
+            attention = config.n_layers * 4 * H * dh * causal_pairs(config.window)
         return 2 * per_token * n + attention + 2 * head
+    if config.arch == "block":
+        # The block decoder over n / b block embeddings (plus the prefix expansion of each); the token
+        # decoder runs only for the block holding the last prompt token: a constant, left out.
+        b = config.block_len
+        blocks = n / b
+        n_block = config.block_layers if config.block_layers is not None else config.n_layers // 2
+        per_block = n_block * (attn_proj + ffn) + d * config.block_prefix * d
+        return 2 * per_block * blocks + n_block * 4 * H * dh * blocks * (blocks + 1) / 2 + 2 * head
     n_self, n_cross = config.self_layers, config.n_layers - config.self_layers
     global_kv = 2 * d * kv * dh
     cross_layer = d * H * dh * 2 + ffn

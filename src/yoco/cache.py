@@ -41,53 +41,79 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class KVCache:
-    """Keys and values of every position so far, [B, n_kv, capacity, d], written by slot.
+class SlotCache:
+    """Buffers written slot by slot along ``slot_dim``, the cache kind of every growing context.
 
     With a known ``capacity`` the buffers are allocated once at that size; without one they start
     small and double when full, so appending is amortised O(1) (never a per-token concatenation).
+    Subclasses name their buffers in ``batch_fields`` and give each buffer's shape to ``__init__``
+    with the slot dimension left as None.
     """
 
-    batch_fields = ("k", "v")
+    batch_fields: tuple[str, ...] = ()
+    slot_dim = 1
+    kind = "cache"
 
-    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device | str | None = None, capacity: int | None = None):
+    def __init__(self, shapes: dict[str, tuple], *, dtype: torch.dtype, device=None, capacity: int | None):
         self.growing = capacity is None
         size = 256 if capacity is None else capacity
         if size < 1:
-            raise CacheError(f"KV cache capacity must be positive, got {capacity}")
-        shape = (batch_size, n_kv_heads, size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+            raise CacheError(f"{self.kind} capacity must be positive, got {capacity}")
+        for name, shape in shapes.items():
+            shape = tuple(size if n is None else n for n in shape)
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
         self.length = 0
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return getattr(self, self.batch_fields[0]).shape[self.slot_dim]
+
+    def _slots(self, tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return tensor.narrow(self.slot_dim, start, end - start)
 
     def _grow(self, needed: int) -> None:
         size = max(needed, 2 * self.capacity)
-        for name in ("k", "v"):
+        for name in self.batch_fields:
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[:2] + (size,) + old.shape[3:])
-            new[:, :, : self.length] = old[:, :, : self.length]
+            shape = list(old.shape)
+            shape[self.slot_dim] = size
+            new = old.new_zeros(shape)
+            self._slots(new, 0, self.length).copy_(self._slots(old, 0, self.length))
             setattr(self, name, new)
+
+    def append(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write one tensor per buffer at the next T slots; return views of every slot so far."""
+        T = values[0].shape[self.slot_dim]
+        end = self.length + T
+        if end > self.capacity:
+            if not self.growing:
+                raise CacheError(f"{self.kind} holds {self.capacity} positions; writing {T} more "
+                                 f"after {self.length} exceeds it (allocate a larger capacity)")
+            self._grow(end)
+        for name, value in zip(self.batch_fields, values):
+            self._slots(getattr(self, name), self.length, end).copy_(value)
+        self.length = end
+        return tuple(self._slots(getattr(self, name), 0, end) for name in self.batch_fields)
+
+    def nbytes(self) -> int:
+        return tensor_bytes(*(getattr(self, name) for name in self.batch_fields))
+
+
+class KVCache(SlotCache):
+    """Keys and values of every position so far, [B, n_kv, capacity, d], written by slot."""
+
+    batch_fields = ("k", "v")
+    slot_dim = 2
+    kind = "KV cache"
+
+    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None, capacity: int | None = None):
+        shape = (batch_size, n_kv_heads, None, head_dim)
+        super().__init__({"k": shape, "v": shape}, dtype=dtype, device=device, capacity=capacity)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, d] at the next T slots; return views of every slot so far."""
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            if not self.growing:
-                raise CacheError(f"KV cache holds {self.capacity} positions; writing {k.shape[2]} more "
-                                 f"after {self.length} exceeds it (allocate a larger capacity)")
-            self._grow(end)
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.k, self.v)
+        return super().append(k, v)
 
 
 class ModelCache:

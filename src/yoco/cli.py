@@ -166,10 +166,10 @@ def cmd_kv_table(args: argparse.Namespace) -> int:
     print(f"KV cache per sequence, preset {args.preset}, {args.dtype}; measured = growth of a real cache "
           f"from {args.context} to twice that")
     print_table(["arch", "params", "bytes/token (formula)", "bytes/token (measured)", "constant",
-                 f"cache @ {args.context}", "vs transformer"],
+                 f"cache @ {args.context}", "transformer/this"],
                 [[r["arch"], f"{r['params'] / 1e6:.1f}M", f"{r['formula_bytes_per_token']:,.0f}",
                   f"{r['measured_bytes_per_token']:,.0f}", format_bytes(r["constant_bytes"]),
-                  format_bytes(r["cache_bytes_at_context"]), f"{r['vs_transformer']:.1f}x smaller"] for r in rows])
+                  format_bytes(r["cache_bytes_at_context"]), f"{r['vs_transformer']:.2f}x"] for r in rows])
     return 0
 
 

@@ -144,9 +144,9 @@ def test_automatic_decode_uses_absorbed_path_on_the_cache_view(monkeypatch):
     seen = []
     absorbed = m._absorbed
 
-    def spy(q_nope, q_rope, all_kv, mask, causal):
+    def spy(q_nope, q_rope, all_kv, step):
         seen.append(all_kv)
-        return absorbed(q_nope, q_rope, all_kv, mask, causal)
+        return absorbed(q_nope, q_rope, all_kv, step)
 
     monkeypatch.setattr(m, "_decompressed", no_decompress)
     monkeypatch.setattr(m, "_absorbed", spy)

@@ -25,60 +25,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import CacheError, tensor_bytes
+from ..cache import CacheError, SlotCache
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
-from .attention import attend, slot_mask
+from .attention import causal_attention, slot_mask
 
 
-class LatentCache:
+class LatentCache(SlotCache):
     """The normed latent and the RoPE'd decoupled key of every position, ``kv`` [B, capacity, d_c + d_R]
-    (latent in ``[..., :d_c]``, rope key in ``[..., d_c:]``), written by slot.
-
-    With a known ``capacity`` the buffer is allocated once; without one it starts small and doubles when
-    full (amortised O(1) appends, never a per-token concatenation), as ``KVCache`` does.
-    """
+    (latent in ``[..., :d_c]``, rope key in ``[..., d_c:]``), written by slot; preallocated or doubling
+    like every ``SlotCache``."""
 
     batch_fields = ("kv",)
+    slot_dim = 1
+    kind = "latent cache"
 
     def __init__(self, batch_size: int, latent_dim: int, rope_dim: int, *, dtype: torch.dtype,
                  device: torch.device | str | None = None, capacity: int | None = None):
-        self.growing = capacity is None
-        size = 256 if capacity is None else capacity
-        if size < 1:
-            raise CacheError(f"latent cache capacity must be positive, got {capacity}")
         self.latent_dim, self.rope_dim = latent_dim, rope_dim
-        self.kv = torch.zeros((batch_size, size, latent_dim + rope_dim), dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.kv.shape[1]
-
-    def _grow(self, needed: int) -> None:
-        size = max(needed, 2 * self.capacity)
-        new = self.kv.new_zeros((self.kv.shape[0], size, self.kv.shape[2]))
-        new[:, : self.length] = self.kv[:, : self.length]
-        self.kv = new
+        super().__init__({"kv": (batch_size, None, latent_dim + rope_dim)}, dtype=dtype, device=device,
+                         capacity=capacity)
 
     def append(self, latent_and_rope: torch.Tensor) -> torch.Tensor:
         """Write [B, T, d_c + d_R] at the next T slots; return a view [B, length, d_c + d_R] of all slots."""
         if latent_and_rope.shape[-1] != self.kv.shape[-1] or latent_and_rope.shape[0] != self.kv.shape[0]:
             raise CacheError(f"latent cache rows are [{self.kv.shape[0]}, T, {self.kv.shape[-1]}], "
                              f"got {list(latent_and_rope.shape)}")
-        T = latent_and_rope.shape[1]
-        end = self.length + T
-        if end > self.capacity:
-            if not self.growing:
-                raise CacheError(f"latent cache holds {self.capacity} positions; writing {T} more "
-                                 f"after {self.length} exceeds it (allocate a larger capacity)")
-            self._grow(end)
-        self.kv[:, self.length:end] = latent_and_rope
-        self.length = end
-        return self.kv[:, :end]
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.kv)
+        return super().append(latent_and_rope)[0]
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -146,33 +119,37 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = self.rotary.apply(q[..., self.d_nope:], cos, sin)
         return q[..., : self.d_nope].transpose(1, 2), q_rope.transpose(1, 2)
 
-    def _decompressed(self, q_nope, q_rope, all_kv, mask, causal):
+    def _decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, all_kv: torch.Tensor, step: Step) -> torch.Tensor:
         B, S, _ = all_kv.shape
         H = self.n_heads
         c, k_r = all_kv[..., : self.d_c], all_kv[..., self.d_c:]
         k_nope = self.k_up(c).view(B, S, H, self.d_nope).transpose(1, 2)
         k = torch.cat((k_nope, k_r[:, None].expand(B, H, S, self.d_R)), dim=-1)
-        v = self.v_up(c).view(B, S, H, self.d_v).transpose(1, 2)
+        # Values padded with zeros to the query/key head size: the fused (flash) attention kernels need
+        # equal head sizes, and without them SDPA materialises every [T, S] score matrix.
+        v = F.pad(self.v_up(c).view(B, S, H, self.d_v).transpose(1, 2), (0, self.d_nope + self.d_R - self.d_v))
         q = torch.cat((q_nope, q_rope), dim=-1)  # SDPA's default scale is 1/sqrt(d_nope + d_R)
-        return attend(q, k, v, mask, causal=causal)
+        return causal_attention(q, k, v, step)[..., : self.d_v]
 
-    def _absorbed(self, q_nope, q_rope, all_kv, mask, causal):
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, all_kv: torch.Tensor, step: Step) -> torch.Tensor:
         B, H, T, _ = q_nope.shape
         w_uk = self.k_up.weight.view(H, self.d_nope, self.d_c)
         w_uv = self.v_up.weight.view(H, self.d_v, self.d_c)
         q_lat = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)
         q = torch.cat((q_lat, q_rope), dim=-1)  # [B, H, T, d_c + d_R]
-        k = all_kv[:, None]  # [B, 1, S, d_c + d_R]: the cache view itself, one shared "head"
-        v = k[..., : self.d_c]
+        # Keys AND values are the cache rows themselves ([c ; k_R], one shared "head", no copy): the
+        # rope part of the weighted sum is computed and dropped, which keeps key and value head sizes
+        # equal so SDPA can use its fused kernels.
+        kv = all_kv[:, None]  # [B, 1, S, d_c + d_R]
+        mask = slot_mask(step.slots, torch.arange(kv.shape[2], device=q.device), step.pad)
         if T == 1:
             # fold the heads into the query length: every head reads the one latent "head" once;
             # a [B or 1, 1, 1, S] mask broadcasts over them.
-            ctx = F.scaled_dot_product_attention(q.reshape(B, 1, H, -1), k, v, attn_mask=mask,
-                                                 scale=self.scale).reshape(B, H, 1, self.d_c)
+            ctx = F.scaled_dot_product_attention(q.reshape(B, 1, H, -1), kv, kv, attn_mask=mask,
+                                                 scale=self.scale).reshape(B, H, 1, -1)
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                                 scale=self.scale, enable_gqa=True)
-        return torch.einsum("bhtc,hvc->bhtv", ctx, w_uv)
+            ctx = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return torch.einsum("bhtc,hvc->bhtv", ctx[..., : self.d_c], w_uv)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, step: Step, cache: LatentCache | None = None,
@@ -192,21 +169,13 @@ class MultiHeadLatentAttention(nn.Module):
                                f"shared latent for layer {self.kv_source} was given (run layer "
                                f"{self.kv_source} first with the same `shared` dict)")
             all_kv = shared[self.kv_source]
-        S = all_kv.shape[1]
-        end = step.start + step.length
-        if S < T:
-            raise ValueError(f"latent holds {S} positions, fewer than this call's {T} tokens")
-        reused = S != T or cache is not None or not self.is_producer
+        if all_kv.shape[1] != step.start + T:
+            raise ValueError(f"latent holds {all_kv.shape[1]} positions; this call ends at slot {step.start + T}")
+        reused = cache is not None or not self.is_producer
         q_nope, q_rope = self.queries(x, step)
-        # keys end at this call's last slot: 0..S-1 when cached, the call's own slots when not
-        causal = step.pad is None and step.start == 0 and S == T  # keys are exactly this call's tokens
-        if causal:
-            mask = None
-        else:
-            mask = slot_mask(step.slots, torch.arange(end - S, end, device=x.device), step.pad)
         absorb = self.absorb if self.absorb is not None else (T == 1 and reused)
         path = self._absorbed if absorb else self._decompressed
-        o = path(q_nope, q_rope, all_kv, mask, causal)  # [B, H, T, d_v]
+        o = path(q_nope, q_rope, all_kv, step)  # [B, H, T, d_v]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
 
 
