@@ -174,13 +174,20 @@ def cmd_kv_table(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_kv_heads
+    from .convert import convert_kv_heads, share_kv_layers
 
-    model = load_model(args.checkpoint)
-    converted = convert_kv_heads(model, args.kv_heads)
+    if args.kv_heads is None and args.cla_factor is None and args.mlkv_layers is None:
+        raise UsageError("say what to convert to: --kv-heads N, --cla-factor S and/or --mlkv-layers N")
+    model = converted = load_model(args.checkpoint)
+    done = []
+    if args.kv_heads is not None:
+        converted = convert_kv_heads(converted, args.kv_heads)
+        done.append(f"{model.config.n_kv_heads} -> {args.kv_heads} K/V heads (mean-pooled)")
+    if args.cla_factor is not None or args.mlkv_layers is not None:
+        converted = share_kv_layers(converted, cla_factor=args.cla_factor or 1, mlkv_layers=args.mlkv_layers)
+        done.append(f"K/V shared across layers {converted.config.kv_sources} (group means)")
     save_model(converted, args.out)
-    print(f"wrote {args.out}: {model.config.n_kv_heads} -> {args.kv_heads} K/V heads (mean-pooled), "
-          f"{converted.num_parameters() / 1e6:.2f}M params")
+    print(f"wrote {args.out}: {'; '.join(done)}; {converted.num_parameters() / 1e6:.2f}M params")
     return 0
 
 
@@ -225,9 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.set_defaults(func=cmd_kv_table)
 
-    p = sub.add_parser("convert", help="pool a saved model's K/V heads into fewer (MHA -> GQA -> MQA)")
+    p = sub.add_parser("convert", help="uptraining start points: pool K/V heads (MHA -> GQA -> MQA) and/or "
+                                       "share K/V across layers (CLA, MLKV)")
     p.add_argument("--checkpoint", required=True, help="a saved transformer model folder")
-    p.add_argument("--kv-heads", type=int, required=True, help="the new number of K/V heads")
+    p.add_argument("--kv-heads", type=int, help="the new number of K/V heads")
+    p.add_argument("--cla-factor", type=int, help="CLA: one K/V-producing layer per S layers")
+    p.add_argument("--mlkv-layers", type=int, help="MLKV: this many K/V-producing layers")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
 

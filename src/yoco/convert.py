@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 
 from .config import ConfigError
 from .models import CausalLM, build_model
@@ -31,4 +32,28 @@ def convert_kv_heads(model: CausalLM, n_kv_heads: int) -> CausalLM:
     return new.eval()
 
 
-__all__ = ["convert_kv_heads"]
+def share_kv_layers(model: CausalLM, *, cla_factor: int = 1, mlkv_layers: int | None = None) -> CausalLM:
+    """CLA / MLKV uptraining start point (Zuhri et al. 2024): the returned model keeps K/V
+    projections only in its producing layers, each the mean of the K/V projections of the layers that
+    will read it (itself included); every other weight is copied. Continue training from here."""
+    cfg = model.config
+    if cfg.arch != "transformer" or cfg.attention != "gqa" or len(set(cfg.kv_sources)) != cfg.n_layers:
+        raise ConfigError("cross-layer sharing converts a GQA/MHA Transformer without sharing, not "
+                          f"arch={cfg.arch} attention={cfg.attention} cla_factor={cfg.cla_factor} "
+                          f"mlkv_layers={cfg.mlkv_layers}")
+    new_cfg = cfg.replace(cla_factor=cla_factor, mlkv_layers=mlkv_layers)  # validates the request
+    old_state = model.state_dict()
+    state = {name: t for name, t in old_state.items() if not name.endswith(("mixer.k_proj.weight", "mixer.v_proj.weight"))}
+    sources = new_cfg.kv_sources
+    for producer in sorted(set(sources)):
+        readers = [i for i, src in enumerate(sources) if src == producer]
+        for proj in ("k_proj", "v_proj"):
+            weights = [old_state[f"layers.{i}.mixer.{proj}.weight"] for i in readers]
+            state[f"layers.{producer}.mixer.{proj}.weight"] = torch.stack(weights).mean(0)
+    param = next(model.parameters())
+    new = build_model(new_cfg, dtype=param.dtype, device=param.device)
+    new.load_state_dict(state)
+    return new.eval()
+
+
+__all__ = ["convert_kv_heads", "share_kv_layers"]

@@ -111,6 +111,13 @@ def test_convert_cli(tmp_path, capsys):
     assert main(["convert", "--checkpoint", str(tmp_path / "mha"), "--kv-heads", "1", "--out", str(tmp_path / "mqa")]) == 0
     assert "4 -> 1 K/V heads" in capsys.readouterr().out
     assert main(["convert", "--checkpoint", str(tmp_path / "mha"), "--kv-heads", "3", "--out", str(tmp_path / "x")]) == 2
+    assert main(["convert", "--checkpoint", str(tmp_path / "mha"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["convert", "--checkpoint", str(tmp_path / "mha"), "--kv-heads", "1", "--cla-factor", "2",
+                 "--out", str(tmp_path / "mqa-cla2")]) == 0
+    assert "[0, 0, 2, 2]" in capsys.readouterr().out
+    from yoco import load_model
+
+    assert load_model(tmp_path / "mqa-cla2").config.kv_sources == [0, 0, 2, 2]
 
 
 def test_kv_table_formula_equals_measurement():
@@ -149,3 +156,30 @@ def test_yoco_rejects_transformer_only_options():
         get_config("yoco-swa", "tiny", cla_factor=2)
     with pytest.raises(ConfigError, match="attention="):
         get_config("yoco-gret", "tiny", attention="mla")
+
+
+@pytest.mark.parametrize("kwargs,sources", [
+    (dict(cla_factor=2), [0, 0, 2, 2]),
+    (dict(mlkv_layers=3), [0, 1, 2, 2]),
+])
+def test_share_kv_layers_averages_each_group_into_its_producer(kwargs, sources):
+    from yoco.convert import share_kv_layers
+
+    base = build_model("transformer", preset="tiny", seed=0)
+    shared = share_kv_layers(base, **kwargs)
+    assert shared.config.kv_sources == sources
+    for producer in set(sources):
+        readers = [i for i, s in enumerate(sources) if s == producer]
+        for proj in ("k_proj", "v_proj"):
+            expected = torch.stack([getattr(base.layers[i].mixer, proj).weight for i in readers]).mean(0)
+            torch.testing.assert_close(getattr(shared.layers[producer].mixer, proj).weight, expected)
+    torch.testing.assert_close(shared.layers[1].mixer.q_proj.weight, base.layers[1].mixer.q_proj.weight)
+    # With a factor of 1 every layer is its own producer: the model is unchanged.
+    same = share_kv_layers(base, cla_factor=1)
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(same(ids), base(ids))
+    with pytest.raises(ConfigError, match="cla_factor=3"):
+        share_kv_layers(base, cla_factor=3)
+    with pytest.raises(ConfigError, match="without sharing"):
+        share_kv_layers(shared, cla_factor=2)
