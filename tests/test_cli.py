@@ -43,3 +43,16 @@ def test_demo_runs_every_architecture(capsys):
     out = capsys.readouterr().out
     for arch in ("transformer", "yoco-swa", "yoco-gret"):
         assert arch in out
+
+
+@pytest.mark.parametrize("arch", ["mla", "mqa-cla2", "mlkv", "block"])
+def test_generate_every_family_member(arch, capsys):
+    assert main(["generate", "--arch", arch, "--prompt", "hello", "--max-new-tokens", "5"]) == 0
+    assert f"[{arch}," in capsys.readouterr().err
+
+
+def test_kv_table_command(capsys):
+    assert main(["kv-table", "--preset", "tiny", "--context", "64"]) == 0
+    out = capsys.readouterr().out
+    for arch in ("transformer", "mla", "cla2", "mlkv", "block", "yoco-swa"):
+        assert f"\n{arch} " in out

@@ -69,8 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         result = generate(model, [prompt], args.max_new_tokens, **options)
         print(show(result.tokens[0]))
-    cfg = model.config
-    print(f"[{cfg.arch}, {model.num_parameters() / 1e6:.2f}M params] prompt {len(prompt)} tokens, "
+    name = model.config.arch if args.checkpoint else args.arch
+    print(f"[{name}, {model.num_parameters() / 1e6:.2f}M params] prompt {len(prompt)} tokens, "
           f"{len(result.tokens[0])} new ({result.finish_reasons[0]}); prefill {result.prefill_s:.3f} s, "
           f"decode {result.decode_tok_s:.1f} tok/s; cache {format_bytes(result.cache_bytes)}", file=sys.stderr)
     return 0
@@ -162,12 +162,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_kv_table(args: argparse.Namespace) -> int:
     from .bench import kv_table
 
-    rows = kv_table(args.preset, parse_count(args.context), args.dtype)
-    print(f"KV cache per sequence, preset {args.preset}, {args.dtype}; measured = growth of a real cache "
-          f"from {args.context} to twice that")
-    print_table(["arch", "params", "bytes/token (formula)", "bytes/token (measured)", "constant",
-                 f"cache @ {args.context}", "transformer/this"],
-                [[r["arch"], f"{r['params'] / 1e6:.1f}M", f"{r['formula_bytes_per_token']:,.0f}",
+    context = parse_count(args.context)
+    presets = sorted(PRESETS) if args.preset == "all" else [args.preset]
+    rows = [row for preset in presets for row in kv_table(preset, context, args.dtype)]
+    print(f"KV cache per sequence, {args.dtype}; measured = growth of a real cache from {context} positions "
+          f"to twice that; constant = the part that does not grow")
+    print_table(["arch", "preset", "params", "bytes/token (formula)", "bytes/token (measured)", "constant",
+                 f"cache @ {context}", "transformer/this"],
+                [[r["arch"], r["preset"], f"{r['params'] / 1e6:.2f}M", f"{r['formula_bytes_per_token']:,.0f}",
                   f"{r['measured_bytes_per_token']:,.0f}", format_bytes(r["constant_bytes"]),
                   format_bytes(r["cache_bytes_at_context"]), f"{r['vs_transformer']:.2f}x"] for r in rows])
     return 0
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("kv-table", help="KV-cache bytes per token of every architecture: formula and measured")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
+    p.add_argument("--preset", choices=["all"] + sorted(PRESETS), default="all")
     p.add_argument("--context", default="4096", help="context at which caches are measured (default 4096)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.set_defaults(func=cmd_kv_table)
