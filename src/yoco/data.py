@@ -1,0 +1,245 @@
+"""Text corpora, a byte-level BPE tokenizer, and memory-mapped token shards.
+
+- ``corpus_documents(paths)``: documents from files, folders (recursively) or JSONL files (one JSON
+  object with a ``"text"`` field per line); with no paths, the Python standard library's own ``.py``
+  sources, a real corpus present on every machine with no download.
+- ``train_tokenizer``: a byte-level BPE (``tokenizers``) with ``<|endoftext|>`` and ``<|pad|>``,
+  saved as the standard ``tokenizer.json``.
+- ``build_shards``: tokenizes every document once into ``train.bin`` / ``val.bin`` (flat token
+  arrays, documents separated by ``<|endoftext|>``) plus ``meta.json``; the split is by document, by
+  a stable hash of its name, so it does not depend on the order files are found.
+- ``TokenShards``: memory-maps a split and draws batches that depend only on (seed, step), so a run
+  resumed at step k sees exactly the batches an uninterrupted run sees from step k on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (EOS, PAD)
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".html", ".toml", ".cfg", ".ini"}
+
+
+class DataError(ValueError):
+    """A corpus, tokenizer or shard problem; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+# ---------------------------------------------------------------------- corpora
+def stdlib_sources() -> list[Path]:
+    """The standard library's ``.py`` files (site-packages and caches excluded), in a stable order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py")
+             if "site-packages" not in p.parts and "dist-packages" not in p.parts and "__pycache__" not in p.parts]
+    return sorted(files)
+
+
+def _read_jsonl(path: Path) -> Iterator[Document]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f'{path}:{number}: each JSONL line must be an object with a "text" string')
+            yield Document(f"{path}:{number}", record["text"])
+
+
+def _files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                  and "__pycache__" not in p.parts)
+
+
+def corpus_documents(paths: Sequence[str | os.PathLike] | None = None) -> Iterator[Document]:
+    """Every document of the corpus; raises DataError for a missing path or a corpus with no text."""
+    if not paths:
+        files = stdlib_sources()
+        if not files:
+            raise DataError(f"no Python sources found under {sysconfig.get_paths()['stdlib']!r}")
+    else:
+        files = []
+        for raw in paths:
+            path = Path(raw)
+            if not path.exists():
+                raise DataError(f"corpus path {str(path)!r} does not exist")
+            files.extend(_files_under(path) if path.is_dir() else [path])
+    found = False
+    for path in files:
+        if path.suffix.lower() == ".jsonl":
+            for doc in _read_jsonl(path):
+                if doc.text.strip():
+                    found = True
+                    yield doc
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            found = True
+            yield Document(str(path), text)
+    if not found:
+        raise DataError(f"the corpus {[str(p) for p in paths] if paths else 'stdlib'} holds no text")
+
+
+# ---------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+    """A byte-level BPE tokenizer trained on `texts` (any byte sequence stays encodable)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+                        f"{256 + len(SPECIAL_TOKENS)} ids (256 bytes and {len(SPECIAL_TOKENS)} special tokens)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
+    """A ``tokenizer.json``; with `vocab_size`, checks that it fits a model of that vocabulary."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"tokenizer file {str(path)!r} does not exist")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise DataError(f"{str(path)!r} is not a valid tokenizer.json ({e})") from None
+    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
+        raise DataError(f"tokenizer {str(path)!r} has {tokenizer.get_vocab_size()} tokens but the model's "
+                        f"vocabulary is {vocab_size}: wrong tokenizer for this model")
+    if tokenizer.token_to_id(EOS) is None:
+        raise DataError(f"tokenizer {str(path)!r} has no {EOS} token")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------- shards
+def in_validation(name: str, val_percent: float) -> bool:
+    """A stable, order-independent split by document name."""
+    digest = hashlib.sha256(name.encode("utf-8", errors="replace")).digest()
+    return int.from_bytes(digest[:4], "little") % 10_000 < val_percent * 100
+
+
+def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.PathLike, *,
+                 val_percent: float = 2.0, batch_docs: int = 256, progress: bool = True) -> dict:
+    """Tokenize every document once into ``train.bin`` / ``val.bin`` + ``meta.json`` in `out_dir`."""
+    from tqdm import tqdm
+
+    from .checkpoint import atomic_write
+
+    if not 0 <= val_percent < 100:
+        raise DataError(f"val_percent={val_percent} must be within [0, 100)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eos = tokenizer.token_to_id(EOS)
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    counts = {"train": 0, "val": 0}
+    docs = {"train": 0, "val": 0}
+    tmp = {split: out / f".{split}.bin.tmp" for split in counts}
+    files = {split: open(tmp[split], "wb") for split in counts}
+    try:
+        batch: list[Document] = []
+
+        def flush() -> None:
+            encodings = tokenizer.encode_batch([d.text for d in batch])
+            for doc, enc in zip(batch, encodings):
+                split = "val" if in_validation(doc.name, val_percent) else "train"
+                ids = np.asarray(enc.ids + [eos], dtype=dtype)
+                files[split].write(ids.tobytes())
+                counts[split] += len(ids)
+                docs[split] += 1
+            batch.clear()
+
+        for doc in tqdm(documents, desc="tokenizing", unit="doc", disable=not progress):
+            batch.append(doc)
+            if len(batch) >= batch_docs:
+                flush()
+        if batch:
+            flush()
+    finally:
+        for f in files.values():
+            f.close()
+    if counts["train"] == 0:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise DataError("the corpus produced no training tokens")
+    for split, path in tmp.items():
+        os.replace(path, out / f"{split}.bin")
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "eos_id": eos, "tokens": counts,
+            "documents": docs, "val_percent": val_percent}
+    atomic_write(out / "meta.json", lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))
+    return meta
+
+
+class TokenShards:
+    """One split of a shard folder, memory-mapped."""
+
+    def __init__(self, directory: str | os.PathLike, split: str = "train"):
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{str(meta_path)!r} is missing: not a token shard folder (build one with build_shards)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            expected = self.meta["tokens"][split]
+            dtype = np.dtype(self.meta["dtype"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{str(meta_path)!r} is corrupt ({e})") from None
+        path = directory / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != expected * dtype.itemsize:
+            raise DataError(f"{str(path)!r} is missing or truncated: meta.json says {expected} tokens")
+        self.tokens = np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype=dtype)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) [batch_size, seq_len]: random windows chosen by (seed, step) alone."""
+        if len(self.tokens) < seq_len + 1:
+            raise DataError(f"the {self.split} split has {len(self.tokens)} tokens, fewer than one sequence of "
+                            f"{seq_len} + 1")
+        generator = np.random.default_rng([seed, step])
+        starts = generator.integers(0, len(self.tokens) - seq_len, size=batch_size)
+        windows = np.stack([np.asarray(self.tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+        data = torch.from_numpy(windows)
+        return data[:, :-1], data[:, 1:]
+
+    def sequential(self, batch_size: int, seq_len: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive non-overlapping windows in order (validation): at most `limit` batches."""
+        n = (len(self.tokens) - 1) // seq_len
+        for b, first in enumerate(range(0, n, batch_size)):
+            if limit is not None and b >= limit:
+                return
+            rows = [np.asarray(self.tokens[j * seq_len:(j + 1) * seq_len + 1], dtype=np.int64)
+                    for j in range(first, min(n, first + batch_size))]
+            data = torch.from_numpy(np.stack(rows))
+            yield data[:, :-1], data[:, 1:]
+
+
+__all__ = ["DataError", "Document", "EOS", "PAD", "TokenShards", "build_shards", "corpus_documents",
+           "load_tokenizer", "stdlib_sources", "train_tokenizer"]
