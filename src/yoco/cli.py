@@ -193,6 +193,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainSettings, train
+
+    settings = TrainSettings(arch=args.arch, preset=args.preset, corpus=args.data or [], vocab_size=args.vocab_size,
+                             steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                             grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
+                             eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16)
+    try:
+        final = train(settings, args.out, resume=args.resume)
+    except ValueError as e:  # bad settings (DataError and ConfigError are ValueErrors too)
+        raise UsageError(str(e)) from None
+    print(f"step {final.get('step')}: loss {final.get('loss', float('nan')):.4f}, "
+          f"val loss {final.get('val_loss', float('nan')):.4f}; checkpoints and metrics.jsonl in {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoco", description="YOCO and KV-cache-efficient language models")
@@ -242,6 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlkv-layers", type=int, help="MLKV: this many K/V-producing layers")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train an architecture on text (default corpus: the stdlib's own sources)")
+    p.add_argument("--arch", choices=NAMES, default="yoco-swa")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--data", action="append", help="a text file, folder or JSONL file (repeatable; default: the "
+                                                     "Python standard library's .py sources)")
+    p.add_argument("--out", required=True, help="run folder: data/, metrics.jsonl, checkpoint-<step>/")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate text or token ids from a model")
     add_model_args(p)

@@ -1,0 +1,208 @@
+"""Single-process training of any yoco architecture on token shards.
+
+A run folder holds ``data/`` (tokenizer.json + shards, built once), ``metrics.jsonl`` (one line per
+logged step or evaluation) and checkpoints ``checkpoint-<step>/`` (model.safetensors + config.json +
+tokenizer.json + trainer.pt with optimizer, schedule and step). A checkpoint folder is written under a
+temporary name and renamed when complete, then ``latest`` is pointed at it (itself replaced
+atomically), so an interrupted save never leaves a half checkpoint behind ``latest``. Batches depend
+only on (seed, step), so ``resume`` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, atomic_write, load_model, save_model
+from .config import get_config
+from .data import TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
+from .models import CausalLM, build_model
+
+
+@dataclass
+class TrainSettings:
+    arch: str = "yoco-swa"
+    preset: str = "tiny"
+    corpus: list[str] = field(default_factory=list)  # empty: the stdlib's own sources
+    vocab_size: int = 4096
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    bf16: bool = False  # autocast matmuls to bf16 (weights and optimizer stay fp32)
+    val_percent: float = 2.0
+    overrides: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0 or self.grad_clip <= 0:
+            raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup >= 0 and grad-clip > 0")
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_data(settings: TrainSettings, run_dir: Path, log=print) -> Path:
+    """Tokenizer and shards in run_dir/data, built once (reused when present and complete)."""
+    data_dir = run_dir / "data"
+    if (data_dir / "meta.json").is_file() and (data_dir / "tokenizer.json").is_file():
+        return data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log(f"training a {settings.vocab_size}-token byte-level BPE on "
+        f"{', '.join(settings.corpus) if settings.corpus else 'the Python standard library sources'}...")
+    tokenizer = train_tokenizer((d.text for d in corpus_documents(settings.corpus)), settings.vocab_size)
+    atomic_write(data_dir / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
+    build_shards(corpus_documents(settings.corpus), tokenizer, data_dir, val_percent=settings.val_percent)
+    return data_dir
+
+
+def loss_of(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
+    device_type = inputs.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: CausalLM, val: TokenShards, settings: TrainSettings) -> float:
+    model.eval()
+    losses = [loss_of(model, x, y, settings.bf16).item()
+              for x, y in val.sequential(settings.batch_size, settings.seq_len, settings.eval_batches)]
+    model.train()
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(run_dir: Path, model: CausalLM, optimizer, step: int, settings: TrainSettings, data_dir: Path) -> Path:
+    final = run_dir / f"checkpoint-{step}"
+    staging = run_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(model, staging)
+    shutil.copyfile(data_dir / "tokenizer.json", staging / "tokenizer.json")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "settings": asdict(settings)}, staging / "trainer.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    atomic_write(run_dir / "latest", lambda tmp: Path(tmp).write_text(final.name + "\n"))
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{str(pointer)!r} points at {str(path)!r}, which does not exist")
+    return path
+
+
+# ---------------------------------------------------------------------- the loop
+def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool = False, log=print,
+          progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train (or resume) in run_dir; returns the final metrics. `stop_after` ends the process's work
+    after that many steps without finishing the schedule (to test interruption)."""
+    from tqdm import tqdm
+
+    settings.validate()
+    run_dir = Path(run_dir)
+    if not resume and (run_dir / "latest").exists():
+        raise CheckpointError(f"run folder {str(run_dir)!r} already holds checkpoints: pass resume (--resume) to "
+                              "continue it, or choose a new folder (nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = prepare_data(settings, run_dir, log)
+    tokenizer = load_tokenizer(data_dir)
+    config = get_config(settings.arch, settings.preset,
+                        **{"vocab_size": tokenizer.get_vocab_size(), **settings.overrides})
+    if config.max_seq_len < settings.seq_len:
+        config = config.replace(max_seq_len=settings.seq_len)
+    train_data, val_data = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+
+    start = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        model = load_model(checkpoint)
+        if model.config != config:
+            raise CheckpointError(f"{str(checkpoint)!r} holds a {model.config.arch} model whose config differs "
+                                  f"from this run's ({settings.arch}, preset {settings.preset}): resume with the same "
+                                  f"architecture and settings, or start a new run folder")
+        state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+        start = state["step"]
+    else:
+        if resume:
+            log(f"no checkpoint in {run_dir}; starting from step 0")
+        model = build_model(config, seed=settings.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=settings.betas)
+    if checkpoint is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    metrics_path = run_dir / "metrics.jsonl"
+    tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
+    end = settings.steps if stop_after is None else min(settings.steps, start + stop_after)
+    bar = tqdm(range(start, end), desc=f"train {settings.arch}", initial=start, total=settings.steps,
+               disable=not progress, dynamic_ncols=True)
+    last = {}
+    t0 = time.perf_counter()
+    with open(metrics_path, "a") as metrics:
+        for step in bar:
+            factor = lr_factor(step, settings.warmup, settings.steps, settings.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * factor
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(settings.grad_accum):
+                x, y = train_data.batch(step * settings.grad_accum + micro, settings.batch_size, settings.seq_len,
+                                        settings.seed)
+                loss = loss_of(model, x, y, settings.bf16) / settings.grad_accum
+                loss.backward()
+                total += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
+            optimizer.step()
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            last = {"step": done, "loss": total, "lr": settings.lr * factor, "grad_norm": grad_norm,
+                    "tokens": done * tokens_per_step, "tok_s": (done - start) * tokens_per_step / elapsed}
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tok_s']:.0f}")
+            if done % settings.log_every == 0 or done == settings.steps:
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+            if done % settings.eval_every == 0 or done == settings.steps:
+                last["val_loss"] = evaluate(model, val_data, settings)
+                metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
+                metrics.flush()
+            if done % settings.save_every == 0 or done == settings.steps or done == end:
+                save_checkpoint(run_dir, model, optimizer, done, settings, data_dir)
+    bar.close()
+    return last
+
+
+__all__ = ["TrainSettings", "latest_checkpoint", "lr_factor", "train"]

@@ -1,0 +1,91 @@
+"""Training: the loss falls, checkpoints are complete, and resume continues exactly."""
+
+import json
+
+import pytest
+
+from yoco.checkpoint import CheckpointError
+from yoco.train import TrainSettings, latest_checkpoint, lr_factor, train
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        (folder / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" * 8)
+    return str(folder)
+
+
+def settings(corpus, **changes):
+    values = dict(arch="yoco-swa", preset="tiny", corpus=[corpus], vocab_size=300, steps=6, batch_size=2,
+                  seq_len=32, lr=3e-3, warmup=2, eval_every=3, eval_batches=2, save_every=3, log_every=1,
+                  val_percent=20.0)
+    values.update(changes)
+    return TrainSettings(**values)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 4, 100, 0.1) == 0.25 and lr_factor(3, 4, 100, 0.1) == 1.0
+    assert lr_factor(100, 4, 100, 0.1) == pytest.approx(0.1)
+    assert 0.1 < lr_factor(50, 4, 100, 0.1) < 1.0
+
+
+@pytest.mark.parametrize("arch", ["yoco-swa", "yoco-gret", "mla", "block"])
+def test_loss_falls_and_checkpoints_load(arch, corpus, tmp_path):
+    final = train(settings(corpus, arch=arch, steps=12, save_every=6), tmp_path, progress=False, log=lambda s: None)
+    by_step = losses(tmp_path)
+    assert by_step[12] < by_step[1]
+    assert final["val_loss"] > 0
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.name == "checkpoint-12"
+    assert {p.name for p in checkpoint.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "trainer.pt"}
+    assert not list(tmp_path.glob(".checkpoint-*"))  # no staging folder left
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    whole = tmp_path / "whole"
+    train(settings(corpus), whole, progress=False, log=lambda s: None)
+    parted = tmp_path / "parted"
+    train(settings(corpus), parted, progress=False, log=lambda s: None, stop_after=3)
+    assert latest_checkpoint(parted).name == "checkpoint-3"
+    train(settings(corpus), parted, resume=True, progress=False, log=lambda s: None)
+    a, b = losses(whole), losses(parted)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+
+
+def test_resume_with_another_architecture_is_refused(corpus, tmp_path):
+    train(settings(corpus, steps=3), tmp_path, progress=False, log=lambda s: None)
+    with pytest.raises(CheckpointError, match="config differs"):
+        train(settings(corpus, arch="transformer", steps=6), tmp_path, resume=True, progress=False, log=lambda s: None)
+
+
+def test_bad_settings(corpus, tmp_path):
+    with pytest.raises(ValueError, match="batch-size"):
+        train(settings(corpus, batch_size=0), tmp_path, progress=False, log=lambda s: None)
+
+
+def test_train_cli(corpus, tmp_path, capsys):
+    from yoco.cli import main
+
+    argv = ["train", "--arch", "mqa", "--data", corpus, "--out", str(tmp_path), "--vocab-size", "300", "--steps", "4",
+            "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--save-every", "2"]
+    assert main(argv) == 0
+    assert "step 4" in capsys.readouterr().out
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(argv[:-4] + ["--batch-size", "0"]) == 2
+
+
+def test_existing_run_is_not_overwritten(corpus, tmp_path):
+    train(settings(corpus, steps=3), tmp_path, progress=False, log=lambda s: None)
+    before = (tmp_path / "checkpoint-3" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(settings(corpus, steps=3, seed=1), tmp_path, progress=False, log=lambda s: None)
+    assert (tmp_path / "checkpoint-3" / "model.safetensors").read_bytes() == before
