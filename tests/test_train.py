@@ -89,3 +89,22 @@ def test_existing_run_is_not_overwritten(corpus, tmp_path):
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         train(settings(corpus, steps=3, seed=1), tmp_path, progress=False, log=lambda s: None)
     assert (tmp_path / "checkpoint-3" / "model.safetensors").read_bytes() == before
+
+
+def test_generate_uses_the_checkpoint_tokenizer_and_rejects_a_wrong_one(corpus, tmp_path, capsys):
+    import shutil
+
+    from yoco.cli import main
+    from yoco.data import train_tokenizer
+
+    train(settings(corpus, steps=3), tmp_path, progress=False, log=lambda s: None)
+    checkpoint = latest_checkpoint(tmp_path)
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "def f1(x):", "--max-new-tokens", "5"]) == 0
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    wide = train_tokenizer([f"name{i} = value{i * 7} + other{i % 13}\n" for i in range(3000)], vocab_size=400)
+    assert wide.get_vocab_size() == 400  # more ids than the checkpoint's 300-token model knows
+    wide.save(str(bad / "tokenizer.json"))
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(bad), "--prompt", "def", "--max-new-tokens", "2"]) == 2
+    assert "wrong tokenizer" in capsys.readouterr().err

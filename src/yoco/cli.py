@@ -13,10 +13,11 @@ from .bench import BenchError
 from .cache import CacheError
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import NAMES, PRESETS, ConfigError
+from .data import DataError
 from .engine import generate, stream
 from .models import CausalLM, InputError, build_model, resolve_dtype
 from .report import format_bytes, print_table
-from .tokenizer import ByteTokenizer
+from .tokenizer import tokenizer_for
 
 
 class UsageError(ValueError):
@@ -49,8 +50,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              f"got {args.prompt_ids!r}") from None
         tokenizer = None
     else:
-        tokenizer = ByteTokenizer(model.config.vocab_size)
+        tokenizer = tokenizer_for(args.checkpoint, model.config.vocab_size)
         prompt = tokenizer.encode(args.prompt)
+        if getattr(tokenizer, "eos_id", None) is not None:
+            args.stop = args.stop + [tokenizer.eos_id]  # a trained model ends a document with <|endoftext|>
     if not prompt:
         raise UsageError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -283,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text or token ids from a model")
     add_model_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (byte tokenizer)")
+    prompt.add_argument("--prompt", help="prompt text (the checkpoint's tokenizer.json, else bytes)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -308,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, InputError, ConfigError, CheckpointError, CacheError, BenchError) as e:
+    except (UsageError, InputError, ConfigError, CheckpointError, CacheError, BenchError, DataError) as e:
         print(f"yoco {args.command}: error: {e}", file=sys.stderr)
         return 2
 
