@@ -108,3 +108,27 @@ def test_generate_uses_the_checkpoint_tokenizer_and_rejects_a_wrong_one(corpus, 
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(bad), "--prompt", "def", "--max-new-tokens", "2"]) == 2
     assert "wrong tokenizer" in capsys.readouterr().err
+
+
+def test_two_processes_follow_one_process(corpus, tmp_path):
+    """torchrun with 2 gloo processes (each half of every global batch, DDP-averaged gradients) gives
+    the single process's loss trajectory on the same global batches."""
+    import os
+    import subprocess
+    import sys
+
+    flags = ["--arch", "yoco-swa", "--data", corpus, "--vocab-size", "300", "--steps", "5", "--batch-size", "4",
+             "--seq-len", "32", "--eval-every", "5", "--save-every", "5", "--log-every", "1", "--warmup", "2"]
+    from yoco.cli import main
+
+    assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "yoco.train", *flags, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=2e-4), step
+    assert latest_checkpoint(tmp_path / "two").name == "checkpoint-5"

@@ -202,7 +202,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(arch=args.arch, preset=args.preset, corpus=args.data or [], vocab_size=args.vocab_size,
                              steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                              grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
-                             eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16)
+                             eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
+                             seed=args.seed, bf16=args.bf16)
     try:
         final = train(settings, args.out, resume=args.resume)
     except ValueError as e:  # bad settings (DataError and ConfigError are ValueErrors too)
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)

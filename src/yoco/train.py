@@ -1,4 +1,5 @@
-"""Single-process training of any yoco architecture on token shards.
+"""Training any yoco architecture on token shards, in one process or several (``torchrun --nproc_per_node=N
+-m yoco.train ...``: data parallel, see ``parallel.py``).
 
 A run folder holds ``data/`` (tokenizer.json + shards, built once), ``metrics.jsonl`` (one line per
 logged step or evaluation) and checkpoints ``checkpoint-<step>/`` (model.safetensors + config.json +
@@ -25,6 +26,7 @@ from .checkpoint import CheckpointError, atomic_write, load_model, save_model
 from .config import get_config
 from .data import TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
 from .models import CausalLM, build_model
+from .parallel import barrier, close, init_world, mean_over_world, shard_rows, wrap
 
 
 @dataclass
@@ -131,12 +133,20 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
     from tqdm import tqdm
 
     settings.validate()
+    world = init_world()
+    if world.size > 1 and settings.batch_size % world.size:
+        raise ValueError(f"batch-size {settings.batch_size} must be divisible by the {world.size} processes")
+    progress = progress and world.main
+    log = log if world.main else (lambda text: None)
     run_dir = Path(run_dir)
     if not resume and (run_dir / "latest").exists():
         raise CheckpointError(f"run folder {str(run_dir)!r} already holds checkpoints: pass resume (--resume) to "
                               "continue it, or choose a new folder (nothing was overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = prepare_data(settings, run_dir, log)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data(settings, run_dir, log)
+    barrier(world)
+    data_dir = run_dir / "data"
     tokenizer = load_tokenizer(data_dir)
     config = get_config(settings.arch, settings.preset,
                         **{"vocab_size": tokenizer.get_vocab_size(), **settings.overrides})
@@ -158,13 +168,14 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
         if resume:
             log(f"no checkpoint in {run_dir}; starting from step 0")
         model = build_model(config, seed=settings.seed)
-    model.train()
+    model = model.to(world.device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=settings.betas)
     if checkpoint is not None:
         optimizer.load_state_dict(state["optimizer"])
+    trained = wrap(model, world)  # the module that runs forward/backward (DDP across processes)
     metrics_path = run_dir / "metrics.jsonl"
     tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
     end = settings.steps if stop_after is None else min(settings.steps, start + stop_after)
@@ -172,7 +183,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
                disable=not progress, dynamic_ncols=True)
     last = {}
     t0 = time.perf_counter()
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path, "a") if world.main else open(os.devnull, "w") as metrics:
         for step in bar:
             factor = lr_factor(step, settings.warmup, settings.steps, settings.min_lr_ratio)
             for group in optimizer.param_groups:
@@ -182,9 +193,11 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
             for micro in range(settings.grad_accum):
                 x, y = train_data.batch(step * settings.grad_accum + micro, settings.batch_size, settings.seq_len,
                                         settings.seed)
-                loss = loss_of(model, x, y, settings.bf16) / settings.grad_accum
+                x, y = shard_rows(x, world).to(world.device), shard_rows(y, world).to(world.device)
+                loss = loss_of(trained, x, y, settings.bf16) / settings.grad_accum
                 loss.backward()
                 total += loss.item()
+            total = mean_over_world(total, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
             optimizer.step()
             done = step + 1
@@ -196,13 +209,29 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
             if done % settings.eval_every == 0 or done == settings.steps:
-                last["val_loss"] = evaluate(model, val_data, settings)
+                last["val_loss"] = evaluate(model, val_data, settings)  # every process, same numbers
                 metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
                 metrics.flush()
             if done % settings.save_every == 0 or done == settings.steps or done == end:
-                save_checkpoint(run_dir, model, optimizer, done, settings, data_dir)
+                if world.main:
+                    save_checkpoint(run_dir, model, optimizer, done, settings, data_dir)
+                barrier(world)
     bar.close()
+    close(world)
     return last
+
+
+def main() -> None:
+    """``python -m yoco.train`` (and so ``torchrun ... -m yoco.train``) takes ``yoco train``'s flags."""
+    import sys
+
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()
 
 
 __all__ = ["TrainSettings", "latest_checkpoint", "lr_factor", "train"]
