@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from yoco.checkpoint import CheckpointError
 from yoco.train import TrainSettings, latest_checkpoint, lr_factor, train
@@ -110,9 +111,10 @@ def test_generate_uses_the_checkpoint_tokenizer_and_rejects_a_wrong_one(corpus, 
     assert "wrong tokenizer" in capsys.readouterr().err
 
 
-def test_two_processes_follow_one_process(corpus, tmp_path):
-    """torchrun with 2 gloo processes (each half of every global batch, DDP-averaged gradients) gives
-    the single process's loss trajectory on the same global batches."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_follow_one_process(mode, corpus, tmp_path):
+    """torchrun with 2 gloo processes (each half of every global batch, averaged gradients; replicated
+    with DDP or sharded with FSDP2) gives the single process's loss trajectory on the same batches."""
     import os
     import subprocess
     import sys
@@ -124,7 +126,7 @@ def test_two_processes_follow_one_process(corpus, tmp_path):
     assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "yoco.train", *flags, "--out", str(tmp_path / "two")],
+                          "-m", "yoco.train", *flags, "--parallel", mode, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -132,3 +134,9 @@ def test_two_processes_follow_one_process(corpus, tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=2e-4), step
     assert latest_checkpoint(tmp_path / "two").name == "checkpoint-5"
+    # The checkpoint holds full tensors: the same model as the single process's, up to reduction order.
+    from yoco import load_model
+
+    a, b = load_model(latest_checkpoint(tmp_path / "one")), load_model(latest_checkpoint(tmp_path / "two"))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3, msg=name)

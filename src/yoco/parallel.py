@@ -1,9 +1,11 @@
 """Data parallelism for training, kept out of the model files.
 
 Launched with ``torchrun --nproc_per_node=N -m yoco.train ...`` (the ``yoco train`` flags): each
-process takes an equal share of every global batch's rows, and DDP averages the gradients, so N
-processes follow the same trajectory as one process on the same global batch. The backend is gloo
-on CPU and NCCL on CUDA.
+process takes an equal share of every global batch's rows and the gradients are averaged, so N
+processes follow the same trajectory as one process on the same global batch. ``ddp`` replicates the
+model (DistributedDataParallel); ``fsdp`` shards parameters, gradients and optimizer state with
+FSDP2 (``fully_shard`` on every residual block, then on the model). Checkpoints always hold full
+(unsharded) tensors, gathered to the first process. The backend is gloo on CPU and NCCL on CUDA.
 """
 
 from __future__ import annotations
@@ -43,12 +45,61 @@ def init_world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), device)
 
 
-def wrap(model: nn.Module, world: World) -> nn.Module:
+MODES = ("ddp", "fsdp")
+
+
+def sharded(world: World, mode: str) -> bool:
+    return world.size > 1 and mode == "fsdp"
+
+
+def wrap(model: nn.Module, world: World, mode: str = "ddp") -> nn.Module:
+    """The module to run forward/backward with. Under FSDP2 the model itself is sharded in place, so
+    build the optimizer after this call."""
+    if mode not in MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}; choose one of {', '.join(MODES)}")
     if world.size == 1:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from .models.base import Block
+
+        for module in model.modules():
+            if isinstance(module, Block):
+                fully_shard(module)
+        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+
+
+def full_state(model: nn.Module, optimizer, world: World, mode: str) -> tuple[dict | None, dict | None]:
+    """Unsharded (model, optimizer) state dicts on the first process (None on the others). A
+    collective under FSDP: every process must call it."""
+    if sharded(world, mode):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        return (model_state, optim_state) if world.main else (None, None)
+    if not world.main:
+        return None, None
+    return unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, world: World, mode: str) -> None:
+    if sharded(world, mode):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def scalar(value) -> float:
+    """A Python float from a tensor that may be a DTensor (FSDP2's gradient norm)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

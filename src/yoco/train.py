@@ -26,7 +26,8 @@ from .checkpoint import CheckpointError, atomic_write, load_model, save_model
 from .config import get_config
 from .data import TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
 from .models import CausalLM, build_model
-from .parallel import barrier, close, init_world, mean_over_world, shard_rows, wrap
+from .parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
+                       shard_rows, sharded, wrap)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainSettings:
     log_every: int = 10
     seed: int = 0
     bf16: bool = False  # autocast matmuls to bf16 (weights and optimizer stay fp32)
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2-sharded)
     val_percent: float = 2.0
     overrides: dict = field(default_factory=dict)
 
@@ -102,13 +104,17 @@ def evaluate(model: CausalLM, val: TokenShards, settings: TrainSettings) -> floa
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, model: CausalLM, optimizer, step: int, settings: TrainSettings, data_dir: Path) -> Path:
+def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, optimizer_format: str, step: int,
+                    settings: TrainSettings, config, data_dir: Path) -> Path:
     final = run_dir / f"checkpoint-{step}"
     staging = run_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    model = build_model(config)
+    model.load_state_dict(model_state)
     save_model(model, staging)
     shutil.copyfile(data_dir / "tokenizer.json", staging / "tokenizer.json")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "settings": asdict(settings)}, staging / "trainer.pt")
+    torch.save({"step": step, "optimizer": optim_state, "optimizer_format": optimizer_format,
+                "settings": asdict(settings)}, staging / "trainer.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     atomic_write(run_dir / "latest", lambda tmp: Path(tmp).write_text(final.name + "\n"))
@@ -169,13 +175,17 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
             log(f"no checkpoint in {run_dir}; starting from step 0")
         model = build_model(config, seed=settings.seed)
     model = model.to(world.device).train()
+    trained = wrap(model, world, settings.parallel)  # runs forward/backward (DDP, or the FSDP2-sharded model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=settings.betas)
+    optimizer_format = "fsdp-full" if sharded(world, settings.parallel) else "torch"
     if checkpoint is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    trained = wrap(model, world)  # the module that runs forward/backward (DDP across processes)
+        if state.get("optimizer_format", "torch") != optimizer_format:
+            raise CheckpointError(f"{str(checkpoint)!r} holds {state.get('optimizer_format')} optimizer state but "
+                                  f"this run needs {optimizer_format}: resume with the parallel mode that saved it")
+        load_optimizer_state(model, optimizer, state["optimizer"], world, settings.parallel)
     metrics_path = run_dir / "metrics.jsonl"
     tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
     end = settings.steps if stop_after is None else min(settings.steps, start + stop_after)
@@ -198,7 +208,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
                 loss.backward()
                 total += loss.item()
             total = mean_over_world(total, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
+            grad_norm = scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
             optimizer.step()
             done = step + 1
             elapsed = time.perf_counter() - t0
@@ -213,8 +223,10 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
                 metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
                 metrics.flush()
             if done % settings.save_every == 0 or done == settings.steps or done == end:
+                model_state, optim_state = full_state(model, optimizer, world, settings.parallel)
                 if world.main:
-                    save_checkpoint(run_dir, model, optimizer, done, settings, data_dir)
+                    save_checkpoint(run_dir, model_state, optim_state, optimizer_format, done, settings, config,
+                                    data_dir)
                 barrier(world)
     bar.close()
     close(world)
