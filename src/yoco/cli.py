@@ -213,6 +213,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import atomic_write
+    from .data import TokenShards
+    from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, plot_passkey, validation_loss
+
+    model = load_model(args.checkpoint, dtype=args.dtype)
+    tokenizer = tokenizer_for(args.checkpoint, model.config.vocab_size)
+    data = Path(args.data) if args.data else Path(args.checkpoint).resolve().parent / "data"
+    if not (data / "meta.json").is_file():
+        raise UsageError(f"no held-out token shards at {str(data)!r}: pass --data with the run's data folder")
+    val = TokenShards(data, "val")
+    if len(val) < 2:
+        val = TokenShards(data, "train")
+        print("note: the validation split is empty; using the training split")
+    contexts = [parse_count(c) for c in args.contexts.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    report = {"checkpoint": str(args.checkpoint), "arch": model.config.arch}
+    report.update(validation_loss(model, val, args.batch_size, args.seq_len, args.batches))
+    print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.2f} "
+          f"({report['batches']} batches of {args.batch_size} x {args.seq_len})")
+    haystack = val.tokens
+    try:
+        cells = passkey_grid(model, tokenizer, haystack, contexts, depths, args.trials, args.seed)
+    except ValueError as e:  # a context too short for the needle, a haystack too small, a bad depth
+        raise UsageError(f"passkey: {e}") from None
+    report["passkey"] = cells
+    print_table(["context", "depth", "accuracy"], [[c["context"], f"{c['depth']:.0%}", f"{c['accuracy']:.0%}"]
+                                                   for c in cells])
+    low = 2 if tokenizer.__class__.__name__ == "ByteTokenizer" else 3  # skip the special tokens
+    ids, mask = mqar_batch(args.mqar_samples, args.mqar_pairs, args.mqar_queries,
+                           range(low, min(model.config.vocab_size, 4096)), seed=args.seed)
+    report["mqar_accuracy"] = mqar_accuracy(model.eval(), ids, mask)
+    print(f"MQAR ({args.mqar_pairs} pairs, {args.mqar_queries} queries): accuracy {report['mqar_accuracy']:.1%}")
+    if args.json:
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_passkey(cells, Path(args.plot), f"passkey retrieval: {model.config.arch}\n{Path(args.checkpoint).name}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoco", description="YOCO and KV-cache-efficient language models")
@@ -286,6 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss, passkey retrieval heatmap and MQAR of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="token shard folder (default: the run's data/ beside the checkpoint)")
+    p.add_argument("--contexts", default="256,512,1024", help="passkey context lengths")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (0 = start, 1 = end)")
+    p.add_argument("--trials", type=int, default=4, help="keys per (context, depth) cell")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batches", type=int, default=16, help="validation batches")
+    p.add_argument("--mqar-samples", type=int, default=32)
+    p.add_argument("--mqar-pairs", type=int, default=16)
+    p.add_argument("--mqar-queries", type=int, default=8)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write the passkey heatmap PNG here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text or token ids from a model")
     add_model_args(p)

@@ -1,0 +1,147 @@
+"""Evaluation of a trained model: validation loss / perplexity, passkey retrieval over context length
+x depth (drawn as the usual needle-in-a-haystack heatmap), and multi-query associative recall.
+
+- Passkey: a random 5-digit key is stated inside a haystack of held-out corpus text at a chosen depth
+  (0 = the start, 1 = just before the question) and asked for at the end; the greedy continuation
+  must reproduce it exactly.
+- MQAR: a sequence of key-value token pairs followed by queries of some keys; accuracy is the share
+  of queried values the model predicts (teacher-forced argmax at each value position).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .engine import generate
+from .models import CausalLM
+
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+@torch.no_grad()
+def validation_loss(model: CausalLM, shards, batch_size: int, seq_len: int, batches: int) -> dict:
+    model.eval()
+    losses = []
+    for x, y in shards.sequential(batch_size, seq_len, batches):
+        logits = model(x)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+    loss = sum(losses) / len(losses) if losses else float("nan")
+    return {"val_loss": loss, "perplexity": math.exp(loss) if losses else float("nan"), "batches": len(losses)}
+
+
+# ---------------------------------------------------------------------- passkey
+@dataclass
+class PasskeyPrompt:
+    ids: list[int]
+    key: str
+    needle_at: int  # token index where the needle starts
+
+
+def passkey_prompt(encode, haystack: Sequence[int], context: int, depth: float, key: str) -> PasskeyPrompt:
+    """A prompt of exactly `context` tokens: haystack tokens with the needle inserted at `depth` of the
+    filler, then the question."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be within [0, 1], got {depth}")
+    needle = encode(" " + NEEDLE.format(key=key) + " ")
+    question = encode(QUESTION)
+    filler = context - len(needle) - len(question)
+    if filler < 0:
+        raise ValueError(f"context {context} is too short for the needle and question "
+                         f"({len(needle) + len(question)} tokens)")
+    if len(haystack) < filler:
+        raise ValueError(f"the haystack has {len(haystack)} tokens, the prompt needs {filler}")
+    at = round(depth * filler)
+    ids = [int(t) for t in haystack[:at]] + needle + [int(t) for t in haystack[at:filler]] + question
+    return PasskeyPrompt(ids, key, at)
+
+
+def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: Sequence[int],
+                 depths: Sequence[float], trials: int = 3, seed: int = 0, prefill_chunk: int = 1024) -> list[dict]:
+    """Accuracy for every (context, depth) cell; each trial uses a different key and haystack offset."""
+    rng = random.Random(seed)
+    cells = []
+    for context in contexts:
+        for depth in depths:
+            hits = 0
+            for _ in range(trials):
+                key = f"{rng.randrange(10000, 100000)}"
+                start = rng.randrange(0, max(1, len(haystack) - context))
+                prompt = passkey_prompt(tokenizer.encode, haystack[start:], context, depth, key)
+                want = tokenizer.encode(" " + key)
+                out = generate(model, [prompt.ids], max_new_tokens=len(want), prefill_chunk=prefill_chunk)
+                hits += tokenizer.decode(out.tokens[0]).strip().startswith(key)
+            cells.append({"context": context, "depth": depth, "accuracy": hits / trials, "trials": trials})
+    return cells
+
+
+def plot_passkey(cells: list[dict], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    contexts = sorted({c["context"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    grid = [[next(c["accuracy"] for c in cells if c["context"] == n and c["depth"] == d) for n in contexts]
+            for d in depths]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.9 * len(contexts)), 1.6 + 0.5 * len(depths)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(contexts)), [str(n) for n in contexts])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=9)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- MQAR
+def mqar_batch(n: int, pairs: int, queries: int, vocab: Sequence[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [n, 2*pairs + 2*queries] and a target mask: keys k_i and values v_i drawn from disjoint
+    halves of `vocab`, then `queries` of the keys each followed by its value (the scored positions)."""
+    if pairs < queries:
+        raise ValueError(f"cannot query {queries} keys out of {pairs} pairs")
+    g = torch.Generator().manual_seed(seed)
+    vocab = torch.as_tensor(list(vocab))
+    half = len(vocab) // 2
+    if half < pairs:
+        raise ValueError(f"a vocabulary of {len(vocab)} ids cannot hold {pairs} distinct keys")
+    rows, masks = [], []
+    for _ in range(n):
+        keys = vocab[torch.randperm(half, generator=g)[:pairs]]
+        values = vocab[half + torch.randint(0, len(vocab) - half, (pairs,), generator=g)]
+        asked = torch.randperm(pairs, generator=g)[:queries]
+        context = torch.stack([keys, values], dim=1).flatten()
+        probe = torch.stack([keys[asked], values[asked]], dim=1).flatten()
+        rows.append(torch.cat([context, probe]))
+        mask = torch.zeros(len(context) + len(probe), dtype=torch.bool)
+        mask[len(context) + 1::2] = True  # the value after each queried key
+        masks.append(mask)
+    return torch.stack(rows), torch.stack(masks)
+
+
+@torch.no_grad()
+def mqar_accuracy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of masked positions whose token the model predicts from the position before."""
+    logits = model(ids)
+    predicted = logits[:, :-1].argmax(-1)
+    target = ids[:, 1:]
+    scored = mask[:, 1:]
+    return (predicted[scored] == target[scored]).float().mean().item()
+
+
+__all__ = ["mqar_accuracy", "mqar_batch", "passkey_grid", "passkey_prompt", "plot_passkey", "validation_loss"]

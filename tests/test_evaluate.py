@@ -1,0 +1,78 @@
+"""Evaluation: passkey prompts, MQAR construction and scoring, and `yoco eval` end to end."""
+
+import json
+
+import pytest
+import torch
+
+from yoco.cli import main
+from yoco.evaluate import mqar_accuracy, mqar_batch, passkey_prompt
+from yoco.tokenizer import ByteTokenizer
+
+
+def test_passkey_prompt_length_and_depth():
+    tok = ByteTokenizer()
+    haystack = list(range(100, 200)) * 20
+    for depth in (0.0, 0.5, 1.0):
+        p = passkey_prompt(tok.encode, haystack, 400, depth, "12345")
+        assert len(p.ids) == 400
+        needle = tok.encode(" The pass key is 12345.")
+        assert p.ids[p.needle_at:p.needle_at + len(needle)] == needle
+        assert tok.decode(p.ids).endswith("What is the pass key? The pass key is")
+    filler = 400 - len(tok.encode(" The pass key is 12345. Remember it. 12345 is the pass key. ")) - \
+        len(tok.encode(" What is the pass key? The pass key is"))
+    assert passkey_prompt(tok.encode, haystack, 400, 0.0, "12345").needle_at == 0
+    assert passkey_prompt(tok.encode, haystack, 400, 1.0, "12345").needle_at == filler
+    with pytest.raises(ValueError, match="too short"):
+        passkey_prompt(tok.encode, haystack, 50, 0.5, "12345")
+    with pytest.raises(ValueError, match="depth"):
+        passkey_prompt(tok.encode, haystack, 400, 1.5, "12345")
+
+
+def test_mqar_batch_structure():
+    ids, mask = mqar_batch(5, pairs=8, queries=3, vocab=range(10, 110), seed=1)
+    assert ids.shape == mask.shape == (5, 22)
+    for row, m in zip(ids, mask):
+        pairs = {int(row[i]): int(row[i + 1]) for i in range(0, 16, 2)}
+        assert len(pairs) == 8  # distinct keys
+        for pos in torch.nonzero(m).flatten().tolist():
+            assert pos >= 16 and pairs[int(row[pos - 1])] == int(row[pos])
+    assert int(mask.sum()) == 5 * 3
+
+
+def test_mqar_scoring_with_an_oracle_and_a_guesser():
+    ids, mask = mqar_batch(4, pairs=6, queries=4, vocab=range(50), seed=2)
+
+    def oracle(x):
+        return torch.nn.functional.one_hot(torch.cat([x[:, 1:], x[:, :1]], dim=1), 50).float()
+
+    def constant(x):
+        return torch.zeros(*x.shape, 50)
+
+    assert mqar_accuracy(oracle, ids, mask) == 1.0
+    assert mqar_accuracy(constant, ids, mask) < 0.2
+
+
+def test_eval_command(tmp_path, capsys):
+    from yoco.train import TrainSettings, latest_checkpoint, train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n\n" * 20)
+    train(TrainSettings(arch="yoco-gret", preset="tiny", corpus=[str(corpus)], vocab_size=300, steps=3,
+                        batch_size=2, seq_len=32, eval_every=3, save_every=3, val_percent=30.0),
+          tmp_path / "run", progress=False, log=lambda s: None)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    argv = ["eval", "--checkpoint", str(checkpoint), "--contexts", "160,256", "--depths", "0,1", "--trials", "1",
+            "--batches", "2", "--seq-len", "32", "--mqar-samples", "4", "--json", str(tmp_path / "e.json"),
+            "--plot", str(tmp_path / "e.png")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["val_loss"] > 0 and len(report["passkey"]) == 4
+    assert all(0 <= c["accuracy"] <= 1 for c in report["passkey"]) and 0 <= report["mqar_accuracy"] <= 1
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "no held-out token shards" in capsys.readouterr().err
+    assert main(argv[:3] + ["--contexts", "40"]) == 2
+    assert "too short for the needle" in capsys.readouterr().err
