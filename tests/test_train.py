@@ -140,3 +140,37 @@ def test_two_processes_follow_one_process(mode, corpus, tmp_path):
     a, b = load_model(latest_checkpoint(tmp_path / "one")), load_model(latest_checkpoint(tmp_path / "two"))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_retrieval_rows(corpus, tmp_path):
+    from yoco.data import load_tokenizer
+    from yoco.train import retrieval_rows
+
+    train(settings(corpus, steps=1), tmp_path, progress=False, log=lambda s: None)
+    tokenizer = load_tokenizer(tmp_path / "data")
+    from yoco.data import TokenShards
+
+    haystack = TokenShards(tmp_path / "data").tokens
+    rows = retrieval_rows(4, 192, step=5, seed=0, tokenizer=tokenizer, haystack=haystack)
+    assert rows.shape == (4, 193) and torch.equal(rows, retrieval_rows(4, 192, 5, 0, tokenizer, haystack))
+    assert not torch.equal(rows, retrieval_rows(4, 192, 6, 0, tokenizer, haystack))
+    text = tokenizer.decode(rows[0].tolist())
+    key = text.split("The pass key is ")[1][:5]
+    assert text.endswith("The pass key is " + key)  # the passkey row ends with its answer
+    # Too short for a needle: every row is MQAR (keys then queried keys, each followed by its value).
+    short = retrieval_rows(2, 15, step=0, seed=0, tokenizer=tokenizer, haystack=haystack)
+    assert short.shape == (2, 16)
+    pairs = {int(short[0, i]): int(short[0, i + 1]) for i in range(0, 8, 2)}
+    assert all(pairs[int(short[0, i])] == int(short[0, i + 1]) for i in range(8, 16, 2))
+
+
+def test_training_with_a_retrieval_mix_resumes_exactly(corpus, tmp_path):
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    s = settings(corpus, retrieval_mix=0.5, seq_len=96)
+    train(s, whole, progress=False, log=lambda t: None)
+    train(s, parted, progress=False, log=lambda t: None, stop_after=3)
+    train(s, parted, resume=True, progress=False, log=lambda t: None)
+    a, b = losses(whole), losses(parted)
+    assert all(b[k] == pytest.approx(a[k], abs=1e-6) for k in a)
+    with pytest.raises(ValueError, match="retrieval-mix"):
+        train(settings(corpus, retrieval_mix=1.5), tmp_path / "x", progress=False, log=lambda t: None)

@@ -203,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                              grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                              eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
-                             seed=args.seed, bf16=args.bf16, parallel=args.parallel)
+                             seed=args.seed, bf16=args.bf16, parallel=args.parallel,
+                             retrieval_mix=args.retrieval_mix)
     try:
         final = train(settings, args.out, resume=args.resume)
     except ValueError as e:  # bad settings (DataError and ConfigError are ValueErrors too)
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: replicate (DDP) or shard with FSDP2 (fully_shard per block)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
+    p.add_argument("--retrieval-mix", type=float, default=0.0,
+                   help="share of each batch given to synthetic passkey / MQAR sequences (e.g. 0.25)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 

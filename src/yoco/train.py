@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, atomic_write, load_model, save_model
 from .config import get_config
-from .data import TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
+from .data import EOS, SPECIAL_TOKENS, TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
 from .models import CausalLM, build_model
 from .parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
                        shard_rows, sharded, wrap)
@@ -53,6 +53,7 @@ class TrainSettings:
     seed: int = 0
     bf16: bool = False  # autocast matmuls to bf16 (weights and optimizer stay fp32)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2-sharded)
+    retrieval_mix: float = 0.0  # share of every batch given to synthetic passkey / MQAR sequences
     val_percent: float = 2.0
     overrides: dict = field(default_factory=dict)
 
@@ -61,6 +62,8 @@ class TrainSettings:
                      "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.retrieval_mix <= 1:
+            raise ValueError(f"retrieval-mix must be within [0, 1], got {self.retrieval_mix}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0 or self.grad_clip <= 0:
             raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup >= 0 and grad-clip > 0")
 
@@ -85,6 +88,38 @@ def prepare_data(settings: TrainSettings, run_dir: Path, log=print) -> Path:
     atomic_write(data_dir / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
     build_shards(corpus_documents(settings.corpus), tokenizer, data_dir, val_percent=settings.val_percent)
     return data_dir
+
+
+def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haystack) -> torch.Tensor:
+    """n synthetic retrieval sequences of seq_len + 1 tokens, fixed by (seed, step): alternately a
+    passkey prompt with its answer (when seq_len leaves room for the needle) and an MQAR sequence."""
+    import random
+
+    from .evaluate import mqar_batch, passkey_prompt
+
+    rng = random.Random(f"{seed}:{step}")
+    vocab = tokenizer.get_vocab_size()
+    eos = tokenizer.token_to_id(EOS)
+    rows = []
+    for i in range(n):
+        row = None
+        if i % 2 == 0:
+            key = str(rng.randrange(10000, 100000))
+            answer = tokenizer.encode(" " + key).ids
+            start = rng.randrange(0, max(1, len(haystack) - seq_len))
+            try:
+                prompt = passkey_prompt(lambda t: tokenizer.encode(t).ids, haystack[start:start + seq_len],
+                                        seq_len + 1 - len(answer), rng.random(), key)
+                row = prompt.ids + answer
+            except ValueError:  # too short a sequence for the needle: use MQAR instead
+                row = None
+        if row is None:
+            pairs = max(1, (seq_len + 1) // 4)
+            ids, _ = mqar_batch(1, pairs, pairs, range(len(SPECIAL_TOKENS), vocab), seed=rng.randrange(1 << 30))
+            row = ids[0].tolist()[: seq_len + 1]
+            row += [eos] * (seq_len + 1 - len(row))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def loss_of(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -203,6 +238,11 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
             for micro in range(settings.grad_accum):
                 x, y = train_data.batch(step * settings.grad_accum + micro, settings.batch_size, settings.seq_len,
                                         settings.seed)
+                mixed = round(settings.batch_size * settings.retrieval_mix)
+                if mixed:  # the first rows of every batch become synthetic retrieval sequences
+                    rows = retrieval_rows(mixed, settings.seq_len, step * settings.grad_accum + micro, settings.seed,
+                                          tokenizer, train_data.tokens)
+                    x, y = torch.cat([rows[:, :-1], x[mixed:]]), torch.cat([rows[:, 1:], y[mixed:]])
                 x, y = shard_rows(x, world).to(world.device), shard_rows(y, world).to(world.device)
                 loss = loss_of(trained, x, y, settings.bf16) / settings.grad_accum
                 loss.backward()
