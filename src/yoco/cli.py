@@ -258,6 +258,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import STUDY_ARCHS, StudySettings, run_study
+
+    archs = tuple(a.strip() for a in args.arch.split(",")) if args.arch else STUDY_ARCHS
+    unknown = [a for a in archs if a not in NAMES]
+    if unknown:
+        raise UsageError(f"unknown architecture(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+    steps = args.steps or (150 if args.quick else 2000)
+    settings = StudySettings(archs=archs, preset=args.preset, steps=steps, batch_size=args.batch_size,
+                             seq_len=args.seq_len, retrieval_mix=args.retrieval_mix, corpus=args.data or [],
+                             vocab_size=args.vocab_size, trials=args.trials or (2 if args.quick else 4), seed=args.seed)
+    try:
+        results = run_study(settings, args.out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    from .study import markdown
+
+    print(markdown(results))
+    print(f"wrote {args.out}/results.json, results.md, pareto.png, loss_curves.png, retrieval.png")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoco", description="YOCO and KV-cache-efficient language models")
@@ -351,6 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write the passkey heatmap PNG here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("study", help="train architectures at matched parameters and compare quality vs cache")
+    p.add_argument("--arch", help="comma-separated (default: transformer,yoco-swa,yoco-gret,mqa,mla,cla2,mlkv,block)")
+    p.add_argument("--quick", action="store_true", help="150 steps per architecture (about 20 minutes)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--steps", type=int, help="training steps per architecture (default 2000, quick 150)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--retrieval-mix", type=float, default=0.25)
+    p.add_argument("--data", action="append", help="corpus paths (default: the stdlib's sources)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--trials", type=int, help="passkey keys per cell (default 4, quick 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("generate", help="generate text or token ids from a model")
     add_model_args(p)

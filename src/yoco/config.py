@@ -221,6 +221,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests: small enough that a full forward is milliseconds.
     "tiny": dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128,
                  max_seq_len=1024, window=16, retention_heads=2, retention_chunk=16, mla_kv_rank=24, mla_rope_dim=8),
+    # For studies on a CPU: a ~1.6M-parameter model that trains at thousands of tokens/s, with a
+    # window (128) wide enough for a passkey needle and question.
+    "small": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=4096,
+                  window=128, retention_heads=1, retention_chunk=64, mla_kv_rank=48, mla_rope_dim=16),
     # The ~40M-parameter benchmark pair: width 512, 12 layers, 8 query / 2 KV heads, SwiGLU 1408.
     "40m": dict(vocab_size=4096, dim=512, n_layers=12, n_heads=8, n_kv_heads=2, ffn_dim=1408,
                 max_seq_len=1 << 20, window=1024, retention_heads=2, retention_chunk=64, mla_kv_rank=128,

@@ -76,9 +76,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare_data(settings: TrainSettings, run_dir: Path, log=print) -> Path:
-    """Tokenizer and shards in run_dir/data, built once (reused when present and complete)."""
-    data_dir = run_dir / "data"
+def prepare_data(settings: TrainSettings, data_dir: Path, log=print) -> Path:
+    """Tokenizer and shards in data_dir, built once (reused when present and complete)."""
     if (data_dir / "meta.json").is_file() and (data_dir / "tokenizer.json").is_file():
         return data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -168,9 +167,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 # ---------------------------------------------------------------------- the loop
 def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool = False, log=print,
-          progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train (or resume) in run_dir; returns the final metrics. `stop_after` ends the process's work
-    after that many steps without finishing the schedule (to test interruption)."""
+          progress: bool = True, stop_after: int | None = None, data_dir: str | os.PathLike | None = None) -> dict:
+    """Train (or resume) in run_dir; returns the final metrics. `data_dir` holds the tokenizer and shards
+    (default run_dir/data; a study shares one). `stop_after` ends the process's work after that many
+    steps without finishing the schedule (to test interruption)."""
     from tqdm import tqdm
 
     settings.validate()
@@ -183,11 +183,11 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
     if not resume and (run_dir / "latest").exists():
         raise CheckpointError(f"run folder {str(run_dir)!r} already holds checkpoints: pass resume (--resume) to "
                               "continue it, or choose a new folder (nothing was overwritten)")
+    data_dir = Path(data_dir) if data_dir is not None else run_dir / "data"
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        prepare_data(settings, run_dir, log)
+        prepare_data(settings, data_dir, log)
     barrier(world)
-    data_dir = run_dir / "data"
     tokenizer = load_tokenizer(data_dir)
     config = get_config(settings.arch, settings.preset,
                         **{"vocab_size": tokenizer.get_vocab_size(), **settings.overrides})

@@ -1,0 +1,185 @@
+"""``yoco study``: train several architectures at the same parameter count, data and token budget,
+evaluate them alike, and compare quality against KV-cache size.
+
+Parameters are matched as the YOCO paper does, through the FFN width: every architecture's
+``ffn_dim`` is chosen so that its parameter count is the closest to the Transformer's at the preset.
+All runs share one tokenizer and one set of shards (``OUT/data``) and see the same batches.
+Passkey accuracy is measured inside the sliding window (the needle at most W tokens before the
+question) and beyond it (the needle further back than W), W being the preset's window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write, load_model
+from .config import get_config
+from .data import TokenShards
+from .evaluate import NEEDLE, QUESTION, mqar_accuracy, mqar_batch, passkey_grid
+from .models import MODEL_CLASSES, cache_bytes
+from .tokenizer import TrainedTokenizer
+from .train import TrainSettings, latest_checkpoint, train
+
+STUDY_ARCHS = ("transformer", "yoco-swa", "yoco-gret", "mqa", "mla", "cla2", "mlkv", "block")
+
+
+@dataclass
+class StudySettings:
+    archs: tuple[str, ...] = STUDY_ARCHS
+    preset: str = "small"
+    steps: int = 2000
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    retrieval_mix: float = 0.25
+    corpus: list[str] = field(default_factory=list)
+    vocab_size: int = 4096
+    trials: int = 4
+    seed: int = 0
+
+
+def parameter_count(config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in MODEL_CLASSES[config.arch](config).parameters())
+
+
+def match_ffn(arch: str, preset: str, target: int, **overrides) -> tuple[int, int]:
+    """The FFN width (a multiple of 8) whose parameter count is closest to `target`, and that count."""
+    lo, hi = 8, 64 * get_config(arch, preset, **overrides).ffn_dim
+    while hi - lo > 8:
+        mid = (lo + hi) // 16 * 8
+        if parameter_count(get_config(arch, preset, ffn_dim=mid, **overrides)) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda f: abs(parameter_count(get_config(arch, preset, ffn_dim=f, **overrides)) - target))
+    return best, parameter_count(get_config(arch, preset, ffn_dim=best, **overrides))
+
+
+def passkey_split(model, tokenizer, haystack, window: int, trials: int, seed: int) -> tuple[float | None, float | None]:
+    """Mean passkey accuracy with the needle inside the window and beyond it (None when the needle
+    and question alone do not fit in the window)."""
+    overhead = len(tokenizer.encode(" " + NEEDLE.format(key="12345") + " ")) + len(tokenizer.encode(QUESTION))
+    inside = None
+    if overhead + 8 <= window:
+        cells = passkey_grid(model, tokenizer, haystack, [window], [0.0, 0.5, 1.0], trials, seed)
+        inside = sum(c["accuracy"] for c in cells) / len(cells)
+    context = 4 * window + overhead
+    # depth <= 0.5 of the filler puts the needle more than 2 W tokens before the question
+    cells = passkey_grid(model, tokenizer, haystack, [context], [0.0, 0.25, 0.5], trials, seed + 1)
+    return inside, sum(c["accuracy"] for c in cells) / len(cells)
+
+
+def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = parameter_count(get_config("transformer", settings.preset))
+    window = get_config("yoco-swa", settings.preset).window
+    runs = []
+    for arch in settings.archs:
+        ffn, params = match_ffn(arch, settings.preset, target)
+        log(f"{arch}: ffn_dim {ffn} -> {params / 1e6:.2f}M parameters (target {target / 1e6:.2f}M)")
+        train_settings = TrainSettings(arch=arch, preset=settings.preset, corpus=settings.corpus,
+                                       vocab_size=settings.vocab_size, steps=settings.steps,
+                                       batch_size=settings.batch_size, seq_len=settings.seq_len, lr=settings.lr,
+                                       warmup=max(1, settings.steps // 20), eval_every=max(1, settings.steps // 4),
+                                       save_every=settings.steps, log_every=max(1, settings.steps // 50),
+                                       retrieval_mix=settings.retrieval_mix, seed=settings.seed,
+                                       overrides={"ffn_dim": ffn,
+                                                  "max_seq_len": max(4096, 8 * window, settings.seq_len)})
+        run_dir = out / arch
+        final = train(train_settings, run_dir, resume=(run_dir / "latest").exists(), log=log, progress=progress,
+                      data_dir=out / "data")
+        model = load_model(latest_checkpoint(run_dir)).eval()
+        tokenizer = TrainedTokenizer(out / "data", model.config.vocab_size)
+        val = TokenShards(out / "data", "val")
+        haystack = val.tokens if len(val) > 8 * window else TokenShards(out / "data", "train").tokens
+        inside, beyond = passkey_split(model, tokenizer, haystack, window, settings.trials, settings.seed)
+        ids, mask = mqar_batch(32, 16, 8, range(2, model.config.vocab_size), seed=settings.seed)
+        per_token = (cache_bytes(model.config, 1, 8192, torch.float32) - cache_bytes(model.config, 1, 4096, torch.float32)) / 4096
+        runs.append({"arch": arch, "params": model.num_parameters(), "ffn_dim": ffn,
+                     "train_tokens": settings.steps * settings.batch_size * settings.seq_len,
+                     "val_loss": final.get("val_loss"), "kv_bytes_per_token": per_token,
+                     "passkey_acc_in_window": inside, "passkey_acc_beyond_window": beyond,
+                     "mqar_acc": mqar_accuracy(model, ids, mask)})
+    results = {"settings": {**settings.__dict__, "archs": list(settings.archs), "window": window,
+                            "target_params": target}, "runs": runs}
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown(results)))
+    plot_study(results, out)
+    return results
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"Study: preset {s['preset']}, {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, "
+             f"retrieval mix {s['retrieval_mix']}, window {s['window']}", "",
+             "| arch | params | ffn | val loss | KV bytes/token | passkey in window | passkey beyond | MQAR |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['arch']} | {r['params'] / 1e6:.2f}M | {r['ffn_dim']} | {r['val_loss']:.4f} | "
+                     f"{r['kv_bytes_per_token']:,.0f} | {_pct(r['passkey_acc_in_window'])} | "
+                     f"{_pct(r['passkey_acc_beyond_window'])} | {_pct(r['mqar_acc'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for r in runs:
+        ax.scatter(r["kv_bytes_per_token"], r["val_loss"])
+        ax.annotate(r["arch"], (r["kv_bytes_per_token"], r["val_loss"]), fontsize=8, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("KV-cache bytes per token (fp32, log)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("quality against cache size (same parameters, data and tokens)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(out / "pareto.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for r in runs:
+        rows = [json.loads(line) for line in (out / r["arch"] / "metrics.jsonl").read_text().splitlines()]
+        points = [(row["step"], row["loss"]) for row in rows if "loss" in row]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=r["arch"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    atomic_write(out / "loss_curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(runs))
+    width = 0.27
+    for k, (key, label) in enumerate([("passkey_acc_in_window", "passkey in window"),
+                                      ("passkey_acc_beyond_window", "passkey beyond window"),
+                                      ("mqar_acc", "MQAR")]):
+        ax.bar([i + (k - 1) * width for i in x], [r[key] or 0 for r in runs], width, label=label)
+    ax.set_xticks(list(x), [r["arch"] for r in runs], rotation=30, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(out / "retrieval.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+__all__ = ["STUDY_ARCHS", "StudySettings", "match_ffn", "run_study"]

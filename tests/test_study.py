@@ -1,0 +1,41 @@
+"""yoco study on a tiny budget: matched parameters, every field, the tables and plots."""
+
+import json
+
+import pytest
+
+from yoco.cli import main
+from yoco.config import get_config
+from yoco.study import match_ffn, parameter_count
+
+
+@pytest.mark.parametrize("arch", ["yoco-swa", "yoco-gret", "mqa", "mla", "block"])
+def test_ffn_width_matches_parameters(arch):
+    target = parameter_count(get_config("transformer", "small"))
+    ffn, params = match_ffn(arch, "small", target)
+    assert ffn % 8 == 0
+    step = parameter_count(get_config(arch, "small", ffn_dim=ffn + 8)) - params  # params per 8 FFN units
+    assert abs(params - target) <= step
+
+
+def test_study_writes_results(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i}.py").write_text(f"def function_{i}(value):\n    return value * {i} + {i % 7}\n\n" * 30)
+    argv = ["study", "--arch", "transformer,yoco-swa", "--steps", "2", "--batch-size", "2", "--seq-len", "64",
+            "--data", str(corpus), "--vocab-size", "400", "--trials", "1", "--out", str(tmp_path / "study")]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    runs = results["runs"]
+    assert [r["arch"] for r in runs] == ["transformer", "yoco-swa"]
+    for r in runs:
+        assert {"arch", "params", "train_tokens", "val_loss", "kv_bytes_per_token", "passkey_acc_in_window",
+                "passkey_acc_beyond_window"} <= set(r)
+        assert r["train_tokens"] == 2 * 2 * 64 and r["val_loss"] > 0
+    assert runs[0]["kv_bytes_per_token"] == 4 * runs[1]["kv_bytes_per_token"]  # 4 layers vs one global KV
+    assert abs(runs[0]["params"] - runs[1]["params"]) < 0.02 * runs[0]["params"]
+    for name in ("results.md", "pareto.png", "loss_curves.png", "retrieval.png"):
+        assert (tmp_path / "study" / name).stat().st_size > 0
+    assert "| yoco-swa |" in (tmp_path / "study" / "results.md").read_text()
+    assert main(["study", "--arch", "mamba", "--out", str(tmp_path / "x")]) == 2
