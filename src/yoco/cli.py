@@ -265,7 +265,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     unknown = [a for a in archs if a not in NAMES]
     if unknown:
         raise UsageError(f"unknown architecture(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
-    steps = args.steps or (150 if args.quick else 2000)
+    steps = args.steps or (400 if args.quick else 2000)
     settings = StudySettings(archs=archs, preset=args.preset, steps=steps, batch_size=args.batch_size,
                              seq_len=args.seq_len, retrieval_mix=args.retrieval_mix, corpus=args.data or [],
                              vocab_size=args.vocab_size, trials=args.trials or (2 if args.quick else 4), seed=args.seed)
@@ -376,9 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="train architectures at matched parameters and compare quality vs cache")
     p.add_argument("--arch", help="comma-separated (default: transformer,yoco-swa,yoco-gret,mqa,mla,cla2,mlkv,block)")
-    p.add_argument("--quick", action="store_true", help="150 steps per architecture (about 20 minutes)")
+    p.add_argument("--quick", action="store_true", help="400 steps per architecture (about 12 minutes on 2 cores)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--steps", type=int, help="training steps per architecture (default 2000, quick 150)")
+    p.add_argument("--steps", type=int, help="training steps per architecture (default 2000, quick 400)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--retrieval-mix", type=float, default=0.25)
