@@ -13,7 +13,7 @@ from .bench import BenchError
 from .cache import CacheError
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import NAMES, PRESETS, ConfigError
-from .data import DataError
+from .data import SPECIAL_TOKENS, DataError
 from .engine import generate, stream
 from .models import CausalLM, InputError, build_model, resolve_dtype
 from .report import format_bytes, print_table
@@ -244,9 +244,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report["passkey"] = cells
     print_table(["context", "depth", "accuracy"], [[c["context"], f"{c['depth']:.0%}", f"{c['accuracy']:.0%}"]
                                                    for c in cells])
-    low = 2 if tokenizer.__class__.__name__ == "ByteTokenizer" else 3  # skip the special tokens
+    # MQAR draws ids past the trained tokenizer's special tokens (<|endoftext|>, <|pad|>), as the study does
     ids, mask = mqar_batch(args.mqar_samples, args.mqar_pairs, args.mqar_queries,
-                           range(low, min(model.config.vocab_size, 4096)), seed=args.seed)
+                           range(len(SPECIAL_TOKENS), min(model.config.vocab_size, 4096)), seed=args.seed)
     report["mqar_accuracy"] = mqar_accuracy(model.eval(), ids, mask)
     print(f"MQAR ({args.mqar_pairs} pairs, {args.mqar_queries} queries): accuracy {report['mqar_accuracy']:.1%}")
     if args.json:

@@ -25,13 +25,18 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 
 
+def lm_loss(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy, optionally with bf16 autocast for the forward pass."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 @torch.no_grad()
-def validation_loss(model: CausalLM, shards, batch_size: int, seq_len: int, batches: int) -> dict:
+def validation_loss(model: CausalLM, shards, batch_size: int, seq_len: int, batches: int, bf16: bool = False) -> dict:
+    """Loss and perplexity over consecutive held-out windows; leaves the model in eval mode."""
     model.eval()
-    losses = []
-    for x, y in shards.sequential(batch_size, seq_len, batches):
-        logits = model(x)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+    losses = [lm_loss(model, x, y, bf16).item() for x, y in shards.sequential(batch_size, seq_len, batches)]
     loss = sum(losses) / len(losses) if losses else float("nan")
     return {"val_loss": loss, "perplexity": math.exp(loss) if losses else float("nan"), "batches": len(losses)}
 

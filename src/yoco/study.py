@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import atomic_write, load_model
 from .config import get_config
-from .data import TokenShards
+from .data import SPECIAL_TOKENS, TokenShards
 from .evaluate import NEEDLE, QUESTION, mqar_accuracy, mqar_batch, passkey_grid
 from .models import MODEL_CLASSES, cache_bytes
 from .tokenizer import TrainedTokenizer
@@ -100,7 +100,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
         val = TokenShards(out / "data", "val")
         haystack = val.tokens if len(val) > 8 * window else TokenShards(out / "data", "train").tokens
         inside, beyond = passkey_split(model, tokenizer, haystack, window, settings.trials, settings.seed)
-        ids, mask = mqar_batch(32, 16, 8, range(2, model.config.vocab_size), seed=settings.seed)
+        ids, mask = mqar_batch(32, 16, 8, range(len(SPECIAL_TOKENS), model.config.vocab_size), seed=settings.seed)
         per_token = (cache_bytes(model.config, 1, 8192, torch.float32) - cache_bytes(model.config, 1, 4096, torch.float32)) / 4096
         runs.append({"arch": arch, "params": model.num_parameters(), "ffn_dim": ffn,
                      "train_tokens": settings.steps * settings.batch_size * settings.seq_len,

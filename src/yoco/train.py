@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, atomic_write, load_model, save_model
 from .config import get_config
 from .data import EOS, SPECIAL_TOKENS, TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
+from .evaluate import lm_loss, validation_loss
 from .models import CausalLM, build_model
 from .parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
                        shard_rows, sharded, wrap)
@@ -121,20 +121,10 @@ def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haysta
     return torch.tensor(rows, dtype=torch.long)
 
 
-def loss_of(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
-    device_type = inputs.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-@torch.no_grad()
 def evaluate(model: CausalLM, val: TokenShards, settings: TrainSettings) -> float:
-    model.eval()
-    losses = [loss_of(model, x, y, settings.bf16).item()
-              for x, y in val.sequential(settings.batch_size, settings.seq_len, settings.eval_batches)]
+    loss = validation_loss(model, val, settings.batch_size, settings.seq_len, settings.eval_batches, settings.bf16)
     model.train()
-    return sum(losses) / len(losses) if losses else float("nan")
+    return loss["val_loss"]
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -244,7 +234,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
                                           tokenizer, train_data.tokens)
                     x, y = torch.cat([rows[:, :-1], x[mixed:]]), torch.cat([rows[:, 1:], y[mixed:]])
                 x, y = shard_rows(x, world).to(world.device), shard_rows(y, world).to(world.device)
-                loss = loss_of(trained, x, y, settings.bf16) / settings.grad_accum
+                loss = lm_loss(trained, x, y, settings.bf16) / settings.grad_accum
                 loss.backward()
                 total += loss.item()
             total = mean_over_world(total, world)
