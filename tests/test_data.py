@@ -97,6 +97,21 @@ def test_shards_split_by_document_and_batches_repeat(tokenizer, tmp_path):
     assert len(batches) <= 2 and batches[0][0].shape[1] == 16
 
 
+def test_a_corpus_no_document_hashes_into_validation_still_gets_one(tokenizer, tmp_path):
+    from yoco.data import Document
+
+    names = [n for n in (f"doc{i}.py" for i in range(200)) if not in_validation(n, 2.0)][:5]
+    docs = [Document(n, TEXTS[i]) for i, n in enumerate(names)]
+    meta = build_shards(docs, tokenizer, tmp_path / "five", val_percent=2.0, progress=False)
+    assert meta["documents"] == {"train": 4, "val": 1}  # the last document is held out
+    eos = tokenizer.token_to_id(EOS)
+    assert list(TokenShards(tmp_path / "five", "val").tokens) == tokenizer.encode(TEXTS[4]).ids + [eos]
+    one = build_shards(docs[:1], tokenizer, tmp_path / "one", val_percent=2.0, progress=False)
+    assert one["documents"] == {"train": 1, "val": 0}  # never the only training document
+    none = build_shards(docs, tokenizer, tmp_path / "none", val_percent=0, progress=False)
+    assert none["documents"] == {"train": 5, "val": 0}  # no validation asked for, none made
+
+
 def test_truncated_or_missing_shards(tokenizer, tmp_path):
     with pytest.raises(DataError, match="not a token shard folder"):
         TokenShards(tmp_path)

@@ -163,15 +163,23 @@ def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
     files = {split: open(tmp[split], "wb") for split in counts}
     try:
         batch: list[Document] = []
+        held: list[np.ndarray] = []  # the latest training document, written one document late
+
+        def write(split: str, ids: np.ndarray) -> None:
+            files[split].write(ids.tobytes())
+            counts[split] += len(ids)
+            docs[split] += 1
 
         def flush() -> None:
             encodings = tokenizer.encode_batch([d.text for d in batch])
             for doc, enc in zip(batch, encodings):
-                split = "val" if in_validation(doc.name, val_percent) else "train"
                 ids = np.asarray(enc.ids + [eos], dtype=dtype)
-                files[split].write(ids.tobytes())
-                counts[split] += len(ids)
-                docs[split] += 1
+                if in_validation(doc.name, val_percent):
+                    write("val", ids)
+                else:
+                    if held:
+                        write("train", held.pop())
+                    held.append(ids)
             batch.clear()
 
         for doc in tqdm(documents, desc="tokenizing", unit="doc", disable=not progress):
@@ -180,6 +188,10 @@ def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
                 flush()
         if batch:
             flush()
+        if held:
+            # A small corpus may hash no document into validation; hold out its last training
+            # document instead so that validation loss is always defined (when there are two).
+            write("val" if val_percent > 0 and docs["val"] == 0 and docs["train"] > 0 else "train", held.pop())
     finally:
         for f in files.values():
             f.close()

@@ -11,6 +11,7 @@ question) and beyond it (the needle further back than W), W being the preset's w
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,8 @@ def plot_study(results: dict, out: Path) -> None:
     runs = results["runs"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for r in runs:
+        if r["val_loss"] is None or not math.isfinite(r["val_loss"]):
+            continue  # no validation split (a one-document corpus): nothing to place
         ax.scatter(r["kv_bytes_per_token"], r["val_loss"])
         ax.annotate(r["arch"], (r["kv_bytes_per_token"], r["val_loss"]), fontsize=8, xytext=(4, 3),
                     textcoords="offset points")
