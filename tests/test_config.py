@@ -53,6 +53,14 @@ def test_get_config_overrides_and_unknowns():
         get_config("mamba", "tiny")
 
 
+def test_window_only_control_variant():
+    for preset in PRESETS:
+        cfg = get_config("swa", preset)
+        assert cfg.arch == "transformer" and cfg.window == PRESETS[preset]["window"]
+        assert get_config("swa", preset, window=7).window == 7
+    assert get_config("gqa", "small").window is None
+
+
 def test_self_layers_default_is_half():
     assert get_config("yoco-swa", "tiny").self_layers == 2
     assert get_config("yoco-gret", "40m").self_layers == 6

@@ -23,17 +23,22 @@ def test_study_writes_results(tmp_path, capsys):
     corpus.mkdir()
     for i in range(40):
         (corpus / f"m{i}.py").write_text(f"def function_{i}(value):\n    return value * {i} + {i % 7}\n\n" * 30)
-    argv = ["study", "--arch", "transformer,yoco-swa", "--steps", "2", "--batch-size", "2", "--seq-len", "64",
+    argv = ["study", "--arch", "transformer,yoco-swa,swa", "--window", "32", "--steps", "2", "--batch-size", "2", "--seq-len", "64",
             "--data", str(corpus), "--vocab-size", "400", "--trials", "1", "--out", str(tmp_path / "study")]
     assert main(argv) == 0
     results = json.loads((tmp_path / "study" / "results.json").read_text())
     runs = results["runs"]
-    assert [r["arch"] for r in runs] == ["transformer", "yoco-swa"]
+    assert [r["arch"] for r in runs] == ["transformer", "yoco-swa", "swa"]
+    assert results["settings"]["window"] == 32 and results["settings"]["passkey_beyond_context"] >= 4 * 32
     for r in runs:
         assert {"arch", "params", "train_tokens", "val_loss", "kv_bytes_per_token", "passkey_acc_in_window",
                 "passkey_acc_beyond_window"} <= set(r)
         assert r["train_tokens"] == 2 * 2 * 64 and r["val_loss"] > 0
     assert runs[0]["kv_bytes_per_token"] == 4 * runs[1]["kv_bytes_per_token"]  # 4 layers vs one global KV
+    # The window-only control stops growing: 4 rings of 32 positions x 2 KV heads x 32 dims x (K, V) x fp32
+    assert runs[2]["kv_bytes_per_token"] == 0 and runs[2]["cache_bytes_per_token_4k"] == 4 * 32 * 2 * 32 * 2 * 4 / 4096
+    for arch, window in (("yoco-swa", 32), ("swa", 32), ("transformer", None)):
+        assert json.loads((tmp_path / "study" / arch / "checkpoint-2" / "config.json").read_text())["window"] == window
     assert abs(runs[0]["params"] - runs[1]["params"]) < 0.02 * runs[0]["params"]
     for name in ("results.md", "pareto.png", "loss_curves.png", "retrieval.png"):
         assert (tmp_path / "study" / name).stat().st_size > 0

@@ -42,7 +42,7 @@ from .models import build_model, cache_bytes, resolve_dtype
 from .report import format_bytes
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
-QUADRATIC_ARCHS = ("hf-llama",) + tuple(n for n in NAMES if n not in ("yoco-swa", "yoco-gret", "block"))
+QUADRATIC_ARCHS = ("hf-llama",) + tuple(n for n in NAMES if n not in ("yoco-swa", "yoco-gret", "block", "swa"))
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_CONTEXTS = (1024, 2048, 4096, 8192)
 GIB = 1 << 30

@@ -204,7 +204,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                              eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
                              seed=args.seed, bf16=args.bf16, parallel=args.parallel,
-                             retrieval_mix=args.retrieval_mix)
+                             retrieval_mix=args.retrieval_mix,
+                             overrides={} if args.window is None else {"window": args.window})
     try:
         final = train(settings, args.out, resume=args.resume)
     except ValueError as e:  # bad settings (DataError and ConfigError are ValueErrors too)
@@ -268,7 +269,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     steps = args.steps or (400 if args.quick else 2000)
     settings = StudySettings(archs=archs, preset=args.preset, steps=steps, batch_size=args.batch_size,
                              seq_len=args.seq_len, retrieval_mix=args.retrieval_mix, corpus=args.data or [],
-                             vocab_size=args.vocab_size, trials=args.trials or (2 if args.quick else 4), seed=args.seed)
+                             vocab_size=args.vocab_size, trials=args.trials or (2 if args.quick else 4), seed=args.seed,
+                             window=args.window)
     try:
         results = run_study(settings, args.out)
     except ValueError as e:
@@ -353,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
     p.add_argument("--retrieval-mix", type=float, default=0.0,
                    help="share of each batch given to synthetic passkey / MQAR sequences (e.g. 0.25)")
+    p.add_argument("--window", type=int, help="sliding window (yoco-swa's self-decoder; for transformer, every layer)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
@@ -375,13 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("study", help="train architectures at matched parameters and compare quality vs cache")
-    p.add_argument("--arch", help="comma-separated (default: transformer,yoco-swa,yoco-gret,mqa,mla,cla2,mlkv,block)")
+    p.add_argument("--arch", help="comma-separated (default: transformer,mha,yoco-swa,yoco-gret,mqa,mla,cla2,mlkv,block; "
+                                          "swa is the window-only control)")
     p.add_argument("--quick", action="store_true", help="400 steps per architecture (about 12 minutes on 2 cores)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--steps", type=int, help="training steps per architecture (default 2000, quick 400)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--retrieval-mix", type=float, default=0.25)
+    p.add_argument("--window", type=int, help="sliding window of the windowed architectures (yoco-swa, swa); "
+                                              "default: the preset's")
     p.add_argument("--data", action="append", help="corpus paths (default: the stdlib's sources)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--trials", type=int, help="passkey keys per cell (default 4, quick 2)")

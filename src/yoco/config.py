@@ -244,6 +244,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cla2": dict(arch="transformer", cla_factor=2),
     "mqa-cla2": dict(arch="transformer", n_kv_heads=1, cla_factor=2),
     "mlkv": dict(arch="transformer", mlkv_layers="n_layers/3"),
+    # The window-only control: the preset's sliding window in every layer, no global cache at all.
+    "swa": dict(arch="transformer", window="preset"),
 }
 NAMES = ARCHITECTURES + tuple(VARIANTS)
 
@@ -260,6 +262,8 @@ def get_config(arch: str, preset: str = "tiny", **overrides: Any) -> ModelConfig
         base = get_config(variant.pop("arch"), preset)
         if variant.get("n_kv_heads") == "n_heads":
             variant["n_kv_heads"] = base.n_heads
+        if variant.get("window") == "preset":
+            variant["window"] = PRESETS[preset]["window"]
         if variant.get("mlkv_layers") == "n_layers/3":
             variant["mlkv_layers"] = max(1, base.n_layers // 3)
         return base.replace(**{**variant, **overrides})

@@ -5,7 +5,9 @@ Parameters are matched as the YOCO paper does, through the FFN width: every arch
 ``ffn_dim`` is chosen so that its parameter count is the closest to the Transformer's at the preset.
 All runs share one tokenizer and one set of shards (``OUT/data``) and see the same batches.
 Passkey accuracy is measured inside the sliding window (the needle at most W tokens before the
-question) and beyond it (the needle further back than W), W being the preset's window.
+question) and beyond it (the needle at least two windows back, in a context of the training length),
+W being the window of the windowed architectures. ``swa`` -- the Transformer with that window in
+every layer -- is the control that shows what the global cache adds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .models import MODEL_CLASSES, cache_bytes
 from .tokenizer import TrainedTokenizer
 from .train import TrainSettings, latest_checkpoint, train
 
-STUDY_ARCHS = ("transformer", "yoco-swa", "yoco-gret", "mqa", "mla", "cla2", "mlkv", "block")
+STUDY_ARCHS = ("transformer", "mha", "yoco-swa", "yoco-gret", "mqa", "mla", "cla2", "mlkv", "block")
 
 
 @dataclass
@@ -42,6 +44,7 @@ class StudySettings:
     vocab_size: int = 4096
     trials: int = 4
     seed: int = 0
+    window: int | None = None  # of the windowed architectures (yoco-swa, swa); None: the preset's
 
 
 def parameter_count(config) -> int:
@@ -62,16 +65,26 @@ def match_ffn(arch: str, preset: str, target: int, **overrides) -> tuple[int, in
     return best, parameter_count(get_config(arch, preset, ffn_dim=best, **overrides))
 
 
-def passkey_split(model, tokenizer, haystack, window: int, trials: int, seed: int) -> tuple[float | None, float | None]:
+def passkey_context(tokenizer, window: int, seq_len: int) -> int:
+    """The context of the beyond-window passkey cells: the training length, and at least 4 windows."""
+    return max(seq_len, 4 * window + _passkey_overhead(tokenizer))
+
+
+def _passkey_overhead(tokenizer) -> int:
+    return len(tokenizer.encode(" " + NEEDLE.format(key="12345") + " ")) + len(tokenizer.encode(QUESTION))
+
+
+def passkey_split(model, tokenizer, haystack, window: int, trials: int, seed: int,
+                  seq_len: int = 0) -> tuple[float | None, float | None]:
     """Mean passkey accuracy with the needle inside the window and beyond it (None when the needle
-    and question alone do not fit in the window)."""
-    overhead = len(tokenizer.encode(" " + NEEDLE.format(key="12345") + " ")) + len(tokenizer.encode(QUESTION))
+    and question alone do not fit in the window). Beyond: `passkey_context` tokens, the needle at
+    depth 0, 0.25 or 0.5 of the filler, so more than half the filler (>= 2 windows) before the question."""
+    overhead = _passkey_overhead(tokenizer)
     inside = None
     if overhead + 8 <= window:
         cells = passkey_grid(model, tokenizer, haystack, [window], [0.0, 0.5, 1.0], trials, seed)
         inside = sum(c["accuracy"] for c in cells) / len(cells)
-    context = 4 * window + overhead
-    # depth <= 0.5 of the filler puts the needle more than 2 W tokens before the question
+    context = passkey_context(tokenizer, window, seq_len)
     cells = passkey_grid(model, tokenizer, haystack, [context], [0.0, 0.25, 0.5], trials, seed + 1)
     return inside, sum(c["accuracy"] for c in cells) / len(cells)
 
@@ -80,10 +93,11 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = parameter_count(get_config("transformer", settings.preset))
-    window = get_config("yoco-swa", settings.preset).window
+    window = settings.window or get_config("yoco-swa", settings.preset).window
     runs = []
     for arch in settings.archs:
-        ffn, params = match_ffn(arch, settings.preset, target)
+        windowed = {"window": window} if get_config(arch, settings.preset).window is not None else {}
+        ffn, params = match_ffn(arch, settings.preset, target, **windowed)
         log(f"{arch}: ffn_dim {ffn} -> {params / 1e6:.2f}M parameters (target {target / 1e6:.2f}M)")
         train_settings = TrainSettings(arch=arch, preset=settings.preset, corpus=settings.corpus,
                                        vocab_size=settings.vocab_size, steps=settings.steps,
@@ -91,7 +105,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
                                        warmup=max(1, settings.steps // 20), eval_every=max(1, settings.steps // 4),
                                        save_every=settings.steps, log_every=max(1, settings.steps // 50),
                                        retrieval_mix=settings.retrieval_mix, seed=settings.seed,
-                                       overrides={"ffn_dim": ffn,
+                                       overrides={"ffn_dim": ffn, **windowed,
                                                   "max_seq_len": max(4096, 8 * window, settings.seq_len)})
         run_dir = out / arch
         final = train(train_settings, run_dir, resume=(run_dir / "latest").exists(), log=log, progress=progress,
@@ -99,17 +113,21 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
         model = load_model(latest_checkpoint(run_dir)).eval()
         tokenizer = TrainedTokenizer(out / "data", model.config.vocab_size)
         val = TokenShards(out / "data", "val")
-        haystack = val.tokens if len(val) > 8 * window else TokenShards(out / "data", "train").tokens
-        inside, beyond = passkey_split(model, tokenizer, haystack, window, settings.trials, settings.seed)
+        beyond_context = passkey_context(tokenizer, window, settings.seq_len)
+        haystack = val.tokens if len(val) > 2 * beyond_context else TokenShards(out / "data", "train").tokens
+        inside, beyond = passkey_split(model, tokenizer, haystack, window, settings.trials, settings.seed,
+                                       settings.seq_len)
         ids, mask = mqar_batch(32, 16, 8, range(len(SPECIAL_TOKENS), model.config.vocab_size), seed=settings.seed)
-        per_token = (cache_bytes(model.config, 1, 8192, torch.float32) - cache_bytes(model.config, 1, 4096, torch.float32)) / 4096
+        at_4k = cache_bytes(model.config, 1, 4096, torch.float32)
+        per_token = (cache_bytes(model.config, 1, 8192, torch.float32) - at_4k) / 4096
         runs.append({"arch": arch, "params": model.num_parameters(), "ffn_dim": ffn,
                      "train_tokens": settings.steps * settings.batch_size * settings.seq_len,
                      "val_loss": final.get("val_loss"), "kv_bytes_per_token": per_token,
+                     "cache_bytes_per_token_4k": at_4k / 4096,
                      "passkey_acc_in_window": inside, "passkey_acc_beyond_window": beyond,
                      "mqar_acc": mqar_accuracy(model, ids, mask)})
     results = {"settings": {**settings.__dict__, "archs": list(settings.archs), "window": window,
-                            "target_params": target}, "runs": runs}
+                            "passkey_beyond_context": beyond_context, "target_params": target}, "runs": runs}
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown(results)))
     plot_study(results, out)
@@ -144,11 +162,12 @@ def plot_study(results: dict, out: Path) -> None:
     for r in runs:
         if r["val_loss"] is None or not math.isfinite(r["val_loss"]):
             continue  # no validation split (a one-document corpus): nothing to place
-        ax.scatter(r["kv_bytes_per_token"], r["val_loss"])
-        ax.annotate(r["arch"], (r["kv_bytes_per_token"], r["val_loss"]), fontsize=8, xytext=(4, 3),
+        # the whole cache at 4K tokens over 4K: windowed caches stop growing, yet are never 0
+        ax.scatter(r["cache_bytes_per_token_4k"], r["val_loss"])
+        ax.annotate(r["arch"], (r["cache_bytes_per_token_4k"], r["val_loss"]), fontsize=8, xytext=(4, 3),
                     textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("KV-cache bytes per token (fp32, log)")
+    ax.set_xlabel("KV-cache bytes per token at 4K context (fp32, log)")
     ax.set_ylabel("validation loss")
     ax.set_title("quality against cache size (same parameters, data and tokens)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
