@@ -89,30 +89,46 @@ def prepare_data(settings: TrainSettings, data_dir: Path, log=print) -> Path:
     return data_dir
 
 
+def passkey_row(encode, haystack, length: int, rng, max_questions: int = 4) -> list[int] | None:
+    """A training passkey sequence of exactly `length` tokens, ending with the evaluation prompt's
+    question and its answer: corpus text with the needle at a random point and up to `max_questions`
+    question + answer pairs after it, the last one at the end. More than one question gives the far
+    copy more gradient per row (the answers are the only tokens that need the global cache). None
+    when even one question does not fit, or the haystack is too short."""
+    from .evaluate import NEEDLE, QUESTION
+
+    key = str(rng.randrange(10000, 100000))
+    needle = encode(" " + NEEDLE.format(key=key) + " ")
+    qa = encode(QUESTION) + encode(" " + key)
+    questions = next((k for k in range(max_questions, 0, -1) if length - len(needle) - k * len(qa) >= 0), 0)
+    filler = length - len(needle) - questions * len(qa)
+    if questions == 0 or len(haystack) < filler:
+        return None
+    start = rng.randrange(0, len(haystack) - filler + 1)
+    text = [int(t) for t in haystack[start:start + filler]]
+    at = rng.randrange(0, filler + 1)
+    points = sorted(rng.randrange(at, filler + 1) for _ in range(questions - 1)) + [filler]
+    row, previous = text[:at] + needle, at
+    for point in points:
+        row += text[previous:point] + qa
+        previous = point
+    return row
+
+
 def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haystack) -> torch.Tensor:
     """n synthetic retrieval sequences of seq_len + 1 tokens, fixed by (seed, step): alternately a
-    passkey prompt with its answer (when seq_len leaves room for the needle) and an MQAR sequence."""
+    passkey row (`passkey_row`, when seq_len leaves room for the needle) and an MQAR sequence."""
     import random
 
-    from .evaluate import mqar_batch, passkey_prompt
+    from .evaluate import mqar_batch
 
     rng = random.Random(f"{seed}:{step}")
     vocab = tokenizer.get_vocab_size()
     eos = tokenizer.token_to_id(EOS)
     rows = []
     for i in range(n):
-        row = None
-        if i % 2 == 0:
-            key = str(rng.randrange(10000, 100000))
-            answer = tokenizer.encode(" " + key).ids
-            start = rng.randrange(0, max(1, len(haystack) - seq_len))
-            try:
-                prompt = passkey_prompt(lambda t: tokenizer.encode(t).ids, haystack[start:start + seq_len],
-                                        seq_len + 1 - len(answer), rng.random(), key)
-                row = prompt.ids + answer
-            except ValueError:  # too short a sequence for the needle: use MQAR instead
-                row = None
-        if row is None:
+        row = passkey_row(lambda t: tokenizer.encode(t).ids, haystack, seq_len + 1, rng) if i % 2 == 0 else None
+        if row is None:  # an odd row, or too short a sequence for the needle: MQAR
             pairs = max(1, (seq_len + 1) // 4)
             ids, _ = mqar_batch(1, pairs, pairs, range(len(SPECIAL_TOKENS), vocab), seed=rng.randrange(1 << 30))
             row = ids[0].tolist()[: seq_len + 1]
