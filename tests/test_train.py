@@ -157,11 +157,30 @@ def test_retrieval_rows(corpus, tmp_path):
     text = tokenizer.decode(rows[0].tolist())
     key = text.split("The pass key is ")[1][:5]
     assert text.endswith("The pass key is " + key)  # the passkey row ends with its answer
+    assert text.count("What is the pass key?") >= 1 and text.count(" The pass key is " + key + ".") == 1  # one needle
     # Too short for a needle: every row is MQAR (keys then queried keys, each followed by its value).
     short = retrieval_rows(2, 15, step=0, seed=0, tokenizer=tokenizer, haystack=haystack)
     assert short.shape == (2, 16)
     pairs = {int(short[0, i]): int(short[0, i + 1]) for i in range(0, 8, 2)}
     assert all(pairs[int(short[0, i])] == int(short[0, i + 1]) for i in range(8, 16, 2))
+
+
+def test_copy_row_repeats_one_span_later():
+    import random
+
+    from yoco.train import copy_row
+
+    haystack = list(range(10_000, 12_000))  # distinct tokens: any repeat is the copied span
+    for seed in range(50):
+        row = copy_row(haystack, 257, random.Random(seed))
+        assert len(row) == 257
+        repeated = [i for i, t in enumerate(row) if row.index(t) != i]  # positions of second occurrences
+        first = [row.index(row[i]) for i in repeated]
+        span = len(repeated)
+        assert 4 <= span <= 64 and repeated == list(range(repeated[0], repeated[0] + span))
+        assert first == list(range(first[0], first[0] + span)) and first[-1] < repeated[0]
+        assert row[:repeated[0]] == haystack[row[0] - 10_000:][:repeated[0]]  # corpus text before the repeat
+    assert copy_row(haystack[:100], 257, random.Random(0)) is None
 
 
 def test_training_with_a_retrieval_mix_resumes_exactly(corpus, tmp_path):

@@ -28,7 +28,7 @@ from .models import MODEL_CLASSES, cache_bytes
 from .tokenizer import TrainedTokenizer
 from .train import TrainSettings, latest_checkpoint, train
 
-STUDY_ARCHS = ("transformer", "mha", "yoco-swa", "yoco-gret", "mqa", "mla", "cla2", "mlkv", "block")
+STUDY_ARCHS = ("transformer", "mha", "yoco-swa", "yoco-gret", "mqa", "mla", "cla2", "mlkv", "block", "swa")
 
 
 @dataclass

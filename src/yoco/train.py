@@ -115,9 +115,26 @@ def passkey_row(encode, haystack, length: int, rng, max_questions: int = 4) -> l
     return row
 
 
+def copy_row(haystack, length: int, rng) -> list[int] | None:
+    """A training sequence of exactly `length` corpus tokens in which a span reappears later, at a
+    random distance: every token of the repeat is predictable only by finding the first occurrence.
+    This is the induction (copy-from-context) signal that passkey retrieval is made of, but hundreds
+    of target tokens per row instead of a passkey's few, so the global copy is learned far sooner.
+    None when the haystack is too short."""
+    if length < 8 or len(haystack) < length:
+        return None
+    span = rng.randrange(4, length // 4 + 1)
+    first = rng.randrange(0, length - 2 * span + 1)
+    second = rng.randrange(first + span, length - span + 1)
+    start = rng.randrange(0, len(haystack) - length + 1)
+    text = [int(t) for t in haystack[start:start + length]]
+    return text[:second] + text[first:first + span] + text[second + span:]
+
+
 def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haystack) -> torch.Tensor:
-    """n synthetic retrieval sequences of seq_len + 1 tokens, fixed by (seed, step): alternately a
-    passkey row (`passkey_row`, when seq_len leaves room for the needle) and an MQAR sequence."""
+    """n synthetic retrieval sequences of seq_len + 1 tokens, fixed by (seed, step), taking turns: a
+    passkey row (`passkey_row`), a copy row (`copy_row`) and an MQAR sequence (also standing in for the
+    others when the sequence is too short for them)."""
     import random
 
     from .evaluate import mqar_batch
@@ -127,8 +144,12 @@ def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haysta
     eos = tokenizer.token_to_id(EOS)
     rows = []
     for i in range(n):
-        row = passkey_row(lambda t: tokenizer.encode(t).ids, haystack, seq_len + 1, rng) if i % 2 == 0 else None
-        if row is None:  # an odd row, or too short a sequence for the needle: MQAR
+        row = None
+        if i % 3 == 0:
+            row = passkey_row(lambda t: tokenizer.encode(t).ids, haystack, seq_len + 1, rng)
+        elif i % 3 == 1:
+            row = copy_row(haystack, seq_len + 1, rng)
+        if row is None:
             pairs = max(1, (seq_len + 1) // 4)
             ids, _ = mqar_batch(1, pairs, pairs, range(len(SPECIAL_TOKENS), vocab), seed=rng.randrange(1 << 30))
             row = ids[0].tolist()[: seq_len + 1]
