@@ -26,6 +26,8 @@ def test_init_then_generate_from_checkpoint(tmp_path, capsys):
     (["generate", "--prompt-ids", "1", "--max-new-tokens", "5000"], "exceeds the model's max_seq_len"),
     (["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt-ids", "1"], "does not exist"),
     (["demo", "--preset", "tiny", "--context", "0"], "must be positive"),
+    (["train", "--arch", "yoco-gret", "--window", "8", "--out", "/nonexistent/run"], "yoco-gret has no sliding window"),
+    (["train", "--arch", "swa", "--window", "0", "--out", "/nonexistent/run"], "window=0"),
 ])
 def test_bad_input_exits_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2

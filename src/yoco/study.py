@@ -141,12 +141,15 @@ def _pct(value) -> str:
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"Study: preset {s['preset']}, {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, "
-             f"retrieval mix {s['retrieval_mix']}, window {s['window']}", "",
-             "| arch | params | ffn | val loss | KV bytes/token | passkey in window | passkey beyond | MQAR |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"retrieval mix {s['retrieval_mix']}, window {s['window']}; passkey beyond the window: context "
+             f"{s.get('passkey_beyond_context', '?')}, the needle at least two windows back", "",
+             "| arch | params | ffn | val loss | KV bytes/token | cache/token at 4K | passkey in window | "
+             "passkey beyond | MQAR |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         lines.append(f"| {r['arch']} | {r['params'] / 1e6:.2f}M | {r['ffn_dim']} | {r['val_loss']:.4f} | "
-                     f"{r['kv_bytes_per_token']:,.0f} | {_pct(r['passkey_acc_in_window'])} | "
+                     f"{r['kv_bytes_per_token']:,.0f} | {r.get('cache_bytes_per_token_4k', float('nan')):,.0f} | "
+                     f"{_pct(r['passkey_acc_in_window'])} | "
                      f"{_pct(r['passkey_acc_beyond_window'])} | {_pct(r['mqar_acc'])} |")
     return "\n".join(lines) + "\n"
 

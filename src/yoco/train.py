@@ -201,6 +201,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
     from tqdm import tqdm
 
     settings.validate()
+    get_config(settings.arch, settings.preset, **settings.overrides)  # a bad combination fails before any data work
     world = init_world()
     if world.size > 1 and settings.batch_size % world.size:
         raise ValueError(f"batch-size {settings.batch_size} must be divisible by the {world.size} processes")
