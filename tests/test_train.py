@@ -193,3 +193,22 @@ def test_training_with_a_retrieval_mix_resumes_exactly(corpus, tmp_path):
     assert all(b[k] == pytest.approx(a[k], abs=1e-6) for k in a)
     with pytest.raises(ValueError, match="retrieval-mix"):
         train(settings(corpus, retrieval_mix=1.5), tmp_path / "x", progress=False, log=lambda t: None)
+
+
+def test_init_from_starts_from_a_checkpoints_weights(corpus, tmp_path):
+    from yoco.checkpoint import load_model
+
+    train(settings(corpus, steps=3), tmp_path / "a", progress=False, log=lambda t: None)
+    a = load_model(latest_checkpoint(tmp_path / "a"))
+    # A new schedule at another length, from a's weights; lr ~ 0 so the weights stay a's.
+    train(settings(corpus, steps=1, seq_len=48, lr=1e-12, warmup=0, init_from=str(tmp_path / "a")), tmp_path / "b",
+          progress=False, log=lambda t: None)
+    b = load_model(latest_checkpoint(tmp_path / "b"))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+    with pytest.raises(CheckpointError, match="its model differs: arch='yoco-swa'"):
+        train(settings(corpus, arch="yoco-gret", init_from=str(tmp_path / "a")), tmp_path / "c", progress=False,
+              log=lambda t: None)
+    (latest_checkpoint(tmp_path / "a") / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        train(settings(corpus, init_from=str(tmp_path / "a")), tmp_path / "d", progress=False, log=lambda t: None)

@@ -205,7 +205,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
                              seed=args.seed, bf16=args.bf16, parallel=args.parallel,
                              retrieval_mix=args.retrieval_mix,
-                             overrides={} if args.window is None else {"window": args.window})
+                             overrides={} if args.window is None else {"window": args.window},
+                             init_from=args.init_from)
     try:
         final = train(settings, args.out, resume=args.resume)
     except ValueError as e:  # bad settings (DataError and ConfigError are ValueErrors too)
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval-mix", type=float, default=0.0,
                    help="share of each batch given to synthetic passkey / MQAR sequences (e.g. 0.25)")
     p.add_argument("--window", type=int, help="sliding window (yoco-swa's self-decoder; for transformer, every layer)")
+    p.add_argument("--init-from", help="start from this checkpoint's weights (same model and tokenizer; a new schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 

@@ -56,6 +56,7 @@ class TrainSettings:
     retrieval_mix: float = 0.0  # share of every batch given to synthetic passkey / MQAR sequences
     val_percent: float = 2.0
     overrides: dict = field(default_factory=dict)
+    init_from: str | None = None  # a checkpoint whose weights start the run (fine-tuning, curricula)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -158,6 +159,23 @@ def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haysta
     return torch.tensor(rows, dtype=torch.long)
 
 
+def initial_weights(checkpoint: Path, config, data_dir: Path) -> CausalLM:
+    """The model saved in `checkpoint`, checked to fit this run: the same config (the maximum length
+    aside) and the same tokenizer. A run folder stands for its latest checkpoint."""
+    if (checkpoint / "latest").is_file():
+        checkpoint = latest_checkpoint(checkpoint)
+    source = load_model(checkpoint)
+    differ = [f"{k}={v!r} (the run has {getattr(config, k)!r})" for k, v in vars(source.config).items()
+              if k != "max_seq_len" and getattr(config, k) != v]
+    if differ:
+        raise CheckpointError(f"{str(checkpoint)!r} cannot start this run, its model differs: " + ", ".join(differ))
+    saved, ours = checkpoint / "tokenizer.json", data_dir / "tokenizer.json"
+    if saved.is_file() and saved.read_text() != ours.read_text():
+        raise CheckpointError(f"{str(checkpoint)!r} was trained with another tokenizer than {str(ours)!r}: "
+                              "use the same corpus and vocabulary size")
+    return source
+
+
 def evaluate(model: CausalLM, val: TokenShards, settings: TrainSettings) -> float:
     loss = validation_loss(model, val, settings.batch_size, settings.seq_len, settings.eval_batches, settings.bf16)
     model.train()
@@ -237,6 +255,9 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
         if resume:
             log(f"no checkpoint in {run_dir}; starting from step 0")
         model = build_model(config, seed=settings.seed)
+        if settings.init_from is not None:
+            model.load_state_dict(initial_weights(Path(settings.init_from), config, data_dir).state_dict())
+            log(f"weights from {settings.init_from}")
     model = model.to(world.device).train()
     trained = wrap(model, world, settings.parallel)  # runs forward/backward (DDP, or the FSDP2-sharded model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
