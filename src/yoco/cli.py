@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="train architectures at matched parameters and compare quality vs cache")
     p.add_argument("--arch", help="comma-separated (default: transformer,mha,yoco-swa,yoco-gret,mqa,mla,cla2,mlkv,"
                                           "block,swa; swa is the window-only control)")
-    p.add_argument("--quick", action="store_true", help="400 steps per architecture (about 15 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="400 steps per architecture (about 14 minutes on 2 cores)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--steps", type=int, help="training steps per architecture (default 2000, quick 400)")
     p.add_argument("--batch-size", type=int, default=8)
