@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: replicate (DDP) or shard with FSDP2 (fully_shard per block)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
     p.add_argument("--retrieval-mix", type=float, default=0.0,
-                   help="share of each batch given to synthetic passkey / MQAR sequences (e.g. 0.25)")
+                   help="share of each batch given to synthetic passkey / copy / MQAR rows (e.g. 0.25)")
     p.add_argument("--window", type=int, help="sliding window (yoco-swa's self-decoder; for transformer, every layer)")
     p.add_argument("--init-from", help="start from this checkpoint's weights (same model and tokenizer; a new schedule)")
     p.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,7 @@ class TrainSettings:
     seed: int = 0
     bf16: bool = False  # autocast matmuls to bf16 (weights and optimizer stay fp32)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2-sharded)
-    retrieval_mix: float = 0.0  # share of every batch given to synthetic passkey / MQAR sequences
+    retrieval_mix: float = 0.0  # share of every batch given to synthetic passkey / copy / MQAR rows
     val_percent: float = 2.0
     overrides: dict = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint whose weights start the run (fine-tuning, curricula)
@@ -119,9 +119,9 @@ def passkey_row(encode, haystack, length: int, rng, max_questions: int = 4) -> l
 def copy_row(haystack, length: int, rng) -> list[int] | None:
     """A training sequence of exactly `length` corpus tokens in which a span reappears later, at a
     random distance: every token of the repeat is predictable only by finding the first occurrence.
-    This is the induction (copy-from-context) signal that passkey retrieval is made of, but hundreds
-    of target tokens per row instead of a passkey's few, so the global copy is learned far sooner.
-    None when the haystack is too short."""
+    This is the induction (copy-from-context) signal that passkey retrieval is made of, with up to a
+    quarter of the row as targets instead of a passkey's few answer tokens. None when the haystack is
+    too short."""
     if length < 8 or len(haystack) < length:
         return None
     span = rng.randrange(4, length // 4 + 1)
