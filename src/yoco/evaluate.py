@@ -49,13 +49,18 @@ class PasskeyPrompt:
     needle_at: int  # token index where the needle starts
 
 
+def passkey_parts(encode, key: str) -> tuple[list[int], list[int], list[int]]:
+    """The needle, the question and the answer as token ids: one tokenization for the evaluation
+    prompts, the training rows (``train.passkey_row``) and the study's size checks."""
+    return encode(" " + NEEDLE.format(key=key) + " "), encode(QUESTION), encode(" " + key)
+
+
 def passkey_prompt(encode, haystack: Sequence[int], context: int, depth: float, key: str) -> PasskeyPrompt:
     """A prompt of exactly `context` tokens: haystack tokens with the needle inserted at `depth` of the
     filler, then the question."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be within [0, 1], got {depth}")
-    needle = encode(" " + NEEDLE.format(key=key) + " ")
-    question = encode(QUESTION)
+    needle, question, _ = passkey_parts(encode, key)
     filler = context - len(needle) - len(question)
     if filler < 0:
         raise ValueError(f"context {context} is too short for the needle and question "

@@ -23,7 +23,7 @@ import torch
 from .checkpoint import atomic_write, load_model
 from .config import get_config
 from .data import SPECIAL_TOKENS, TokenShards
-from .evaluate import NEEDLE, QUESTION, mqar_accuracy, mqar_batch, passkey_grid
+from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts
 from .models import MODEL_CLASSES, cache_bytes
 from .tokenizer import TrainedTokenizer
 from .train import TrainSettings, latest_checkpoint, train
@@ -71,7 +71,8 @@ def passkey_context(tokenizer, window: int, seq_len: int) -> int:
 
 
 def _passkey_overhead(tokenizer) -> int:
-    return len(tokenizer.encode(" " + NEEDLE.format(key="12345") + " ")) + len(tokenizer.encode(QUESTION))
+    needle, question, _ = passkey_parts(tokenizer.encode, "12345")
+    return len(needle) + len(question)
 
 
 def passkey_split(model, tokenizer, haystack, window: int, trials: int, seed: int,

@@ -96,11 +96,10 @@ def passkey_row(encode, haystack, length: int, rng, max_questions: int = 4) -> l
     question + answer pairs after it, the last one at the end. More than one question gives the far
     copy more gradient per row (the answers are the only tokens that need the global cache). None
     when even one question does not fit, or the haystack is too short."""
-    from .evaluate import NEEDLE, QUESTION
+    from .evaluate import passkey_parts
 
-    key = str(rng.randrange(10000, 100000))
-    needle = encode(" " + NEEDLE.format(key=key) + " ")
-    qa = encode(QUESTION) + encode(" " + key)
+    needle, question, answer = passkey_parts(encode, str(rng.randrange(10000, 100000)))
+    qa = question + answer
     questions = next((k for k in range(max_questions, 0, -1) if length - len(needle) - k * len(qa) >= 0), 0)
     filler = length - len(needle) - questions * len(qa)
     if questions == 0 or len(haystack) < filler:
