@@ -7,7 +7,8 @@
   saved as the standard ``tokenizer.json``.
 - ``build_shards``: tokenizes every document once into ``train.bin`` / ``val.bin`` (flat token
   arrays, documents separated by ``<|endoftext|>``) plus ``meta.json``; the split is by document, by
-  a stable hash of its name, so it does not depend on the order files are found.
+  a stable hash of its name, so it does not depend on the order files are found (when no document
+  hashes into validation, the last training document is held out instead).
 - ``TokenShards``: memory-maps a split and draws batches that depend only on (seed, step), so a run
   resumed at step k sees exactly the batches an uninterrupted run sees from step k on.
 """

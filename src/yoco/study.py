@@ -76,16 +76,16 @@ def _passkey_overhead(tokenizer) -> int:
 
 
 def passkey_split(model, tokenizer, haystack, window: int, trials: int, seed: int,
-                  seq_len: int = 0) -> tuple[float | None, float | None]:
+                  context: int) -> tuple[float | None, float | None]:
     """Mean passkey accuracy with the needle inside the window and beyond it (None when the needle
-    and question alone do not fit in the window). Beyond: `passkey_context` tokens, the needle at
-    depth 0, 0.25 or 0.5 of the filler, so more than half the filler (>= 2 windows) before the question."""
+    and question alone do not fit in the window). Beyond: `context` tokens (`passkey_context`), the
+    needle at depth 0, 0.25 or 0.5 of the filler, so more than half the filler (>= 2 windows) before
+    the question."""
     overhead = _passkey_overhead(tokenizer)
     inside = None
     if overhead + 8 <= window:
         cells = passkey_grid(model, tokenizer, haystack, [window], [0.0, 0.5, 1.0], trials, seed)
         inside = sum(c["accuracy"] for c in cells) / len(cells)
-    context = passkey_context(tokenizer, window, seq_len)
     cells = passkey_grid(model, tokenizer, haystack, [context], [0.0, 0.25, 0.5], trials, seed + 1)
     return inside, sum(c["accuracy"] for c in cells) / len(cells)
 
@@ -117,7 +117,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
         beyond_context = passkey_context(tokenizer, window, settings.seq_len)
         haystack = val.tokens if len(val) > 2 * beyond_context else TokenShards(out / "data", "train").tokens
         inside, beyond = passkey_split(model, tokenizer, haystack, window, settings.trials, settings.seed,
-                                       settings.seq_len)
+                                       beyond_context)
         ids, mask = mqar_batch(32, 16, 8, range(len(SPECIAL_TOKENS), model.config.vocab_size), seed=settings.seed)
         at_4k = cache_bytes(model.config, 1, 4096, torch.float32)
         per_token = (cache_bytes(model.config, 1, 8192, torch.float32) - at_4k) / 4096
