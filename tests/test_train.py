@@ -120,7 +120,10 @@ def test_two_processes_follow_one_process(mode, corpus, tmp_path):
     import sys
 
     flags = ["--arch", "yoco-swa", "--data", corpus, "--vocab-size", "300", "--steps", "5", "--batch-size", "4",
-             "--seq-len", "32", "--eval-every", "5", "--save-every", "5", "--log-every", "1", "--warmup", "2"]
+             "--seq-len", "32", "--eval-every", "5", "--save-every", "5", "--log-every", "1", "--warmup", "2",
+             # Retrieval rows are the batch's first rows, so the two processes' shares of the loss differ;
+             # the first two steps run the curriculum's 8 rows of 16 tokens.
+             "--retrieval-mix", "0.5", "--short-seq-len", "16", "--short-steps", "2"]
     from yoco.cli import main
 
     assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
@@ -151,18 +154,46 @@ def test_retrieval_rows(corpus, tmp_path):
     from yoco.data import TokenShards
 
     haystack = TokenShards(tmp_path / "data").tokens
-    rows = retrieval_rows(4, 192, step=5, seed=0, tokenizer=tokenizer, haystack=haystack)
-    assert rows.shape == (4, 193) and torch.equal(rows, retrieval_rows(4, 192, 5, 0, tokenizer, haystack))
-    assert not torch.equal(rows, retrieval_rows(4, 192, 6, 0, tokenizer, haystack))
+    rows, targets = retrieval_rows(4, 192, step=5, seed=0, tokenizer=tokenizer, haystack=haystack)
+    assert rows.shape == targets.shape == (4, 193) and targets.dtype == torch.bool
+    again = retrieval_rows(4, 192, 5, 0, tokenizer, haystack)
+    assert torch.equal(rows, again[0]) and torch.equal(targets, again[1])
+    assert not torch.equal(rows, retrieval_rows(4, 192, 6, 0, tokenizer, haystack)[0])
     text = tokenizer.decode(rows[0].tolist())
     key = text.split("The pass key is ")[1][:5]
     assert text.endswith("The pass key is " + key)  # the passkey row ends with its answer
     assert text.count("What is the pass key?") >= 1 and text.count(" The pass key is " + key + ".") == 1  # one needle
+    # The passkey row's targets are exactly its answers: the key after every question.
+    answer = tokenizer.encode(" " + key).ids
+    assert tokenizer.decode(rows[0, targets[0]].tolist()) == (" " + key) * text.count("What is the pass key?")
+    assert targets[0, -len(answer):].all() and targets[0].sum() % len(answer) == 0
+    # The copy row's targets are its repeat after the first repeated token, which occurs earlier too.
+    repeat = rows[1, targets[1]].tolist()
+    first = targets[1].nonzero()[0].item()
+    earlier = rows[1, :first - 1].tolist()
+    assert any(earlier[i:i + len(repeat) + 1] == rows[1, first - 1:first + len(repeat)].tolist()
+               for i in range(len(earlier)))
     # Too short for a needle: every row is MQAR (keys then queried keys, each followed by its value).
-    short = retrieval_rows(2, 15, step=0, seed=0, tokenizer=tokenizer, haystack=haystack)
+    short, short_targets = retrieval_rows(2, 15, step=0, seed=0, tokenizer=tokenizer, haystack=haystack)
     assert short.shape == (2, 16)
     pairs = {int(short[0, i]): int(short[0, i + 1]) for i in range(0, 8, 2)}
     assert all(pairs[int(short[0, i])] == int(short[0, i + 1]) for i in range(8, 16, 2))
+    assert short_targets[0].nonzero().flatten().tolist() == [9, 11, 13, 15]  # the queried values
+
+
+def test_loss_weights_give_every_row_its_share_and_retrieval_rows_only_to_their_targets():
+    from yoco.train import loss_weights
+
+    targets = torch.zeros(2, 6, dtype=torch.bool)
+    targets[0, 3:] = True
+    targets[1, 1] = True
+    weights = loss_weights(4, 6, targets)
+    assert weights.shape == (4, 6) and weights.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(weights.sum(1), torch.full((4,), 0.25))
+    assert torch.all(weights[2:] == 1 / 24) and torch.equal(weights[:2] > 0, targets)
+    assert weights[0, 3].item() == pytest.approx(1 / 12) and weights[1, 1].item() == pytest.approx(0.25)
+    plain = loss_weights(4, 6, torch.zeros(0, 6, dtype=torch.bool))  # no retrieval rows: the mean
+    assert torch.allclose(plain, torch.full((4, 6), 1 / 24))
 
 
 def test_copy_row_repeats_one_span_later():
@@ -172,7 +203,7 @@ def test_copy_row_repeats_one_span_later():
 
     haystack = list(range(10_000, 12_000))  # distinct tokens: any repeat is the copied span
     for seed in range(50):
-        row = copy_row(haystack, 257, random.Random(seed))
+        row, targets = copy_row(haystack, 257, random.Random(seed))
         assert len(row) == 257
         repeated = [i for i, t in enumerate(row) if row.index(t) != i]  # positions of second occurrences
         first = [row.index(row[i]) for i in repeated]
@@ -180,6 +211,7 @@ def test_copy_row_repeats_one_span_later():
         assert 4 <= span <= 64 and repeated == list(range(repeated[0], repeated[0] + span))
         assert first == list(range(first[0], first[0] + span)) and first[-1] < repeated[0]
         assert row[:repeated[0]] == haystack[row[0] - 10_000:][:repeated[0]]  # corpus text before the repeat
+        assert targets == repeated[1:]  # the repeat's first token is not predictable, the rest are
     assert copy_row(haystack[:100], 257, random.Random(0)) is None
 
 
@@ -193,6 +225,39 @@ def test_training_with_a_retrieval_mix_resumes_exactly(corpus, tmp_path):
     assert all(b[k] == pytest.approx(a[k], abs=1e-6) for k in a)
     with pytest.raises(ValueError, match="retrieval-mix"):
         train(settings(corpus, retrieval_mix=1.5), tmp_path / "x", progress=False, log=lambda t: None)
+
+
+def test_sequence_length_curriculum(corpus, tmp_path):
+    s = settings(corpus, retrieval_mix=0.5, seq_len=96, short_seq_len=32, short_steps=4)
+    assert [s.shape(step) for step in (0, 3, 4, 5)] == [(6, 32), (6, 32), (2, 96), (2, 96)]  # same tokens per step
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    train(s, whole, progress=False, log=lambda t: None)
+    train(s, parted, progress=False, log=lambda t: None, stop_after=3)  # stops inside the short phase
+    train(s, parted, resume=True, progress=False, log=lambda t: None)
+    a, b = losses(whole), losses(parted)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and all(b[k] == pytest.approx(a[k], abs=1e-6) for k in a)
+    plain = tmp_path / "plain"
+    train(settings(corpus, retrieval_mix=0.5, seq_len=96), plain, progress=False, log=lambda t: None)
+    assert losses(plain)[1] != pytest.approx(a[1], abs=1e-6)  # the short rows are other batches
+    for bad, message in [(dict(short_seq_len=96), "short-seq-len"), (dict(short_seq_len=50), "short-seq-len"),
+                         (dict(short_seq_len=32, short_steps=0), "short-steps"),
+                         (dict(short_seq_len=32, short_steps=7), "short-steps"), (dict(short_steps=2), "short-steps"),
+                         (dict(retrieval_tasks=("passkey", "recall")), "retrieval-tasks"),
+                         (dict(retrieval_tasks=()), "retrieval-tasks")]:
+        with pytest.raises(ValueError, match=message):
+            train(settings(corpus, seq_len=96, **bad), tmp_path / "x", progress=False, log=lambda t: None)
+
+
+def test_retrieval_tasks_choose_the_kinds_of_rows(corpus, tmp_path):
+    from yoco.data import TokenShards, load_tokenizer
+    from yoco.train import retrieval_rows
+
+    train(settings(corpus, steps=1), tmp_path, progress=False, log=lambda s: None)
+    tokenizer, haystack = load_tokenizer(tmp_path / "data"), TokenShards(tmp_path / "data").tokens
+    rows, targets = retrieval_rows(3, 192, 0, 0, tokenizer, haystack, tasks=("passkey",))
+    assert all("What is the pass key?" in tokenizer.decode(row.tolist()) for row in rows)
+    rows, targets = retrieval_rows(2, 192, 0, 0, tokenizer, haystack, tasks=("mqar",))
+    assert all(t.tolist() == list(range(2 * 48 + 1, 4 * 48, 2)) for t in (m.nonzero().flatten() for m in targets))
 
 
 def test_init_from_starts_from_a_checkpoints_weights(corpus, tmp_path):

@@ -196,6 +196,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def add_curriculum_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retrieval-tasks", default="passkey,copy,mqar",
+                   help="kinds of retrieval rows, taking turns (some of passkey, copy, mqar)")
+    p.add_argument("--short-seq-len", type=int, help="sequence-length curriculum: the first --short-steps steps "
+                                                     "train on rows this long (same tokens per step)")
+    p.add_argument("--short-steps", type=int, default=0, help="steps on --short-seq-len rows")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainSettings, train
 
@@ -204,7 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                              eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
                              seed=args.seed, bf16=args.bf16, parallel=args.parallel,
-                             retrieval_mix=args.retrieval_mix,
+                             retrieval_mix=args.retrieval_mix, retrieval_tasks=split_names(args.retrieval_tasks),
+                             short_seq_len=args.short_seq_len, short_steps=args.short_steps,
                              overrides={} if args.window is None else {"window": args.window},
                              init_from=args.init_from)
     try:
@@ -255,7 +268,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
         print(f"wrote {args.json}")
     if args.plot:
-        plot_passkey(cells, Path(args.plot), f"passkey retrieval: {model.config.arch}\n{Path(args.checkpoint).name}")
+        window = "" if model.config.window is None else f", window {model.config.window}"
+        checkpoint = Path(args.checkpoint).resolve()
+        plot_passkey(cells, Path(args.plot), f"passkey retrieval: {model.config.arch}{window}\n"
+                                             f"{checkpoint.parent.name}/{checkpoint.name}")
         print(f"wrote {args.plot}")
     return 0
 
@@ -271,7 +287,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     settings = StudySettings(archs=archs, preset=args.preset, steps=steps, batch_size=args.batch_size,
                              seq_len=args.seq_len, retrieval_mix=args.retrieval_mix, corpus=args.data or [],
                              vocab_size=args.vocab_size, trials=args.trials or (2 if args.quick else 4), seed=args.seed,
-                             window=args.window)
+                             window=args.window, retrieval_tasks=split_names(args.retrieval_tasks),
+                             short_seq_len=args.short_seq_len, short_steps=args.short_steps)
     try:
         results = run_study(settings, args.out)
     except ValueError as e:
@@ -355,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: replicate (DDP) or shard with FSDP2 (fully_shard per block)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
     p.add_argument("--retrieval-mix", type=float, default=0.0,
-                   help="share of each batch given to synthetic passkey / copy / MQAR rows (e.g. 0.25)")
+                   help="share of each batch given to synthetic retrieval rows (e.g. 0.25), scored on their "
+                        "retrieval targets only")
+    add_curriculum_flags(p)
     p.add_argument("--window", type=int, help="sliding window (yoco-swa's self-decoder; for transformer, every layer)")
     p.add_argument("--init-from", help="start from this checkpoint's weights (same model and tokenizer; a new schedule)")
     p.add_argument("--seed", type=int, default=0)
@@ -388,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--retrieval-mix", type=float, default=0.25)
+    add_curriculum_flags(p)
     p.add_argument("--window", type=int, help="sliding window of the windowed architectures (yoco-swa, swa); "
                                               "default: the preset's")
     p.add_argument("--data", action="append", help="corpus paths (default: the stdlib's sources)")

@@ -25,11 +25,16 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 
 
-def lm_loss(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool = False) -> torch.Tensor:
-    """Mean next-token cross-entropy, optionally with bf16 autocast for the forward pass."""
+def lm_loss(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool = False,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: the mean, or the sum weighted by `weights` (same shape as `targets`),
+    optionally with bf16 autocast for the forward pass."""
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    if weights is None:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (losses * weights.flatten()).sum()
 
 
 @torch.no_grad()

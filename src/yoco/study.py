@@ -26,7 +26,7 @@ from .data import SPECIAL_TOKENS, TokenShards
 from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts
 from .models import MODEL_CLASSES, cache_bytes
 from .tokenizer import TrainedTokenizer
-from .train import TrainSettings, latest_checkpoint, train
+from .train import RETRIEVAL_TASKS, TrainSettings, latest_checkpoint, train
 
 STUDY_ARCHS = ("transformer", "mha", "yoco-swa", "yoco-gret", "mqa", "mla", "cla2", "mlkv", "block", "swa")
 
@@ -45,6 +45,9 @@ class StudySettings:
     trials: int = 4
     seed: int = 0
     window: int | None = None  # of the windowed architectures (yoco-swa, swa); None: the preset's
+    retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS
+    short_seq_len: int | None = None  # a sequence-length curriculum (TrainSettings.short_seq_len)
+    short_steps: int = 0
 
 
 def parameter_count(config) -> int:
@@ -106,6 +109,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
                                        warmup=max(1, settings.steps // 20), eval_every=max(1, settings.steps // 4),
                                        save_every=settings.steps, log_every=max(1, settings.steps // 50),
                                        retrieval_mix=settings.retrieval_mix, seed=settings.seed,
+                                       retrieval_tasks=settings.retrieval_tasks, short_seq_len=settings.short_seq_len,
+                                       short_steps=settings.short_steps,
                                        overrides={"ffn_dim": ffn, **windowed,
                                                   "max_seq_len": max(4096, 8 * window, settings.seq_len)})
         run_dir = out / arch
@@ -139,10 +144,17 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def curriculum(s: dict) -> str:
+    if not s.get("short_seq_len"):
+        return ""
+    return f"the first {s['short_steps']} steps on {s['short_seq_len']}-token rows, "
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"Study: preset {s['preset']}, {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, "
-             f"retrieval mix {s['retrieval_mix']}, window {s['window']}; passkey beyond the window: context "
+             f"{curriculum(s)}retrieval mix {s['retrieval_mix']} ({', '.join(s.get('retrieval_tasks', RETRIEVAL_TASKS))}), "
+             f"window {s['window']}; passkey beyond the window: context "
              f"{s.get('passkey_beyond_context', '?')}, the needle at least two windows back", "",
              "| arch | params | ffn | val loss | KV bytes/token | cache/token at 4K | passkey in window | "
              "passkey beyond | MQAR |",

@@ -30,6 +30,9 @@ from .parallel import (barrier, close, full_state, init_world, load_optimizer_st
                        shard_rows, sharded, wrap)
 
 
+RETRIEVAL_TASKS = ("passkey", "copy", "mqar")
+
+
 @dataclass
 class TrainSettings:
     arch: str = "yoco-swa"
@@ -53,10 +56,21 @@ class TrainSettings:
     seed: int = 0
     bf16: bool = False  # autocast matmuls to bf16 (weights and optimizer stay fp32)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2-sharded)
-    retrieval_mix: float = 0.0  # share of every batch given to synthetic passkey / copy / MQAR rows
+    retrieval_mix: float = 0.0  # share of every batch given to synthetic retrieval rows
+    retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS  # the kinds of those rows, taking turns
+    # A sequence-length curriculum: the first short_steps steps train on short_seq_len-token rows, as many
+    # more of them as keep the tokens per step (retrieval is learned far faster on short rows).
+    short_seq_len: int | None = None
+    short_steps: int = 0
     val_percent: float = 2.0
     overrides: dict = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint whose weights start the run (fine-tuning, curricula)
+
+    def shape(self, step: int) -> tuple[int, int]:
+        """(rows, tokens per row) of step `step`'s batch (per accumulation micro-step)."""
+        if self.short_seq_len is not None and step < self.short_steps:
+            return self.batch_size * self.seq_len // self.short_seq_len, self.short_seq_len
+        return self.batch_size, self.seq_len
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -65,6 +79,18 @@ class TrainSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.retrieval_mix <= 1:
             raise ValueError(f"retrieval-mix must be within [0, 1], got {self.retrieval_mix}")
+        unknown = [t for t in self.retrieval_tasks if t not in RETRIEVAL_TASKS]
+        if unknown or not self.retrieval_tasks:
+            raise ValueError(f"retrieval-tasks must name some of {', '.join(RETRIEVAL_TASKS)}, got "
+                             f"{', '.join(self.retrieval_tasks) or 'none'}")
+        if self.short_seq_len is not None:
+            if not 1 <= self.short_seq_len < self.seq_len or (self.batch_size * self.seq_len) % self.short_seq_len:
+                raise ValueError(f"short-seq-len must be shorter than seq-len ({self.seq_len}) and divide the "
+                                 f"{self.batch_size * self.seq_len} tokens of a step, got {self.short_seq_len}")
+            if not 1 <= self.short_steps <= self.steps:
+                raise ValueError(f"short-steps must be within [1, steps={self.steps}], got {self.short_steps}")
+        elif self.short_steps:
+            raise ValueError("short-steps needs short-seq-len")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0 or self.grad_clip <= 0:
             raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup >= 0 and grad-clip > 0")
 
@@ -90,12 +116,13 @@ def prepare_data(settings: TrainSettings, data_dir: Path, log=print) -> Path:
     return data_dir
 
 
-def passkey_row(encode, haystack, length: int, rng, max_questions: int = 4) -> list[int] | None:
+def passkey_row(encode, haystack, length: int, rng, max_questions: int = 4) -> tuple[list[int], list[int]] | None:
     """A training passkey sequence of exactly `length` tokens, ending with the evaluation prompt's
     question and its answer: corpus text with the needle at a random point and up to `max_questions`
     question + answer pairs after it, the last one at the end. More than one question gives the far
-    copy more gradient per row (the answers are the only tokens that need the global cache). None
-    when even one question does not fit, or the haystack is too short."""
+    copy more gradient per row. Returns the row and the positions of its answer tokens (the only
+    tokens that need the needle), or None when even one question does not fit, or the haystack is too
+    short."""
     from .evaluate import passkey_parts
 
     needle, question, answer = passkey_parts(encode, str(rng.randrange(10000, 100000)))
@@ -108,18 +135,20 @@ def passkey_row(encode, haystack, length: int, rng, max_questions: int = 4) -> l
     text = [int(t) for t in haystack[start:start + filler]]
     at = rng.randrange(0, filler + 1)
     points = sorted(rng.randrange(at, filler + 1) for _ in range(questions - 1)) + [filler]
-    row, previous = text[:at] + needle, at
+    row, previous, answers = text[:at] + needle, at, []
     for point in points:
-        row += text[previous:point] + qa
+        row += text[previous:point] + question
+        answers += range(len(row), len(row) + len(answer))
+        row += answer
         previous = point
-    return row
+    return row, answers
 
 
-def copy_row(haystack, length: int, rng) -> list[int] | None:
+def copy_row(haystack, length: int, rng) -> tuple[list[int], list[int]] | None:
     """A training sequence of exactly `length` corpus tokens in which a span reappears later, at a
-    random distance: every token of the repeat is predictable only by finding the first occurrence.
-    This is the induction (copy-from-context) signal that passkey retrieval is made of, with up to a
-    quarter of the row as targets instead of a passkey's few answer tokens. None when the haystack is
+    random distance: every token of the repeat after its first is predictable only by finding the
+    first occurrence. This is the induction (copy-from-context) signal that passkey retrieval is made
+    of. Returns the row and the positions of those predictable tokens, or None when the haystack is
     too short."""
     if length < 8 or len(haystack) < length:
         return None
@@ -128,13 +157,16 @@ def copy_row(haystack, length: int, rng) -> list[int] | None:
     second = rng.randrange(first + span, length - span + 1)
     start = rng.randrange(0, len(haystack) - length + 1)
     text = [int(t) for t in haystack[start:start + length]]
-    return text[:second] + text[first:first + span] + text[second + span:]
+    return text[:second] + text[first:first + span] + text[second + span:], list(range(second + 1, second + span))
 
 
-def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haystack) -> torch.Tensor:
-    """n synthetic retrieval sequences of seq_len + 1 tokens, fixed by (seed, step), taking turns: a
-    passkey row (`passkey_row`), a copy row (`copy_row`) and an MQAR sequence (also standing in for the
-    others when the sequence is too short for them)."""
+def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haystack,
+                   tasks: tuple[str, ...] = RETRIEVAL_TASKS) -> tuple[torch.Tensor, torch.Tensor]:
+    """n synthetic retrieval sequences of seq_len + 1 tokens, fixed by (seed, step), whose kinds take
+    turns through `tasks`: passkey rows (`passkey_row`), copy rows (`copy_row`) and MQAR sequences (also
+    standing in for the others when the sequence is too short for them). Returns the rows and a bool
+    mask of their retrieval targets: the tokens only the far context can predict (passkey answers, the
+    repeat of a copy, MQAR values), which are what training scores these rows on."""
     import random
 
     from .evaluate import mqar_batch
@@ -142,20 +174,33 @@ def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haysta
     rng = random.Random(f"{seed}:{step}")
     vocab = tokenizer.get_vocab_size()
     eos = tokenizer.token_to_id(EOS)
-    rows = []
+    rows = torch.full((n, seq_len + 1), eos, dtype=torch.long)
+    targets = torch.zeros((n, seq_len + 1), dtype=torch.bool)
     for i in range(n):
-        row = None
-        if i % 3 == 0:
-            row = passkey_row(lambda t: tokenizer.encode(t).ids, haystack, seq_len + 1, rng)
-        elif i % 3 == 1:
-            row = copy_row(haystack, seq_len + 1, rng)
-        if row is None:
+        made, task = None, tasks[i % len(tasks)]
+        if task == "passkey":
+            made = passkey_row(lambda t: tokenizer.encode(t).ids, haystack, seq_len + 1, rng)
+        elif task == "copy":
+            made = copy_row(haystack, seq_len + 1, rng)
+        if made is None:
             pairs = max(1, (seq_len + 1) // 4)
-            ids, _ = mqar_batch(1, pairs, pairs, range(len(SPECIAL_TOKENS), vocab), seed=rng.randrange(1 << 30))
-            row = ids[0].tolist()[: seq_len + 1]
-            row += [eos] * (seq_len + 1 - len(row))
-        rows.append(row)
-    return torch.tensor(rows, dtype=torch.long)
+            ids, mask = mqar_batch(1, pairs, pairs, range(len(SPECIAL_TOKENS), vocab), seed=rng.randrange(1 << 30))
+            made = ids[0, : seq_len + 1].tolist(), mask[0, : seq_len + 1].nonzero().flatten().tolist()
+        row, answers = made
+        rows[i, :len(row)] = torch.tensor(row)
+        targets[i, answers] = True
+    return rows, targets
+
+
+def loss_weights(batch_size: int, seq_len: int, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token weights [batch_size, seq_len] summing to 1 for a batch whose first rows are retrieval
+    rows with target mask `targets` [rows, seq_len] and whose other rows are corpus text. Every row
+    weighs 1 / batch_size: a text row spread over all its tokens, a retrieval row over its targets only
+    (its haystack is corpus text the text rows already teach, and a few answer tokens diluted among a
+    thousand text tokens leave a small model too little gradient to find the far copy)."""
+    weights = torch.full((batch_size, seq_len), 1 / (batch_size * seq_len))
+    weights[:len(targets)] = targets / (batch_size * targets.sum(1, keepdim=True).clamp(min=1))
+    return weights
 
 
 def initial_weights(checkpoint: Path, config, data_dir: Path) -> CausalLM:
@@ -220,8 +265,9 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
     settings.validate()
     get_config(settings.arch, settings.preset, **settings.overrides)  # a bad combination fails before any data work
     world = init_world()
-    if world.size > 1 and settings.batch_size % world.size:
-        raise ValueError(f"batch-size {settings.batch_size} must be divisible by the {world.size} processes")
+    if world.size > 1 and any(settings.shape(step)[0] % world.size for step in (0, settings.steps - 1)):
+        raise ValueError(f"batch-size {settings.batch_size} (and the short rows' count) must be divisible by the "
+                         f"{world.size} processes")
     progress = progress and world.main
     log = log if world.main else (lambda text: None)
     run_dir = Path(run_dir)
@@ -284,15 +330,17 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(settings.grad_accum):
-                x, y = train_data.batch(step * settings.grad_accum + micro, settings.batch_size, settings.seq_len,
-                                        settings.seed)
-                mixed = round(settings.batch_size * settings.retrieval_mix)
-                if mixed:  # the first rows of every batch become synthetic retrieval sequences
-                    rows = retrieval_rows(mixed, settings.seq_len, step * settings.grad_accum + micro, settings.seed,
-                                          tokenizer, train_data.tokens)
-                    x, y = torch.cat([rows[:, :-1], x[mixed:]]), torch.cat([rows[:, 1:], y[mixed:]])
-                x, y = shard_rows(x, world).to(world.device), shard_rows(y, world).to(world.device)
-                loss = lm_loss(trained, x, y, settings.bf16) / settings.grad_accum
+                batch_size, seq_len = settings.shape(step)
+                x, y = train_data.batch(step * settings.grad_accum + micro, batch_size, seq_len, settings.seed)
+                mixed = round(batch_size * settings.retrieval_mix)
+                rows, targets = retrieval_rows(mixed, seq_len, step * settings.grad_accum + micro, settings.seed,
+                                               tokenizer, train_data.tokens, settings.retrieval_tasks)
+                # The first rows of every batch become synthetic retrieval sequences.
+                x, y = torch.cat([rows[:, :-1], x[mixed:]]), torch.cat([rows[:, 1:], y[mixed:]])
+                weights = loss_weights(batch_size, seq_len, targets[:, 1:])
+                x, y, weights = (shard_rows(t, world).to(world.device) for t in (x, y, weights))
+                # Each process sums its rows' share; DDP/FSDP average gradients, hence the world size.
+                loss = lm_loss(trained, x, y, settings.bf16, weights) * world.size / settings.grad_accum
                 loss.backward()
                 total += loss.item()
             total = mean_over_world(total, world)
@@ -334,4 +382,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["TrainSettings", "latest_checkpoint", "lr_factor", "train"]
+__all__ = ["RETRIEVAL_TASKS", "TrainSettings", "latest_checkpoint", "lr_factor", "train"]
