@@ -44,7 +44,8 @@ def test_loss_falls_and_checkpoints_load(arch, corpus, tmp_path):
     assert final["val_loss"] > 0
     checkpoint = latest_checkpoint(tmp_path)
     assert checkpoint.name == "checkpoint-12"
-    assert {p.name for p in checkpoint.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "trainer.pt"}
+    assert {p.name for p in checkpoint.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                                 "trainer.pt"}
     assert not list(tmp_path.glob(".checkpoint-*"))  # no staging folder left
 
 

@@ -29,11 +29,11 @@ class LayerCache(Protocol):
     def nbytes(self) -> int: ...
 
 
-def repeat_rows(cache, n: int):
-    """A copy of a layer cache with each row repeated n times (row b becomes rows b*n .. b*n+n-1)."""
+def map_rows(cache, rows):
+    """A copy of a layer cache whose batch tensors are ``rows(tensor)`` (repeated or selected rows)."""
     clone = copy.copy(cache)
     for name in cache.batch_fields:
-        setattr(clone, name, getattr(cache, name).repeat_interleave(n, dim=0))
+        setattr(clone, name, rows(getattr(cache, name)))
     return clone
 
 
@@ -137,8 +137,17 @@ class ModelCache:
         answers, or measuring batched decode at a context without prefilling every row)."""
         if n < 1:
             raise CacheError(f"repeat count must be >= 1, got {n}")
-        clone = ModelCache([repeat_rows(c, n) for c in self.layers], self.batch_size * n,
-                           None if self.pad is None else self.pad.repeat_interleave(n))
+        return self.with_rows(lambda t: t.repeat_interleave(n, dim=0))
+
+    def select(self, rows: torch.Tensor) -> "ModelCache":
+        """A cache of the given rows, in that order (beam search keeps the best beams' rows)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return self.with_rows(lambda t: t.index_select(0, rows.to(t.device)))
+
+    def with_rows(self, rows) -> "ModelCache":
+        """A copy whose every batch tensor (and the padding) is ``rows(tensor)``."""
+        clone = ModelCache([map_rows(c, rows) for c in self.layers], 0, None if self.pad is None else rows(self.pad))
+        clone.batch_size = len(rows(torch.arange(self.batch_size)))
         clone.seen = self.seen
         return clone
 

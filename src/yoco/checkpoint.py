@@ -6,6 +6,7 @@ Each file is written to a temporary name in the same folder and moved into place
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -20,6 +21,11 @@ from .models import CausalLM, build_model, resolve_dtype
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# Keys transformers writes into config.json that are not yoco model fields.
+HF_BOOKKEEPING = {"model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "tie_word_embeddings",
+                  "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "output_hidden_states",
+                  "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
+                  "label2id", "problem_type", "_name_or_path", "tokenizer_class"}
 
 
 class CheckpointError(RuntimeError):
@@ -48,8 +54,17 @@ def save_model(model: CausalLM, directory: str | os.PathLike) -> Path:
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; rebuilt by tying
     # Weights first, config last: a config always describes weights that are already complete.
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(model.config.to_json() + "\n"))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json(model.config)))
     return directory
+
+
+def config_json(config: ModelConfig) -> str:
+    """config.json: the yoco fields plus what makes the folder a transformers one (``model_type``)."""
+    from .hf import MODEL_TYPE
+
+    data = {"model_type": MODEL_TYPE, "architectures": ["YocoForCausalLM"], **config.to_dict(),
+            "tie_word_embeddings": config.tie_embeddings}
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
@@ -65,6 +80,15 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{str(path)!r} must hold a JSON object")
+    from .hf import MODEL_TYPE
+
+    model_type = data.get("model_type", MODEL_TYPE)
+    if model_type != MODEL_TYPE:
+        hint = " (convert it: yoco convert --from-llama DIR --out OUT)" if model_type == "llama" else ""
+        raise CheckpointError(f"{str(path)!r} describes a {model_type!r} model, not a yoco one{hint}")
+    if "model_type" in data:  # a transformers folder: its bookkeeping keys are not model fields
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        data = {k: v for k, v in data.items() if k in fields or k not in HF_BOOKKEEPING}
     try:
         return ModelConfig.from_dict(data)
     except (ConfigError, TypeError) as e:
@@ -81,6 +105,8 @@ def load_model(directory: str | os.PathLike, *, dtype: torch.dtype | str | None 
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{str(path)!r} is corrupt or truncated ({e})") from None
+    if state and all(name.startswith("model.") for name in state):  # written by save_pretrained
+        state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
     model = build_model(config)
     expected = model.state_dict()
     if config.tie_embeddings:

@@ -80,9 +80,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from .tokenizer import byte_level_tokenizer, save_tokenizer
+
     model = build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
     save_model(model, args.out)
-    print(f"wrote a randomly initialised {args.arch} ({args.preset}, {model.num_parameters() / 1e6:.2f}M params) to {args.out}")
+    save_tokenizer(byte_level_tokenizer(model.config.vocab_size), args.out, model.config.max_seq_len)
+    print(f"wrote a randomly initialised {args.arch} ({args.preset}, {model.num_parameters() / 1e6:.2f}M params) "
+          f"with a byte-level tokenizer to {args.out} (loads with transformers' AutoModelForCausalLM too)")
     return 0
 
 
@@ -179,18 +183,31 @@ def cmd_kv_table(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_kv_heads, share_kv_layers
+    from .convert import convert_kv_heads, from_llama, share_kv_layers
 
-    if args.kv_heads is None and args.cla_factor is None and args.mlkv_layers is None:
+    if (args.checkpoint is None) == (args.from_llama is None):
+        raise UsageError("give exactly one source: --checkpoint (a yoco model) or --from-llama (a transformers folder)")
+    if args.from_llama is None and args.kv_heads is None and args.cla_factor is None and args.mlkv_layers is None:
         raise UsageError("say what to convert to: --kv-heads N, --cla-factor S and/or --mlkv-layers N")
-    model = converted = load_model(args.checkpoint)
     done = []
+    if args.from_llama is not None:
+        if not (Path(args.from_llama) / "config.json").is_file():
+            raise UsageError(f"{args.from_llama!r} is not a transformers model folder (no config.json)")
+        model = converted = from_llama(args.from_llama)
+        done.append(f"Llama {args.from_llama} -> yoco transformer (same logits)")
+    else:
+        model = converted = load_model(args.checkpoint)
     if args.kv_heads is not None:
         converted = convert_kv_heads(converted, args.kv_heads)
         done.append(f"{model.config.n_kv_heads} -> {args.kv_heads} K/V heads (mean-pooled)")
     if args.cla_factor is not None or args.mlkv_layers is not None:
         converted = share_kv_layers(converted, cla_factor=args.cla_factor or 1, mlkv_layers=args.mlkv_layers)
         done.append(f"K/V shared across layers {converted.config.kv_sources} (group means)")
+    if args.from_llama is not None and (Path(args.from_llama) / "tokenizer.json").is_file():
+        from .data import load_tokenizer
+        from .tokenizer import save_tokenizer
+
+        save_tokenizer(load_tokenizer(args.from_llama, require_eos=False), args.out, converted.config.max_seq_len)
     save_model(converted, args.out)
     print(f"wrote {args.out}: {'; '.join(done)}; {converted.num_parameters() / 1e6:.2f}M params")
     return 0
@@ -343,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="uptraining start points: pool K/V heads (MHA -> GQA -> MQA) and/or "
                                        "share K/V across layers (CLA, MLKV)")
-    p.add_argument("--checkpoint", required=True, help="a saved transformer model folder")
+    p.add_argument("--checkpoint", help="a saved transformer model folder")
+    p.add_argument("--from-llama", help="a local transformers Llama folder: converted to the yoco transformer "
+                                        "with identical logits (then optionally pooled/shared)")
     p.add_argument("--kv-heads", type=int, help="the new number of K/V heads")
     p.add_argument("--cla-factor", type=int, help="CLA: one K/V-producing layer per S layers")
     p.add_argument("--mlkv-layers", type=int, help="MLKV: this many K/V-producing layers")

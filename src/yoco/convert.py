@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .models import CausalLM, build_model
 
 
@@ -57,3 +57,75 @@ def share_kv_layers(model: CausalLM, *, cla_factor: int = 1, mlkv_layers: int | 
 
 
 __all__ = ["convert_kv_heads", "share_kv_layers"]
+
+
+# transformers Llama parameter names -> yoco Transformer names ({i}: layer index).
+LLAMA_NAMES = {
+    "model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.mixer_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.mixer.q_proj.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.mixer.k_proj.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.mixer.v_proj.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.mixer.o_proj.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.ffn.gate_proj.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.ffn.up_proj.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.ffn.down_proj.weight",
+}
+
+
+def llama_config(hf_config) -> ModelConfig:
+    """The yoco Transformer that computes what a transformers LlamaConfig describes; features the
+    baseline does not have (biases, scaled RoPE, another activation or head size) are refused."""
+    c = hf_config
+    unsupported = []
+    if getattr(c, "model_type", "llama") != "llama":
+        unsupported.append(f"model_type={c.model_type!r} (a Llama is needed)")
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        unsupported.append("attention/MLP biases")
+    if getattr(c, "hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={c.hidden_act!r}")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim * c.num_attention_heads != c.hidden_size:
+        unsupported.append(f"head_dim={head_dim} (yoco uses hidden_size / heads)")
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        unsupported.append(f"rope_type={rope.get('rope_type')!r} (only plain RoPE)")
+    if unsupported:
+        raise ConfigError("cannot convert this Llama checkpoint: " + ", ".join(unsupported))
+    return ModelConfig(arch="transformer", vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+                       n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+                       ffn_dim=c.intermediate_size, max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
+                       rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
+                       rope_freqs="standard", rope_pairs="half", scale_embeddings=False,
+                       tie_embeddings=bool(c.tie_word_embeddings))
+
+
+def from_llama(llama) -> CausalLM:
+    """A yoco Transformer with the weights of a transformers ``LlamaForCausalLM`` (a model object or
+    a local folder): identical logits, the start point for ``convert_kv_heads`` and uptraining."""
+    if not isinstance(llama, torch.nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        llama = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    config = llama_config(llama.config)
+    param = next(llama.parameters())
+    model = build_model(config, dtype=param.dtype, device=param.device)
+    patterns = {}
+    for i in range(config.n_layers):
+        for source, target in LLAMA_NAMES.items():
+            patterns[source.format(i=i)] = target.format(i=i)
+    state = {}
+    for name, tensor in llama.state_dict().items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name not in patterns:
+            raise ConfigError(f"cannot convert this Llama checkpoint: unexpected weight {name!r}")
+        state[patterns[name]] = tensor
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ConfigError(f"cannot convert this Llama checkpoint: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model.eval()

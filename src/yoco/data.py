@@ -116,8 +116,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     return tokenizer
 
 
-def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
-    """A ``tokenizer.json``; with `vocab_size`, checks that it fits a model of that vocabulary."""
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None, require_eos: bool = True):
+    """A ``tokenizer.json``; with `vocab_size`, checks that it fits a model of that vocabulary. Data
+    work needs the end-of-text token (`require_eos`); reading a model's text does not."""
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -132,7 +133,7 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
     if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
         raise DataError(f"tokenizer {str(path)!r} has {tokenizer.get_vocab_size()} tokens but the model's "
                         f"vocabulary is {vocab_size}: wrong tokenizer for this model")
-    if tokenizer.token_to_id(EOS) is None:
+    if require_eos and tokenizer.token_to_id(EOS) is None:
         raise DataError(f"tokenizer {str(path)!r} has no {EOS} token")
     return tokenizer
 

@@ -38,18 +38,25 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE head dim must be even, got {head_dim}")
-        half = head_dim // 2
-        if freqs == "standard":
-            exponent = torch.arange(0, half, dtype=torch.float64) * 2 / head_dim
-        elif freqs == "linspace":
-            exponent = torch.linspace(0, 1, half, dtype=torch.float64)
-        else:
+        if freqs not in ("standard", "linspace"):
             raise ValueError(f"unknown RoPE frequencies {freqs!r}")
         if pairs not in ("half", "interleaved"):
             raise ValueError(f"unknown RoPE pairing {pairs!r}")
-        self.head_dim = head_dim
-        self.pairs = pairs
-        self.register_buffer("inv_freq", (theta ** -exponent).float(), persistent=False)
+        self.head_dim, self.theta, self.freqs, self.pairs = head_dim, theta, freqs, pairs
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self, device=None) -> torch.Tensor:
+        half = self.head_dim // 2
+        if self.freqs == "standard":
+            exponent = torch.arange(0, half, dtype=torch.float64, device=device) * 2 / self.head_dim
+        else:
+            exponent = torch.linspace(0, 1, half, dtype=torch.float64, device=device)
+        return (self.theta ** -exponent).float()
+
+    def reset_frequencies(self) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after a model was built on the meta device."""
+        device = None if self.inv_freq.is_meta else self.inv_freq.device
+        self.inv_freq = self.frequencies(device)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [..., T, 1, d/2] (fp32) for integer positions of shape [..., T]."""

@@ -26,6 +26,7 @@ from .config import get_config
 from .data import EOS, SPECIAL_TOKENS, TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
 from .evaluate import lm_loss, validation_loss
 from .models import CausalLM, build_model
+from .tokenizer import write_tokenizer_config
 from .parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
                        shard_rows, sharded, wrap)
 
@@ -236,6 +237,7 @@ def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, optimiz
     model.load_state_dict(model_state)
     save_model(model, staging)
     shutil.copyfile(data_dir / "tokenizer.json", staging / "tokenizer.json")
+    write_tokenizer_config(staging, load_tokenizer(data_dir), config.max_seq_len)  # a transformers folder too
     torch.save({"step": step, "optimizer": optim_state, "optimizer_format": optimizer_format,
                 "settings": asdict(settings)}, staging / "trainer.pt")
     shutil.rmtree(final, ignore_errors=True)

@@ -1,0 +1,243 @@
+"""Hugging Face transformers integration: every yoco model as a transformers causal LM.
+
+A thin layer over the library's own modules, registered with ``AutoConfig`` and
+``AutoModelForCausalLM`` when ``yoco`` is imported (no ``trust_remote_code``):
+
+- ``YocoConfig``: a ``PreTrainedConfig`` whose fields are exactly ``ModelConfig``'s (the usual HF
+  names such as ``hidden_size`` map onto them), validated by ``ModelConfig``.
+- ``YocoForCausalLM``: ``PreTrainedModel`` + ``GenerationMixin`` around the yoco model built by
+  ``build_model`` (as ``.model``); its forward is the yoco forward.
+- ``YocoCache``: a transformers ``Cache`` holding yoco's own ``ModelCache``, so ``generate`` keeps
+  exactly the cache the architecture needs (one global K/V for YOCO, the latent for MLA, rings
+  for sliding windows), allocated once for the prompt plus ``max_new_tokens``.
+
+A yoco checkpoint folder (``save_model``, ``yoco train``, ``yoco init``) is already a transformers
+folder: its ``config.json`` carries ``model_type: "yoco"`` and its weights load with or without
+the ``model.`` prefix that ``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import ModelCache
+from .config import ModelConfig
+from .layers import RotaryEmbedding
+from .models import CausalLM, build_model
+from .models.base import InputError
+
+MODEL_TYPE = "yoco"
+# transformers' usual attribute names, read by generation, lm-eval and other tools.
+HF_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+            "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_dim", "max_position_embeddings": "max_seq_len"}
+
+
+def _config_namespace() -> dict:
+    """YocoConfig's body: ModelConfig's fields, types and defaults (one source of truth)."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [f for f in dataclasses.fields(ModelConfig)]
+    return {"model_type": MODEL_TYPE, "attribute_map": dict(HF_NAMES),
+            "__annotations__": {f.name: hints[f.name] for f in fields} | {"tie_word_embeddings": bool, "use_cache": bool},
+            **{f.name: f.default for f in fields}, "tie_word_embeddings": False, "use_cache": True,
+            "__module__": __name__, "__qualname__": "YocoConfig"}
+
+
+class _YocoConfigMethods:
+    def __post_init__(self, **kwargs):
+        self.tie_word_embeddings = self.tie_embeddings  # transformers ties the LM head by this name
+        super().__post_init__(**kwargs)
+        self.to_model_config()  # a bad combination fails here, naming the field
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig, **kwargs) -> "YocoConfig":
+        return cls(**config.to_dict(), **kwargs)
+
+
+YocoConfig = type("YocoConfig", (_YocoConfigMethods, PreTrainedConfig), _config_namespace())
+YocoConfig.__doc__ = "transformers configuration of any yoco architecture: ModelConfig's fields."
+
+
+class YocoCache(Cache):
+    """yoco's own inference cache behind the transformers ``Cache`` interface. The ``ModelCache`` is
+    built at the first forward, when the batch and its left padding are known; ``capacity`` (prompt
+    plus new tokens, known to ``generate``) makes growing caches allocate once."""
+
+    is_compileable = False
+
+    def __init__(self, model: CausalLM, capacity: int | None = None):
+        super().__init__(layers=[])
+        self.model_ref = [model]  # a list, so the cache does not become part of anything's state
+        self.capacity = capacity
+        self.inner: ModelCache | None = None
+        self.aligned = 0  # pad columns added in front so a prompt ends on the model's alignment
+
+    def start(self, batch_size: int, pad: torch.Tensor | None, length: int, device) -> None:
+        model = self.model_ref[0]
+        capacity = None if self.capacity is None else min(self.capacity + self.aligned, model.config.max_seq_len)
+        capacity = None if capacity is not None and capacity < length else capacity
+        self.inner = model.new_cache(batch_size, capacity=capacity, pad=pad, device=device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.inner is None else self.inner.seen - self.aligned
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return 0 if self.inner is None else self.inner.nbytes()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.inner is not None:
+            self.inner = self.inner.select(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.inner is not None:
+            self.inner = self.inner.repeat(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("yoco caches cannot be cropped (sliding-window rings and retention states "
+                                  "forget): assisted and speculative decoding are not supported")
+
+    def __len__(self) -> int:
+        return 0 if self.inner is None else len(self.inner)
+
+    def __repr__(self) -> str:
+        return f"YocoCache(seen={self.get_seq_length()}, bytes={self.nbytes()})"
+
+
+def left_pad_counts(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's count of leading zeros; refuses masks with holes or right padding."""
+    mask = attention_mask.to(torch.long)
+    pad = (mask.cumsum(-1) == 0).sum(-1)
+    ones = torch.arange(mask.shape[1], device=mask.device)[None, :] >= pad[:, None]
+    if not torch.equal(mask.bool(), ones):
+        raise InputError("yoco models take left padding only: every attention_mask row must be zeros then ones "
+                         "(pass padding_side='left' to the tokenizer)")
+    if bool((pad == mask.shape[1]).any()):
+        raise InputError("an attention_mask row is all zeros: every row needs at least one real token")
+    return pad
+
+
+class YocoForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = YocoConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: YocoConfig):
+        super().__init__(config)
+        self.model = build_model(config.to_model_config())
+        self.post_init()
+
+    # ------------------------------------------------------------------ transformers plumbing
+    def _init_weights(self, module) -> None:
+        # transformers builds models on the meta device and loads weights into them; what no file
+        # holds is made here: RoPE frequencies (non-persistent) and, for a fresh model, yoco's init.
+        if isinstance(module, RotaryEmbedding):
+            module.reset_frequencies()
+        elif isinstance(module, CausalLM) and not getattr(module, "_is_hf_initialized", False):
+            if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
+                module.init_weights()
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    @classmethod
+    def from_yoco(cls, model: CausalLM) -> "YocoForCausalLM":
+        """Wrap an existing yoco model (sharing its weights)."""
+        wrapped = cls(YocoConfig.from_model_config(model.config))
+        wrapped.model = model
+        return wrapped
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = YocoCache(self.model, capacity=max_cache_length)
+        else:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                  max_cache_length, *args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        """The yoco forward. Positions come from the left padding (``attention_mask``) and the cache,
+        so ``position_ids`` are not needed; with a cache, ``input_ids`` are the tokens after those
+        already cached. ``logits_to_keep=k`` computes only the last k positions' logits (YOCO then also
+        skips its cross-decoder for the others)."""
+        if inputs_embeds is not None:
+            raise InputError("yoco models take input_ids, not inputs_embeds")
+        if input_ids is None:
+            raise InputError("input_ids are required")
+        # use_cache=None keeps a cache only when one is passed in: a plain forward (training, scoring)
+        # builds none.
+        use_cache = past_key_values is not None if use_cache is None else use_cache
+        num_logits = None if not logits_to_keep else min(int(logits_to_keep), input_ids.shape[1])
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, YocoCache):
+            if cache.get_seq_length() != 0:
+                raise InputError(f"yoco models keep their own cache kind; got a filled {type(cache).__name__}")
+            cache = None  # an empty default cache (e.g. created by a caller): use yoco's own
+        if cache is None and use_cache:
+            cache = YocoCache(self.model)
+        if cache is None:
+            pad = None if attention_mask is None else left_pad_counts(attention_mask)
+            logits = self.model(input_ids, pad=pad, num_logits=num_logits)
+        else:
+            if cache.inner is None:  # prefill: the prompt's padding fixes each row's positions
+                input_ids, pad = self._align(input_ids, attention_mask, cache)
+                cache.start(input_ids.shape[0], pad, input_ids.shape[1], input_ids.device)
+            elif attention_mask is not None and not bool(attention_mask[:, -input_ids.shape[1]:].all()):
+                raise InputError("tokens after the prompt cannot be padding (attention_mask must be 1 for them)")
+            logits = self.model(input_ids, cache.inner, num_logits=num_logits)
+        loss = None
+        if labels is not None:
+            if num_logits is not None:
+                raise InputError("labels need every position's logits (logits_to_keep=0)")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+
+    def _align(self, input_ids, attention_mask, cache: YocoCache):
+        """The prompt with the left padding the model needs (the Block Transformer's prompts end on a
+        block boundary) and each row's pad count."""
+        pad = None if attention_mask is None else left_pad_counts(attention_mask)
+        extra = -input_ids.shape[1] % self.model.prompt_alignment
+        if extra:
+            fill = input_ids.new_zeros(input_ids.shape[0], extra)
+            input_ids = torch.cat([fill, input_ids], dim=1)
+            pad = (pad if pad is not None else torch.zeros(input_ids.shape[0], dtype=torch.long,
+                                                           device=input_ids.device)) + extra
+        cache.aligned = extra
+        return input_ids, pad
+
+
+def register() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know yoco folders (done on ``import yoco``)."""
+    try:
+        AutoConfig.register(MODEL_TYPE, YocoConfig)
+    except ValueError:  # already registered
+        pass
+    try:
+        AutoModelForCausalLM.register(YocoConfig, YocoForCausalLM)
+    except ValueError:
+        pass
+
+
+__all__ = ["YocoCache", "YocoConfig", "YocoForCausalLM", "left_pad_counts", "register"]

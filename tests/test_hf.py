@@ -1,0 +1,258 @@
+"""transformers integration: yoco models load, save and generate as first-class HF causal LMs."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from yoco import YocoCache, YocoConfig, YocoForCausalLM, build_model, generate, get_config, load_model, save_model
+from yoco.checkpoint import CheckpointError
+from yoco.cli import main
+from yoco.models import cache_bytes
+from yoco.models.base import InputError
+
+ARCHS = ["transformer", "yoco-swa", "yoco-gret", "mha", "mqa", "mla", "cla2", "mqa-cla2", "mlkv", "block", "swa"]
+
+
+def tiny(arch, **overrides):
+    return build_model(get_config(arch, "tiny", **overrides), seed=0).eval()
+
+
+def left_padded(prompts):
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_pretrained_round_trip_and_auto_classes(arch, tmp_path):
+    model = YocoForCausalLM.from_yoco(tiny(arch))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "yoco"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), YocoConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, YocoForCausalLM)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    # The same weights; transformers computes from memory-mapped tensors, whose alignment can pick
+    # another CPU kernel (differences of ~3e-8 seen), hence a tolerance far below any real change.
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    # The same folder is a yoco checkpoint, and a yoco checkpoint is a transformers folder.
+    torch.testing.assert_close(load_model(tmp_path)(ids), model(ids).logits, rtol=0, atol=0)
+    save_model(tiny(arch), tmp_path / "yoco")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "yoco")
+    torch.testing.assert_close(again(ids).logits, tiny(arch)(ids), rtol=0, atol=1e-6)
+
+
+def test_dtype_is_honoured(tmp_path):
+    YocoForCausalLM.from_yoco(tiny("yoco-swa")).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_equals_the_yoco_engine_with_left_padding(arch):
+    core = tiny(arch)
+    model = YocoForCausalLM.from_yoco(core)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [9, 8, 7, 6]]
+    want = generate(core, prompts, max_new_tokens=7).tokens
+    ids, mask = left_padded(prompts)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    assert out[:, ids.shape[1]:].tolist() == want
+    for prompt, row in zip(prompts, want):  # each row alone gives the same tokens
+        alone = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=7, do_sample=False, pad_token_id=0)
+        assert alone[0, len(prompt):].tolist() == row
+
+
+@pytest.mark.parametrize("arch", ["transformer", "yoco-swa", "yoco-gret", "mla", "block"])
+def test_cache_seen_through_generate_is_yocos_own(arch):
+    core = tiny(arch)
+    model = YocoForCausalLM.from_yoco(core)
+    ids = torch.randint(1, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, YocoCache)
+    aligned = -21 % core.prompt_alignment
+    capacity = 21 + 5 - 1 + aligned  # allocated once: the prompt and the new tokens but the last (never fed)
+    assert cache.nbytes() == cache_bytes(core.config, 2, capacity, torch.float32) > 0
+    assert cache.get_seq_length() == 21 + 4  # the last new token is not fed back
+
+
+def test_sampling_beam_search_stop_strings_and_streamer(tmp_path):
+    from transformers import TextIteratorStreamer
+
+    from yoco.tokenizer import byte_level_tokenizer, save_tokenizer
+
+    core = build_model(get_config("yoco-swa", "tiny", vocab_size=258), seed=0).eval()
+    model = YocoForCausalLM.from_yoco(core)
+    save_tokenizer(byte_level_tokenizer(258), tmp_path, 1024)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    batch = tokenizer(["def f(x):", "ab"], return_tensors="pt", padding=True)
+    assert batch["attention_mask"][1, 0] == 0  # left padding
+    a = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=257)
+    torch.manual_seed(0)
+    b = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=257)
+    torch.manual_seed(0)
+    c = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=257)
+    assert a.shape == (2, batch["input_ids"].shape[1] + 6) and torch.equal(b, c)
+    # Beam search keeps (and reorders) yoco's cache rows; with one beam it is greedy, with three it
+    # finds continuations at least as likely as greedy's.
+    greedy = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=257)
+    one_beam = model.generate(**batch, max_new_tokens=5, num_beams=1, do_sample=False, pad_token_id=257)
+    beams = model.generate(**batch, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=257,
+                           length_penalty=0.0)
+    assert torch.equal(greedy, one_beam) and beams.shape == greedy.shape
+    T = batch["input_ids"].shape[1]
+
+    def logprob(sequences):
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, 5, dtype=torch.long)], 1)
+        logp = model(input_ids=sequences, attention_mask=mask).logits.log_softmax(-1)
+        return logp[:, T - 1:-1].gather(-1, sequences[:, T:, None]).sum((1, 2))
+
+    assert torch.all(logprob(beams) >= logprob(greedy) - 1e-4)
+    # Stop strings and a streamer.
+    prompt = tokenizer(["def f(x):"], return_tensors="pt")
+    new = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=257)[0, 9:]
+    text = tokenizer.decode(new)
+    stop = text[1:3]
+    stopped = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=257, stop_strings=[stop],
+                             tokenizer=tokenizer)
+    assert tokenizer.decode(stopped[0, 9:]).endswith(stop) and stopped.shape[1] < 9 + 5
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=257, streamer=streamer)
+    assert "".join(streamer) == text
+
+
+def test_labels_give_the_mean_next_token_loss():
+    core = tiny("yoco-swa")
+    model = YocoForCausalLM.from_yoco(core)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    want = torch.nn.functional.cross_entropy(core(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, want)
+    assert out.past_key_values is None  # a plain forward builds no cache
+
+
+def test_bad_input_is_named():
+    model = YocoForCausalLM.from_yoco(tiny("transformer"))
+    with pytest.raises(InputError, match="left padding"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(InputError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(1, 3, 64))
+    with pytest.raises(ValueError, match="window"):
+        YocoConfig(arch="yoco-swa", window=None)  # the config is validated by ModelConfig
+
+
+def test_folders_that_are_broken_or_not_yoco_give_clear_errors(tmp_path):
+    YocoForCausalLM.from_yoco(tiny("transformer")).save_pretrained(tmp_path / "ok")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(bad)
+    with pytest.raises(Exception, match="safetensors|header|corrupt|deserializ"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "arch": "no-such-arch"}))
+    with pytest.raises(CheckpointError, match="arch"):
+        load_model(bad)
+    with pytest.raises(ValueError, match="arch"):
+        AutoConfig.from_pretrained(bad)
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="llama"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_converts_with_identical_logits_then_pools_kv_heads(tie, tmp_path):
+    from yoco.convert import convert_kv_heads, from_llama
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in llama.parameters():
+            p.normal_(0, 0.2)  # larger than the default init, so the logits differ a lot by token
+    ids = torch.randint(0, 300, (2, 40))
+    want = llama(ids).logits
+    model = from_llama(llama)
+    torch.testing.assert_close(model(ids), want, atol=2e-5, rtol=1e-5)
+    llama.save_pretrained(tmp_path / "llama")
+    assert main(["convert", "--from-llama", str(tmp_path / "llama"), "--out", str(tmp_path / "yoco")]) == 0
+    torch.testing.assert_close(load_model(tmp_path / "yoco")(ids), want, atol=2e-5, rtol=1e-5)
+    # On to GQA by mean-pooling (exact when the heads of a group are equal).
+    assert main(["convert", "--from-llama", str(tmp_path / "llama"), "--kv-heads", "2",
+                 "--out", str(tmp_path / "gqa")]) == 0
+    assert load_model(tmp_path / "gqa").config.n_kv_heads == 2
+    assert convert_kv_heads(model, 1).config.n_kv_heads == 1
+
+
+def test_llama_with_unsupported_features_is_refused():
+    from yoco.config import ConfigError
+    from yoco.convert import from_llama
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, attention_bias=True)
+    with pytest.raises(ConfigError, match="bias"):
+        from_llama(LlamaForCausalLM(config))
+
+
+def test_yoco_init_writes_a_folder_transformers_loads(tmp_path, capsys):
+    assert main(["init", "--arch", "mla", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tokenizer("hello", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == [list(b"hello")]
+    torch.testing.assert_close(model(ids).logits, load_model(tmp_path)(ids), rtol=0, atol=1e-6)
+    # yoco generate reads the folder save_pretrained writes (prefixed weights) as well.
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+
+
+
+def test_lm_eval_harness_scores_a_local_task_offline(tmp_path, monkeypatch):
+    """lm-evaluation-harness (the `hf` model type) on a saved yoco folder: its log-likelihoods are the
+    model's own."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from yoco.tokenizer import byte_level_tokenizer, save_tokenizer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    core = build_model(get_config("yoco-swa", "tiny", vocab_size=258), seed=0).eval()
+    save_model(core, tmp_path / "model")
+    save_tokenizer(byte_level_tokenizer(258), tmp_path / "model", 1024)
+    docs = [{"question": "def add(a, b):\n    return a", "choices": ["+ b", "* b"], "answer": 0},
+            {"question": "import", "choices": ["os", "sys", "(("], "answer": 1}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(
+        "task: yoco_tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'model'},dtype=float32",
+                                      tasks=["yoco_tiny_choice"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                      device="cpu", batch_size=2, log_samples=True)
+    assert 0 <= results["results"]["yoco_tiny_choice"]["acc,none"] <= 1
+    samples = results["samples"]["yoco_tiny_choice"]
+    assert len(samples) == 2
+    for sample in samples:
+        doc = sample["doc"]
+        context = list(doc["question"].encode())
+        for choice, response in zip(doc["choices"], sample["resps"]):
+            choice = " " + choice  # lm-eval's default target delimiter
+            ids = torch.tensor([context + list(choice.encode())])
+            logp = core(ids[:, :-1]).log_softmax(-1)[0, -len(choice):]
+            want = logp.gather(-1, ids[0, -len(choice):, None]).sum().item()
+            assert response[0][0] == pytest.approx(want, abs=1e-4)
