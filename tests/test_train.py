@@ -278,3 +278,29 @@ def test_init_from_starts_from_a_checkpoints_weights(corpus, tmp_path):
     (latest_checkpoint(tmp_path / "a") / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="another tokenizer"):
         train(settings(corpus, init_from=str(tmp_path / "a")), tmp_path / "d", progress=False, log=lambda t: None)
+
+
+def test_a_training_checkpoint_is_a_transformers_folder(corpus, tmp_path, capsys):
+    import yoco  # noqa: F401  (registers the model type)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from yoco.checkpoint import load_model
+    from yoco.cli import main
+    from yoco.data import load_tokenizer
+
+    train(settings(corpus, steps=2, save_every=2), tmp_path / "run", progress=False, log=lambda s: None)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    text = "def f(x):\n    return x"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == load_tokenizer(checkpoint).encode(text).ids
+    torch.testing.assert_close(model(ids).logits, load_model(checkpoint)(ids), rtol=0, atol=1e-6)
+    # A folder written by save_pretrained works with yoco eval and generate.
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--data", str(tmp_path / "run" / "data"),
+                 "--contexts", "128", "--depths", "0", "--trials", "1", "--batches", "1", "--seq-len", "32",
+                 "--batch-size", "2", "--mqar-samples", "2"]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "def", "--max-new-tokens", "3"]) == 0
