@@ -153,6 +153,8 @@ def test_folders_that_are_broken_or_not_yoco_give_clear_errors(tmp_path):
     (bad / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
     with pytest.raises(CheckpointError, match="missing"):
         load_model(bad)
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(bad)
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(bad)
