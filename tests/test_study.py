@@ -43,4 +43,19 @@ def test_study_writes_results(tmp_path, capsys):
     for name in ("results.md", "pareto.png", "loss_curves.png", "retrieval.png"):
         assert (tmp_path / "study" / name).stat().st_size > 0
     assert "| yoco-swa |" in (tmp_path / "study" / "results.md").read_text()
+    # The final loss covers the whole held-out split, and is that checkpoint's loss over it.
+    from yoco.checkpoint import load_model
+    from yoco.data import TokenShards
+    from yoco.evaluate import validation_loss
+
+    val = TokenShards(tmp_path / "study" / "data", "val")
+    assert all(r["val_tokens"] == (len(val) - 1) // 64 * 64 for r in runs)
+    again = validation_loss(load_model(tmp_path / "study" / "swa" / "checkpoint-2"), val, 2, 64, None)
+    assert runs[2]["val_loss"] == pytest.approx(again["val_loss"], rel=1e-6)
+    # Re-running the study re-evaluates the finished runs without training them again.
+    metrics = (tmp_path / "study" / "swa" / "metrics.jsonl").read_text()
+    assert main(argv) == 0
+    assert (tmp_path / "study" / "swa" / "metrics.jsonl").read_text() == metrics
+    rerun = json.loads((tmp_path / "study" / "results.json").read_text())["runs"]
+    assert [r["val_loss"] for r in rerun] == pytest.approx([r["val_loss"] for r in runs], rel=1e-6)
     assert main(["study", "--arch", "mamba", "--out", str(tmp_path / "x")]) == 2

@@ -305,7 +305,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                              seq_len=args.seq_len, retrieval_mix=args.retrieval_mix, corpus=args.data or [],
                              vocab_size=args.vocab_size, trials=args.trials or (2 if args.quick else 4), seed=args.seed,
                              window=args.window, retrieval_tasks=split_names(args.retrieval_tasks),
-                             short_seq_len=args.short_seq_len, short_steps=args.short_steps)
+                             short_seq_len=args.short_seq_len, short_steps=args.short_steps,
+                             val_batches=args.val_batches)
     try:
         results = run_study(settings, args.out)
     except ValueError as e:
@@ -432,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", help="corpus paths (default: the stdlib's sources)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--trials", type=int, help="passkey keys per cell (default 4, quick 2)")
+    p.add_argument("--val-batches", type=int, help="batches for the final validation loss (default: the whole "
+                                                   "held-out split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_study)

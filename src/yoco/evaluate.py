@@ -38,12 +38,19 @@ def lm_loss(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: 
 
 
 @torch.no_grad()
-def validation_loss(model: CausalLM, shards, batch_size: int, seq_len: int, batches: int, bf16: bool = False) -> dict:
-    """Loss and perplexity over consecutive held-out windows; leaves the model in eval mode."""
+def validation_loss(model: CausalLM, shards, batch_size: int, seq_len: int, batches: int | None,
+                    bf16: bool = False) -> dict:
+    """Loss and perplexity over consecutive held-out windows (`batches` of them, None: all); leaves the
+    model in eval mode."""
     model.eval()
-    losses = [lm_loss(model, x, y, bf16).item() for x, y in shards.sequential(batch_size, seq_len, batches)]
-    loss = sum(losses) / len(losses) if losses else float("nan")
-    return {"val_loss": loss, "perplexity": math.exp(loss) if losses else float("nan"), "batches": len(losses)}
+    total, tokens, count = 0.0, 0, 0
+    for x, y in shards.sequential(batch_size, seq_len, batches):  # weighted by tokens: the last batch may be short
+        total += lm_loss(model, x, y, bf16).item() * y.numel()
+        tokens += y.numel()
+        count += 1
+    loss = total / tokens if tokens else float("nan")
+    return {"val_loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "batches": count,
+            "tokens": tokens}
 
 
 # ---------------------------------------------------------------------- passkey

@@ -23,7 +23,7 @@ import torch
 from .checkpoint import atomic_write, load_model
 from .config import get_config
 from .data import SPECIAL_TOKENS, TokenShards
-from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts
+from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts, validation_loss
 from .models import MODEL_CLASSES, cache_bytes
 from .tokenizer import TrainedTokenizer
 from .train import RETRIEVAL_TASKS, TrainSettings, latest_checkpoint, train
@@ -48,6 +48,7 @@ class StudySettings:
     retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS
     short_seq_len: int | None = None  # a sequence-length curriculum (TrainSettings.short_seq_len)
     short_steps: int = 0
+    val_batches: int | None = None  # validation batches of batch_size x seq_len for the final loss; None: all
 
 
 def parameter_count(config) -> int:
@@ -114,11 +115,15 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
                                        overrides={"ffn_dim": ffn, **windowed,
                                                   "max_seq_len": max(4096, 8 * window, settings.seq_len)})
         run_dir = out / arch
-        final = train(train_settings, run_dir, resume=(run_dir / "latest").exists(), log=log, progress=progress,
-                      data_dir=out / "data")
+        # A finished run is not trained again: re-running a study re-evaluates it.
+        train(train_settings, run_dir, resume=(run_dir / "latest").exists(), log=log, progress=progress,
+              data_dir=out / "data")
         model = load_model(latest_checkpoint(run_dir)).eval()
         tokenizer = TrainedTokenizer(out / "data", model.config.vocab_size)
         val = TokenShards(out / "data", "val")
+        # The final loss over the held-out split (the whole of it by default): the few batches of the
+        # periodic validation during training differ between architectures by more than they do.
+        val_loss = validation_loss(model, val, settings.batch_size, settings.seq_len, settings.val_batches)
         beyond_context = passkey_context(tokenizer, window, settings.seq_len)
         haystack = val.tokens if len(val) > 2 * beyond_context else TokenShards(out / "data", "train").tokens
         inside, beyond = passkey_split(model, tokenizer, haystack, window, settings.trials, settings.seed,
@@ -128,7 +133,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
         per_token = (cache_bytes(model.config, 1, 8192, torch.float32) - at_4k) / 4096
         runs.append({"arch": arch, "params": model.num_parameters(), "ffn_dim": ffn,
                      "train_tokens": settings.steps * settings.batch_size * settings.seq_len,
-                     "val_loss": final.get("val_loss"), "kv_bytes_per_token": per_token,
+                     "val_loss": val_loss["val_loss"], "val_tokens": val_loss["tokens"],
+                     "kv_bytes_per_token": per_token,
                      "cache_bytes_per_token_4k": at_4k / 4096,
                      "passkey_acc_in_window": inside, "passkey_acc_beyond_window": beyond,
                      "mqar_acc": mqar_accuracy(model, ids, mask)})
@@ -144,6 +150,13 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def val_scope(results: dict) -> str:
+    tokens = {r.get("val_tokens") for r in results["runs"]}
+    if len(tokens) == 1 and None not in tokens:
+        return f"val loss over {tokens.pop():,} held-out tokens"
+    return "val loss from the last periodic validation"
+
+
 def curriculum(s: dict) -> str:
     if not s.get("short_seq_len"):
         return ""
@@ -155,7 +168,8 @@ def markdown(results: dict) -> str:
     lines = [f"Study: preset {s['preset']}, {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, "
              f"{curriculum(s)}retrieval mix {s['retrieval_mix']} ({', '.join(s.get('retrieval_tasks', RETRIEVAL_TASKS))}), "
              f"window {s['window']}; passkey beyond the window: context "
-             f"{s.get('passkey_beyond_context', '?')}, the needle at least two windows back", "",
+             f"{s.get('passkey_beyond_context', '?')}, the needle at least two windows back; {val_scope(results)}",
+             "",
              "| arch | params | ffn | val loss | KV bytes/token | cache/token at 4K | passkey in window | "
              "passkey beyond | MQAR |",
              "|---|---|---|---|---|---|---|---|---|"]
