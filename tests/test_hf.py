@@ -213,6 +213,10 @@ def test_yoco_init_writes_a_folder_transformers_loads(tmp_path, capsys):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     ids = tokenizer("hello", return_tensors="pt")["input_ids"]
     assert ids.tolist() == [list(b"hello")]
+    assert model.config.eos_token_id is None  # the tiny preset's 256 ids leave no room for <|endoftext|>
+    assert main(["init", "--arch", "yoco-swa", "--preset", "small", "--out", str(tmp_path / "small")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "small").config.eos_token_id == 256
+    assert AutoTokenizer.from_pretrained(tmp_path / "small").eos_token_id == 256
     torch.testing.assert_close(model(ids).logits, load_model(tmp_path)(ids), rtol=0, atol=1e-6)
     # yoco generate reads the folder save_pretrained writes (prefixed weights) as well.
     model.save_pretrained(tmp_path / "hf")

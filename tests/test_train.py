@@ -295,6 +295,7 @@ def test_a_training_checkpoint_is_a_transformers_folder(corpus, tmp_path, capsys
     text = "def f(x):\n    return x"
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     assert ids[0].tolist() == load_tokenizer(checkpoint).encode(text).ids
+    assert model.config.eos_token_id == tokenizer.eos_token_id == load_tokenizer(checkpoint).token_to_id("<|endoftext|>")
     torch.testing.assert_close(model(ids).logits, load_model(checkpoint)(ids), rtol=0, atol=1e-6)
     # A folder written by save_pretrained works with yoco eval and generate.
     model.save_pretrained(tmp_path / "hf")

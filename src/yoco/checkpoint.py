@@ -47,23 +47,27 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_model(model: CausalLM, directory: str | os.PathLike) -> Path:
+def save_model(model: CausalLM, directory: str | os.PathLike, *, eos_token_id: int | None = None) -> Path:
+    """Weights and config.json; `eos_token_id` (the tokenizer's end of text) lets transformers'
+    ``generate`` stop there."""
     directory = Path(directory)
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; rebuilt by tying
     # Weights first, config last: a config always describes weights that are already complete.
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json(model.config)))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json(model.config, eos_token_id)))
     return directory
 
 
-def config_json(config: ModelConfig) -> str:
+def config_json(config: ModelConfig, eos_token_id: int | None = None) -> str:
     """config.json: the yoco fields plus what makes the folder a transformers one (``model_type``)."""
     from .hf import MODEL_TYPE
 
     data = {"model_type": MODEL_TYPE, "architectures": ["YocoForCausalLM"], **config.to_dict(),
             "tie_word_embeddings": config.tie_embeddings}
+    if eos_token_id is not None:
+        data["eos_token_id"] = eos_token_id
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 

@@ -82,9 +82,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     from .tokenizer import byte_level_tokenizer, save_tokenizer
 
+    from .data import EOS
+
     model = build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
-    save_model(model, args.out)
-    save_tokenizer(byte_level_tokenizer(model.config.vocab_size), args.out, model.config.max_seq_len)
+    tokenizer = byte_level_tokenizer(model.config.vocab_size)
+    save_tokenizer(tokenizer, args.out, model.config.max_seq_len)
+    save_model(model, args.out, eos_token_id=tokenizer.token_to_id(EOS))
     print(f"wrote a randomly initialised {args.arch} ({args.preset}, {model.num_parameters() / 1e6:.2f}M params) "
           f"with a byte-level tokenizer to {args.out} (loads with transformers' AutoModelForCausalLM too)")
     return 0
@@ -203,12 +206,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.cla_factor is not None or args.mlkv_layers is not None:
         converted = share_kv_layers(converted, cla_factor=args.cla_factor or 1, mlkv_layers=args.mlkv_layers)
         done.append(f"K/V shared across layers {converted.config.kv_sources} (group means)")
+    eos = None
     if args.from_llama is not None and (Path(args.from_llama) / "tokenizer.json").is_file():
+        import json
+
         from .data import load_tokenizer
         from .tokenizer import save_tokenizer
 
         save_tokenizer(load_tokenizer(args.from_llama, require_eos=False), args.out, converted.config.max_seq_len)
-    save_model(converted, args.out)
+        eos = json.loads((Path(args.from_llama) / "config.json").read_text()).get("eos_token_id")
+    save_model(converted, args.out, eos_token_id=eos if isinstance(eos, int) else None)
     print(f"wrote {args.out}: {'; '.join(done)}; {converted.num_parameters() / 1e6:.2f}M params")
     return 0
 

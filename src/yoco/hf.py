@@ -41,10 +41,13 @@ HF_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attentio
 def _config_namespace() -> dict:
     """YocoConfig's body: ModelConfig's fields, types and defaults (one source of truth)."""
     hints = typing.get_type_hints(ModelConfig)
-    fields = [f for f in dataclasses.fields(ModelConfig)]
+    fields = dataclasses.fields(ModelConfig)
+    # What transformers itself reads: weight tying, caching, and the tokens generation stops or pads at.
+    hf_fields = {"tie_word_embeddings": (bool, False), "use_cache": (bool, True),
+                 "eos_token_id": (typing.Optional[int], None), "pad_token_id": (typing.Optional[int], None)}
     return {"model_type": MODEL_TYPE, "attribute_map": dict(HF_NAMES),
-            "__annotations__": {f.name: hints[f.name] for f in fields} | {"tie_word_embeddings": bool, "use_cache": bool},
-            **{f.name: f.default for f in fields}, "tie_word_embeddings": False, "use_cache": True,
+            "__annotations__": {f.name: hints[f.name] for f in fields} | {k: t for k, (t, _) in hf_fields.items()},
+            **{f.name: f.default for f in fields}, **{k: v for k, (_, v) in hf_fields.items()},
             "__module__": __name__, "__qualname__": "YocoConfig"}
 
 

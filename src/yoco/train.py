@@ -235,9 +235,10 @@ def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, optimiz
     shutil.rmtree(staging, ignore_errors=True)
     model = build_model(config)
     model.load_state_dict(model_state)
-    save_model(model, staging)
+    tokenizer = load_tokenizer(data_dir)
+    save_model(model, staging, eos_token_id=tokenizer.token_to_id(EOS))
     shutil.copyfile(data_dir / "tokenizer.json", staging / "tokenizer.json")
-    write_tokenizer_config(staging, load_tokenizer(data_dir), config.max_seq_len)  # a transformers folder too
+    write_tokenizer_config(staging, tokenizer, config.max_seq_len)  # a transformers folder too
     torch.save({"step": step, "optimizer": optim_state, "optimizer_format": optimizer_format,
                 "settings": asdict(settings)}, staging / "trainer.pt")
     shutil.rmtree(final, ignore_errors=True)
