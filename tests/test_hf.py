@@ -140,6 +140,15 @@ def test_bad_input_is_named():
     model = YocoForCausalLM.from_yoco(tiny("transformer"))
     with pytest.raises(InputError, match="left padding"):
         model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 1, 0]]))
+    ids, mask = left_padded([[5, 6, 7], [8]])
+    model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([[0, 1, 2], [1, 1, 0]]))  # pads: any
+    with pytest.raises(InputError, match="position_ids disagree"):
+        model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([[0, 1, 2], [1, 1, 5]]))
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    with pytest.raises(InputError, match="position_ids disagree"):  # after the cache: 3 and 1 are next
+        model(input_ids=torch.tensor([[1], [2]]), past_key_values=out.past_key_values,
+              position_ids=torch.tensor([[3], [2]]))
+    model(input_ids=torch.tensor([[1], [2]]), past_key_values=out.past_key_values, position_ids=torch.tensor([[3], [1]]))
     with pytest.raises(InputError, match="inputs_embeds"):
         model(inputs_embeds=torch.zeros(1, 3, 64))
     with pytest.raises(ValueError, match="window"):

@@ -133,6 +133,26 @@ def left_pad_counts(attention_mask: torch.Tensor) -> torch.Tensor:
     return pad
 
 
+def check_positions(position_ids: torch.Tensor | None, start: int, pad: torch.Tensor | None,
+                    input_ids: torch.Tensor) -> None:
+    """yoco places tokens by the cache and the left padding; ``position_ids`` (which transformers'
+    generation passes) must agree with that on every real token, or the call is refused rather than
+    silently computed at other positions."""
+    if position_ids is None:
+        return
+    B, T = input_ids.shape
+    expected = start + torch.arange(T, device=input_ids.device)[None, :].expand(B, T)
+    if pad is not None:
+        expected = expected - pad.to(input_ids.device)[:, None]
+    given = torch.as_tensor(position_ids, device=input_ids.device)
+    if given.dim() != 2 or given.shape[-1] != T or given.shape[0] not in (1, B):
+        raise InputError(f"position_ids must have shape [batch, {T}], got {tuple(given.shape)}")
+    real = expected >= 0
+    if not torch.equal(given.expand(B, T)[real], expected[real]):
+        raise InputError("position_ids disagree with the positions yoco derives from the cache and the left "
+                         "padding (first real token = 0); other positions are not supported")
+
+
 class YocoForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = YocoConfig
     base_model_prefix = "model"
@@ -181,8 +201,8 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
-        """The yoco forward. Positions come from the left padding (``attention_mask``) and the cache,
-        so ``position_ids`` are not needed; with a cache, ``input_ids`` are the tokens after those
+        """The yoco forward. Positions come from the left padding (``attention_mask``) and the cache;
+        ``position_ids``, if given, must agree with them (checked); with a cache, ``input_ids`` are the tokens after those
         already cached. ``logits_to_keep=k`` computes only the last k positions' logits (YOCO then also
         skips its cross-decoder for the others)."""
         if inputs_embeds is not None:
@@ -202,13 +222,20 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
             cache = YocoCache(self.model)
         if cache is None:
             pad = None if attention_mask is None else left_pad_counts(attention_mask)
+            check_positions(position_ids, 0, pad, input_ids)
             logits = self.model(input_ids, pad=pad, num_logits=num_logits)
         else:
             if cache.inner is None:  # prefill: the prompt's padding fixes each row's positions
+                check_positions(position_ids, 0, None if attention_mask is None else left_pad_counts(attention_mask),
+                                input_ids)
                 input_ids, pad = self._align(input_ids, attention_mask, cache)
                 cache.start(input_ids.shape[0], pad, input_ids.shape[1], input_ids.device)
-            elif attention_mask is not None and not bool(attention_mask[:, -input_ids.shape[1]:].all()):
-                raise InputError("tokens after the prompt cannot be padding (attention_mask must be 1 for them)")
+            else:
+                if attention_mask is not None and not bool(attention_mask[:, -input_ids.shape[1]:].all()):
+                    raise InputError("tokens after the prompt cannot be padding (attention_mask must be 1 for them)")
+                pad = cache.inner.pad
+                check_positions(position_ids, cache.get_seq_length(), None if pad is None else pad - cache.aligned,
+                                input_ids)
             logits = self.model(input_ids, cache.inner, num_logits=num_logits)
         loss = None
         if labels is not None:
