@@ -146,8 +146,8 @@ class ModelCache:
 
     def with_rows(self, rows) -> "ModelCache":
         """A copy whose every batch tensor (and the padding) is ``rows(tensor)``."""
-        clone = ModelCache([map_rows(c, rows) for c in self.layers], 0, None if self.pad is None else rows(self.pad))
-        clone.batch_size = len(rows(torch.arange(self.batch_size)))
+        clone = ModelCache([map_rows(c, rows) for c in self.layers], len(rows(torch.arange(self.batch_size))),
+                           None if self.pad is None else rows(self.pad))
         clone.seen = self.seen
         return clone
 

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import ModelCache
 from .config import ModelConfig
-from .layers import RotaryEmbedding
+from .layers import RotaryEmbedding, Step
 from .models import CausalLM, build_model
 from .models.base import InputError
 
@@ -141,13 +141,13 @@ def check_positions(position_ids: torch.Tensor | None, start: int, pad: torch.Te
     if position_ids is None:
         return
     B, T = input_ids.shape
-    expected = start + torch.arange(T, device=input_ids.device)[None, :].expand(B, T)
-    if pad is not None:
-        expected = expected - pad.to(input_ids.device)[:, None]
     given = torch.as_tensor(position_ids, device=input_ids.device)
     if given.dim() != 2 or given.shape[-1] != T or given.shape[0] not in (1, B):
         raise InputError(f"position_ids must have shape [batch, {T}], got {tuple(given.shape)}")
-    real = expected >= 0
+    # The model's own placement rule (Step), so the check cannot drift from what the model computes.
+    step = Step(start, T, None if pad is None else pad.to(input_ids.device), input_ids.device)
+    expected = step.positions.expand(B, T)
+    real = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if step.pad is None else ~step.pad_mask()
     if not torch.equal(given.expand(B, T)[real], expected[real]):
         raise InputError("position_ids disagree with the positions yoco derives from the cache and the left "
                          "padding (first real token = 0); other positions are not supported")

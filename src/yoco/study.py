@@ -150,15 +150,8 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
-def val_scope(results: dict) -> str:
-    tokens = {r.get("val_tokens") for r in results["runs"]}
-    if len(tokens) == 1 and None not in tokens:
-        return f"val loss over {tokens.pop():,} held-out tokens"
-    return "val loss from the last periodic validation"
-
-
 def curriculum(s: dict) -> str:
-    if not s.get("short_seq_len"):
+    if s["short_seq_len"] is None:
         return ""
     return f"the first {s['short_steps']} steps on {s['short_seq_len']}-token rows, "
 
@@ -166,9 +159,10 @@ def curriculum(s: dict) -> str:
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"Study: preset {s['preset']}, {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, "
-             f"{curriculum(s)}retrieval mix {s['retrieval_mix']} ({', '.join(s.get('retrieval_tasks', RETRIEVAL_TASKS))}), "
+             f"{curriculum(s)}retrieval mix {s['retrieval_mix']} ({', '.join(s['retrieval_tasks'])}), "
              f"window {s['window']}; passkey beyond the window: context "
-             f"{s.get('passkey_beyond_context', '?')}, the needle at least two windows back; {val_scope(results)}",
+             f"{s.get('passkey_beyond_context', '?')}, the needle at least two windows back; val loss over "
+             f"{results['runs'][0]['val_tokens']:,} held-out tokens",
              "",
              "| arch | params | ffn | val loss | KV bytes/token | cache/token at 4K | passkey in window | "
              "passkey beyond | MQAR |",

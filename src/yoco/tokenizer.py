@@ -4,6 +4,9 @@ any model with a vocabulary of at least 256 can read and write text before a BPE
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .models.base import InputError
 
 
@@ -74,8 +77,6 @@ def byte_level_tokenizer(model_vocab_size: int):
 def save_tokenizer(tokenizer, directory, model_max_length: int) -> None:
     """``tokenizer.json`` plus the ``tokenizer_config.json`` that makes ``AutoTokenizer`` load it as a
     ``PreTrainedTokenizerFast``."""
-    from pathlib import Path
-
     from .checkpoint import atomic_write
 
     atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
@@ -85,9 +86,6 @@ def save_tokenizer(tokenizer, directory, model_max_length: int) -> None:
 def write_tokenizer_config(directory, tokenizer, model_max_length: int) -> None:
     """The transformers side of a saved ``tokenizer.json``: its class, special tokens and left padding
     (yoco batches are left-padded)."""
-    import json
-    from pathlib import Path
-
     from .checkpoint import atomic_write
     from .data import EOS, PAD
 
@@ -101,8 +99,6 @@ def write_tokenizer_config(directory, tokenizer, model_max_length: int) -> None:
 
 def tokenizer_for(checkpoint, model_vocab_size: int):
     """The checkpoint's trained tokenizer when it has one, else the byte tokenizer."""
-    from pathlib import Path
-
     if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file():
         return TrainedTokenizer(checkpoint, model_vocab_size)
     return ByteTokenizer(model_vocab_size)

@@ -26,9 +26,9 @@ from .config import get_config
 from .data import EOS, SPECIAL_TOKENS, TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
 from .evaluate import lm_loss, validation_loss
 from .models import CausalLM, build_model
-from .tokenizer import write_tokenizer_config
 from .parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
                        shard_rows, sharded, wrap)
+from .tokenizer import write_tokenizer_config
 
 
 RETRIEVAL_TASKS = ("passkey", "copy", "mqar")
@@ -229,13 +229,12 @@ def evaluate(model: CausalLM, val: TokenShards, settings: TrainSettings) -> floa
 
 # ---------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, optimizer_format: str, step: int,
-                    settings: TrainSettings, config, data_dir: Path) -> Path:
+                    settings: TrainSettings, config, data_dir: Path, tokenizer) -> Path:
     final = run_dir / f"checkpoint-{step}"
     staging = run_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model = build_model(config)
     model.load_state_dict(model_state)
-    tokenizer = load_tokenizer(data_dir)
     save_model(model, staging, eos_token_id=tokenizer.token_to_id(EOS))
     shutil.copyfile(data_dir / "tokenizer.json", staging / "tokenizer.json")
     write_tokenizer_config(staging, tokenizer, config.max_seq_len)  # a transformers folder too
@@ -365,7 +364,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
                 model_state, optim_state = full_state(model, optimizer, world, settings.parallel)
                 if world.main:
                     save_checkpoint(run_dir, model_state, optim_state, optimizer_format, done, settings, config,
-                                    data_dir)
+                                    data_dir, tokenizer)
                 barrier(world)
     bar.close()
     close(world)
