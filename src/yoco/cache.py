@@ -123,11 +123,24 @@ class ModelCache:
     row's left padding (or None).
     """
 
-    def __init__(self, layers: list, batch_size: int, pad: torch.Tensor | None = None):
+    def __init__(self, layers: list, batch_size: int, pad: torch.Tensor | None = None, compression=None):
         self.layers = layers
         self.batch_size = batch_size
         self.pad = pad
         self.seen = 0
+        self.compression = compression  # the policy of the layers that compress (yoco.compress), or None
+
+    def compress(self) -> None:
+        """Apply the compression policy to the prompt now in the cache (call once, after prefill)."""
+        if self.compression is None:
+            raise CacheError("this cache has no compression policy (new_cache(compression=...))")
+        for layer in self.layers:
+            if hasattr(layer, "compress"):
+                layer.compress()
+
+    def index_bytes(self) -> int:
+        """Bookkeeping of compressed layers beside their K/V (slots, scores)."""
+        return sum(c.index_bytes() for c in self.layers if hasattr(c, "index_bytes"))
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers if c is not None)
@@ -147,7 +160,7 @@ class ModelCache:
     def with_rows(self, rows) -> "ModelCache":
         """A copy whose every batch tensor (and the padding) is ``rows(tensor)``."""
         clone = ModelCache([map_rows(c, rows) for c in self.layers], len(rows(torch.arange(self.batch_size))),
-                           None if self.pad is None else rows(self.pad))
+                           None if self.pad is None else rows(self.pad), self.compression)
         clone.seen = self.seen
         return clone
 

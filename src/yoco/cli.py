@@ -12,6 +12,7 @@ import torch
 from .bench import BenchError
 from .cache import CacheError
 from .checkpoint import CheckpointError, load_model, save_model
+from .compress.policies import BudgetError
 from .config import NAMES, PRESETS, ConfigError
 from .data import SPECIAL_TOKENS, DataError
 from .engine import generate, stream
@@ -300,6 +301,105 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_COMPRESS_MODEL = "runs/study-retrieval/yoco-swa/checkpoint-2200"
+
+
+def load_any_model(directory: str, dtype: str):
+    """A yoco folder as a yoco model; a transformers Llama/Mistral/Qwen2 folder through the adapter."""
+    import json
+
+    path = Path(directory)
+    config = path / "config.json"
+    if not config.is_file():
+        raise UsageError(f"no trained model at {directory!r} (no config.json): compress-eval measures quality "
+                         "on a trained model; train one first, e.g. `yoco study --arch yoco-swa --window 64 "
+                         "--seq-len 1024 --short-seq-len 256 --short-steps 1500 --steps 2200 --retrieval-mix 0.5 "
+                         "--retrieval-tasks passkey --out runs/study-retrieval`, or pass --model DIR")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{str(config)!r} is not valid JSON ({e})") from None
+    if model_type in (None, "yoco"):
+        return load_model(path, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    from .compress.hf import HFCompressedLM
+
+    return HFCompressedLM(AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)))
+
+
+def parse_budget(text: str) -> float | int:
+    from .compress.policies import check_budget
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--budget: not a number: {text!r}") from None
+    try:
+        return check_budget(int(value) if value.is_integer() and value >= 1 and "." not in text else value)
+    except BudgetError as e:
+        raise UsageError(f"--budget: {e}") from None
+
+
+def cmd_compress_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import atomic_write
+    from .compress import POLICIES
+    from .compress.evaluate import compress_eval, markdown_table, plot_results
+    from .data import TokenShards
+
+    policies = split_names(args.policy)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise UsageError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    budgets = [parse_budget(b) for b in args.budget.split(",")]
+    model = load_any_model(args.model, args.dtype)
+    tokenizer = tokenizer_for(args.model, model.config.vocab_size)
+    folder = Path(args.model).resolve()
+    # a training run keeps data/ beside its checkpoints; a study keeps one for all its runs, a level up
+    found = [d for d in (folder.parent / "data", folder.parent.parent / "data") if (d / "meta.json").is_file()]
+    data = Path(args.data) if args.data else (found[0] if found else folder.parent / "data")
+    if not (data / "meta.json").is_file():
+        raise UsageError(f"no held-out token shards at {str(data)!r}: pass --data with a token shard folder "
+                         "written with this model's tokenizer")
+    val = TokenShards(data, "val")
+    if len(val) < args.context + args.ppl_tokens + args.ppl_rows:
+        val = TokenShards(data, "train")
+    specs = [("full", None)] + [(p, b) for p in policies for b in budgets]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(specs), desc="compress-eval", unit="run", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(row):
+        bar.set_postfix_str(f"{row['policy']} {row['budget']}")
+        bar.update()
+
+    try:
+        results = compress_eval(model, tokenizer, val.tokens, specs, context=args.context,
+                                depths=[float(d) for d in args.depths.split(",")], trials=args.trials,
+                                ppl_rows=args.ppl_rows, ppl_tokens=args.ppl_tokens, seed=args.seed,
+                                progress=progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        bar.close()
+    table = markdown_table(results)
+    print(table, end="")
+    report = {"model": str(args.model), "arch": model.config.arch, "context": args.context,
+              "ppl_tokens": args.ppl_tokens, "ppl_rows": args.ppl_rows, "trials": args.trials, "results": results}
+    if args.json:
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+        markdown = Path(args.markdown) if args.markdown else Path(args.json).with_suffix(".md")
+        atomic_write(markdown, lambda tmp: Path(tmp).write_text(table))
+        print(f"wrote {args.json} and {markdown}")
+    if args.plot:
+        plot_results(results, Path(args.plot), f"KV compression on {model.config.arch} ({Path(args.model).name}), "
+                                               f"{args.context}-token prompts")
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import STUDY_ARCHS, StudySettings, run_study
 
@@ -425,6 +525,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the passkey heatmap PNG here")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("compress-eval", help="KV-cache compression policies side by side: passkey, perplexity, "
+                                             "cache bytes, decode speed")
+    p.add_argument("--model", default=DEFAULT_COMPRESS_MODEL,
+                   help=f"a yoco checkpoint or a transformers Llama/Mistral/Qwen2 folder (default {DEFAULT_COMPRESS_MODEL})")
+    p.add_argument("--policy", default="streamingllm,snapkv,pyramidkv,h2o,corm",
+                   help="comma-separated policies (streamingllm, snapkv, pyramidkv, h2o, corm)")
+    p.add_argument("--budget", default="0.25", help="comma-separated budgets: ratios in (0, 1] or token counts")
+    p.add_argument("--data", help="token shard folder (default: data/ beside the model folder)")
+    p.add_argument("--context", type=int, default=1024, help="prompt tokens (passkey prompts and the perplexity prefix)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75", help="passkey needle depths")
+    p.add_argument("--trials", type=int, default=4, help="keys per depth")
+    p.add_argument("--ppl-rows", type=int, default=4, help="held-out rows decoded together for perplexity and speed")
+    p.add_argument("--ppl-tokens", type=int, default=64, help="tokens scored after each row's prefix")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results as JSON here (and a Markdown table beside it)")
+    p.add_argument("--markdown", help="write the Markdown table here (default: the JSON path with .md)")
+    p.add_argument("--plot", help="write accuracy and perplexity against cache size as a PNG here")
+    p.set_defaults(func=cmd_compress_eval)
+
     p = sub.add_parser("study", help="train architectures at matched parameters and compare quality vs cache")
     p.add_argument("--arch", help="comma-separated (default: transformer,mha,yoco-swa,yoco-gret,mqa,mla,cla2,mlkv,"
                                           "block,swa; swa is the window-only control)")
@@ -474,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, InputError, ConfigError, CheckpointError, CacheError, BenchError, DataError) as e:
+    except (UsageError, InputError, ConfigError, CheckpointError, CacheError, BenchError, DataError,
+            BudgetError) as e:
         print(f"yoco {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -104,13 +104,22 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, align: int = 1) -> tuple
 
 
 def prefill(model: CausalLM, ids: torch.Tensor, cache: ModelCache, chunk: int) -> torch.Tensor:
-    """Run the prompt ids [B, T] into the cache; return the last prompt token's logits [B, V]."""
+    """Run the prompt ids [B, T] into the cache; return the last prompt token's logits [B, V].
+
+    With a compression policy that scores the prompt's last queries, those ``policy.window`` tokens go
+    through in one final call with their logits (so YOCO runs its cross-decoder on them: the policy
+    sees the queries that read the global cache); the cache is then compressed."""
     if chunk < 1:
         raise InputError(f"prefill chunk must be >= 1, got {chunk}")
     T = ids.shape[1]
-    for start in range(0, T - 1, chunk):
-        model(ids[:, start:min(start + chunk, T - 1)], cache, num_logits=0)
-    return model(ids[:, T - 1:], cache, num_logits=1)[:, -1]
+    policy = cache.compression
+    tail = min(T, max(1, policy.window)) if policy is not None and policy.observe else 1
+    for start in range(0, T - tail, chunk):
+        model(ids[:, start:min(start + chunk, T - tail)], cache, num_logits=0)
+    logits = model(ids[:, T - tail:], cache, num_logits=tail)[:, -1]
+    if policy is not None:
+        cache.compress()
+    return logits
 
 
 def decode_step(model: CausalLM, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
@@ -138,7 +147,7 @@ class Generation:
     """One batched generation; iterate it to stream tokens, then read ``result()``."""
 
     def __init__(self, model: CausalLM, prompts, max_new_tokens: int = 32, *, sampling: SamplingParams | None = None,
-                 stop_tokens: Sequence[int] = (), prefill_chunk: int = 1024, pad_id: int = 0):
+                 stop_tokens: Sequence[int] = (), prefill_chunk: int = 1024, pad_id: int = 0, compression=None):
         self.model = model
         self.prompts = as_prompt_list(prompts)
         for i, p in enumerate(self.prompts):
@@ -158,6 +167,8 @@ class Generation:
         self.stop_tokens = set(int(t) for t in stop_tokens)
         self.prefill_chunk = prefill_chunk
         self.pad_id = pad_id
+        self.compression = compression
+        self.compressed_bytes: int | None = None
         self.tokens: list[list[int]] = [[] for _ in self.prompts]
         self.finish_reasons = ["length"] * len(self.prompts)
         self.prefill_s = self.decode_s = 0.0
@@ -176,8 +187,11 @@ class Generation:
         done = torch.zeros(B, dtype=torch.bool)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            self.cache = cache = model.new_cache(B, capacity=ids.shape[1] + self.max_new_tokens, pad=pad, device=device)
+            self.cache = cache = model.new_cache(B, capacity=ids.shape[1] + self.max_new_tokens, pad=pad, device=device,
+                                                 compression=self.compression)
             logits = prefill(model, ids, cache, self.prefill_chunk)
+            if self.compression is not None:
+                self.compressed_bytes = cache.nbytes()
             self.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             for step in range(self.max_new_tokens):
@@ -201,16 +215,20 @@ class Generation:
             self.decode_s = time.perf_counter() - t0
 
     def result(self) -> GenerationResult:
+        stats = {} if self.compressed_bytes is None else {"compressed_prompt_bytes": self.compressed_bytes}
         return GenerationResult(self.tokens, self.finish_reasons, sum(len(p) for p in self.prompts),
-                                self.cache.nbytes() if self.cache is not None else 0, self.prefill_s, self.decode_s)
+                                self.cache.nbytes() if self.cache is not None else 0, self.prefill_s, self.decode_s,
+                                stats)
 
 
 def stream(model: CausalLM, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
-           prefill_chunk: int = 1024, pad_id: int = 0) -> Generation:
-    """A streaming generation: ``for step in stream(...)`` yields each row's new token per step."""
+           prefill_chunk: int = 1024, pad_id: int = 0, compression=None) -> Generation:
+    """A streaming generation: ``for step in stream(...)`` yields each row's new token per step.
+    ``compression``: a ``yoco.compress`` policy applied to the prompt (and, for the policies that keep
+    their budget, at every decode step)."""
     return Generation(model, prompts, max_new_tokens, sampling=SamplingParams(temperature, top_k, top_p, seed),
-                      stop_tokens=stop_tokens, prefill_chunk=prefill_chunk, pad_id=pad_id)
+                      stop_tokens=stop_tokens, prefill_chunk=prefill_chunk, pad_id=pad_id, compression=compression)
 
 
 def generate(model: CausalLM, prompts, max_new_tokens: int = 32, **kwargs) -> GenerationResult:

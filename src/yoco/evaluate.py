@@ -85,8 +85,10 @@ def passkey_prompt(encode, haystack: Sequence[int], context: int, depth: float, 
 
 
 def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: Sequence[int],
-                 depths: Sequence[float], trials: int = 3, seed: int = 0, prefill_chunk: int = 1024) -> list[dict]:
-    """Accuracy for every (context, depth) cell; each trial uses a different key and haystack offset."""
+                 depths: Sequence[float], trials: int = 3, seed: int = 0, prefill_chunk: int = 1024,
+                 compression=None) -> list[dict]:
+    """Accuracy for every (context, depth) cell; each trial uses a different key and haystack offset
+    (and, with a ``yoco.compress`` policy, the prompt's cache compressed after prefill)."""
     rng = random.Random(seed)
     cells = []
     for context in contexts:
@@ -97,7 +99,8 @@ def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: 
                 start = rng.randrange(0, max(1, len(haystack) - context))
                 prompt = passkey_prompt(tokenizer.encode, haystack[start:], context, depth, key)
                 want = tokenizer.encode(" " + key)
-                out = generate(model, [prompt.ids], max_new_tokens=len(want), prefill_chunk=prefill_chunk)
+                out = generate(model, [prompt.ids], max_new_tokens=len(want), prefill_chunk=prefill_chunk,
+                               compression=compression)
                 hits += tokenizer.decode(out.tokens[0]).strip().startswith(key)
             cells.append({"context": context, "depth": depth, "accuracy": hits / trials, "trials": trials})
     return cells

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
+from ..compress.store import CompressedKV, rotate_by
 from ..config import ModelConfig
 from ..layers import RotaryEmbedding, Step
 
@@ -143,11 +144,19 @@ class CausalSelfAttention(QKVProjection):
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, dtype=dtype, device=device, capacity=capacity)
 
-    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | None = None,
+    def new_compressed_cache(self, policy, batch_size: int, **kwargs) -> CompressedKV:
+        return compressed_kv_cache(self, policy, batch_size, **kwargs)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | CompressedKV | None = None,
                 shared: dict | None = None) -> torch.Tensor:
         q = self.queries(x, step)
         if self.produces_kv:
             k, v = self.keys_values(x, step)
+            if isinstance(cache, CompressedKV):
+                cache.append(k, v)
+                if shared is not None:
+                    shared[self.layer] = cache
+                return self.out(cache.attend(q, step))
             if cache is not None:
                 k, v = cache.append(k, v)
             if shared is not None:
@@ -156,5 +165,15 @@ class CausalSelfAttention(QKVProjection):
             if shared is None or self.kv_source not in shared:
                 raise RuntimeError(f"layer {self.layer} reads the K/V of layer {self.kv_source}, "
                                    "which has not produced them in this forward call")
+            if isinstance(shared[self.kv_source], CompressedKV):
+                return self.out(shared[self.kv_source].attend(q, step))
             k, v = shared[self.kv_source]
         return self.out(causal_attention(q, k, v, step))
+
+
+def compressed_kv_cache(mixer: nn.Module, policy, batch_size: int, *, layer: int, n_layers: int, dtype: torch.dtype,
+                        device, pad: torch.Tensor | None) -> CompressedKV:
+    """A ``CompressedKV`` for a mixer caching RoPE'd keys and values of ``n_kv_heads`` x ``head_dim``."""
+    return CompressedKV(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=mixer.n_kv_heads,
+                        key_dim=mixer.head_dim, value_dim=mixer.head_dim, dtype=dtype, device=device, pad=pad,
+                        rotate=lambda keys, delta: rotate_by(mixer.rotary, keys, delta))

@@ -8,7 +8,8 @@ from torch import nn
 from ..cache import KVCache
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
-from .attention import attend, slot_mask
+from ..compress.store import CompressedKV
+from .attention import attend, compressed_kv_cache, slot_mask
 
 
 class GlobalKV(nn.Module):
@@ -29,13 +30,20 @@ class GlobalKV(nn.Module):
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, dtype=dtype, device=device, capacity=capacity)
 
-    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [B, n_kv, S, d] for every slot so far (the cache's, or this call's without one)."""
+    def new_compressed_cache(self, policy, batch_size: int, **kwargs) -> CompressedKV:
+        return compressed_kv_cache(self, policy, batch_size, **kwargs)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | CompressedKV | None = None):
+        """K, V [B, n_kv, S, d] for every slot so far (the cache's, or this call's without one); with a
+        compressed cache, the cache itself (every cross-decoder layer attends through it)."""
         B, T, _ = x.shape
         h = self.norm(x)
         cos, sin = step.rope(self.rotary)
         k = self.rotary.apply(self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if isinstance(cache, CompressedKV):
+            cache.append(k, v)
+            return cache
         if cache is not None:
             return cache.append(k, v)
         return k, v
@@ -51,12 +59,12 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, step: Step, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, k: torch.Tensor | CompressedKV, v: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         B, T, _ = x.shape
         cos, sin = step.rope(self.rotary)
         q = self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        o = attend(q, k, v, mask, causal=causal)
+        o = k.attend(q, step) if isinstance(k, CompressedKV) else attend(q, k, v, mask, causal=causal)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from ..cache import CacheError, SlotCache
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
+from ..compress.store import CompressedKV, rotate_by
 from .attention import causal_attention, slot_mask
 
 
@@ -101,6 +102,19 @@ class MultiHeadLatentAttention(nn.Module):
             raise CacheError(f"MLA layer {self.layer} reads layer {self.kv_source}'s latent and owns no cache")
         return LatentCache(batch_size, self.d_c, self.d_R, dtype=dtype, device=device, capacity=capacity)
 
+    def new_compressed_cache(self, policy, batch_size: int, *, layer: int, n_layers: int, dtype: torch.dtype,
+                             device, pad: torch.Tensor | None) -> CompressedKV:
+        """The latent rows under a compression policy: one "K/V head" whose rows are keys and values
+        (attention runs absorbed); StreamingLLM re-rotates only the rope-key part."""
+        d_c = self.d_c
+
+        def rotate(rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+            return torch.cat((rows[..., :d_c], rotate_by(self.rotary, rows[..., d_c:], delta)), dim=-1)
+
+        return CompressedKV(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=1,
+                            key_dim=d_c + self.d_R, value_dim=d_c + self.d_R, dtype=dtype, device=device, pad=pad,
+                            rotate=rotate, values_are_keys=True)
+
     # ------------------------------------------------------------------ pieces
     def latent(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """This call's [c ; RoPE(k_R)], [B, T, d_c + d_R] (producer only)."""
@@ -131,12 +145,19 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # SDPA's default scale is 1/sqrt(d_nope + d_R)
         return causal_attention(q, k, v, step)[..., : self.d_v]
 
+    def _absorbed_queries(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """Each head's query mapped into latent space, [B, H, T, d_c + d_R]."""
+        w_uk = self.k_up.weight.view(self.n_heads, self.d_nope, self.d_c)
+        return torch.cat((torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk), q_rope), dim=-1)
+
+    def _up_values(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Each head's weighted latent [B, H, T, d_c (+ d_R, dropped)] up-projected to its value."""
+        w_uv = self.v_up.weight.view(self.n_heads, self.d_v, self.d_c)
+        return torch.einsum("bhtc,hvc->bhtv", ctx[..., : self.d_c], w_uv)
+
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, all_kv: torch.Tensor, step: Step) -> torch.Tensor:
         B, H, T, _ = q_nope.shape
-        w_uk = self.k_up.weight.view(H, self.d_nope, self.d_c)
-        w_uv = self.v_up.weight.view(H, self.d_v, self.d_c)
-        q_lat = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)
-        q = torch.cat((q_lat, q_rope), dim=-1)  # [B, H, T, d_c + d_R]
+        q = self._absorbed_queries(q_nope, q_rope)
         # Keys AND values are the cache rows themselves ([c ; k_R], one shared "head", no copy): the
         # rope part of the weighted sum is computed and dropped, which keeps key and value head sizes
         # equal so SDPA can use its fused kernels.
@@ -149,12 +170,15 @@ class MultiHeadLatentAttention(nn.Module):
                                                  scale=self.scale).reshape(B, H, 1, -1)
         else:
             ctx = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return torch.einsum("bhtc,hvc->bhtv", ctx[..., : self.d_c], w_uv)
+        return self._up_values(ctx)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, step: Step, cache: LatentCache | None = None,
                 shared: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
+        if isinstance(cache, CompressedKV) or (not self.is_producer and isinstance((shared or {}).get(self.kv_source),
+                                                                                  CompressedKV)):
+            return self._compressed(x, step, cache, shared)
         if self.is_producer:
             all_kv = self.latent(x, step)
             if cache is not None:
@@ -176,6 +200,19 @@ class MultiHeadLatentAttention(nn.Module):
         absorb = self.absorb if self.absorb is not None else (T == 1 and reused)
         path = self._absorbed if absorb else self._decompressed
         o = path(q_nope, q_rope, all_kv, step)  # [B, H, T, d_v]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
+
+    def _compressed(self, x: torch.Tensor, step: Step, cache: CompressedKV | None, shared: dict | None) -> torch.Tensor:
+        """Attention through a compressed latent cache (always absorbed: its entries differ per row)."""
+        B, T, _ = x.shape
+        if self.is_producer:
+            cache.append(self.latent(x, step)[:, None])
+            if shared is not None:
+                shared[self.layer] = cache
+        else:
+            cache = shared[self.kv_source]
+        q = self._absorbed_queries(*self.queries(x, step))
+        o = self._up_values(cache.attend(q, step, scale=self.scale))
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
 
 

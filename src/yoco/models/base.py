@@ -131,12 +131,25 @@ class CausalLM(nn.Module):
 
     # ------------------------------------------------------------------ caches
     def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
-                  dtype: torch.dtype | None = None, device=None) -> ModelCache:
+                  dtype: torch.dtype | None = None, device=None, compression=None) -> ModelCache:
         """An empty inference cache. ``capacity`` is the total slots (prompt + new tokens) if known:
-        caches that grow with context are then allocated once at that size."""
+        caches that grow with context are then allocated once at that size. ``compression`` (a
+        ``yoco.compress`` policy) makes every growing K/V cache a compressed one (YOCO: its global K/V;
+        the Transformer family: each producing layer's K/V or MLA latent)."""
         dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
-        layers = [m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity) for m in self.cache_owners()]
-        return ModelCache(layers, batch_size, pad)
+        owners = self.cache_owners()
+        if compression is None:
+            layers = [m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity) for m in owners]
+            return ModelCache(layers, batch_size, pad)
+        targets = [i for i, m in enumerate(owners) if hasattr(m, "new_compressed_cache")]
+        if not targets:
+            raise InputError(f"{self.config.arch} with these settings has no growing K/V cache to compress "
+                             f"(its caches are {', '.join(sorted({type(m).__name__ for m in owners}))})")
+        layers = [m.new_compressed_cache(compression, batch_size, layer=targets.index(i), n_layers=len(targets),
+                                         dtype=dtype, device=device, pad=pad) if i in targets
+                  else m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity)
+                  for i, m in enumerate(owners)]
+        return ModelCache(layers, batch_size, pad, compression)
 
     def cache_context(self, batch_size: int, capacity: int | None, pad, dtype, device):
         """Checked (dtype, device, pad) for a new cache: the parameters' dtype and device by default."""

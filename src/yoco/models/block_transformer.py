@@ -38,7 +38,7 @@ from ..cache import ModelCache, tensor_bytes
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
 from ..mixers.attention import CausalSelfAttention
-from .base import Block, CausalLM
+from .base import Block, CausalLM, InputError
 
 
 class BlockIds:
@@ -88,7 +88,10 @@ class BlockTransformer(CausalLM):
         return [layer.mixer for layer in self.block_layers] + [layer.mixer for layer in self.token_layers]
 
     def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
-                  dtype: torch.dtype | None = None, device=None) -> ModelCache:
+                  dtype: torch.dtype | None = None, device=None, compression=None) -> ModelCache:
+        if compression is not None:
+            raise InputError("the Block Transformer's caches (block embeddings, a bounded local cache) are not "
+                             "compressed by token-eviction policies")
         dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
         b, P = self.block_len, self.block_prefix
         blocks = None if capacity is None else max(1, -(-capacity // b))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..cache import ModelCache
+from ..compress.store import CompressedKV
 from ..config import ModelConfig
 from ..layers import RotaryEmbedding
 from ..mixers.cross_attention import CrossAttention, GlobalKV, cross_mask
@@ -67,7 +68,7 @@ class YOCO(CausalLM):
         x = self.embed_tokens(ids)
         for i, layer in enumerate(self.self_layers):
             x = layer(x, step, cache[i] if cache is not None else None)
-        k, v = self.global_kv(x, step, cache[-1] if cache is not None else None)
+        kv = self.global_kv(x, step, cache[-1] if cache is not None else None)
         if cache is not None:
             cache.seen += step.length
         keep = step.length if num_logits is None else num_logits
@@ -75,6 +76,11 @@ class YOCO(CausalLM):
             return None
         # Only the positions that need logits go through the cross-decoder.
         x, query_step = x[:, step.length - keep:], step.last(keep)
+        if isinstance(kv, CompressedKV):  # one compressed cache, read by every cross-decoder layer
+            for layer in self.cross_layers:
+                x = layer(x, query_step, kv)
+            return self.logits(x, None)
+        k, v = kv
         mask, causal = cross_mask(query_step, k.shape[2], ids.device)
         for layer in self.cross_layers:
             x = layer(x, query_step, k, v, mask, causal)

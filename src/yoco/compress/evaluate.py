@@ -1,0 +1,123 @@
+"""``yoco compress-eval``: every policy and budget side by side on one model, in one run.
+
+For each (policy, budget), and for the uncompressed cache as the reference row:
+
+- ``passkey_acc``: passkey retrieval at ``context`` tokens over the given needle depths (the prompt is
+  compressed after prefill, then the key is generated greedily);
+- ``ppl``: perplexity of ``ppl_tokens`` held-out tokens that follow a ``context``-token prefix, fed one
+  by one through the compressed cache (teacher forcing: the policies that keep their budget while
+  decoding keep evicting);
+- ``decode_tok_s``: tokens per second of that decoding (all rows of the batch);
+- ``cache_bytes``: the K/V bytes right after the prompt was compressed, ``full_cache_bytes`` the same
+  prompt's uncompressed cache (for YOCO both include the constant self-decoder caches).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import decode_step, prefill
+from ..evaluate import passkey_grid
+from .policies import make_policy
+
+
+def cache_nbytes(model, cache, batch_size: int, context: int) -> int:
+    """Bytes of a cache after ``context`` prompt tokens. An uncompressed yoco cache is preallocated to
+    its capacity, so its prompt-only size comes from the config formula (tested equal to nbytes)."""
+    if getattr(cache, "compression", None) is None and hasattr(model, "cache_bytes_formula"):
+        return model.cache_bytes_formula(batch_size, context, next(model.parameters()).dtype)
+    return cache.nbytes()
+
+
+@torch.inference_mode()
+def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy) -> dict:
+    """Teacher-forced NLL of rows[:, context:] after compressing rows[:, :context]."""
+    B, total = rows.shape
+    cache = model.new_cache(B, capacity=total, compression=policy)
+    logits = prefill(model, rows[:, :context], cache, chunk=1024)
+    nbytes = cache_nbytes(model, cache, B, context)
+    nll = [F.cross_entropy(logits.float(), rows[:, context], reduction="sum").item()]
+    t0 = time.perf_counter()
+    for t in range(context, total - 1):
+        logits = decode_step(model, rows[:, t], cache)
+        nll.append(F.cross_entropy(logits.float(), rows[:, t + 1], reduction="sum").item())
+    elapsed = time.perf_counter() - t0
+    steps = total - 1 - context
+    return {"ppl": math.exp(sum(nll) / (B * (total - context))), "decode_tok_s": B * steps / elapsed if elapsed else
+            float("nan"), "cache_bytes": nbytes, "index_bytes": getattr(cache, "index_bytes", lambda: 0)()}
+
+
+def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tuple[str, float | int | None]], *,
+                  context: int, depths: Sequence[float], trials: int, ppl_rows: int, ppl_tokens: int, seed: int = 0,
+                  progress=None) -> list[dict]:
+    """One result row per (policy, budget) in ``specs`` (policy "full": no compression)."""
+    rng = random.Random(seed)
+    span = context + ppl_tokens
+    if len(haystack) < span + ppl_rows:
+        raise ValueError(f"held-out text has {len(haystack)} tokens; {ppl_rows} rows of {span} need more")
+    starts = [rng.randrange(0, len(haystack) - span) for _ in range(ppl_rows)]
+    rows = torch.tensor([[int(t) for t in haystack[s:s + span]] for s in starts], dtype=torch.long,
+                        device=next(model.parameters()).device)
+    results, full_bytes = [], None
+    for name, budget in specs:
+        policy = None if name == "full" else make_policy(name, budget)
+        measured = perplexity_and_speed(model, rows, context, policy)
+        cells = passkey_grid(model, tokenizer, haystack, [context], depths, trials, seed, compression=policy)
+        if policy is None:
+            full_bytes = measured["cache_bytes"]
+        row = {"policy": name, "budget": budget, **measured,
+               "passkey_acc": sum(c["accuracy"] for c in cells) / len(cells),
+               "passkey_by_depth": {str(c["depth"]): c["accuracy"] for c in cells}}
+        results.append(row)
+        if progress is not None:
+            progress(row)
+    for row in results:
+        row["full_cache_bytes"] = full_bytes
+        row["cache_ratio"] = row["cache_bytes"] / full_bytes if full_bytes else None
+    return results
+
+
+def markdown_table(results: list[dict]) -> str:
+    from ..report import format_bytes
+
+    lines = ["| policy | budget | cache | of full | passkey | ppl | decode tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        budget = "-" if r["budget"] is None else str(r["budget"])
+        lines.append(f"| {r['policy']} | {budget} | {format_bytes(r['cache_bytes'])} | {r['cache_ratio']:.1%} | "
+                     f"{r['passkey_acc']:.0%} | {r['ppl']:.2f} | {r['decode_tok_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: list[dict], path, title: str) -> None:
+    """Passkey accuracy and perplexity against the cache kept (share of the full cache), per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..checkpoint import atomic_write
+
+    fig, (acc, ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r["policy"] for r in results):
+        mine = sorted((r for r in results if r["policy"] == name), key=lambda r: r["cache_ratio"])
+        x = [r["cache_ratio"] for r in mine]
+        style = dict(marker="*", markersize=12, linestyle="none", color="black") if name == "full" else dict(marker="o")
+        acc.plot(x, [r["passkey_acc"] for r in mine], label=name, **style)
+        ppl.plot(x, [r["ppl"] for r in mine], label=name, **style)
+    acc.set_xlabel("cache kept (share of the full cache)")
+    acc.set_ylabel("passkey accuracy")
+    acc.set_ylim(-0.05, 1.05)
+    ppl.set_xlabel("cache kept (share of the full cache)")
+    ppl.set_ylabel("perplexity (held-out continuation)")
+    acc.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

@@ -1,0 +1,227 @@
+"""Compression policies on transformers causal LMs (Llama / Mistral / Qwen2 families), through the
+public extension points of transformers 5.x only:
+
+- ``CompressedCache``: a ``transformers.Cache`` whose layers (``CompressedLayer``, a
+  ``CacheLayerMixin``) each hold a ``CompressedKV``; ``get_seq_length()`` is the true number of tokens
+  seen, never the (smaller) number kept, so positions stay true after eviction;
+- the attention implementation ``"yoco_compressed"`` (registered with ``AttentionInterface``): reads
+  the layer's entries with a mask built from their slots (per row, per head, per layer: unequal
+  PyramidKV lengths need nothing special), and lets the policy observe the queries. transformers builds
+  no mask of its own for it (no mask function is registered), so nothing is sized from one layer.
+- ``HFCompressedLM``: an adapter giving a transformers model the interface of a yoco model
+  (``new_cache``, ``model(ids, cache, num_logits=...)``), so yoco's engine (``generate``, chunked
+  prefill, left-padded batches) runs it with or without a policy; it passes explicit ``position_ids``
+  (each row's true positions after its left padding) at every call.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import torch
+from transformers import AttentionInterface, Cache, DynamicCache
+from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..cache import tensor_bytes
+from ..layers import RotaryEmbedding, Step
+from ..models.base import InputError
+from .policies import Policy, StreamingLLM
+from .store import CompressedKV, rotate_by
+
+ATTENTION = "yoco_compressed"
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's cache: a ``CompressedKV`` behind transformers' layer API."""
+
+    is_sliding = False
+
+    def __init__(self, store: CompressedKV):
+        super().__init__()
+        self.store = store
+        self.is_initialized = True
+
+    @property
+    def keys(self):
+        return self.store.k
+
+    @keys.setter
+    def keys(self, value):  # CacheLayerMixin.__init__ assigns None; the store owns the tensors
+        pass
+
+    @property
+    def values(self):
+        return self.store.v
+
+    @values.setter
+    def values(self, value):
+        pass
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.store.append(key_states, value_states)
+        return self.store.k, self.store.v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.store.entries + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.store.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for name in self.store.batch_fields:
+            setattr(self.store, name, getattr(self.store, name).index_select(0, beam_idx.to(self.store.k.device)))
+
+
+class CompressedCache(Cache):
+    """A transformers cache whose every attention layer is compressed by ``policy``."""
+
+    def __init__(self, model, policy: Policy, batch_size: int, pad: torch.Tensor | None = None):
+        config = check_model(model)
+        param = next(model.parameters())
+        rotate = None
+        if isinstance(policy, StreamingLLM):
+            rotate = rerotation(model)
+        n_layers = config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        layers = [CompressedLayer(CompressedKV(policy, layer=i, n_layers=n_layers, batch_size=batch_size,
+                                               n_kv_heads=n_kv, key_dim=head_dim, value_dim=head_dim,
+                                               dtype=param.dtype, device=param.device, pad=pad, rotate=rotate))
+                  for i in range(n_layers)]
+        super().__init__(layers=layers)
+        self.compression = policy
+        self.pad = pad
+
+    @property
+    def seen(self) -> int:
+        return self.layers[0].store.seen
+
+    def compress(self) -> None:
+        for layer in self.layers:
+            layer.store.compress()
+
+    def nbytes(self) -> int:
+        return sum(layer.store.nbytes() for layer in self.layers)
+
+    def index_bytes(self) -> int:
+        return sum(layer.store.index_bytes() for layer in self.layers)
+
+
+def check_model(model):
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise InputError(f"KV compression supports transformers models of type {', '.join(SUPPORTED)}; "
+                         f"got {model_type or type(model).__name__}")
+    return config
+
+
+def rerotation(model):
+    """``rotate(keys, delta)`` for the model's RoPE (half-split pairs, its own frequencies)."""
+    rotary_emb = model.model.rotary_emb
+    if float(getattr(rotary_emb, "attention_scaling", 1.0)) != 1.0:
+        raise InputError("StreamingLLM's sink re-rotation needs plain RoPE; this model scales its RoPE "
+                         f"({model.config.rope_parameters})")
+    inv_freq = rotary_emb.inv_freq
+    rotary = RotaryEmbedding(2 * inv_freq.numel()).to(inv_freq.device)
+    rotary.inv_freq = inv_freq.float().clone()
+    return lambda keys, delta: rotate_by(rotary, keys, delta)
+
+
+def compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         sliding_window=None, compressed_cache: CompressedCache | None = None, **kwargs):
+    """The ``"yoco_compressed"`` attention: through the layer's ``CompressedKV`` when a
+    ``CompressedCache`` is passed (as the ``compressed_cache`` keyword), else plain SDPA."""
+    if compressed_cache is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, **kwargs)
+    store = compressed_cache.layers[module.layer_idx].store
+    T = query.shape[2]
+    step = Step(store.seen - T, T, store.pad, query.device)
+    out = store.attend(query, step, scale=scaling, window=sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, compressed_attention)
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run with ``model``'s attention implementation set to ``name``, restored afterwards."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class HFCompressedLM:
+    """A transformers causal LM seen through yoco's model interface (for ``yoco.engine``)."""
+
+    prompt_alignment = 1
+
+    def __init__(self, model):
+        config = check_model(model)
+        self.model = model.eval()
+        self.config = SimpleNamespace(max_seq_len=config.max_position_embeddings, vocab_size=config.vocab_size,
+                                      arch=config.model_type)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
+                  dtype=None, device=None, compression: Policy | None = None):
+        device = device or next(self.model.parameters()).device
+        if pad is not None:
+            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
+            pad = pad if int(pad.max()) > 0 else None
+        if compression is None:
+            return FullCache(self.model.config, pad)
+        return CompressedCache(self.model, compression, batch_size, pad)
+
+    def __call__(self, ids: torch.Tensor, cache, num_logits: int | None = None) -> torch.Tensor | None:
+        B, T = ids.shape
+        start = cache.seen
+        if start + T > self.config.max_seq_len:
+            raise InputError(f"sequence of {start + T} tokens is longer than the model's maximum "
+                             f"max_position_embeddings={self.config.max_seq_len}")
+        slots = torch.arange(start, start + T, device=ids.device)
+        positions = slots[None].expand(B, T)
+        if cache.pad is not None:
+            positions = (positions - cache.pad[:, None]).clamp_min(0)
+        keep = T if num_logits is None else max(num_logits, 1)
+        if isinstance(cache, CompressedCache):
+            with attention_implementation(self.model, ATTENTION):
+                out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                                 logits_to_keep=keep, compressed_cache=cache)
+        else:
+            mask = None
+            if cache.pad is not None:
+                mask = (torch.arange(start + T, device=ids.device)[None] >= cache.pad[:, None]).long()
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=keep)
+            cache.seen = start + T
+        return None if num_logits == 0 else out.logits
+
+
+class FullCache(DynamicCache):
+    """transformers' own uncompressed cache, with what yoco's engine reads (the baseline)."""
+
+    compression = None
+
+    def __init__(self, config, pad: torch.Tensor | None):
+        super().__init__(config=config)
+        self.pad, self.seen = pad, 0
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.layers if layer.is_initialized)

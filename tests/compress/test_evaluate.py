@@ -1,0 +1,50 @@
+"""yoco compress-eval on a (briefly) trained checkpoint: the JSON schema, the table, the plot, errors."""
+
+import json
+
+import pytest
+
+from yoco.cli import main
+from yoco.train import TrainSettings, latest_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i in range(60):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" * 8)
+    run = tmp_path_factory.mktemp("run")
+    train(TrainSettings(arch="yoco-swa", preset="tiny", corpus=[str(corpus)], vocab_size=300, steps=2, batch_size=2,
+                        seq_len=32, save_every=2, eval_every=2, eval_batches=1, val_percent=20.0),
+          run, progress=False, log=lambda s: None)
+    return latest_checkpoint(run)
+
+
+def test_compress_eval_writes_json_markdown_and_plot(checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["compress-eval", "--model", str(checkpoint), "--policy", "streamingllm,snapkv,pyramidkv,h2o,corm",
+            "--budget", "0.25,48", "--context", "160", "--depths", "0,1", "--trials", "1", "--ppl-rows", "2",
+            "--ppl-tokens", "6", "--json", str(out), "--plot", str(tmp_path / "r.png")]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [(r["policy"], r["budget"]) for r in rows][:3] == [("full", None), ("streamingllm", 0.25), ("streamingllm", 48)]
+    assert len(rows) == 11
+    for r in rows:
+        assert {"policy", "budget", "cache_bytes", "full_cache_bytes", "passkey_acc", "ppl", "decode_tok_s"} <= set(r)
+        assert 0 <= r["passkey_acc"] <= 1 and r["ppl"] > 1 and r["decode_tok_s"] > 0
+        assert r["full_cache_bytes"] == rows[0]["cache_bytes"]
+    full = rows[0]["cache_bytes"]
+    assert all(r["cache_bytes"] < full for r in rows[1:])
+    assert (tmp_path / "r.md").read_text().startswith("| policy |") and (tmp_path / "r.png").stat().st_size > 0
+    assert "| snapkv | 0.25 |" in capsys.readouterr().out
+
+
+def test_compress_eval_errors(checkpoint, tmp_path, capsys):
+    assert main(["compress-eval", "--model", str(tmp_path / "none")]) == 2
+    assert "no trained model" in capsys.readouterr().err
+    assert main(["compress-eval", "--model", str(checkpoint), "--policy", "quest"]) == 2
+    assert "unknown policy" in capsys.readouterr().err
+    assert main(["compress-eval", "--model", str(checkpoint), "--budget", "1.5"]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert main(["compress-eval", "--model", str(checkpoint), "--budget", "0"]) == 2

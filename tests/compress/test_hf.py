@@ -1,0 +1,116 @@
+"""Compression on randomly initialised transformers Llama and Qwen2 models, through the public Cache
+and AttentionInterface APIs, driven by yoco's engine."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from yoco.compress import CORM, H2O, PyramidKV, SnapKV, StreamingLLM
+from yoco.compress.hf import CompressedCache, HFCompressedLM
+from yoco.engine import decode_step, generate, left_pad, prefill
+from yoco.models.base import InputError
+
+POLICIES = {"streamingllm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "h2o": H2O, "corm": CORM}
+SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512)
+
+
+def hf_model(kind="llama", layers=3, **extra):
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **SIZES, **extra)).eval()
+
+
+def run(lm, prompts, policy, steps=8):
+    ids, pad = left_pad(prompts)
+    cache = lm.new_cache(len(prompts), pad=pad, compression=policy)
+    logits = [prefill(lm, ids, cache, 16)]
+    for _ in range(steps):
+        logits.append(decode_step(lm, logits[-1].argmax(-1), cache))
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_budget_above_the_prompt_changes_nothing(kind, name):
+    lm = HFCompressedLM(hf_model(kind))
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (50, 31)]
+    reference, _ = run(lm, prompts, None)  # transformers' own DynamicCache and SDPA with a padding mask
+    compressed, cache = run(lm, prompts, POLICIES[name](1000))
+    assert isinstance(cache, CompressedCache)
+    torch.testing.assert_close(compressed, reference, rtol=0, atol=2e-5)
+
+
+def test_the_model_alone_gives_the_engines_logits():
+    model = hf_model()
+    ids = torch.randint(1, 300, (1, 30))
+    logits, _ = run(HFCompressedLM(model), [ids[0].tolist()], None, steps=0)
+    torch.testing.assert_close(logits[0], model(ids).logits[:, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_left_padded_batch_equals_each_prompt_alone(kind, name):
+    lm = HFCompressedLM(hf_model(kind))
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (70, 45)]
+    policy = POLICIES[name](0.3) if name != "corm" else CORM(window=8)
+    out = generate(lm, prompts, 16, compression=policy)
+    assert out.tokens == [generate(lm, [p], 16, compression=policy).tokens[0] for p in prompts]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_streamingllm_positions_equal_running_the_kept_tokens_afresh(kind):
+    model = hf_model(kind, layers=1)
+    lm = HFCompressedLM(model)
+    ids = torch.randint(1, 300, (1, 40))
+    cache = lm.new_cache(1, compression=StreamingLLM(12))
+    logits, tokens = prefill(lm, ids, cache, 16), ids[0].tolist()
+    for _ in range(8):
+        tokens.append(int(logits.argmax(-1)))
+        logits = decode_step(lm, torch.tensor(tokens[-1:]), cache)
+        kept = tokens[:4] + tokens[-8:]
+        torch.testing.assert_close(logits, model(torch.tensor([kept])).logits[:, -1], rtol=0, atol=1e-5)
+    assert cache.get_seq_length() == 48  # the true count of tokens seen, never the 12 kept
+
+
+def test_bytes_per_layer_follow_the_budget_and_the_pyramid():
+    model = hf_model(layers=4)
+    lm = HFCompressedLM(model)
+    ids = torch.randint(1, 300, (1, 200))
+    per_token = 2 * 2 * 16 * 4  # K and V, 2 heads of 16, fp32
+    cache = lm.new_cache(1, compression=SnapKV(40))
+    prefill(lm, ids, cache, 64)
+    assert [layer.store.nbytes() for layer in cache.layers] == [40 * per_token] * 4
+    pyramid = PyramidKV(60, window=8, beta=4)
+    cache = lm.new_cache(1, compression=pyramid)
+    logits = prefill(lm, ids, cache, 64)
+    expected = [int(pyramid.limit(torch.tensor([200]), i, 4)[0]) for i in range(4)]
+    assert expected[0] > expected[-1]
+    assert [layer.store.nbytes() for layer in cache.layers] == [n * per_token for n in expected]
+    # unequal per-layer lengths decode fine: each layer's mask comes from its own entries
+    decode_step(lm, logits.argmax(-1), cache)
+
+
+def test_mistral_sliding_window_is_honoured():
+    lm = HFCompressedLM(hf_model("mistral", sliding_window=16))
+    prompts = [torch.randint(1, 300, (40,)).tolist()]
+    reference, _ = run(lm, prompts, None)
+    compressed, _ = run(lm, prompts, SnapKV(1000))
+    torch.testing.assert_close(compressed, reference, rtol=0, atol=2e-5)
+
+
+def test_unsupported_models_and_bad_budgets():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(InputError, match="supports transformers models of type"):
+        HFCompressedLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+    lm = HFCompressedLM(hf_model())
+    with pytest.raises(ValueError, match="budget"):
+        lm.new_cache(1, compression=SnapKV(-3))
+    scaled = hf_model(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                       "original_max_position_embeddings": 256})
+    with pytest.raises(InputError, match="plain RoPE"):
+        HFCompressedLM(scaled).new_cache(1, compression=StreamingLLM(16))
