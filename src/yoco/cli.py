@@ -331,6 +331,8 @@ def load_any_model(directory: str, dtype: str):
 def parse_budget(text: str) -> float | int:
     from .compress.policies import check_budget
 
+    if text.strip().lower() == "none":
+        return None  # CORM's rule alone
     try:
         value = float(text)
     except ValueError:
@@ -367,6 +369,10 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
     if len(val) < args.context + args.ppl_tokens + args.ppl_rows:
         val = TokenShards(data, "train")
     specs = [("full", None)] + [(p, b) for p in policies for b in budgets]
+    from .compress import make_policy
+
+    for name, budget in specs[1:]:
+        make_policy(name, budget)  # a bad combination (a budget-less SnapKV, ...) fails before any work
     from tqdm import tqdm
 
     bar = tqdm(total=len(specs), desc="compress-eval", unit="run", dynamic_ncols=True, file=sys.stderr)
@@ -531,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a yoco checkpoint or a transformers Llama/Mistral/Qwen2 folder (default {DEFAULT_COMPRESS_MODEL})")
     p.add_argument("--policy", default="streamingllm,snapkv,pyramidkv,h2o,corm",
                    help="comma-separated policies (streamingllm, snapkv, pyramidkv, h2o, corm)")
-    p.add_argument("--budget", default="0.25", help="comma-separated budgets: ratios in (0, 1] or token counts")
+    p.add_argument("--budget", default="0.25", help="comma-separated budgets: ratios in (0, 1], token counts, or none "
+                                                    "(CORM's rule alone)")
     p.add_argument("--data", help="token shard folder (default: data/ beside the model folder)")
     p.add_argument("--context", type=int, default=1024, help="prompt tokens (passkey prompts and the perplexity prefix)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75", help="passkey needle depths")
