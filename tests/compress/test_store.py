@@ -149,3 +149,16 @@ def test_what_cannot_be_compressed_says_so():
     cache = make_model("transformer").new_cache(1, compression=StreamingLLM(3))
     with pytest.raises(BudgetError, match="sink"):
         prefill(make_model("transformer"), torch.randint(1, 200, (1, 20)), cache, 8)
+
+
+def test_selecting_rows_of_a_compressed_cache():
+    # beam search and sampling several answers reorder or repeat rows of a compressed cache
+    model = make_model("transformer")
+    prompts = [torch.randint(1, 200, (n,)).tolist() for n in (50, 35)]
+    ids, pad = left_pad(prompts)
+    cache = model.new_cache(2, pad=pad, compression=H2O(0.3))
+    logits = prefill(model, ids, cache, 16)
+    swapped = cache.select(torch.tensor([1, 0]))
+    token = logits.argmax(-1)
+    torch.testing.assert_close(decode_step(model, token.flip(0), swapped), decode_step(model, token, cache).flip(0),
+                               rtol=0, atol=1e-5)
