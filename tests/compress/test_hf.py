@@ -114,3 +114,16 @@ def test_unsupported_models_and_bad_budgets():
                                        "original_max_position_embeddings": 256})
     with pytest.raises(InputError, match="plain RoPE"):
         HFCompressedLM(scaled).new_cache(1, compression=StreamingLLM(16))
+
+
+def test_beam_reordering_of_a_compressed_cache():
+    lm = HFCompressedLM(hf_model())
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (40, 28)]
+    ids, pad = left_pad(prompts)
+    cache = lm.new_cache(2, pad=pad, compression=H2O(0.3))
+    token = prefill(lm, ids, cache, 16).argmax(-1)
+    expected = decode_step(lm, token, cache).flip(0)
+    cache = lm.new_cache(2, pad=pad, compression=H2O(0.3))
+    prefill(lm, ids, cache, 16)
+    cache.reorder_cache(torch.tensor([1, 0]))  # the rows' padding moves with them
+    torch.testing.assert_close(decode_step(lm, token.flip(0), cache), expected, rtol=0, atol=1e-5)

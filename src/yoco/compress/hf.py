@@ -24,7 +24,7 @@ from transformers import AttentionInterface, Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..cache import tensor_bytes
+from ..cache import map_rows, tensor_bytes
 from ..layers import RotaryEmbedding, Step
 from ..models.base import InputError
 from .policies import Policy, StreamingLLM
@@ -77,8 +77,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for name in self.store.batch_fields:
-            setattr(self.store, name, getattr(self.store, name).index_select(0, beam_idx.to(self.store.k.device)))
+        self.store = map_rows(self.store, lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 class CompressedCache(Cache):
@@ -99,11 +98,15 @@ class CompressedCache(Cache):
                   for i in range(n_layers)]
         super().__init__(layers=layers)
         self.compression = policy
-        self.pad = pad
 
     @property
     def seen(self) -> int:
         return self.layers[0].store.seen
+
+    @property
+    def pad(self) -> torch.Tensor | None:
+        """The rows' left padding, as the stores hold it (it moves with them when beams are reordered)."""
+        return self.layers[0].store.pad
 
     def compress(self) -> None:
         for layer in self.layers:

@@ -61,11 +61,6 @@ class Policy:
         ``limit`` each row's entries [B], ``pad`` each row's left padding (or None)."""
         raise NotImplementedError
 
-    def describe(self) -> str:
-        budget = "no budget" if self.budget is None else (
-            f"{self.budget} tokens" if isinstance(self.budget, int) else f"ratio {self.budget:g}")
-        return f"{self.name} ({budget})"
-
 
 def check_budget(budget, required: bool = True):
     if budget is None:

@@ -77,11 +77,10 @@ class YOCO(CausalLM):
         # Only the positions that need logits go through the cross-decoder.
         x, query_step = x[:, step.length - keep:], step.last(keep)
         if isinstance(kv, CompressedKV):  # one compressed cache, read by every cross-decoder layer
-            for layer in self.cross_layers:
-                x = layer(x, query_step, kv)
-            return self.logits(x, None)
-        k, v = kv
-        mask, causal = cross_mask(query_step, k.shape[2], ids.device)
+            keys = (kv,)
+        else:
+            k, v = kv
+            keys = (k, v, *cross_mask(query_step, k.shape[2], ids.device))
         for layer in self.cross_layers:
-            x = layer(x, query_step, k, v, mask, causal)
+            x = layer(x, query_step, *keys)
         return self.logits(x, None)
