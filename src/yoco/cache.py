@@ -145,6 +145,10 @@ class ModelCache:
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers if c is not None)
 
+    def offloaded_bytes(self) -> int:
+        """Bytes a compressed layer moved off the compute device (InfLLM's memory units)."""
+        return sum(c.offloaded_bytes() for c in self.layers if hasattr(c, "offloaded_bytes"))
+
     def repeat(self, n: int) -> "ModelCache":
         """A cache of n copies of each row: n continuations of the same prompt (sampling several
         answers, or measuring batched decode at a context without prefilling every row)."""

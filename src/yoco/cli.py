@@ -369,10 +369,10 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
     if len(val) < args.context + args.ppl_tokens + args.ppl_rows:
         val = TokenShards(data, "train")
     specs = [("full", None)] + [(p, b) for p in policies for b in budgets]
-    from .compress import make_policy
+    from .compress import policy_for_context
 
     for name, budget in specs[1:]:
-        make_policy(name, budget)  # a bad combination (a budget-less SnapKV, ...) fails before any work
+        policy_for_context(name, budget, args.context)  # a bad combination (a budget-less SnapKV, ...) fails first
     from tqdm import tqdm
 
     bar = tqdm(total=len(specs), desc="compress-eval", unit="run", dynamic_ncols=True, file=sys.stderr)
@@ -535,10 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "cache bytes, decode speed")
     p.add_argument("--model", default=DEFAULT_COMPRESS_MODEL,
                    help=f"a yoco checkpoint or a transformers Llama/Mistral/Qwen2 folder (default {DEFAULT_COMPRESS_MODEL})")
-    p.add_argument("--policy", default="streamingllm,snapkv,pyramidkv,h2o,corm",
-                   help="comma-separated policies (streamingllm, snapkv, pyramidkv, h2o, corm)")
+    p.add_argument("--policy", default="streamingllm,snapkv,pyramidkv,h2o,corm,infllm",
+                   help="comma-separated policies (streamingllm, snapkv, pyramidkv, h2o, corm, infllm)")
     p.add_argument("--budget", default="0.25", help="comma-separated budgets: ratios in (0, 1], token counts, or none "
-                                                    "(CORM's rule alone)")
+                                                    "(CORM's rule alone; InfLLM's paper sizes). InfLLM's budget is "
+                                                    "its attention window (a ratio: of --context)")
     p.add_argument("--data", help="token shard folder (default: data/ beside the model folder)")
     p.add_argument("--context", type=int, default=1024, help="prompt tokens (passkey prompts and the perplexity prefix)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75", help="passkey needle depths")

@@ -113,6 +113,8 @@ def prefill(model: CausalLM, ids: torch.Tensor, cache: ModelCache, chunk: int) -
         raise InputError(f"prefill chunk must be >= 1, got {chunk}")
     T = ids.shape[1]
     policy = cache.compression
+    if policy is not None and policy.prefill_chunk is not None:
+        chunk = min(chunk, policy.prefill_chunk)  # InfLLM packs its memory blocks between calls
     tail = min(T, max(1, policy.window)) if policy is not None and policy.observe else 1
     for start in range(0, T - tail, chunk):
         model(ids[:, start:min(start + chunk, T - tail)], cache, num_logits=0)

@@ -8,8 +8,11 @@ For each (policy, budget), and for the uncompressed cache as the reference row:
   by one through the compressed cache (teacher forcing: the policies that keep their budget while
   decoding keep evicting);
 - ``decode_tok_s``: tokens per second of that decoding (all rows of the batch);
-- ``cache_bytes``: the K/V bytes right after the prompt was compressed, ``full_cache_bytes`` the same
-  prompt's uncompressed cache (for YOCO both include the constant self-decoder caches).
+- ``cache_bytes``: the K/V bytes on the compute device right after the prompt was compressed,
+  ``full_cache_bytes`` the same prompt's uncompressed cache (for YOCO both include the constant
+  self-decoder caches); ``offloaded_bytes``: InfLLM's memory units, moved to CPU memory.
+
+InfLLM's window is fixed before the prompt is read, so a ratio budget becomes ``ratio * context`` tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from ..engine import decode_step, prefill
 from ..evaluate import passkey_grid
-from .policies import make_policy
+from .policies import policy_for_context
 
 
 def cache_nbytes(model, cache, batch_size: int, context: int) -> int:
@@ -42,6 +45,7 @@ def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy) -> dic
     cache = model.new_cache(B, capacity=total, compression=policy)
     logits = prefill(model, rows[:, :context], cache, chunk=1024)
     nbytes = cache_nbytes(model, cache, B, context)
+    offloaded = getattr(cache, "offloaded_bytes", lambda: 0)()
     nll = [F.cross_entropy(logits.float(), rows[:, context], reduction="sum").item()]
     t0 = time.perf_counter()
     for t in range(context, total - 1):
@@ -50,7 +54,8 @@ def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy) -> dic
     elapsed = time.perf_counter() - t0
     steps = total - 1 - context
     return {"ppl": math.exp(sum(nll) / (B * (total - context))), "decode_tok_s": B * steps / elapsed if elapsed else
-            float("nan"), "cache_bytes": nbytes, "index_bytes": getattr(cache, "index_bytes", lambda: 0)()}
+            float("nan"), "cache_bytes": nbytes, "offloaded_bytes": offloaded,
+            "index_bytes": getattr(cache, "index_bytes", lambda: 0)()}
 
 
 def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tuple[str, float | int | None]], *,
@@ -66,7 +71,7 @@ def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tup
                         device=next(model.parameters()).device)
     results, full_bytes = [], None
     for name, budget in specs:
-        policy = None if name == "full" else make_policy(name, budget)
+        policy = None if name == "full" else policy_for_context(name, budget, context)
         measured = perplexity_and_speed(model, rows, context, policy)
         cells = passkey_grid(model, tokenizer, haystack, [context], depths, trials, seed, compression=policy)
         if policy is None:
@@ -86,12 +91,13 @@ def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tup
 def markdown_table(results: list[dict]) -> str:
     from ..report import format_bytes
 
-    lines = ["| policy | budget | cache | of full | passkey | ppl | decode tok/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| policy | budget | cache | of full | offloaded | passkey | ppl | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         budget = "-" if r["budget"] is None else str(r["budget"])
+        offloaded = format_bytes(r["offloaded_bytes"]) if r.get("offloaded_bytes") else "-"
         lines.append(f"| {r['policy']} | {budget} | {format_bytes(r['cache_bytes'])} | {r['cache_ratio']:.1%} | "
-                     f"{r['passkey_acc']:.0%} | {r['ppl']:.2f} | {r['decode_tok_s']:.0f} |")
+                     f"{offloaded} | {r['passkey_acc']:.0%} | {r['ppl']:.2f} | {r['decode_tok_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,8 +27,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..cache import map_rows, tensor_bytes
 from ..layers import RotaryEmbedding, Step
 from ..models.base import InputError
-from .policies import Policy, StreamingLLM
-from .store import CompressedKV, rotate_by
+from .policies import Policy
+from .store import CompressedKV, new_store, rotate_by
 
 ATTENTION = "yoco_compressed"
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -86,13 +86,11 @@ class CompressedCache(Cache):
     def __init__(self, model, policy: Policy, batch_size: int, pad: torch.Tensor | None = None):
         config = check_model(model)
         param = next(model.parameters())
-        rotate = None
-        if isinstance(policy, StreamingLLM):
-            rotate = rerotation(model)
+        rotate = rerotation(model) if policy.needs_rotary else None
         n_layers = config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        layers = [CompressedLayer(CompressedKV(policy, layer=i, n_layers=n_layers, batch_size=batch_size,
+        layers = [CompressedLayer(new_store(policy, layer=i, n_layers=n_layers, batch_size=batch_size,
                                                n_kv_heads=n_kv, key_dim=head_dim, value_dim=head_dim,
                                                dtype=param.dtype, device=param.device, pad=pad, rotate=rotate))
                   for i in range(n_layers)]
@@ -118,6 +116,9 @@ class CompressedCache(Cache):
     def index_bytes(self) -> int:
         return sum(layer.store.index_bytes() for layer in self.layers)
 
+    def offloaded_bytes(self) -> int:
+        return sum(layer.store.offloaded_bytes() for layer in self.layers if hasattr(layer.store, "offloaded_bytes"))
+
 
 def check_model(model):
     config = getattr(model, "config", None)
@@ -132,7 +133,8 @@ def rerotation(model):
     """``rotate(keys, delta)`` for the model's RoPE (half-split pairs, its own frequencies)."""
     rotary_emb = model.model.rotary_emb
     if float(getattr(rotary_emb, "attention_scaling", 1.0)) != 1.0:
-        raise InputError("StreamingLLM's sink re-rotation needs plain RoPE; this model scales its RoPE "
+        raise InputError("re-rotating cached keys (StreamingLLM's sinks, InfLLM's memory) needs plain RoPE; "
+                         "this model scales its RoPE "
                          f"({model.config.rope_parameters})")
     inv_freq = rotary_emb.inv_freq
     rotary = RotaryEmbedding(2 * inv_freq.numel()).to(inv_freq.device)

@@ -13,9 +13,13 @@ always win; empty and pad entries get -inf, so they never do.
 - ``H2O``: heavy hitters (attention accumulated over every query so far) + a recent window; keeps
   the budget while decoding.
 - ``CORM``: a rule, not a fixed budget (see the class for the exact rule).
+- ``InfLLM``: not a ranking but a context memory: initial tokens + a local window + top-k retrieved
+  blocks of evicted tokens, the blocks offloaded with a bounded resident set (``infllm.py``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -35,6 +39,8 @@ class Policy:
     observe = "tail"  # whose attention is scored: "tail" (last `window` queries), "all", or None
     keeps_budget_while_decoding = False
     window = 32
+    needs_rotary = False  # whether its cache re-rotates keys (it then needs the model's RoPE)
+    prefill_chunk: int | None = None  # the longest prompt call it is built for (None: any)
 
     def __init__(self, budget: float | int | None):
         self.budget = check_budget(budget, required=self.budget_required)
@@ -92,6 +98,10 @@ class StreamingLLM(Policy):
     observe = None
     keeps_budget_while_decoding = True
     reposition_sinks = True
+
+    @property
+    def needs_rotary(self) -> bool:
+        return self.reposition_sinks and self.n_sink > 0
 
     def __init__(self, budget, n_sink: int = 4):
         super().__init__(budget)
@@ -238,7 +248,101 @@ class CORM(Policy):
         return torch.where(recent, PROTECTED + recency(slots), score.double())
 
 
-POLICIES = {cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, H2O, CORM)}
+class InfLLM(Policy):
+    """InfLLM (Xiao et al., 2024, arXiv 2402.04617): every query attends the ``n_init`` first tokens, the
+    ``n_local`` most recent ones, and ``topk`` blocks of ``block_size`` older tokens retrieved for its
+    chunk of ``exc_block_size`` queries (mean chunk query . each block's representative key, averaged
+    over query heads). A block's representative is the mean of its ``repr_topk`` keys that received
+    the most attention from the queries whose local window held them (4 unless a block is smaller). Blocks leave the accelerator
+    for ``offload_device`` as they form; at most ``max_cached_blocks`` per row stay resident (LRU).
+
+    ``positions="shared"`` (the paper): retrieved blocks, and initial or not-yet-blocked tokens outside
+    a query's local window, are seen at the one distance ``n_local`` (so the model never meets a
+    distance it was not trained on); ``"true"``: every token at its true distance (with top-k covering
+    every block this is exactly full attention).
+
+    ``budget`` (a token count, optional) is the attention window ``n_init + n_local + topk *
+    block_size``; from it the parts not given are derived in the paper's proportions (128 : 4096 :
+    16 x 128 of 6272): ``block_size = clamp(round(128 W / 6272), 8, 128)``, ``n_init = max(4, round(128
+    W / 6272))``, ``topk = max(1, round(2048 W / 6272 / block_size))``, ``n_local`` the rest. Without a
+    budget the paper's values are used. A ratio cannot be given: the window must be fixed before the
+    prompt is read (InfLLM evicts while reading it); ``yoco compress-eval`` converts one with its
+    ``--context``."""
+
+    name = "infllm"
+    observe = None  # its cache scores its own local attention
+    keeps_budget_while_decoding = True
+    budget_required = False
+    needs_rotary = True
+    PAPER = {"n_init": 128, "n_local": 4096, "block_size": 128, "topk": 16, "exc_block_size": 512}
+
+    def __init__(self, budget=None, *, n_init: int | None = None, n_local: int | None = None,
+                 block_size: int | None = None, topk: int | None = None, repr_topk: int | None = None,
+                 exc_block_size: int | None = None, max_cached_blocks: int | None = None,
+                 positions: str = "shared", offload_device: str = "cpu"):
+        super().__init__(budget)
+        if isinstance(self.budget, float):
+            raise BudgetError("InfLLM fixes its window before reading the prompt (it evicts while reading it): "
+                              "give its budget as a token count (yoco compress-eval converts a ratio with --context)")
+        W, paper = self.budget, self.PAPER
+        share = None if W is None else W / (paper["n_init"] + paper["n_local"] + paper["topk"] * paper["block_size"])
+        if block_size is None:
+            block_size = paper["block_size"] if W is None else min(128, max(8, round(128 * share)))
+        if n_init is None:
+            n_init = paper["n_init"] if W is None else max(4, round(128 * share))
+        if topk is None:
+            topk = paper["topk"] if W is None else max(1, round(2048 * share / block_size))
+        if n_local is None:
+            n_local = paper["n_local"] if W is None else W - n_init - topk * block_size
+        elif W is not None and n_init + n_local + topk * block_size != W:
+            raise BudgetError(f"InfLLM budget {W} != n_init + n_local + topk * block_size = "
+                              f"{n_init} + {n_local} + {topk} * {block_size}")
+        if exc_block_size is None:
+            exc_block_size = min(paper["exc_block_size"], max(n_local, 1))
+        if max_cached_blocks is None:
+            max_cached_blocks = 2 * topk
+        if repr_topk is None:
+            repr_topk = min(4, block_size)
+        if n_local < 1:
+            raise BudgetError(f"InfLLM budget {W} leaves no local window beside {n_init} initial tokens and "
+                              f"{topk} blocks of {block_size}")
+        if n_init < 0 or block_size < 1 or topk < 1:
+            raise BudgetError(f"InfLLM needs n_init >= 0, block_size >= 1 and topk >= 1, got {n_init}, {block_size}, "
+                              f"{topk}")
+        if not 1 <= repr_topk <= block_size:
+            raise BudgetError(f"InfLLM repr_topk must be in 1..block_size={block_size}, got {repr_topk}")
+        if not 1 <= exc_block_size <= n_local:
+            raise BudgetError(f"InfLLM exc_block_size must be in 1..n_local={n_local}, got {exc_block_size}")
+        if max_cached_blocks < topk:
+            raise BudgetError(f"InfLLM max_cached_blocks ({max_cached_blocks}) must hold the topk={topk} blocks "
+                              "a chunk retrieves")
+        if positions not in ("shared", "true"):
+            raise BudgetError(f"InfLLM positions must be 'shared' (the paper) or 'true', got {positions!r}")
+        self.n_init, self.n_local, self.block_size, self.topk = n_init, n_local, block_size, topk
+        self.repr_topk, self.exc_block_size, self.max_cached_blocks = repr_topk, exc_block_size, max_cached_blocks
+        self.positions, self.offload_device = positions, offload_device
+        self.prefill_chunk = exc_block_size  # blocks form between calls: a chunk per call, as in the paper
+
+    @property
+    def attention_window(self) -> int:
+        """Tokens a query attends at most: initial + local + retrieved."""
+        return self.n_init + self.n_local + self.topk * self.block_size
+
+    def __repr__(self) -> str:
+        return (f"InfLLM(n_init={self.n_init}, n_local={self.n_local}, block_size={self.block_size}, "
+                f"topk={self.topk}, repr_topk={self.repr_topk}, exc_block_size={self.exc_block_size}, "
+                f"max_cached_blocks={self.max_cached_blocks}, positions={self.positions!r})")
+
+
+def policy_for_context(name: str, budget, context: int, **options) -> Policy:
+    """``make_policy``, with a ratio budget of InfLLM (whose window is fixed before the prompt) turned
+    into tokens of a ``context``-token prompt."""
+    if name.lower() == "infllm" and isinstance(budget, float) and budget <= 1:
+        budget = max(1, math.ceil(budget * context))
+    return make_policy(name, budget, **options)
+
+
+POLICIES = {cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, H2O, CORM, InfLLM)}
 
 
 def make_policy(name: str, budget=None, **options) -> Policy:

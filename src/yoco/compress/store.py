@@ -43,9 +43,18 @@ def entry_mask(q_slots: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor | N
 
 
 def rotate_by(rotary: RotaryEmbedding, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Keys x [B, h, n, d] RoPE-rotated further by ``delta[b]`` positions (negative moves them back)."""
-    cos, sin = rotary.tables(delta[:, None])  # [B, 1, 1, d/2]: broadcast over tokens and heads
+    """Keys or queries x [B, h, n, d] RoPE-rotated further by ``delta`` positions (negative moves them
+    back): one per row ``[B]``, or one per row and token ``[B, n]``."""
+    cos, sin = rotary.tables(delta[:, None] if delta.dim() == 1 else delta)  # [B, 1 or n, 1, d/2]
     return rotary.apply(x.transpose(1, 2), cos, sin).transpose(1, 2)
+
+
+def new_store(policy: Policy, **kwargs) -> CompressedKV:
+    """The cache kind ``policy`` acts on: InfLLM's context memory, or a ``CompressedKV``."""
+    from .infllm import InfLLMKV  # (it builds on this module)
+    from .policies import InfLLM
+
+    return (InfLLMKV if isinstance(policy, InfLLM) else CompressedKV)(policy, **kwargs)
 
 
 class CompressedKV:
@@ -61,8 +70,8 @@ class CompressedKV:
     def __init__(self, policy: Policy, *, layer: int, n_layers: int, batch_size: int, n_kv_heads: int,
                  key_dim: int, value_dim: int, dtype: torch.dtype, device=None, pad: torch.Tensor | None = None,
                  rotate=None, values_are_keys: bool = False):
-        if isinstance(policy, StreamingLLM) and policy.reposition_sinks and rotate is None:
-            raise BudgetError("StreamingLLM re-rotates its sink keys and needs the model's RoPE for it")
+        if policy.needs_rotary and rotate is None:
+            raise BudgetError(f"{type(policy).__name__} re-rotates cached keys and needs the model's RoPE for it")
         self.policy, self.layer, self.n_layers, self.rotate = policy, layer, n_layers, rotate
         B, h = batch_size, n_kv_heads
         self.k = torch.zeros(B, h, 0, key_dim, dtype=dtype, device=device)

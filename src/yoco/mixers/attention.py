@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
-from ..compress.store import CompressedKV, rotate_by
+from ..compress.store import CompressedKV, new_store, rotate_by
 from ..config import ModelConfig
 from ..layers import RotaryEmbedding, Step
 
@@ -174,6 +174,6 @@ class CausalSelfAttention(QKVProjection):
 def compressed_kv_cache(mixer: nn.Module, policy, batch_size: int, *, layer: int, n_layers: int, dtype: torch.dtype,
                         device, pad: torch.Tensor | None) -> CompressedKV:
     """A ``CompressedKV`` for a mixer caching RoPE'd keys and values of ``n_kv_heads`` x ``head_dim``."""
-    return CompressedKV(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=mixer.n_kv_heads,
+    return new_store(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=mixer.n_kv_heads,
                         key_dim=mixer.head_dim, value_dim=mixer.head_dim, dtype=dtype, device=device, pad=pad,
                         rotate=lambda keys, delta: rotate_by(mixer.rotary, keys, delta))

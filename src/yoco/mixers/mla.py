@@ -28,7 +28,7 @@ from torch import nn
 from ..cache import CacheError, SlotCache
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
-from ..compress.store import CompressedKV, rotate_by
+from ..compress.store import CompressedKV, new_store, rotate_by
 from .attention import causal_attention, slot_mask
 
 
@@ -105,13 +105,13 @@ class MultiHeadLatentAttention(nn.Module):
     def new_compressed_cache(self, policy, batch_size: int, *, layer: int, n_layers: int, dtype: torch.dtype,
                              device, pad: torch.Tensor | None) -> CompressedKV:
         """The latent rows under a compression policy: one "K/V head" whose rows are keys and values
-        (attention runs absorbed); StreamingLLM re-rotates only the rope-key part."""
+        (attention runs absorbed); StreamingLLM and InfLLM re-rotate only the rope-key part."""
         d_c = self.d_c
 
         def rotate(rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
             return torch.cat((rows[..., :d_c], rotate_by(self.rotary, rows[..., d_c:], delta)), dim=-1)
 
-        return CompressedKV(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=1,
+        return new_store(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=1,
                             key_dim=d_c + self.d_R, value_dim=d_c + self.d_R, dtype=dtype, device=device, pad=pad,
                             rotate=rotate, values_are_keys=True)
 
