@@ -352,7 +352,7 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
     from .data import TokenShards
 
     policies = split_names(args.policy)
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p.split(":")[0] not in POLICIES]
     if unknown:
         raise UsageError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
     budgets = [parse_budget(b) for b in args.budget.split(",")]
@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_COMPRESS_MODEL,
                    help=f"a yoco checkpoint or a transformers Llama/Mistral/Qwen2 folder (default {DEFAULT_COMPRESS_MODEL})")
     p.add_argument("--policy", default="streamingllm,snapkv,pyramidkv,h2o,corm,infllm",
-                   help="comma-separated policies (streamingllm, snapkv, pyramidkv, h2o, corm, infllm)")
+                   help="comma-separated policies (streamingllm, snapkv, pyramidkv, h2o, corm, infllm), each "
+                        "with options as name:option=value[:...], e.g. infllm:positions=true:topk=4")
     p.add_argument("--budget", default="0.25", help="comma-separated budgets: ratios in (0, 1], token counts, or none "
                                                     "(CORM's rule alone; InfLLM's paper sizes). InfLLM's budget is "
                                                     "its attention window (a ratio: of --context)")

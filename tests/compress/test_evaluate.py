@@ -22,20 +22,24 @@ def checkpoint(tmp_path_factory):
 
 def test_compress_eval_writes_json_markdown_and_plot(checkpoint, tmp_path, capsys):
     out = tmp_path / "r.json"
-    argv = ["compress-eval", "--model", str(checkpoint), "--policy", "streamingllm,snapkv,pyramidkv,h2o,corm",
+    argv = ["compress-eval", "--model", str(checkpoint), "--policy",
+            "streamingllm,snapkv,pyramidkv,h2o,corm,infllm,infllm:positions=true",
             "--budget", "0.25,48", "--context", "160", "--depths", "0,1", "--trials", "1", "--ppl-rows", "2",
             "--ppl-tokens", "6", "--json", str(out), "--plot", str(tmp_path / "r.png")]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     rows = report["results"]
     assert [(r["policy"], r["budget"]) for r in rows][:3] == [("full", None), ("streamingllm", 0.25), ("streamingllm", 48)]
-    assert len(rows) == 11
+    assert len(rows) == 15
     for r in rows:
         assert {"policy", "budget", "cache_bytes", "full_cache_bytes", "passkey_acc", "ppl", "decode_tok_s"} <= set(r)
         assert 0 <= r["passkey_acc"] <= 1 and r["ppl"] > 1 and r["decode_tok_s"] > 0
         assert r["full_cache_bytes"] == rows[0]["cache_bytes"]
     full = rows[0]["cache_bytes"]
     assert all(r["cache_bytes"] < full for r in rows[1:])
+    infllm = [r for r in rows if r["policy"].startswith("infllm")]
+    assert [r["policy"] for r in infllm] == ["infllm"] * 2 + ["infllm:positions=true"] * 2
+    assert all(r["offloaded_bytes"] > 0 for r in infllm) and all(r["offloaded_bytes"] == 0 for r in rows[:11])
     assert (tmp_path / "r.md").read_text().startswith("| policy |") and (tmp_path / "r.png").stat().st_size > 0
     assert "| snapkv | 0.25 |" in capsys.readouterr().out
 
@@ -45,6 +49,10 @@ def test_compress_eval_errors(checkpoint, tmp_path, capsys):
     assert "no trained model" in capsys.readouterr().err
     assert main(["compress-eval", "--model", str(checkpoint), "--policy", "quest"]) == 2
     assert "unknown policy" in capsys.readouterr().err
+    assert main(["compress-eval", "--model", str(checkpoint), "--policy", "infllm:topk"]) == 2
+    assert "option=value" in capsys.readouterr().err
+    assert main(["compress-eval", "--model", str(checkpoint), "--policy", "snapkv:beta=3"]) == 2
+    assert "beta" in capsys.readouterr().err
     assert main(["compress-eval", "--model", str(checkpoint), "--budget", "1.5"]) == 2
     assert "budget" in capsys.readouterr().err
     assert main(["compress-eval", "--model", str(checkpoint), "--budget", "0"]) == 2

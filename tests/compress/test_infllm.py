@@ -12,7 +12,7 @@ from tests.harness import make_model
 from yoco.compress import BudgetError, InfLLM, InfLLMKV, make_policy, policy_for_context
 from yoco.compress.hf import HFCompressedLM
 from yoco.compress.store import rotate_by
-from yoco.engine import decode_step, left_pad, prefill
+from yoco.engine import decode_step, generate, left_pad, prefill
 from yoco.layers import RotaryEmbedding, Step
 
 VARIANTS = ["transformer", "transformer-mqa", "cla2", "mla", "yoco-swa", "yoco-gret"]
@@ -160,6 +160,8 @@ def test_budget_sets_the_window_in_the_papers_proportions():
     assert small.attention_window == 240 and small.block_size == 8 and small.n_local >= small.exc_block_size
     assert policy_for_context("infllm", 0.25, 960).attention_window == 240
     assert make_policy("infllm", 300, n_init=4, block_size=16, topk=4).n_local == 300 - 4 - 64
+    spec = policy_for_context("infllm:positions=true:topk=4:block-size=16", 300, 960)
+    assert (spec.positions, spec.topk, spec.block_size, spec.attention_window) == ("true", 4, 16, 300)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -183,3 +185,13 @@ def test_a_sliding_window_model_and_a_missing_rope_are_refused():
     lm = HFCompressedLM(hf_model("mistral", sliding_window=24))
     with pytest.raises(BudgetError, match="sliding-window"):
         run_hf(lm, [list(range(1, 40))], policy)
+
+
+def test_generate_keeps_the_working_set_bounded():
+    model = make_model("transformer")
+    policy = InfLLM(**SMALL, topk=2, max_cached_blocks=3)
+    out = generate(model, torch.randint(1, 200, (2, 50)), 70, compression=policy)
+    per_token = model.cache_bytes_formula(2, 1, torch.float32)  # one token of every layer's K/V, both rows
+    bound = (4 + 16 + 8 + 3 * 8) * per_token  # initial + local + a partial block + the resident units
+    assert out.stats["compressed_prompt_bytes"] <= bound and out.cache_bytes <= bound
+    assert out.cache_bytes < model.cache_bytes_formula(2, 120, torch.float32) / 2

@@ -334,12 +334,32 @@ class InfLLM(Policy):
                 f"max_cached_blocks={self.max_cached_blocks}, positions={self.positions!r})")
 
 
-def policy_for_context(name: str, budget, context: int, **options) -> Policy:
-    """``make_policy``, with a ratio budget of InfLLM (whose window is fixed before the prompt) turned
-    into tokens of a ``context``-token prompt."""
+def policy_for_context(spec: str, budget, context: int) -> Policy:
+    """A policy from a spec ``name[:option=value[:...]]`` (e.g. ``infllm:positions=true:topk=4``), with a
+    ratio budget of InfLLM (whose window is fixed before the prompt) turned into tokens of a
+    ``context``-token prompt."""
+    name, *settings = spec.split(":")
+    options = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise BudgetError(f"policy option {setting!r} in {spec!r} is not of the form option=value")
+        options[key.replace("-", "_")] = option_value(value)
     if name.lower() == "infllm" and isinstance(budget, float) and budget <= 1:
         budget = max(1, math.ceil(budget * context))
-    return make_policy(name, budget, **options)
+    try:
+        return make_policy(name, budget, **options)
+    except TypeError as e:  # an option the policy does not take
+        raise BudgetError(f"{spec!r}: {e}") from None
+
+
+def option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 POLICIES = {cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, H2O, CORM, InfLLM)}
