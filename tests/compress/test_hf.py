@@ -1,12 +1,13 @@
 """Compression on randomly initialised transformers Llama and Qwen2 models, through the public Cache
-and AttentionInterface APIs, driven by yoco's engine."""
+and AttentionInterface APIs, driven by yoco's engine and by transformers' own generate()."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from yoco.compress import CORM, H2O, PyramidKV, SnapKV, StreamingLLM
+from yoco.compress import CORM, H2O, InfLLM, PyramidKV, SnapKV, StreamingLLM
 from yoco.compress.hf import CompressedCache, HFCompressedLM
+from yoco.compress.hf import generate as hf_generate
 from yoco.engine import decode_step, generate, left_pad, prefill
 from yoco.models.base import InputError
 
@@ -127,3 +128,56 @@ def test_beam_reordering_of_a_compressed_cache():
     prefill(lm, ids, cache, 16)
     cache.reorder_cache(torch.tensor([1, 0]))  # the rows' padding moves with them
     torch.testing.assert_close(decode_step(lm, token.flip(0), cache), expected, rtol=0, atol=1e-5)
+
+
+def padded_batch(lengths=(40, 31)):
+    ids, pad = left_pad([torch.randint(1, 300, (n,)).tolist() for n in lengths])
+    mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("policy", [SnapKV(1000), StreamingLLM(1000), H2O(1000),
+                                    InfLLM(n_init=4, n_local=16, block_size=8, topk=64, positions="true")],
+                         ids=["snapkv", "streamingllm", "h2o", "infllm"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_transformers_generate_with_a_budget_above_the_prompt_is_plain_generate(policy, beams):
+    model = hf_model("qwen2")
+    ids, mask = padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=beams, pad_token_id=0)
+    expected = model.generate(ids, **options)
+    torch.testing.assert_close(hf_generate(model, ids, policy, **options), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "snapkv", "h2o", "corm", "infllm"])
+def test_transformers_generate_follows_the_compressed_cache(name):
+    """generate() on a cache compressed to a few entries == yoco's own decode loop on the same cache."""
+    model = hf_model("llama")
+    ids, mask = padded_batch()
+    policy = {"streamingllm": StreamingLLM(12), "snapkv": SnapKV(12, window=4), "h2o": H2O(12),
+              "corm": CORM(12, window=4), "infllm": InfLLM(n_init=4, n_local=16, block_size=8, topk=1)}[name]
+    out = hf_generate(model, ids, policy, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    lm = HFCompressedLM(model)
+    cache = lm.new_cache(2, pad=(mask == 0).sum(-1), compression=policy)
+    lm(ids[:, :-1], cache, num_logits=0)
+    cache.compress()
+    logits, tokens = lm(ids[:, -1:], cache, 1)[:, -1], []
+    for _ in range(10):
+        tokens.append(logits.argmax(-1))
+        logits = decode_step(lm, tokens[-1], cache)
+    assert out[:, ids.shape[1]:].tolist() == torch.stack(tokens, 1).tolist()
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert not torch.equal(out, plain)  # the compression did change what was generated
+
+
+def test_transformers_generate_refuses_what_it_cannot_do():
+    model = hf_model("llama")
+    ids, mask = padded_batch()
+    with pytest.raises(InputError, match="left padding"):
+        hf_generate(model, ids, SnapKV(8), attention_mask=mask.flip(1), max_new_tokens=2)
+    with pytest.raises(InputError, match="at least 2"):
+        hf_generate(model, ids[:, :1], SnapKV(8), max_new_tokens=2)
+    cache = CompressedCache(model, SnapKV(8), 2)
+    hf_generate(model, ids, SnapKV(8), past_key_values=cache, max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(InputError, match="empty CompressedCache"):
+        hf_generate(model, ids, SnapKV(8), past_key_values=cache, max_new_tokens=2)
+    assert model.config._attn_implementation != "yoco_compressed"  # restored after every call

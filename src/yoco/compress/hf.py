@@ -8,15 +8,21 @@ public extension points of transformers 5.x only:
   the layer's entries with a mask built from their slots (per row, per head, per layer: unequal
   PyramidKV lengths need nothing special), and lets the policy observe the queries. transformers builds
   no mask of its own for it (no mask function is registered), so nothing is sized from one layer.
+  It finds the cache through ``compressed_attention(model, cache)``, a context manager that switches
+  the model to it for the duration (a context variable: transformers' ``generate()`` refuses unknown
+  keyword arguments, and the attention function never sees ``past_key_values``);
 - ``HFCompressedLM``: an adapter giving a transformers model the interface of a yoco model
   (``new_cache``, ``model(ids, cache, num_logits=...)``), so yoco's engine (``generate``, chunked
   prefill, left-padded batches) runs it with or without a policy; it passes explicit ``position_ids``
-  (each row's true positions after its left padding) at every call.
+  (each row's true positions after its left padding) at every call;
+- ``generate(model, input_ids, policy, ...)``: transformers' own ``generate()`` (any decoding strategy,
+  beam search included) on a compressed cache.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import SimpleNamespace
 
 import torch
@@ -78,6 +84,12 @@ class CompressedLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.store = map_rows(self.store, lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.store = map_rows(self.store, lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
 
 
 class CompressedCache(Cache):
@@ -142,32 +154,82 @@ def rerotation(model):
     return lambda keys, delta: rotate_by(rotary, keys, delta)
 
 
-def compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                         sliding_window=None, compressed_cache: CompressedCache | None = None, **kwargs):
-    """The ``"yoco_compressed"`` attention: through the layer's ``CompressedKV`` when a
-    ``CompressedCache`` is passed (as the ``compressed_cache`` keyword), else plain SDPA."""
-    if compressed_cache is None:
+ACTIVE_CACHE: ContextVar[CompressedCache | None] = ContextVar("yoco_compressed_cache", default=None)
+
+
+def attend_compressed(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                      **kwargs):
+    """The ``"yoco_compressed"`` attention: through the layer's ``CompressedKV`` of the cache made
+    active by ``compressed_attention``, else plain SDPA."""
+    cache = ACTIVE_CACHE.get()
+    if cache is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
-    store = compressed_cache.layers[module.layer_idx].store
+    store = cache.layers[module.layer_idx].store
     T = query.shape[2]
     step = Step(store.seen - T, T, store.pad, query.device)
     out = store.attend(query, step, scale=scaling, window=sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION, compressed_attention)
+AttentionInterface.register(ATTENTION, attend_compressed)
 
 
 @contextmanager
-def attention_implementation(model, name: str):
-    """Run with ``model``'s attention implementation set to ``name``, restored afterwards."""
+def compressed_attention(model, cache: CompressedCache):
+    """Within the block, ``model`` attends through ``cache`` (its attention implementation switched to
+    ``"yoco_compressed"``); both are restored afterwards."""
     previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
+    token = ACTIVE_CACHE.set(cache)
+    model.set_attn_implementation(ATTENTION)
     try:
         yield model
     finally:
         model.set_attn_implementation(previous)
+        ACTIVE_CACHE.reset(token)
+
+
+def left_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B] left-pad counts of a 0/1 attention mask, or None; refuses padding elsewhere."""
+    if attention_mask is None:
+        return None
+    real = attention_mask.bool()
+    pad = (~real).long().cumprod(-1).sum(-1)
+    if not bool((real.sum(-1) == real.shape[1] - pad).all()):
+        raise InputError("compressed generation needs left padding (pad tokens only before each row's prompt)")
+    if bool((pad >= real.shape[1] - 1).any()):
+        raise InputError("every row needs at least 2 real prompt tokens (all but the last are compressed)")
+    return pad if int(pad.max()) > 0 else None
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: torch.Tensor | None = None,
+             **generate_kwargs):
+    """transformers' ``model.generate(input_ids, ...)`` on a cache compressed by ``policy``: the prompt
+    but its last token is prefilled and compressed (as a reused prefix cache), then ``generate()`` runs
+    from the last prompt token with any of its options (sampling, beam search, ...). Returns what
+    ``generate()`` returns; the cache is ``generate_kwargs["past_key_values"]`` if you pass one."""
+    B, T = input_ids.shape
+    if T < 2:
+        raise InputError("compressed generation needs a prompt of at least 2 tokens (all but the last are compressed)")
+    pad = left_padding(attention_mask)
+    cache = generate_kwargs.pop("past_key_values", None) or CompressedCache(model, policy, B, pad)
+    if not isinstance(cache, CompressedCache) or cache.seen:
+        raise InputError("past_key_values must be an empty CompressedCache built for this model and policy")
+    positions = torch.arange(T - 1, device=input_ids.device).expand(B, T - 1)
+    if pad is not None:
+        positions = (positions - pad[:, None]).clamp_min(0)
+    with compressed_attention(model, cache):
+        model(input_ids=input_ids[:, :-1], position_ids=positions, past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        cache.compress()
+        # generate() repeats every row for its beams / returned sequences, but not a cache already filled
+        config = generate_kwargs.get("generation_config") or model.generation_config
+        expand = max(generate_kwargs.get("num_beams", config.num_beams) or 1,
+                     generate_kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)
+        return model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, **generate_kwargs)
 
 
 class HFCompressedLM:
@@ -206,9 +268,9 @@ class HFCompressedLM:
             positions = (positions - cache.pad[:, None]).clamp_min(0)
         keep = T if num_logits is None else max(num_logits, 1)
         if isinstance(cache, CompressedCache):
-            with attention_implementation(self.model, ATTENTION):
+            with compressed_attention(self.model, cache):
                 out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                                 logits_to_keep=keep, compressed_cache=cache)
+                                 logits_to_keep=keep)
         else:
             mask = None
             if cache.pad is not None:
