@@ -133,10 +133,9 @@ class InfLLMKV(CompressedKV):
         at_zero = self.rotate(keys, -positions.expand(B, bs))  # keys as if at position 0
         stored = at_zero if p.positions == "shared" else keys
         if self.units_k.shape[2] <= j:
-            self.units_k = torch.cat((self.units_k, self.units_k.new_zeros(B, h, 1, bs, dk)), dim=2)
+            self.units_k = self._one_more_unit(self.units_k)
+            self.units_v = None if self.units_v is None else self._one_more_unit(self.units_v)
             self.repr = torch.cat((self.repr, self.repr.new_zeros(B, h, 1, dk)), dim=2)
-            if self.units_v is not None:
-                self.units_v = torch.cat((self.units_v, self.units_v.new_zeros(B, h, 1, bs, self.v.shape[-1])), dim=2)
         offload = rows.to(self.units_k.device)
         self.units_k[offload, :, j] = stored[rows].to(self.units_k.device)
         if self.units_v is not None:
@@ -144,6 +143,15 @@ class InfLLMKV(CompressedKV):
             self.units_v[offload, :, j] = values[rows].to(self.units_v.device)
         self.repr[rows, :, j] = representative(at_zero, score, p.repr_topk)[rows]
         self.n_units[rows] = j + 1
+
+    def _one_more_unit(self, units: torch.Tensor) -> torch.Tensor:
+        """``units`` with room for one more; in pinned host memory when the compute device is a GPU, so
+        loads into the resident buffer can run asynchronously (``non_blocking``)."""
+        B, h, N, bs, d = units.shape
+        pinned = units.device.type == "cpu" and self.k.device.type == "cuda"
+        grown = torch.zeros(B, h, N + 1, bs, d, dtype=units.dtype, device=units.device, pin_memory=pinned)
+        grown[:, :, :N] = units
+        return grown
 
     def _compact(self, first: torch.Tensor) -> None:
         """Drop what left the working set (packed blocks, left padding): the kept entries move to the
@@ -245,23 +253,29 @@ class InfLLMKV(CompressedKV):
         self.clock += 1
         resident, used = self.resident_id.tolist(), self.resident_used.tolist()
         where = [[0] * K for _ in range(B)]
-        for b in range(B):
-            wanted = [u for u in units[b].tolist() if u >= 0]
+        loads = ([], [], [])  # (row, unit, place) of every unit copied in now
+        for b, row_units in enumerate(units.tolist()):
+            wanted = [u for u in row_units if u >= 0]
             missing = [u for u in wanted if u not in resident[b]]
             free = sorted((i for i, u in enumerate(resident[b]) if u not in wanted),
                           key=lambda i: (resident[b][i] >= 0, used[b][i]))
             for unit, place in zip(missing, free, strict=False):
-                self.resident_k[b, :, place] = self.units_k[b, :, unit].to(self.resident_k.device, non_blocking=True)
-                if self.resident_v is not None:
-                    self.resident_v[b, :, place] = self.units_v[b, :, unit].to(self.resident_v.device,
-                                                                               non_blocking=True)
                 resident[b][place] = unit
-                self.loads += 1
+                for column, value in zip(loads, (b, unit, place), strict=True):
+                    column.append(value)
             for i, unit in enumerate(wanted):
                 place = resident[b].index(unit)
                 used[b][place] = self.clock
                 where[b][i] = place
         device = self.k.device
+        if loads[0]:  # one batched copy from the offloaded units into the resident buffer
+            rows, unit_index, place_index = (torch.tensor(c, device=self.units_k.device) for c in loads)
+            targets = (rows.to(device), place_index.to(device))
+            self.resident_k[targets[0], :, targets[1]] = self.units_k[rows, :, unit_index].to(device, non_blocking=True)
+            if self.resident_v is not None:
+                self.resident_v[targets[0], :, targets[1]] = self.units_v[rows, :, unit_index].to(device,
+                                                                                                  non_blocking=True)
+            self.loads += len(loads[0])
         self.resident_id = torch.tensor(resident, dtype=torch.long, device=device).view(B, -1)
         self.resident_used = torch.tensor(used, dtype=torch.long, device=device).view(B, -1)
         index = torch.tensor(where, dtype=torch.long, device=device).view(B, K)[:, None, :, None, None]

@@ -252,9 +252,10 @@ class InfLLM(Policy):
     """InfLLM (Xiao et al., 2024, arXiv 2402.04617): every query attends the ``n_init`` first tokens, the
     ``n_local`` most recent ones, and ``topk`` blocks of ``block_size`` older tokens retrieved for its
     chunk of ``exc_block_size`` queries (mean chunk query . each block's representative key, averaged
-    over query heads). A block's representative is the mean of its ``repr_topk`` keys that received
-    the most attention from the queries whose local window held them (4 unless a block is smaller). Blocks leave the accelerator
-    for ``offload_device`` as they form; at most ``max_cached_blocks`` per row stay resident (LRU).
+    over query heads). A block's representative is the mean of its ``repr_topk`` keys (4 unless a block
+    is smaller) that received the most attention from the queries whose local window held them. Blocks
+    leave the accelerator for ``offload_device`` as they form; at most ``max_cached_blocks`` per row
+    stay resident (LRU; twice ``topk`` unless given).
 
     ``positions="shared"`` (the paper): retrieved blocks, and initial or not-yet-blocked tokens outside
     a query's local window, are seen at the one distance ``n_local`` (so the model never meets a
