@@ -213,9 +213,14 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
     if T < 2:
         raise InputError("compressed generation needs a prompt of at least 2 tokens (all but the last are compressed)")
     pad = left_padding(attention_mask)
-    cache = generate_kwargs.pop("past_key_values", None) or CompressedCache(model, policy, B, pad)
-    if not isinstance(cache, CompressedCache) or cache.seen:
-        raise InputError("past_key_values must be an empty CompressedCache built for this model and policy")
+    cache = generate_kwargs.pop("past_key_values", None)
+    if cache is None:
+        cache = CompressedCache(model, policy, B, pad)
+    elif not isinstance(cache, CompressedCache) or cache.seen or cache.compression is not policy or not (
+            (cache.pad is None and pad is None) or (cache.pad is not None and pad is not None
+                                                    and torch.equal(cache.pad.cpu(), pad.cpu()))):
+        raise InputError("past_key_values must be an empty CompressedCache(model, policy, batch_size, pad) built "
+                         "for this policy and the attention mask's left padding")
     positions = torch.arange(T - 1, device=input_ids.device).expand(B, T - 1)
     if pad is not None:
         positions = (positions - pad[:, None]).clamp_min(0)
