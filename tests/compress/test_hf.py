@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from tests.compress.test_store import run
 from yoco.compress import CORM, H2O, InfLLM, PyramidKV, SnapKV, StreamingLLM
 from yoco.compress.hf import CompressedCache, HFCompressedLM
 from yoco.compress.hf import generate as hf_generate
@@ -25,22 +26,13 @@ def hf_model(kind="llama", layers=3, **extra):
     return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **SIZES, **extra)).eval()
 
 
-def run(lm, prompts, policy, steps=8):
-    ids, pad = left_pad(prompts)
-    cache = lm.new_cache(len(prompts), pad=pad, compression=policy)
-    logits = [prefill(lm, ids, cache, 16)]
-    for _ in range(steps):
-        logits.append(decode_step(lm, logits[-1].argmax(-1), cache))
-    return torch.stack(logits), cache
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_a_budget_above_the_prompt_changes_nothing(kind, name):
     lm = HFCompressedLM(hf_model(kind))
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (50, 31)]
-    reference, _ = run(lm, prompts, None)  # transformers' own DynamicCache and SDPA with a padding mask
-    compressed, cache = run(lm, prompts, POLICIES[name](1000))
+    reference, _ = run(lm, prompts, None, steps=8)  # transformers' own DynamicCache and SDPA with a padding mask
+    compressed, cache = run(lm, prompts, POLICIES[name](1000), steps=8)
     assert isinstance(cache, CompressedCache)
     torch.testing.assert_close(compressed, reference, rtol=0, atol=2e-5)
 
@@ -98,8 +90,8 @@ def test_bytes_per_layer_follow_the_budget_and_the_pyramid():
 def test_mistral_sliding_window_is_honoured():
     lm = HFCompressedLM(hf_model("mistral", sliding_window=16))
     prompts = [torch.randint(1, 300, (40,)).tolist()]
-    reference, _ = run(lm, prompts, None)
-    compressed, _ = run(lm, prompts, SnapKV(1000))
+    reference, _ = run(lm, prompts, None, steps=8)
+    compressed, _ = run(lm, prompts, SnapKV(1000), steps=8)
     torch.testing.assert_close(compressed, reference, rtol=0, atol=2e-5)
 
 

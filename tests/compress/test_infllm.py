@@ -41,21 +41,17 @@ def test_true_positions_with_every_block_retrieved_equal_full_attention(variant)
 def test_true_positions_on_transformers_models_equal_their_own_cache(kind):
     lm = HFCompressedLM(hf_model(kind))
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (60, 37)]
-    ids, pad = left_pad(prompts)
     reference = run_hf(lm, prompts, None)
     out = run_hf(lm, prompts, InfLLM(**SMALL, topk=64, max_cached_blocks=64, positions="true"))
     torch.testing.assert_close(out, reference, rtol=0, atol=2e-5)
 
 
-def run_hf(lm, prompts, policy, steps=12):
-    ids, pad = left_pad(prompts)
-    cache = lm.new_cache(len(prompts), pad=pad, compression=policy)
-    logits = [prefill(lm, ids, cache, 16)]
-    for _ in range(steps):
-        logits.append(decode_step(lm, logits[-1].argmax(-1), cache))
+def run_hf(lm, prompts, policy):
+    """``run`` on a transformers model, checking that InfLLM did form memory units."""
+    logits, cache = run(lm, prompts, policy, steps=12)
     if policy is not None:
         assert all(int(s.n_units.min()) > 0 for s in stores(cache))
-    return torch.stack(logits)
+    return logits
 
 
 def store_and_rotary(policy, d=8):

@@ -16,7 +16,7 @@ POLICIES = {"streamingllm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": Pyramid
 
 
 def run(model, prompts, policy, steps=6, chunk=16):
-    """Greedy decode; every step's logits [B, V]."""
+    """Greedy decode of a yoco model or an ``HFCompressedLM``; every step's logits [B, V] and the cache."""
     ids, pad = left_pad(prompts)
     cache = model.new_cache(len(prompts), pad=pad, compression=policy)
     logits = [prefill(model, ids, cache, chunk)]
