@@ -81,9 +81,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .tokenizer import byte_level_tokenizer, save_tokenizer
-
     from .data import EOS
+    from .tokenizer import byte_level_tokenizer, save_tokenizer
 
     model = build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
     tokenizer = byte_level_tokenizer(model.config.vocab_size)

@@ -126,7 +126,7 @@ def left_pad_counts(attention_mask: torch.Tensor) -> torch.Tensor:
     pad = (mask.cumsum(-1) == 0).sum(-1)
     ones = torch.arange(mask.shape[1], device=mask.device)[None, :] >= pad[:, None]
     if not torch.equal(mask.bool(), ones):
-        raise InputError("yoco models take left padding only: every attention_mask row must be zeros then ones "
+        raise InputError("only left padding is supported: every attention_mask row must be zeros then ones "
                          "(pass padding_side='left' to the tokenizer)")
     if bool((pad == mask.shape[1]).any()):
         raise InputError("an attention_mask row is all zeros: every row needs at least one real token")

@@ -168,6 +168,10 @@ def test_transformers_generate_refuses_what_it_cannot_do():
         hf_generate(model, ids, SnapKV(8), attention_mask=mask.flip(1), max_new_tokens=2)
     with pytest.raises(InputError, match="at least 2"):
         hf_generate(model, ids[:, :1], SnapKV(8), max_new_tokens=2)
+    one_real = mask.clone()
+    one_real[1, :-1] = 0
+    with pytest.raises(InputError, match="at least 2 real"):
+        hf_generate(model, ids, SnapKV(8), attention_mask=one_real, max_new_tokens=2)
     policy = StreamingLLM(8)
     cache = CompressedCache(model, policy, 2, (mask == 0).sum(-1))
     hf_generate(model, ids, policy, attention_mask=mask, past_key_values=cache, max_new_tokens=2, pad_token_id=0)

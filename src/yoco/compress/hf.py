@@ -31,6 +31,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..cache import map_rows, tensor_bytes
+from ..hf import left_pad_counts
 from ..layers import RotaryEmbedding, Step
 from ..models.base import InputError
 from .policies import Policy
@@ -103,8 +104,8 @@ class CompressedCache(Cache):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = [CompressedLayer(new_store(policy, layer=i, n_layers=n_layers, batch_size=batch_size,
-                                               n_kv_heads=n_kv, key_dim=head_dim, value_dim=head_dim,
-                                               dtype=param.dtype, device=param.device, pad=pad, rotate=rotate))
+                                            n_kv_heads=n_kv, key_dim=head_dim, value_dim=head_dim,
+                                            dtype=param.dtype, device=param.device, pad=pad, rotate=rotate))
                   for i in range(n_layers)]
         super().__init__(layers=layers)
         self.compression = policy
@@ -189,19 +190,6 @@ def compressed_attention(model, cache: CompressedCache):
         ACTIVE_CACHE.reset(token)
 
 
-def left_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """[B] left-pad counts of a 0/1 attention mask, or None; refuses padding elsewhere."""
-    if attention_mask is None:
-        return None
-    real = attention_mask.bool()
-    pad = (~real).long().cumprod(-1).sum(-1)
-    if not bool((real.sum(-1) == real.shape[1] - pad).all()):
-        raise InputError("compressed generation needs left padding (pad tokens only before each row's prompt)")
-    if bool((pad >= real.shape[1] - 1).any()):
-        raise InputError("every row needs at least 2 real prompt tokens (all but the last are compressed)")
-    return pad if int(pad.max()) > 0 else None
-
-
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: torch.Tensor | None = None,
              **generate_kwargs):
@@ -212,7 +200,12 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
     B, T = input_ids.shape
     if T < 2:
         raise InputError("compressed generation needs a prompt of at least 2 tokens (all but the last are compressed)")
-    pad = left_padding(attention_mask)
+    pad = None
+    if attention_mask is not None:
+        pad = left_pad_counts(attention_mask)
+        if bool((pad >= T - 1).any()):
+            raise InputError("every row needs at least 2 real prompt tokens (all but the last are compressed)")
+        pad = pad if int(pad.max()) > 0 else None
     cache = generate_kwargs.pop("past_key_values", None)
     if cache is None:
         cache = CompressedCache(model, policy, B, pad)

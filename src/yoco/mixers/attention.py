@@ -175,5 +175,5 @@ def compressed_kv_cache(mixer: nn.Module, policy, batch_size: int, *, layer: int
                         device, pad: torch.Tensor | None) -> CompressedKV:
     """A ``CompressedKV`` for a mixer caching RoPE'd keys and values of ``n_kv_heads`` x ``head_dim``."""
     return new_store(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=mixer.n_kv_heads,
-                        key_dim=mixer.head_dim, value_dim=mixer.head_dim, dtype=dtype, device=device, pad=pad,
-                        rotate=lambda keys, delta: rotate_by(mixer.rotary, keys, delta))
+                     key_dim=mixer.head_dim, value_dim=mixer.head_dim, dtype=dtype, device=device, pad=pad,
+                     rotate=lambda keys, delta: rotate_by(mixer.rotary, keys, delta))

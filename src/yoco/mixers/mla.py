@@ -112,8 +112,8 @@ class MultiHeadLatentAttention(nn.Module):
             return torch.cat((rows[..., :d_c], rotate_by(self.rotary, rows[..., d_c:], delta)), dim=-1)
 
         return new_store(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=1,
-                            key_dim=d_c + self.d_R, value_dim=d_c + self.d_R, dtype=dtype, device=device, pad=pad,
-                            rotate=rotate, values_are_keys=True)
+                         key_dim=d_c + self.d_R, value_dim=d_c + self.d_R, dtype=dtype, device=device, pad=pad,
+                         rotate=rotate, values_are_keys=True)
 
     # ------------------------------------------------------------------ pieces
     def latent(self, x: torch.Tensor, step: Step) -> torch.Tensor:
