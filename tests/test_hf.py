@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from yoco import YocoCache, YocoConfig, YocoForCausalLM, build_model, generate, get_config, load_model, save_model
 from yoco.checkpoint import CheckpointError
+from yoco.hf import cache_arg, output_cache
 from yoco.cli import main
 from yoco.models import cache_bytes
 from yoco.models.base import InputError
@@ -73,7 +74,7 @@ def test_cache_seen_through_generate_is_yocos_own(arch):
     ids = torch.randint(1, 256, (2, 21), generator=torch.Generator().manual_seed(0))
     out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
                          return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, YocoCache)
     aligned = -21 % core.prompt_alignment
     capacity = 21 + 5 - 1 + aligned  # allocated once: the prompt and the new tokens but the last (never fed)
@@ -133,7 +134,7 @@ def test_labels_give_the_mean_next_token_loss():
     out = model(input_ids=ids, labels=ids)
     want = torch.nn.functional.cross_entropy(core(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(out.loss, want)
-    assert out.past_key_values is None  # a plain forward builds no cache
+    assert output_cache(out) is None  # a plain forward builds no cache
 
 
 def test_bad_input_is_named():
@@ -146,9 +147,8 @@ def test_bad_input_is_named():
         model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([[0, 1, 2], [1, 1, 5]]))
     out = model(input_ids=ids, attention_mask=mask, use_cache=True)
     with pytest.raises(InputError, match="position_ids disagree"):  # after the cache: 3 and 1 are next
-        model(input_ids=torch.tensor([[1], [2]]), past_key_values=out.past_key_values,
-              position_ids=torch.tensor([[3], [2]]))
-    model(input_ids=torch.tensor([[1], [2]]), past_key_values=out.past_key_values, position_ids=torch.tensor([[3], [1]]))
+        model(input_ids=torch.tensor([[1], [2]]), position_ids=torch.tensor([[3], [2]]), **cache_arg(output_cache(out)))
+    model(input_ids=torch.tensor([[1], [2]]), position_ids=torch.tensor([[3], [1]]), **cache_arg(output_cache(out)))
     with pytest.raises(InputError, match="inputs_embeds"):
         model(inputs_embeds=torch.zeros(1, 3, 64))
     with pytest.raises(ValueError, match="window"):
@@ -271,3 +271,46 @@ def test_lm_eval_harness_scores_a_local_task_offline(tmp_path, monkeypatch):
             logp = core(ids[:, :-1]).log_softmax(-1)[0, -len(choice):]
             want = logp.gather(-1, ids[0, -len(choice):, None]).sum().item()
             assert response[0][0] == pytest.approx(want, abs=1e-4)
+
+
+USER_SCRIPT = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from yoco import YocoForCausalLM, build_model
+from yoco.bench import HFLlamaRunner
+from yoco.compress import SnapKV
+from yoco.compress.hf import HFCompressedLM, generate as hf_generate
+from yoco.config import get_config
+from yoco.engine import generate
+
+core = build_model("yoco-swa", preset="tiny", seed=0)
+model = YocoForCausalLM.from_yoco(core)
+ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+for use_cache in (True, False):
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                   use_cache=use_cache)
+model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+model(input_ids=ids, labels=ids)
+llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+hf_generate(llama, ids, SnapKV(3), attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+generate(HFCompressedLM(llama), [[5, 6, 7, 8]], 3)
+generate(HFCompressedLM(llama), [[5, 6, 7, 8]], 3, compression=SnapKV(2))
+runner = HFLlamaRunner(get_config("transformer", "tiny"), torch.float32, 0)
+runner.decode(runner.prefill(torch.tensor([[1, 2, 3]]), 8).argmax(-1))
+print("done")
+"""
+
+
+def test_no_deprecation_warning_reaches_a_user():
+    """What a user's script prints on the installed transformers: no deprecation of an argument or a
+    field yoco uses (Python warnings at their default filters, transformers' logger at its default)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", USER_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "done"
+    printed = run.stderr.lower()
+    assert "deprecat" not in printed and "futurewarning" not in printed, run.stderr

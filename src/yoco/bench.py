@@ -38,6 +38,7 @@ import torch
 from .cache import ModelCache, tensor_bytes
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
+from .hf import cache_arg
 from .models import build_model, cache_bytes, resolve_dtype
 from .report import format_bytes
 
@@ -318,11 +319,11 @@ class HFLlamaRunner:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.hf_config)
-        out = self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(ids, use_cache=True, logits_to_keep=1, **cache_arg(self.cache))
         return out.logits[:, -1]
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.model(tokens[:, None], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(tokens[:, None], use_cache=True, logits_to_keep=1, **cache_arg(self.cache))
         return out.logits[:, -1]
 
     def cache_bytes(self) -> int:

@@ -33,6 +33,21 @@ from .models import CausalLM, build_model
 from .models.base import InputError
 
 MODEL_TYPE = "yoco"
+# transformers 5.24 renamed the cache argument of ``forward`` / ``generate`` and the output field from
+# ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40). Both renames came in one
+# release, so the installed release's name is read once, from its output class; yoco passes and
+# returns the cache under that name only, and its forward accepts either.
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_arg(cache) -> dict:
+    """``{name: cache}`` with the name the installed transformers uses for the cache argument."""
+    return {CACHE_ARG: cache}
+
+
+def output_cache(output):
+    """The cache a transformers model output carries (under the installed release's field name)."""
+    return getattr(output, CACHE_ARG)
 # transformers' usual attribute names, read by generation, lm-eval and other tools.
 HF_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
             "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_dim", "max_position_embeddings": "max_seq_len"}
@@ -190,30 +205,34 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = YocoCache(self.model, capacity=max_cache_length)
+        if model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_ARG] = YocoCache(self.model, capacity=max_cache_length)
         else:
             super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                                   max_cache_length, *args, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, logits_to_keep: int = 0, past_key_values: Cache | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         """The yoco forward. Positions come from the left padding (``attention_mask``) and the cache;
-        ``position_ids``, if given, must agree with them (checked); with a cache, ``input_ids`` are the tokens after those
-        already cached. ``logits_to_keep=k`` computes only the last k positions' logits (YOCO then also
-        skips its cross-decoder for the others)."""
+        ``position_ids``, if given, must agree with them (checked); with a cache, ``input_ids`` are the
+        tokens after those already cached. The cache comes as ``cache`` (transformers >= 5.24) or
+        ``past_key_values`` (earlier releases). ``logits_to_keep=k`` computes only the last k positions'
+        logits (YOCO then also skips its cross-decoder for the others)."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise InputError("pass the cache once: as cache= or as past_key_values=, not both")
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is not None:
             raise InputError("yoco models take input_ids, not inputs_embeds")
         if input_ids is None:
             raise InputError("input_ids are required")
         # use_cache=None keeps a cache only when one is passed in: a plain forward (training, scoring)
         # builds none.
-        use_cache = past_key_values is not None if use_cache is None else use_cache
+        use_cache = cache is not None if use_cache is None else use_cache
         num_logits = None if not logits_to_keep else min(int(logits_to_keep), input_ids.shape[1])
-        cache = past_key_values
         if cache is not None and not isinstance(cache, YocoCache):
             if cache.get_seq_length() != 0:
                 raise InputError(f"yoco models keep their own cache kind; got a filled {type(cache).__name__}")
@@ -242,7 +261,7 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
             if num_logits is not None:
                 raise InputError("labels need every position's logits (logits_to_keep=0)")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_arg(cache if use_cache else None))
 
     def _align(self, input_ids, attention_mask, cache: YocoCache):
         """The prompt with the left padding the model needs (the Block Transformer's prompts end on a
@@ -270,4 +289,5 @@ def register() -> None:
         pass
 
 
-__all__ = ["YocoCache", "YocoConfig", "YocoForCausalLM", "left_pad_counts", "register"]
+__all__ = ["CACHE_ARG", "YocoCache", "YocoConfig", "YocoForCausalLM", "cache_arg", "left_pad_counts", "output_cache",
+           "register"]

@@ -174,10 +174,10 @@ def test_transformers_generate_refuses_what_it_cannot_do():
         hf_generate(model, ids, SnapKV(8), attention_mask=one_real, max_new_tokens=2)
     policy = StreamingLLM(8)
     cache = CompressedCache(model, policy, 2, (mask == 0).sum(-1))
-    hf_generate(model, ids, policy, attention_mask=mask, past_key_values=cache, max_new_tokens=2, pad_token_id=0)
+    hf_generate(model, ids, policy, attention_mask=mask, cache=cache, max_new_tokens=2, pad_token_id=0)
     assert cache.nbytes() == 3 * 2 * 2 * 2 * 16 * 8 * 4  # layers, K/V, rows, heads, head dim, budget, fp32
     with pytest.raises(InputError, match="empty CompressedCache"):
-        hf_generate(model, ids, policy, attention_mask=mask, past_key_values=cache, max_new_tokens=2)
+        hf_generate(model, ids, policy, attention_mask=mask, cache=cache, max_new_tokens=2)
     with pytest.raises(InputError, match="empty CompressedCache"):  # built without the padding
         hf_generate(model, ids, policy, attention_mask=mask, past_key_values=CompressedCache(model, policy, 2))
     assert model.config._attn_implementation != "yoco_compressed"  # restored after every call

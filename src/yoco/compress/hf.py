@@ -10,7 +10,7 @@ public extension points of transformers 5.x only:
   no mask of its own for it (no mask function is registered), so nothing is sized from one layer.
   It finds the cache through ``compressed_attention(model, cache)``, a context manager that switches
   the model to it for the duration (a context variable: transformers' ``generate()`` refuses unknown
-  keyword arguments, and the attention function never sees ``past_key_values``);
+  keyword arguments, and the attention function never sees the cache);
 - ``HFCompressedLM``: an adapter giving a transformers model the interface of a yoco model
   (``new_cache``, ``model(ids, cache, num_logits=...)``), so yoco's engine (``generate``, chunked
   prefill, left-padded batches) runs it with or without a policy; it passes explicit ``position_ids``
@@ -31,7 +31,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..cache import map_rows, tensor_bytes
-from ..hf import left_pad_counts
+from ..hf import cache_arg, left_pad_counts
 from ..layers import RotaryEmbedding, Step
 from ..models.base import InputError
 from .policies import Policy
@@ -81,6 +81,9 @@ class CompressedLayer(CacheLayerMixin):
         return self.store.seen
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the same question, as transformers < 5.13 asks it
         return -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -196,7 +199,8 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
     """transformers' ``model.generate(input_ids, ...)`` on a cache compressed by ``policy``: the prompt
     but its last token is prefilled and compressed (as a reused prefix cache), then ``generate()`` runs
     from the last prompt token with any of its options (sampling, beam search, ...). Returns what
-    ``generate()`` returns; the cache is ``generate_kwargs["past_key_values"]`` if you pass one."""
+    ``generate()`` returns; pass your own empty ``CompressedCache`` as ``cache=`` (or ``past_key_values=``)
+    to read it afterwards."""
     B, T = input_ids.shape
     if T < 2:
         raise InputError("compressed generation needs a prompt of at least 2 tokens (all but the last are compressed)")
@@ -206,20 +210,21 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
         if bool((pad >= T - 1).any()):
             raise InputError("every row needs at least 2 real prompt tokens (all but the last are compressed)")
         pad = pad if int(pad.max()) > 0 else None
-    cache = generate_kwargs.pop("past_key_values", None)
+    given = [generate_kwargs.pop(name) for name in ("cache", "past_key_values") if name in generate_kwargs]
+    cache = given[0] if given else None
     if cache is None:
         cache = CompressedCache(model, policy, B, pad)
     elif not isinstance(cache, CompressedCache) or cache.seen or cache.compression is not policy or not (
             (cache.pad is None and pad is None) or (cache.pad is not None and pad is not None
                                                     and torch.equal(cache.pad.cpu(), pad.cpu()))):
-        raise InputError("past_key_values must be an empty CompressedCache(model, policy, batch_size, pad) built "
+        raise InputError("the cache passed must be an empty CompressedCache(model, policy, batch_size, pad) built "
                          "for this policy and the attention mask's left padding")
     positions = torch.arange(T - 1, device=input_ids.device).expand(B, T - 1)
     if pad is not None:
         positions = (positions - pad[:, None]).clamp_min(0)
     with compressed_attention(model, cache):
-        model(input_ids=input_ids[:, :-1], position_ids=positions, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        model(input_ids=input_ids[:, :-1], position_ids=positions, use_cache=True, logits_to_keep=1,
+              **cache_arg(cache))
         cache.compress()
         # generate() repeats every row for its beams / returned sequences, but not a cache already filled
         config = generate_kwargs.get("generation_config") or model.generation_config
@@ -227,7 +232,7 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
                      generate_kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
         if expand > 1:
             cache.batch_repeat_interleave(expand)
-        return model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, **generate_kwargs)
+        return model.generate(input_ids, attention_mask=attention_mask, **cache_arg(cache), **generate_kwargs)
 
 
 class HFCompressedLM:
@@ -267,14 +272,14 @@ class HFCompressedLM:
         keep = T if num_logits is None else max(num_logits, 1)
         if isinstance(cache, CompressedCache):
             with compressed_attention(self.model, cache):
-                out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                                 logits_to_keep=keep)
+                out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep,
+                                 **cache_arg(cache))
         else:
             mask = None
             if cache.pad is not None:
                 mask = (torch.arange(start + T, device=ids.device)[None] >= cache.pad[:, None]).long()
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=keep)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=keep, **cache_arg(cache))
             cache.seen = start + T
         return None if num_logits == 0 else out.logits
 
