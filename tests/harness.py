@@ -1,6 +1,10 @@
-"""Shared by the tests: the architecture variants under the equivalence harness."""
+"""Shared by the tests: the architecture variants under the equivalence harness, and the cached path
+every scoring path is compared with."""
+
+import torch
 
 from yoco import build_model
+from yoco.engine import decode_step, prefill
 
 # Architectures under the shared equivalence harness (tiny preset, fp32): the three named
 # architectures plus the Transformer's window-only control, MQA and MHA head layouts, cross-layer
@@ -27,3 +31,14 @@ ARCH_VARIANTS = {
 def make_model(variant: str, **extra):
     arch, overrides = ARCH_VARIANTS[variant]
     return build_model(arch, preset="tiny", seed=0, **{**overrides, **extra})
+
+
+def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=None) -> torch.Tensor:
+    """Logits at positions prompt_len-1 .. T-1 of ids [B, T] the way generation computes them: chunked
+    prefill of the prompt, then one cached decode step per token (teacher-forced)."""
+    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad)
+    with torch.no_grad():
+        out = [prefill(model, ids[:, :prompt_len], cache, chunk)]
+        for t in range(prompt_len, ids.shape[1]):
+            out.append(decode_step(model, ids[:, t], cache))
+    return torch.stack(out, dim=1)

@@ -71,7 +71,8 @@ def test_preallocated_caches_are_written_in_place(variant):
     def pointers():
         # K/V and latent buffers (full, ring, global, MLA); a retention state is constant-size and
         # replaced per step.
-        return [getattr(c, name).data_ptr() for c in cache.layers if not isinstance(c, RetentionState)
+        layers = [part for c in cache.layers for part in (c.parts() if hasattr(c, "parts") else [c])]
+        return [getattr(c, name).data_ptr() for c in layers if not isinstance(c, RetentionState)
                 for name in c.batch_fields]
     ids = torch.randint(0, 256, (1, 60))
     with torch.no_grad():

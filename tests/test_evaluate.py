@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
+from harness import engine_logits, make_model
+
 from yoco.cli import main
-from yoco.evaluate import mqar_accuracy, mqar_batch, passkey_prompt
+from yoco.evaluate import mqar_accuracy, mqar_batch, passkey_prompt, validation_loss
 from yoco.tokenizer import ByteTokenizer
 
 
@@ -51,6 +53,28 @@ def test_mqar_scoring_with_an_oracle_and_a_guesser():
 
     assert mqar_accuracy(oracle, ids, mask) == 1.0
     assert mqar_accuracy(constant, ids, mask) < 0.2
+
+
+class Rows:
+    """A held-out split that is exactly these rows (what TokenShards.sequential yields)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def sequential(self, batch_size, seq_len, limit=None):
+        yield self.ids[:, :-1], self.ids[:, 1:]
+
+
+@pytest.mark.parametrize("variant", ["yoco-swa", "block"])
+def test_validation_loss_is_cached_generations_loss(variant):
+    """yoco eval's loss (a full forward over rows of 23 tokens, not a multiple of the Block
+    Transformer's block) is the teacher-forced loss of cached generation over the same rows."""
+    model = make_model(variant)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    got = validation_loss(model, Rows(ids), batch_size=2, seq_len=23, batches=None)["val_loss"]
+    logits = engine_logits(model, ids[:, :-1], 1, chunk=5)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_eval_command(tmp_path, capsys):

@@ -7,6 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from yoco import YocoCache, YocoConfig, YocoForCausalLM, build_model, generate, get_config, load_model, save_model
+from harness import engine_logits
+
 from yoco.checkpoint import CheckpointError
 from yoco.hf import cache_arg, output_cache
 from yoco.cli import main
@@ -76,8 +78,7 @@ def test_cache_seen_through_generate_is_yocos_own(arch):
                          return_dict_in_generate=True)
     cache = output_cache(out)
     assert isinstance(cache, YocoCache)
-    aligned = -21 % core.prompt_alignment
-    capacity = 21 + 5 - 1 + aligned  # allocated once: the prompt and the new tokens but the last (never fed)
+    capacity = 21 + 5 - 1  # allocated once: the prompt and the new tokens but the last (never fed)
     assert cache.nbytes() == cache_bytes(core.config, 2, capacity, torch.float32) > 0
     assert cache.get_seq_length() == 21 + 4  # the last new token is not fed back
 
@@ -125,6 +126,32 @@ def test_sampling_beam_search_stop_strings_and_streamer(tmp_path):
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=257, streamer=streamer)
     assert "".join(streamer) == text
+
+
+@pytest.mark.parametrize("arch", ["transformer", "yoco-swa", "yoco-gret", "mla", "block"])
+@pytest.mark.parametrize("lengths", [(21,), (22,), (23,), (21, 22, 23, 9)])
+def test_scoring_paths_agree_with_cached_generation(arch, lengths):
+    """Cached generation's logits are the full forward's (what labels= scores), and generate without a
+    cache (a full forward per token) picks its tokens, for prompts of every length modulo the Block
+    Transformer's block, alone and left-padded together."""
+    core = tiny(arch)
+    model = YocoForCausalLM.from_yoco(core)
+    g = torch.Generator().manual_seed(3)
+    ids, mask = left_padded([torch.randint(1, 256, (n,), generator=g).tolist() for n in lengths])
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(input_ids=ids, use_cache=True, output_logits=True, return_dict_in_generate=True,
+                            **options)
+    assert torch.equal(model.generate(input_ids=ids, use_cache=False, **options), cached.sequences)
+    T = ids.shape[1]
+    sequences = cached.sequences
+    full_mask = torch.cat([mask, torch.ones(len(lengths), 6, dtype=torch.long)], dim=1)
+    generated = torch.stack(cached.logits, dim=1)  # [B, 6, V]
+    forward = model(input_ids=sequences[:, :-1], attention_mask=full_mask[:, :-1]).logits[:, T - 1:]
+    torch.testing.assert_close(forward, generated, rtol=1e-5, atol=1e-5)
+    labels = sequences.masked_fill(torch.arange(T + 6) < T, -100)  # score the generated tokens only
+    want = torch.nn.functional.cross_entropy(generated.flatten(0, 1), sequences[:, T:].flatten())
+    torch.testing.assert_close(model(input_ids=sequences, attention_mask=full_mask, labels=labels).loss, want,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_labels_give_the_mean_next_token_loss():
@@ -234,9 +261,10 @@ def test_yoco_init_writes_a_folder_transformers_loads(tmp_path, capsys):
 
 
 
-def test_lm_eval_harness_scores_a_local_task_offline(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["yoco-swa", "block"])
+def test_lm_eval_harness_scores_a_local_task_offline(arch, tmp_path, monkeypatch):
     """lm-evaluation-harness (the `hf` model type) on a saved yoco folder: its log-likelihoods are the
-    model's own."""
+    ones cached generation computes (prefill of the context, then the continuation token by token)."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -244,7 +272,7 @@ def test_lm_eval_harness_scores_a_local_task_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    core = build_model(get_config("yoco-swa", "tiny", vocab_size=258), seed=0).eval()
+    core = build_model(get_config(arch, "tiny", vocab_size=258), seed=0).eval()
     save_model(core, tmp_path / "model")
     save_tokenizer(byte_level_tokenizer(258), tmp_path / "model", 1024)
     docs = [{"question": "def add(a, b):\n    return a", "choices": ["+ b", "* b"], "answer": 0},
@@ -268,8 +296,8 @@ def test_lm_eval_harness_scores_a_local_task_offline(tmp_path, monkeypatch):
         for choice, response in zip(doc["choices"], sample["resps"]):
             choice = " " + choice  # lm-eval's default target delimiter
             ids = torch.tensor([context + list(choice.encode())])
-            logp = core(ids[:, :-1]).log_softmax(-1)[0, -len(choice):]
-            want = logp.gather(-1, ids[0, -len(choice):, None]).sum().item()
+            logp = engine_logits(core, ids[:, :-1], len(context), chunk=8).log_softmax(-1)[0]
+            want = logp.gather(-1, ids[0, len(context):, None]).sum().item()
             assert response[0][0] == pytest.approx(want, abs=1e-4)
 
 

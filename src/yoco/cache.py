@@ -30,7 +30,10 @@ class LayerCache(Protocol):
 
 
 def map_rows(cache, rows):
-    """A copy of a layer cache whose batch tensors are ``rows(tensor)`` (repeated or selected rows)."""
+    """A copy of a layer cache whose batch tensors are ``rows(tensor)`` (repeated or selected rows). A
+    cache that keeps its rows in groups of its own maps them itself (``cache.with_rows(rows)``)."""
+    if hasattr(cache, "with_rows"):
+        return cache.with_rows(rows)
     clone = copy.copy(cache)
     for name in cache.batch_fields:
         setattr(clone, name, rows(getattr(cache, name)))

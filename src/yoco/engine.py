@@ -85,17 +85,9 @@ def as_prompt_list(prompts) -> list[list[int]]:
     return out
 
 
-def padded_length(prompts: list[list[int]], align: int = 1) -> int:
-    """The batch's prompt length: the longest prompt, rounded up to a multiple of `align`."""
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T] left-padded with pad_id to the longest prompt, and each row's pad count [B]."""
     longest = max(len(p) for p in prompts)
-    return -(-longest // align) * align
-
-
-def left_pad(prompts: list[list[int]], pad_id: int = 0, align: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, T] left-padded with pad_id to the padded length, and each row's pad count [B]. With
-    align > 1 every row's pad is congruent to its own (-length) mod align: each prompt ends on an
-    alignment boundary exactly as it would alone."""
-    longest = padded_length(prompts, align)
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -158,7 +150,7 @@ class Generation:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         limit = model.config.max_seq_len
-        longest = padded_length(self.prompts, model.prompt_alignment)
+        longest = max(len(p) for p in self.prompts)
         if longest > limit:
             raise InputError(f"prompt of {longest} tokens is longer than the model's maximum max_seq_len={limit}")
         if longest + max_new_tokens > limit:
@@ -180,7 +172,7 @@ class Generation:
         """Yields, per step, each row's new token (None for rows that already stopped)."""
         model = self.model
         device = next(model.parameters()).device
-        ids, pad = left_pad(self.prompts, self.pad_id, model.prompt_alignment)
+        ids, pad = left_pad(self.prompts, self.pad_id)
         ids = ids.to(device)
         generator = None
         if self.sampling.seed is not None:

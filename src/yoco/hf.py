@@ -96,16 +96,15 @@ class YocoCache(Cache):
         self.model_ref = [model]  # a list, so the cache does not become part of anything's state
         self.capacity = capacity
         self.inner: ModelCache | None = None
-        self.aligned = 0  # pad columns added in front so a prompt ends on the model's alignment
 
     def start(self, batch_size: int, pad: torch.Tensor | None, length: int, device) -> None:
         model = self.model_ref[0]
-        capacity = None if self.capacity is None else min(self.capacity + self.aligned, model.config.max_seq_len)
+        capacity = None if self.capacity is None else min(self.capacity, model.config.max_seq_len)
         capacity = None if capacity is not None and capacity < length else capacity
         self.inner = model.new_cache(batch_size, capacity=capacity, pad=pad, device=device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.inner is None else self.inner.seen - self.aligned
+        return 0 if self.inner is None else self.inner.seen
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1
@@ -245,16 +244,14 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
             logits = self.model(input_ids, pad=pad, num_logits=num_logits)
         else:
             if cache.inner is None:  # prefill: the prompt's padding fixes each row's positions
-                check_positions(position_ids, 0, None if attention_mask is None else left_pad_counts(attention_mask),
-                                input_ids)
-                input_ids, pad = self._align(input_ids, attention_mask, cache)
+                pad = None if attention_mask is None else left_pad_counts(attention_mask)
+                check_positions(position_ids, 0, pad, input_ids)
                 cache.start(input_ids.shape[0], pad, input_ids.shape[1], input_ids.device)
             else:
                 if attention_mask is not None and not bool(attention_mask[:, -input_ids.shape[1]:].all()):
                     raise InputError("tokens after the prompt cannot be padding (attention_mask must be 1 for them)")
                 pad = cache.inner.pad
-                check_positions(position_ids, cache.get_seq_length(), None if pad is None else pad - cache.aligned,
-                                input_ids)
+                check_positions(position_ids, cache.get_seq_length(), pad, input_ids)
             logits = self.model(input_ids, cache.inner, num_logits=num_logits)
         loss = None
         if labels is not None:
@@ -262,19 +259,6 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
                 raise InputError("labels need every position's logits (logits_to_keep=0)")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_arg(cache if use_cache else None))
-
-    def _align(self, input_ids, attention_mask, cache: YocoCache):
-        """The prompt with the left padding the model needs (the Block Transformer's prompts end on a
-        block boundary) and each row's pad count."""
-        pad = None if attention_mask is None else left_pad_counts(attention_mask)
-        extra = -input_ids.shape[1] % self.model.prompt_alignment
-        if extra:
-            fill = input_ids.new_zeros(input_ids.shape[0], extra)
-            input_ids = torch.cat([fill, input_ids], dim=1)
-            pad = (pad if pad is not None else torch.zeros(input_ids.shape[0], dtype=torch.long,
-                                                           device=input_ids.device)) + extra
-        cache.aligned = extra
-        return input_ids, pad
 
 
 def register() -> None:

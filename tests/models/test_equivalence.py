@@ -2,22 +2,12 @@
 
 import pytest
 import torch
-from harness import make_model
+from harness import engine_logits, make_model
 
-from yoco.engine import decode_step, generate, left_pad, prefill
+from yoco.engine import generate, left_pad, prefill
 
 ATOL = 1e-5
 RTOL = 1e-5
-
-
-def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=None) -> torch.Tensor:
-    """Logits at positions prompt_len-1 .. T-1: chunked prefill, then one decode step per token."""
-    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad)
-    with torch.no_grad():
-        out = [prefill(model, ids[:, :prompt_len], cache, chunk)]
-        for t in range(prompt_len, ids.shape[1]):
-            out.append(decode_step(model, ids[:, t], cache))
-    return torch.stack(out, dim=1)
 
 
 # Window 16, retention chunk 16 in the tiny preset: prompts shorter than, equal to and much longer
@@ -41,19 +31,16 @@ def test_last_position_logits_match(variant):
 
 
 def alone(model, prompt: list[int], continuation: list[int] = ()) -> torch.Tensor:
-    """One row's logits at its real positions, run by itself (left-padded only as the engine pads a
-    single prompt: to the model's prompt alignment, e.g. the Block Transformer's block length)."""
-    ids, pad = left_pad([prompt], align=model.prompt_alignment)
-    ids = torch.cat([ids, torch.tensor([list(continuation)], dtype=torch.long)], dim=1)
+    """One row's logits, run by itself with no padding at all."""
     with torch.no_grad():
-        return model(ids, pad=pad)[0, int(pad[0]):]
+        return model(torch.tensor([list(prompt) + list(continuation)]))[0]
 
 
 def test_padded_full_forward_equals_each_row_alone(variant):
     model = make_model(variant)
     lengths = [29, 11, 1]
     prompts = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in lengths]
-    ids, pad = left_pad(prompts, align=model.prompt_alignment)
+    ids, pad = left_pad(prompts)
     with torch.no_grad():
         batched = model(ids, pad=pad)
     for row, p in enumerate(prompts):
@@ -65,7 +52,7 @@ def test_padded_cached_decode_equals_each_row_alone(variant):
     lengths = [23, 6]
     seqs = [torch.randint(0, model.config.vocab_size, (n + 20,)).tolist() for n in lengths]
     prompts = [s[:n] for s, n in zip(seqs, lengths)]
-    ids, pad = left_pad(prompts, align=model.prompt_alignment)
+    ids, pad = left_pad(prompts)
     continuation = torch.tensor([s[n:] for s, n in zip(seqs, lengths)])
     full_ids = torch.cat([ids, continuation], dim=1)
     got = engine_logits(model, full_ids, ids.shape[1], chunk=5, pad=pad)
@@ -81,6 +68,21 @@ def test_batched_generation_equals_one_by_one(variant):
     for row, p in enumerate(prompts):
         alone = generate(model, [p], max_new_tokens=24, prefill_chunk=8)
         assert batched.tokens[row] == alone.tokens[0]
+
+
+@pytest.mark.parametrize("prompt_len", [21, 22, 23])
+def test_generation_follows_the_full_forward(variant, prompt_len):
+    """The engine's greedy tokens are the argmax of the plain forward over the prompt and the tokens so
+    far (what scoring and a generate without cache compute), for prompts of every length modulo the
+    Block Transformer's block."""
+    model = make_model(variant)
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist()
+    tokens = generate(model, [prompt], max_new_tokens=6, prefill_chunk=8).tokens[0]
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            sequence.append(int(model(torch.tensor([sequence]), num_logits=1)[0, -1].argmax()))
+    assert tokens == sequence[prompt_len:]
 
 
 @pytest.mark.parametrize("arch", ["yoco-swa", "yoco-gret"])

@@ -238,8 +238,6 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
 class HFCompressedLM:
     """A transformers causal LM seen through yoco's model interface (for ``yoco.engine``)."""
 
-    prompt_alignment = 1
-
     def __init__(self, model):
         config = check_model(model)
         self.model = model.eval()

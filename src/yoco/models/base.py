@@ -45,10 +45,6 @@ class Block(nn.Module):
 
 
 class CausalLM(nn.Module):
-    # The engine left-pads every prompt to a multiple of this (the Block Transformer's block length,
-    # so that a prompt ends at a block boundary).
-    prompt_alignment = 1
-
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -12,19 +12,25 @@ Token j of block k+1 is predicted by the token decoder's output at local positio
 logits of slot t come from window (t+1)//b at local position P-1+(t+1)%b; the last token of a block
 only feeds the block decoder (its token-decoder output predicts nothing and is never computed).
 
-Blocks are fixed slot ranges [k*b, (k+1)*b). Padding rule: a row left-padded by ``pad`` slots has
-``pad // b`` blocks made only of pad slots; those are masked out of the block decoder (``slot_mask``
-over block indices with block pad ``pad // b``; block RoPE positions are ``k - pad // b``) and every
-window up to and including block ``pad // b`` (the row's first block holding a real token) gets the
-start prefix. Pad tokens in the row's first real block (``pad % b`` of them) are ordinary inputs.
-So a row padded by ``p0 + m*b`` behaves exactly like the same row padded by ``p0`` alone; the engine
-should left-pad every prompt to a multiple of ``prompt_alignment = b`` so prompts end on a block
-boundary and a prompt's blocks do not depend on the other rows of the batch.
+Blocks start at each row's first real token: a row's k-th block is its real tokens k*b .. k*b+b-1,
+whatever the row's length and left padding, exactly as in training (where rows start at slot 0). So
+the full forward, a chunked prefill, decoding, a left-padded batch and a row alone all cut a sequence
+into the same blocks, and every scoring path (a forward with labels, lm-eval log-likelihoods, a
+generate without cache) agrees with cached generation.
 
-Cache (``ModelCache.layers``): the block decoder's ``KVCache`` per layer (one entry per completed
-block), then the token decoder's local ``KVCache`` per layer (capacity P + b, holding the current
-block's window: prefix + its tokens so far; emptied when the block completes), then the current
-block's token ids (b int64 per row, needed to embed the block once it completes).
+Padding rule: rows are grouped by phase, ``(-pad) mod b``; a group runs in its own frame, shifted by
+that many virtual pad slots in front, so that its rows' pads become multiples of b: such a row has
+``pad // b`` blocks made only of pad slots, masked out of the block decoder (``slot_mask`` over block
+indices with block pad ``pad // b``; block RoPE positions are ``k - pad // b``), and every window up
+to and including block ``pad // b`` gets the start prefix. A batch of one phase (one row, equal
+lengths, or lengths that differ by multiples of b) is one group; otherwise each group is a separate
+pass of the same layers.
+
+Cache (``ModelCache.layers``): one ``PhasedBlockCache`` holding, per phase group, the block decoder's
+``KVCache`` per layer (one entry per completed block), then the token decoder's local ``KVCache`` per
+layer (capacity P + b, holding the current block's window: prefix + its tokens so far; emptied when
+the block completes), then the current block's token ids (b int64 per row, needed to embed the block
+once it completes).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import math
 import torch
 from torch import nn
 
-from ..cache import ModelCache, tensor_bytes
+from ..cache import ModelCache, map_rows, tensor_bytes
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
 from ..mixers.attention import CausalSelfAttention
@@ -53,12 +59,57 @@ class BlockIds:
         return tensor_bytes(self.ids)
 
 
+class PhaseGroup:
+    """The rows of one phase (``rows``, on the CPU; None: every row of the batch), the ``shift`` of
+    virtual pad slots in front of their frame, and their caches (block KVs, local KVs, BlockIds)."""
+
+    def __init__(self, rows: torch.Tensor | None, shift: int, layers: list | None):
+        self.rows, self.shift, self.layers = rows, shift, layers
+
+
+class PhasedBlockCache:
+    """The Block Transformer's caches: one set per phase group (see the module docstring)."""
+
+    def __init__(self, groups: list[PhaseGroup]):
+        self.groups = groups
+
+    @property
+    def batch_size(self) -> int:
+        return sum(g.layers[-1].ids.shape[0] for g in self.groups)
+
+    def parts(self) -> list:
+        """Every cache it holds (all groups)."""
+        return [c for g in self.groups for c in g.layers]
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.parts())
+
+    def with_rows(self, rows) -> "PhasedBlockCache":
+        """The caches after ``ModelCache.with_rows``: each new row is its source row's copy, in the
+        source row's group."""
+        batch = self.batch_size
+        source = rows(torch.arange(batch))
+        groups = []
+        for g in self.groups:
+            place = torch.full((batch,), -1, dtype=torch.long)  # each batch row's index within this group
+            members = torch.arange(batch) if g.rows is None else g.rows
+            place[members] = torch.arange(len(members))
+            picked = place[source]
+            new_rows = (picked >= 0).nonzero().flatten()
+            if len(new_rows):
+                index = picked[new_rows]
+                layers = [map_rows(c, lambda t: t.index_select(0, index.to(t.device))) for c in g.layers]
+                groups.append(PhaseGroup(new_rows, g.shift, layers))
+        if len(groups) == 1:
+            groups[0].rows = None  # one group again: every row, in order
+        return PhasedBlockCache(groups)
+
+
 class BlockTransformer(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         b, P, D = config.block_len, config.block_prefix, config.dim
         self.block_len, self.block_prefix = b, P
-        self.prompt_alignment = b
         self.n_block_layers = config.block_layers if config.block_layers is not None else config.n_layers // 2
         self.n_token_layers = config.n_layers - self.n_block_layers
         rope = (config.rope_theta, config.rope_freqs, config.rope_pairs)
@@ -94,13 +145,28 @@ class BlockTransformer(CausalLM):
                              "compressed by token-eviction policies")
         dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
         b, P = self.block_len, self.block_prefix
-        blocks = None if capacity is None else max(1, -(-capacity // b))
-        layers = [layer.mixer.new_cache(batch_size, dtype=dtype, device=device, capacity=blocks)
-                  for layer in self.block_layers]
-        layers += [layer.mixer.new_cache(batch_size, dtype=dtype, device=device, capacity=P + b)
-                   for layer in self.token_layers]
-        layers.append(BlockIds(batch_size, b, device))
-        return ModelCache(layers, batch_size, pad)
+        groups = []
+        for rows, shift in self.phase_groups(pad):
+            rows_in_group = batch_size if rows is None else len(rows)
+            blocks = None if capacity is None else max(1, -(-(capacity + shift) // b))
+            layers = [layer.mixer.new_cache(rows_in_group, dtype=dtype, device=device, capacity=blocks)
+                      for layer in self.block_layers]
+            layers += [layer.mixer.new_cache(rows_in_group, dtype=dtype, device=device, capacity=P + b)
+                       for layer in self.token_layers]
+            layers.append(BlockIds(rows_in_group, b, device))
+            groups.append(PhaseGroup(rows, shift, layers))
+        return ModelCache([PhasedBlockCache(groups)], batch_size, pad)
+
+    def phase_groups(self, pad: torch.Tensor | None) -> list[tuple[torch.Tensor | None, int]]:
+        """(rows, shift) per phase group: the rows (None: all) whose pads agree modulo b, and the virtual
+        left padding that puts their first real token on a block boundary."""
+        if pad is None:
+            return [(None, 0)]
+        shift = (-pad.cpu()) % self.block_len
+        phases = shift.unique().tolist()
+        if len(phases) == 1:
+            return [(None, phases[0])]
+        return [((shift == phase).nonzero().flatten(), phase) for phase in phases]
 
     @staticmethod
     def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
@@ -116,15 +182,52 @@ class BlockTransformer(CausalLM):
     def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,
                 num_logits: int | None = None) -> torch.Tensor | None:
         step = self.begin(ids, cache, pad, num_logits)
+        ids = ids.long()
+        if cache is None:
+            groups = [PhaseGroup(rows, shift, None) for rows, shift in self.phase_groups(step.pad)]
+        else:
+            groups = cache.layers[0].groups
+            cache.seen = step.start + ids.shape[1]
+        if len(groups) == 1:
+            return self._frame(ids, groups[0].layers, step.start, step.pad, groups[0].shift, num_logits)
+        parts = []  # every group runs (each updates its own caches), then the rows are put back in order
+        for g in groups:
+            rows = g.rows.to(ids.device)
+            parts.append((rows, self._frame(ids[rows], g.layers, step.start, step.pad[rows], g.shift, num_logits)))
+        if parts[0][1] is None:
+            return None
+        out = parts[0][1].new_empty(ids.shape[0], *parts[0][1].shape[1:])
+        for rows, logits in parts:
+            out[rows] = logits
+        return out
+
+    def _frame(self, ids: torch.Tensor, caches: list | None, start: int, pad: torch.Tensor | None, shift: int,
+               num_logits: int | None) -> torch.Tensor | None:
+        """One phase group's forward, in its frame: ``shift`` virtual pad slots in front (added to the
+        ids on the group's first call), so that every row's pad is a multiple of b."""
+        prepended = shift if start == 0 else 0
+        if prepended:
+            ids = torch.cat([ids.new_zeros(ids.shape[0], prepended), ids], dim=1)
+        if shift:
+            pad = pad + shift
+        logits = self._aligned_forward(ids, caches, Step(start + shift - prepended, ids.shape[1], pad, ids.device),
+                                       num_logits)
+        if prepended and num_logits is None:
+            logits = logits[:, prepended:]  # the virtual pad slots' logits
+        return logits
+
+    def _aligned_forward(self, ids: torch.Tensor, caches: list | None, step: Step,
+                         num_logits: int | None) -> torch.Tensor | None:
+        """The forward of rows whose pads are multiples of b (their blocks start at their first real
+        token), over the slots of ``step``, reading and updating ``caches`` (None: no cache)."""
         cfg, b, P = self.config, self.block_len, self.block_prefix
         B, T = ids.shape
-        ids = ids.long()
         s, end = step.start, step.start + T
         k0, k_end = s // b, end // b  # first block touched; the block holding slot `end` (incomplete)
         n_block = self.n_block_layers
-        block_caches = cache.layers[:n_block] if cache is not None else [None] * n_block
-        local_caches = cache.layers[n_block:-1] if cache is not None else None
-        held = cache.layers[-1] if cache is not None else None
+        block_caches = caches[:n_block] if caches is not None else [None] * n_block
+        local_caches = caches[n_block:-1] if caches is not None else None
+        held = caches[-1] if caches is not None else None
 
         # Token ids from the first slot of block k0 (earlier tokens of an incomplete block are held).
         filled = s - k0 * b
@@ -145,8 +248,7 @@ class BlockTransformer(CausalLM):
                 x = layer(x, bstep, c)
             context = self.block_norm(x)  # context[:, i] is block k0 + i's context embedding
 
-        if cache is not None:
-            cache.seen = end
+        if caches is not None:
             rest = end - k_end * b  # tokens of the new incomplete block
             if rest:
                 held.ids[:, :rest] = all_ids[:, all_ids.shape[1] - rest:]
@@ -175,7 +277,7 @@ class BlockTransformer(CausalLM):
                 x = self.embed_tokens(ids[:, :n0])
                 take(self._token_decode(x, P + filled, local_caches), k0, P + filled)
         # 2. Fresh windows (prefix + up to b-1 tokens), run together without a cache.
-        fresh = [k for k in windows if first_fresh <= k and (cache is None or k < k_end)]
+        fresh = [k for k in windows if first_fresh <= k and (caches is None or k < k_end)]
         if fresh:
             x = torch.cat([self._prefix(fresh, context, k0, block_pad, B),
                            self.embed_tokens(self._window_ids(all_ids, fresh, k0, b))], dim=2)
@@ -185,7 +287,7 @@ class BlockTransformer(CausalLM):
                 w = torch.searchsorted(torch.tensor(fresh, device=ids.device), (ts + 1) // b)
                 parts.append(y[:, w, P - 1 + (ts + 1) % b])
         # 3. The window of the block this call leaves incomplete starts now: build it in the cache.
-        if cache is not None and k_end >= first_fresh:
+        if caches is not None and k_end >= first_fresh:
             for c in local_caches:
                 c.length = 0
             x = self._prefix([k_end], context, k0, block_pad, B)[:, 0]
