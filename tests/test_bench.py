@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, positions_needed,
-                        prefill_flops, run_bench, write_json, write_plot)
+from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, busy_warning,
+                        positions_needed, prefill_flops, probe, run_bench, write_json, write_plot)
 from yoco.cli import main
 from yoco.config import get_config
 from yoco.models import cache_bytes
@@ -151,3 +151,54 @@ def test_prefill_flops_of_the_kv_family():
     # The Block Transformer's block decoder sees n / block_len positions.
     block = get_config("block", "40m")
     assert prefill_flops(block, 4096) < prefill_flops(get_config("transformer", "40m"), 4096) / 4
+
+
+def figures(gflops: float, gbytes_s: float) -> dict:
+    return {"matmul_flops": gflops * 1e9, "bandwidth_bytes_s": gbytes_s * 1e9}
+
+
+def test_probe_keeps_both_figures_and_uses_the_better():
+    calm = probe(figures(190, 40), figures(200, 38))
+    assert not calm["busy"] and busy_warning(calm) is None
+    assert calm["matmul_flops"] == 200e9 and calm["bandwidth_bytes_s"] == 40e9
+    assert calm["probe"]["start"] == figures(190, 40) and calm["probe"]["end"] == figures(200, 38)
+    assert calm["probe"]["difference"] == pytest.approx({"matmul_flops": 0.05, "bandwidth_bytes_s": 0.05})
+    assert not probe(figures(200, 40), figures(150, 30))["busy"]  # 25% apart: still calm
+
+
+@pytest.mark.parametrize("start,end", [(figures(100, 40), figures(200, 40)),  # matmul alone
+                                       (figures(200, 40), figures(200, 20))])  # bandwidth alone
+def test_probe_calls_the_machine_busy_when_start_and_end_differ_by_more_than_a_quarter(start, end):
+    busy = probe(start, end)
+    assert busy["busy"] and max(busy["probe"]["difference"].values()) == pytest.approx(0.5)
+    assert busy["matmul_flops"] == 200e9 and busy["bandwidth_bytes_s"] == 40e9
+    warning = busy_warning(busy)
+    assert "busy" in warning and "rerun" in warning and "\n" not in warning
+    matmul = f"{start['matmul_flops'] / 1e9:.0f} GFLOP/s at the start, {end['matmul_flops'] / 1e9:.0f} at the end"
+    bandwidth = f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, {end['bandwidth_bytes_s'] / 1e9:.1f} at the end"
+    assert matmul in warning and bandwidth in warning
+
+
+@pytest.mark.parametrize("end_gflops,busy", [(100, True), (190, False)])
+def test_cli_bench_warns_when_the_machine_was_busy(end_gflops, busy, monkeypatch, tmp_path, capsys):
+    import yoco.bench
+
+    measured = iter([200e9, end_gflops * 1e9])  # the start, then the end of the run
+    monkeypatch.setattr(yoco.bench, "measure_matmul_flops", lambda dtype: next(measured))
+    monkeypatch.setattr(yoco.bench, "measure_bandwidth", lambda: 40e9)
+    argv = ["bench", "--preset", "tiny", "--arch", "yoco-swa", "--context", "32", "--new-tokens", "2",
+            "--budget-steps", "1", "--max-budget-batch", "2", "--json", str(tmp_path / "b.json"),
+            "--markdown", str(tmp_path / "b.md")]
+    assert main(argv) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "busy" in line]
+    machine = json.loads((tmp_path / "b.json").read_text())["machine"]
+    assert machine["busy"] is busy and machine["probe"]["difference"]["matmul_flops"] == pytest.approx(1 - end_gflops / 200)
+    assert machine["probe"]["start"]["matmul_flops"] == 200e9 and machine["probe"]["end"]["matmul_flops"] == end_gflops * 1e9
+    assert machine["matmul_flops"] == 200e9  # the better figure
+    row = json.loads((tmp_path / "b.json").read_text())["results"][0]
+    assert row["prefill_peak_fraction"] == pytest.approx(row["prefill_flops"] / row["prefill_s"] / 200e9)
+    if busy:
+        assert warnings == [busy_warning(machine)] and "200 GFLOP/s at the start, 100 at the end" in warnings[0]
+        assert busy_warning(machine) in (tmp_path / "b.md").read_text()
+    else:
+        assert warnings == []

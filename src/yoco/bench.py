@@ -12,7 +12,8 @@ process run measures:
   made by repeating the prefilled sequence's cache (values do not change attention cost).
 
 The machine's matmul FLOP/s and memory bandwidth are measured in the same run (at its start and end,
-keeping the better), and each prefill's useful FLOPs (``prefill_flops``) give its fraction of that peak.
+keeping the better; both are recorded, and figures more than 25% apart mark the machine as busy), and
+each prefill's useful FLOPs (``prefill_flops``) give its fraction of that peak.
 
 Architectures: this library's ``transformer``, ``yoco-swa``, ``yoco-gret``, and ``hf-llama``: a
 transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA attention, its
@@ -191,6 +192,7 @@ def cpu_name() -> str:
 
 
 def machine_info(dtype: torch.dtype) -> dict:
+    """What the machine is, and its figures measured now (``probe`` measures them again at the end)."""
     import transformers
 
     return {
@@ -201,9 +203,41 @@ def machine_info(dtype: torch.dtype) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "matmul_flops": measure_matmul_flops(dtype),
-        "bandwidth_bytes_s": measure_bandwidth(),
+        **measure_machine(dtype),
     }
+
+
+PROBED = ("matmul_flops", "bandwidth_bytes_s")
+BUSY_DIFFERENCE = 0.25  # start and end figures further apart than this: something else ran meanwhile
+
+
+def measure_machine(dtype: torch.dtype) -> dict:
+    return {"matmul_flops": measure_matmul_flops(dtype), "bandwidth_bytes_s": measure_bandwidth()}
+
+
+def probe(start: dict, end: dict) -> dict:
+    """The verdict on the machine's figures measured at the start and at the end of a run.
+
+    The figures used are the better of the two (a busy moment understates the peak, nothing
+    overstates it). Each quantity's difference is relative to its better figure; the machine counts
+    as busy when either differs by more than BUSY_DIFFERENCE, and the timings of the run with it.
+    """
+    best = {key: max(start[key], end[key]) for key in PROBED}
+    difference = {key: abs(start[key] - end[key]) / best[key] for key in PROBED}
+    return {**best, "busy": any(d > BUSY_DIFFERENCE for d in difference.values()),
+            "probe": {"start": {key: start[key] for key in PROBED}, "end": {key: end[key] for key in PROBED},
+                      "difference": difference}}
+
+
+def busy_warning(machine: dict) -> str | None:
+    """One line saying the machine was busy during the run (None when it was not)."""
+    if not machine.get("busy"):
+        return None
+    start, end = machine["probe"]["start"], machine["probe"]["end"]
+    return (f"warning: the machine was busy during the run: matmul {start['matmul_flops'] / 1e9:.0f} GFLOP/s at "
+            f"the start, {end['matmul_flops'] / 1e9:.0f} at the end; copy bandwidth "
+            f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, {end['bandwidth_bytes_s'] / 1e9:.1f} at "
+            f"the end (more than {BUSY_DIFFERENCE:.0%} apart): the timings are not reliable, rerun on an idle machine")
 
 
 # ---------------------------------------------------------------------- useful FLOPs
@@ -477,10 +511,9 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         results.append(measure(runners[arch], context, settings, machine,
                                progress=lambda text: bar.set_postfix_str(text)))
     bar.close()
-    # The peak is the best the machine showed: measure again at the end (a busy moment at the start
-    # would otherwise understate it) and express every prefill against the higher figure.
-    machine["matmul_flops"] = max(machine["matmul_flops"], measure_matmul_flops(dtype))
-    machine["bandwidth_bytes_s"] = max(machine["bandwidth_bytes_s"], measure_bandwidth())
+    # Measure again at the end: a busy moment at the start would understate the peak, and start and
+    # end far apart say that the run shared the machine. Every prefill is expressed against the better.
+    machine.update(probe({key: machine[key] for key in PROBED}, measure_machine(dtype)))
     for r in results:
         if r["prefill_peak_fraction"] is not None:
             r["prefill_peak_fraction"] = r["prefill_flops"] / r["prefill_s"] / machine["matmul_flops"]
