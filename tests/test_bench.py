@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, busy_warning,
-                        positions_needed, prefill_flops, probe, run_bench, write_json, write_plot)
+                        positions_needed, prefill_flops, probe, ratio_rows, run_bench, write_json, write_plot)
 from yoco.cli import main
 from yoco.config import get_config
 from yoco.models import cache_bytes
@@ -202,3 +202,33 @@ def test_cli_bench_warns_when_the_machine_was_busy(end_gflops, busy, monkeypatch
         assert busy_warning(machine) in (tmp_path / "b.md").read_text()
     else:
         assert warnings == []
+
+
+def made_up_row(arch: str, context: int = 1024, **values) -> dict:
+    row = dict(arch=arch, context=context, params=1e6, prefill_s=1.0, peak_mem_bytes=1 << 20, cache_bytes=1 << 20,
+               cache_bytes_per_token=1024, decode_tok_s=10.0, budget_batch=4, budget_tok_s=40.0, prefill_flops=1e9,
+               prefill_peak_fraction=0.5, extrapolated=False)
+    row.update(values)
+    return row
+
+
+def made_up_report(*rows: dict) -> dict:
+    """A bench report holding `rows`, for the code that only reads one."""
+    return {"machine": {"cpu": "a made-up CPU", "threads": 2},
+            "settings": {"contexts": sorted({r["context"] for r in rows}), "preset": "tiny", "dtype": "fp32",
+                         "budget_bytes": 1 << 30},
+            "results": list(rows)}
+
+
+def test_ratios_below_one_say_the_opposite_word():
+    llama = made_up_row("hf-llama")
+    behind = made_up_row("yoco-swa", prefill_s=3.3, cache_bytes_per_token=2048, cache_bytes=2 << 20,
+                         peak_mem_bytes=4 << 20, decode_tok_s=5.0, budget_tok_s=20.0)
+    assert ratio_rows(made_up_report(behind, llama)) == [
+        "yoco-swa vs hf-llama @ 1024: prefill 3.3x slower, cache per token 2.0x larger (in all 2.0x larger), "
+        "peak memory 4.0x larger, decode 2.0x slower, budget throughput 2.0x lower"]
+    ahead = made_up_row("yoco-swa", prefill_s=0.25, cache_bytes_per_token=256, cache_bytes=1 << 19,
+                        peak_mem_bytes=1 << 18, decode_tok_s=30.0, budget_tok_s=200.0)
+    assert ratio_rows(made_up_report(ahead, llama)) == [
+        "yoco-swa vs hf-llama @ 1024: prefill 4.0x faster, cache per token 4.0x smaller (in all 2.0x smaller), "
+        "peak memory 4.0x smaller, decode 3.0x faster, budget throughput 5.0x higher"]

@@ -581,6 +581,12 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def times(ratio: float, above: str, below: str) -> str:
+    """A ratio as people say it: "3.3x faster", and below 1 the opposite word with the ratio inverted
+    ("0.3x faster" is read as slower by some and as faster by others)."""
+    return f"{ratio:.1f}x {above}" if ratio >= 1 else f"{1 / ratio:.1f}x {below}"
+
+
 def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> list[str]:
     """Side-by-side ratios of `arch` against `base` at each context both have."""
     by = {(r["arch"], r["context"]): r for r in report["results"]}
@@ -591,14 +597,15 @@ def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> 
             continue
         parts = [f"{arch} vs {base} @ {context}:"]
         if b["prefill_s"]:
-            parts.append(f"prefill {b['prefill_s'] / a['prefill_s']:.1f}x faster")
-        parts.append(f"cache per token {b['cache_bytes_per_token'] / a['cache_bytes_per_token']:.1f}x smaller "
-                     f"(in all {b['cache_bytes'] / a['cache_bytes']:.1f}x)")
+            parts.append(f"prefill {times(b['prefill_s'] / a['prefill_s'], 'faster', 'slower')}")
+        parts.append(f"cache per token "
+                     f"{times(b['cache_bytes_per_token'] / a['cache_bytes_per_token'], 'smaller', 'larger')} "
+                     f"(in all {times(b['cache_bytes'] / a['cache_bytes'], 'smaller', 'larger')})")
         if a["peak_mem_bytes"] and b["peak_mem_bytes"]:
-            parts.append(f"peak memory {b['peak_mem_bytes'] / a['peak_mem_bytes']:.1f}x smaller")
-        parts.append(f"decode {a['decode_tok_s'] / b['decode_tok_s']:.1f}x faster")
+            parts.append(f"peak memory {times(b['peak_mem_bytes'] / a['peak_mem_bytes'], 'smaller', 'larger')}")
+        parts.append(f"decode {times(a['decode_tok_s'] / b['decode_tok_s'], 'faster', 'slower')}")
         if a["budget_tok_s"] and b["budget_tok_s"]:
-            parts.append(f"budget throughput {a['budget_tok_s'] / b['budget_tok_s']:.1f}x")
+            parts.append(f"budget throughput {times(a['budget_tok_s'] / b['budget_tok_s'], 'higher', 'lower')}")
         lines.append(" ".join(parts[:1]) + " " + ", ".join(parts[1:]))
     return lines
 
