@@ -175,7 +175,8 @@ def test_probe_calls_the_machine_busy_when_start_and_end_differ_by_more_than_a_q
     warning = busy_warning(busy)
     assert "busy" in warning and "rerun" in warning and "\n" not in warning
     matmul = f"{start['matmul_flops'] / 1e9:.0f} GFLOP/s at the start, {end['matmul_flops'] / 1e9:.0f} at the end"
-    bandwidth = f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, {end['bandwidth_bytes_s'] / 1e9:.1f} at the end"
+    bandwidth = (f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, "
+                 f"{end['bandwidth_bytes_s'] / 1e9:.1f} at the end")
     assert matmul in warning and bandwidth in warning
 
 
@@ -192,8 +193,9 @@ def test_cli_bench_warns_when_the_machine_was_busy(end_gflops, busy, monkeypatch
     assert main(argv) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if "busy" in line]
     machine = json.loads((tmp_path / "b.json").read_text())["machine"]
-    assert machine["busy"] is busy and machine["probe"]["difference"]["matmul_flops"] == pytest.approx(1 - end_gflops / 200)
-    assert machine["probe"]["start"]["matmul_flops"] == 200e9 and machine["probe"]["end"]["matmul_flops"] == end_gflops * 1e9
+    probed = machine["probe"]
+    assert machine["busy"] is busy and probed["difference"]["matmul_flops"] == pytest.approx(1 - end_gflops / 200)
+    assert probed["start"]["matmul_flops"] == 200e9 and probed["end"]["matmul_flops"] == end_gflops * 1e9
     assert machine["matmul_flops"] == 200e9  # the better figure
     row = json.loads((tmp_path / "b.json").read_text())["results"][0]
     assert row["prefill_peak_fraction"] == pytest.approx(row["prefill_flops"] / row["prefill_s"] / 200e9)
