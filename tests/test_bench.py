@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, busy_warning,
+from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, bench_figure, busy_warning,
                         positions_needed, prefill_flops, probe, ratio_rows, run_bench, write_json, write_plot)
 from yoco.cli import main
 from yoco.config import get_config
@@ -234,3 +234,16 @@ def test_ratios_below_one_say_the_opposite_word():
     assert ratio_rows(made_up_report(ahead, llama)) == [
         "yoco-swa vs hf-llama @ 1024: prefill 4.0x faster, cache per token 4.0x smaller (in all 2.0x smaller), "
         "peak memory 4.0x smaller, decode 3.0x faster, budget throughput 5.0x higher"]
+
+
+@pytest.mark.parametrize("extrapolated", [False, True])
+def test_plot_title_mentions_dashes_only_when_something_is_dashed(extrapolated):
+    import matplotlib.pyplot as plt
+
+    rows = [made_up_row(arch, context, extrapolated=extrapolated and arch == "hf-llama" and context == 2048)
+            for arch in ("yoco-swa", "hf-llama") for context in (1024, 2048)]
+    fig = bench_figure(made_up_report(*rows))
+    dashed = [line for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert bool(dashed) is extrapolated
+    assert ("dashed = extrapolated" in fig._suptitle.get_text()) is extrapolated
+    plt.close(fig)

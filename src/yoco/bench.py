@@ -616,14 +616,9 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
 
 
-def write_plot(report: dict, path: str | os.PathLike) -> None:
+def bench_figure(report: dict):
     """Memory, prefill time and throughput against context length (log-log), one line per arch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write
+    from .report import subplots
 
     panels = [("peak_mem_bytes", "peak memory growth in prefill (MiB)", 1 / (1 << 20)),
               ("cache_bytes", "cache after prefill (MiB)", 1 / (1 << 20)),
@@ -631,7 +626,7 @@ def write_plot(report: dict, path: str | os.PathLike) -> None:
               ("prefill_peak_fraction", "prefill: % of measured matmul peak", 100.0),
               ("decode_tok_s", "decode tokens/s (batch 1)", 1.0),
               ("budget_tok_s", f"tokens/s within a {report['settings']['budget_bytes'] / GIB:.0f} GiB budget", 1.0)]
-    fig, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    fig, grid = subplots(2, 3, figsize=(13, 7.5))
     axes = grid.flatten()
     archs = list(dict.fromkeys(r["arch"] for r in report["results"]))
     for ax, (key, title, scale) in zip(axes, panels):
@@ -654,12 +649,18 @@ def write_plot(report: dict, path: str | os.PathLike) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     machine = report["machine"]
+    dashed = "; dashed = extrapolated" if any(r["extrapolated"] for r in report["results"]) else ""
     fig.suptitle(f"yoco bench ({report['settings']['preset']}, {report['settings']['dtype']}): {machine['cpu']}, "
-                 f"{machine['threads']} threads; dashed = extrapolated", fontsize=10)
+                 f"{machine['threads']} threads{dashed}", fontsize=10)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
 
 
-__all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "prefill_flops", "run_bench",
+def write_plot(report: dict, path: str | os.PathLike) -> None:
+    from .report import save_figure
+
+    save_figure(bench_figure(report), path)
+
+
+__all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "bench_figure", "prefill_flops", "run_bench",
            "write_json", "write_plot"]

@@ -1,9 +1,10 @@
-"""Formatting shared by the commands that print results."""
+"""Formatting shared by the commands that print results, and the figures they draw."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def format_bytes(n: float | None, digits: int = 2) -> str:
@@ -25,3 +26,24 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], file=N
         print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))), file=out)
         if i == 0:
             print("  ".join("-" * w for w in widths), file=out)
+
+
+# ---------------------------------------------------------------------- figures
+def subplots(*args, **kwargs):
+    """pyplot's ``subplots`` drawn by Agg: the figures go to files, no display is needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path) -> None:
+    """Write `fig` as a PNG in one step (no reader sees half a file) and free it."""
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
