@@ -39,6 +39,16 @@ def subplots(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
+def text_colour_on(rgba: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a cell of this colour (by its WCAG relative
+    luminance: at 0.179 both contrast alike)."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
+
+
 def save_figure(fig, path) -> None:
     """Write `fig` as a PNG in one step (no reader sees half a file) and free it."""
     import matplotlib.pyplot as plt
