@@ -100,3 +100,20 @@ def test_retrieval_draws_only_what_was_measured():
     ax = fig.axes[0]
     assert len(ax.get_legend().get_texts()) == 3 and "not measured" not in ax.get_title()
     plt.close(fig)
+
+
+def test_close_losses_and_late_steps_are_labelled_without_an_offset():
+    import matplotlib.pyplot as plt
+
+    from yoco.study import loss_curves_figure, pareto_figure
+
+    losses = [427.41, 427.42, 427.43, 427.45]  # matplotlib's default: ticks 0.01..0.05 and "+4.274e2" aside
+    pareto = pareto_figure([{"arch": f"a{i}", "val_loss": loss, "cache_bytes_per_token_4k": 2 ** (10 + i)}
+                            for i, loss in enumerate(losses)])
+    curves = loss_curves_figure({"transformer": [(100_000 + i, loss) for i, loss in enumerate(losses)]})
+    for fig in (pareto, curves):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert ax.yaxis.get_offset_text().get_text() == "" and ax.xaxis.get_offset_text().get_text() == ""
+        assert all(t.get_text().startswith("427.4") for t in ax.get_yticklabels() if t.get_text())
+        plt.close(fig)

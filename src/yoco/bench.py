@@ -618,7 +618,7 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
 
 def bench_figure(report: dict):
     """Memory, prefill time and throughput against context length (log-log), one line per arch."""
-    from .report import subplots
+    from .report import plain_tick_labels, subplots
 
     panels = [("peak_mem_bytes", "peak memory growth in prefill (MiB)", 1 / (1 << 20)),
               ("cache_bytes", "cache after prefill (MiB)", 1 / (1 << 20)),
@@ -652,6 +652,7 @@ def bench_figure(report: dict):
     dashed = "; dashed = extrapolated" if any(r["extrapolated"] for r in report["results"]) else ""
     fig.suptitle(f"yoco bench ({report['settings']['preset']}, {report['settings']['dtype']}): {machine['cpu']}, "
                  f"{machine['threads']} threads{dashed}", fontsize=10)
+    plain_tick_labels(fig)
     fig.tight_layout()
     return fig
 

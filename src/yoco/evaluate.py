@@ -108,7 +108,7 @@ def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: 
 
 def passkey_figure(cells: list[dict], title: str):
     """The needle-in-a-haystack heatmap: accuracy per needle depth (rows) and context length (columns)."""
-    from .report import subplots, text_colour_on
+    from .report import plain_tick_labels, subplots, text_colour_on
 
     contexts = sorted({c["context"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
@@ -126,6 +126,7 @@ def passkey_figure(cells: list[dict], title: str):
             ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7,
                     color=text_colour_on(image.cmap(image.norm(value))))  # both ends of RdYlGn are dark
     fig.colorbar(image, ax=ax, fraction=0.046)
+    plain_tick_labels(fig)
     fig.tight_layout()
     return fig
 

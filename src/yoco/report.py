@@ -39,6 +39,20 @@ def subplots(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
+def plain_tick_labels(fig) -> None:
+    """Tick labels that read as they are, on every axis of `fig`: no offset or scientific multiplier
+    beside an axis (such as "+4.274e2", which nobody adds back in their head to close losses). Log
+    axes and labelled ticks have none anyway."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            formatter = axis.get_major_formatter()
+            if isinstance(formatter, ScalarFormatter):
+                formatter.set_useOffset(False)
+                formatter.set_scientific(False)
+
+
 def text_colour_on(rgba: Sequence[float]) -> str:
     """Black or white, whichever contrasts more with a cell of this colour (by its WCAG relative
     luminance: at 0.179 both contrast alike)."""

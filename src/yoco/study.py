@@ -186,7 +186,7 @@ def plot_study(results: dict, out: Path) -> None:
 
 
 def pareto_figure(runs: list[dict]):
-    from .report import subplots
+    from .report import plain_tick_labels, subplots
 
     fig, ax = subplots(figsize=(6, 4.2))
     for r in runs:
@@ -201,6 +201,7 @@ def pareto_figure(runs: list[dict]):
     ax.set_ylabel("validation loss")
     ax.set_title("quality against cache size (same parameters, data and tokens)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+    plain_tick_labels(fig)
     fig.tight_layout()
     return fig
 
@@ -215,7 +216,7 @@ def loss_curves_figure(curves: dict[str, list[tuple[int, float]]]):
     """One training-loss curve per architecture."""
     from matplotlib.ticker import MaxNLocator
 
-    from .report import subplots
+    from .report import plain_tick_labels, subplots
 
     fig, ax = subplots(figsize=(6, 4.2))
     for arch, points in curves.items():
@@ -226,6 +227,7 @@ def loss_curves_figure(curves: dict[str, list[tuple[int, float]]]):
     ax.set_title("training loss (same parameters, data and tokens)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
+    plain_tick_labels(fig)
     fig.tight_layout()
     return fig
 
@@ -239,7 +241,7 @@ def retrieval_figure(results: dict):
     """Retrieval accuracies side by side per architecture. A quantity no run measured (passkey inside a
     window too small for the needle) gets no bars and no legend entry, and a run without a figure no
     bar: a 0 bar would read as a measured failure."""
-    from .report import subplots
+    from .report import plain_tick_labels, subplots
 
     runs = results["runs"]
     measured = [(key, label) for key, label in RETRIEVAL_BARS if any(r[key] is not None for r in runs)]
@@ -259,6 +261,7 @@ def retrieval_figure(results: dict):
     ax.set_title(title, fontsize=9)
     if measured:
         ax.legend(fontsize=8)
+    plain_tick_labels(fig)
     fig.tight_layout()
     return fig
 
