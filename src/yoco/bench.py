@@ -219,8 +219,8 @@ def probe(start: dict, end: dict) -> dict:
     """The verdict on the machine's figures measured at the start and at the end of a run.
 
     The figures used are the better of the two (a busy moment understates the peak, nothing
-    overstates it). Each quantity's difference is relative to its better figure; the machine counts
-    as busy when either differs by more than BUSY_DIFFERENCE, and the timings of the run with it.
+    overstates it). Each quantity's difference is relative to its better figure; when either differs
+    by more than BUSY_DIFFERENCE the machine counts as busy, and the run's timings as doubtful.
     """
     best = {key: max(start[key], end[key]) for key in PROBED}
     difference = {key: abs(start[key] - end[key]) / best[key] for key in PROBED}

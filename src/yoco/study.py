@@ -186,6 +186,7 @@ def plot_study(results: dict, out: Path) -> None:
 
 
 def pareto_figure(runs: list[dict]):
+    """Validation loss against KV-cache size, one point per architecture."""
     from .report import plain_tick_labels, subplots
 
     fig, ax = subplots(figsize=(6, 4.2))
