@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, positions_needed,
-                        prefill_flops, run_bench, write_json, write_plot)
+from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, bench_figure, busy_warning,
+                        positions_needed, prefill_flops, probe, ratio_rows, run_bench, write_json, write_plot)
 from yoco.cli import main
 from yoco.config import get_config
 from yoco.models import cache_bytes
@@ -151,3 +151,99 @@ def test_prefill_flops_of_the_kv_family():
     # The Block Transformer's block decoder sees n / block_len positions.
     block = get_config("block", "40m")
     assert prefill_flops(block, 4096) < prefill_flops(get_config("transformer", "40m"), 4096) / 4
+
+
+def figures(gflops: float, gbytes_s: float) -> dict:
+    return {"matmul_flops": gflops * 1e9, "bandwidth_bytes_s": gbytes_s * 1e9}
+
+
+def test_probe_keeps_both_figures_and_uses_the_better():
+    calm = probe(figures(190, 40), figures(200, 38))
+    assert not calm["busy"] and busy_warning(calm) is None
+    assert calm["matmul_flops"] == 200e9 and calm["bandwidth_bytes_s"] == 40e9
+    assert calm["probe"]["start"] == figures(190, 40) and calm["probe"]["end"] == figures(200, 38)
+    assert calm["probe"]["difference"] == pytest.approx({"matmul_flops": 0.05, "bandwidth_bytes_s": 0.05})
+    assert not probe(figures(200, 40), figures(150, 30))["busy"]  # 25% apart: still calm
+
+
+@pytest.mark.parametrize("start,end", [(figures(100, 40), figures(200, 40)),  # matmul alone
+                                       (figures(200, 40), figures(200, 20))])  # bandwidth alone
+def test_probe_calls_the_machine_busy_when_start_and_end_differ_by_more_than_a_quarter(start, end):
+    busy = probe(start, end)
+    assert busy["busy"] and max(busy["probe"]["difference"].values()) == pytest.approx(0.5)
+    assert busy["matmul_flops"] == 200e9 and busy["bandwidth_bytes_s"] == 40e9
+    warning = busy_warning(busy)
+    assert "busy" in warning and "rerun" in warning and "\n" not in warning
+    matmul = f"{start['matmul_flops'] / 1e9:.0f} GFLOP/s at the start, {end['matmul_flops'] / 1e9:.0f} at the end"
+    bandwidth = (f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, "
+                 f"{end['bandwidth_bytes_s'] / 1e9:.1f} at the end")
+    assert matmul in warning and bandwidth in warning
+
+
+@pytest.mark.parametrize("end_gflops,busy", [(100, True), (190, False)])
+def test_cli_bench_warns_when_the_machine_was_busy(end_gflops, busy, monkeypatch, tmp_path, capsys):
+    import yoco.bench
+
+    measured = iter([200e9, end_gflops * 1e9])  # the start, then the end of the run
+    monkeypatch.setattr(yoco.bench, "measure_matmul_flops", lambda dtype: next(measured))
+    monkeypatch.setattr(yoco.bench, "measure_bandwidth", lambda: 40e9)
+    argv = ["bench", "--preset", "tiny", "--arch", "yoco-swa", "--context", "32", "--new-tokens", "2",
+            "--budget-steps", "1", "--max-budget-batch", "2", "--json", str(tmp_path / "b.json"),
+            "--markdown", str(tmp_path / "b.md")]
+    assert main(argv) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "busy" in line]
+    machine = json.loads((tmp_path / "b.json").read_text())["machine"]
+    probed = machine["probe"]
+    assert machine["busy"] is busy and probed["difference"]["matmul_flops"] == pytest.approx(1 - end_gflops / 200)
+    assert probed["start"]["matmul_flops"] == 200e9 and probed["end"]["matmul_flops"] == end_gflops * 1e9
+    assert machine["matmul_flops"] == 200e9  # the better figure
+    row = json.loads((tmp_path / "b.json").read_text())["results"][0]
+    assert row["prefill_peak_fraction"] == pytest.approx(row["prefill_flops"] / row["prefill_s"] / 200e9)
+    if busy:
+        assert warnings == [busy_warning(machine)] and "200 GFLOP/s at the start, 100 at the end" in warnings[0]
+        assert busy_warning(machine) in (tmp_path / "b.md").read_text()
+    else:
+        assert warnings == []
+
+
+def made_up_row(arch: str, context: int = 1024, **values) -> dict:
+    row = dict(arch=arch, context=context, params=1e6, prefill_s=1.0, peak_mem_bytes=1 << 20, cache_bytes=1 << 20,
+               cache_bytes_per_token=1024, decode_tok_s=10.0, budget_batch=4, budget_tok_s=40.0, prefill_flops=1e9,
+               prefill_peak_fraction=0.5, extrapolated=False)
+    row.update(values)
+    return row
+
+
+def made_up_report(*rows: dict) -> dict:
+    """A bench report holding `rows`, for the code that only reads one."""
+    return {"machine": {"cpu": "a made-up CPU", "threads": 2},
+            "settings": {"contexts": sorted({r["context"] for r in rows}), "preset": "tiny", "dtype": "fp32",
+                         "budget_bytes": 1 << 30},
+            "results": list(rows)}
+
+
+def test_ratios_below_one_say_the_opposite_word():
+    llama = made_up_row("hf-llama")
+    behind = made_up_row("yoco-swa", prefill_s=3.3, cache_bytes_per_token=2048, cache_bytes=2 << 20,
+                         peak_mem_bytes=4 << 20, decode_tok_s=5.0, budget_tok_s=20.0)
+    assert ratio_rows(made_up_report(behind, llama)) == [
+        "yoco-swa vs hf-llama @ 1024: prefill 3.3x slower, cache per token 2.0x larger (in all 2.0x larger), "
+        "peak memory 4.0x larger, decode 2.0x slower, budget throughput 2.0x lower"]
+    ahead = made_up_row("yoco-swa", prefill_s=0.25, cache_bytes_per_token=256, cache_bytes=1 << 19,
+                        peak_mem_bytes=1 << 18, decode_tok_s=30.0, budget_tok_s=200.0)
+    assert ratio_rows(made_up_report(ahead, llama)) == [
+        "yoco-swa vs hf-llama @ 1024: prefill 4.0x faster, cache per token 4.0x smaller (in all 2.0x smaller), "
+        "peak memory 4.0x smaller, decode 3.0x faster, budget throughput 5.0x higher"]
+
+
+@pytest.mark.parametrize("extrapolated", [False, True])
+def test_plot_title_mentions_dashes_only_when_something_is_dashed(extrapolated):
+    import matplotlib.pyplot as plt
+
+    rows = [made_up_row(arch, context, extrapolated=extrapolated and arch == "hf-llama" and context == 2048)
+            for arch in ("yoco-swa", "hf-llama") for context in (1024, 2048)]
+    fig = bench_figure(made_up_report(*rows))
+    dashed = [line for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert bool(dashed) is extrapolated
+    assert ("dashed = extrapolated" in fig._suptitle.get_text()) is extrapolated
+    plt.close(fig)

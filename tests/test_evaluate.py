@@ -100,3 +100,25 @@ def test_eval_command(tmp_path, capsys):
     assert "no held-out token shards" in capsys.readouterr().err
     assert main(argv[:3] + ["--contexts", "40"]) == 2
     assert "too short for the needle" in capsys.readouterr().err
+
+
+def test_passkey_heatmap_text_reads_on_dark_and_light_cells():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from yoco.evaluate import passkey_figure
+
+    # RdYlGn: 0% is dark red, 50% pale yellow, 100% dark green
+    cells = [{"context": 64, "depth": 0.0, "accuracy": 0.0}, {"context": 128, "depth": 0.0, "accuracy": 0.5},
+             {"context": 256, "depth": 0.0, "accuracy": 1.0}]
+    fig = passkey_figure(cells, "passkey")
+    colours = {text.get_text(): to_rgb(text.get_color()) for text in fig.axes[0].texts}
+    assert colours == {"0%": (1, 1, 1), "50%": (0, 0, 0), "100%": (1, 1, 1)}
+    plt.close(fig)
+
+
+def test_text_colour_follows_luminance():
+    from yoco.report import text_colour_on
+
+    assert text_colour_on((0.0, 0.0, 0.5, 1.0)) == "white" and text_colour_on((1.0, 1.0, 0.0)) == "black"
+    assert text_colour_on((0.1, 0.1, 0.1)) == "white" and text_colour_on((0.9, 0.9, 0.9)) == "black"

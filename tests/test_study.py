@@ -59,3 +59,61 @@ def test_study_writes_results(tmp_path, capsys):
     rerun = json.loads((tmp_path / "study" / "results.json").read_text())["runs"]
     assert [r["val_loss"] for r in rerun] == pytest.approx([r["val_loss"] for r in runs], rel=1e-6)
     assert main(["study", "--arch", "mamba", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_loss_curves_have_a_title_and_whole_steps():
+    import matplotlib.pyplot as plt
+
+    from yoco.study import loss_curves_figure
+
+    fig = loss_curves_figure({"transformer": [(1, 5.2), (2, 4.9), (3, 4.1)], "yoco-swa": [(1, 5.3), (3, 4.0)]})
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_title() and [t.get_text() for t in ax.get_legend().get_texts()] == ["transformer", "yoco-swa"]
+    steps = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert steps and all(float(t).is_integer() for t in steps)  # not 1.25, 1.5, ...
+    plt.close(fig)
+
+
+def retrieval_run(arch: str, in_window=None, beyond=0.5, mqar=0.25) -> dict:
+    return {"arch": arch, "passkey_acc_in_window": in_window, "passkey_acc_beyond_window": beyond, "mqar_acc": mqar}
+
+
+def test_retrieval_draws_only_what_was_measured():
+    import matplotlib.pyplot as plt
+
+    from yoco.study import retrieval_figure
+
+    # The window is too small for the needle (no run has an in-window figure); swa has no MQAR figure.
+    runs = [retrieval_run("transformer"), retrieval_run("yoco-swa", beyond=0.0), retrieval_run("swa", mqar=None)]
+    fig = retrieval_figure({"settings": {"window": 16}, "runs": runs})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["passkey beyond window", "MQAR"]
+    assert "passkey in window" in ax.get_title() and "not measured" in ax.get_title()
+    bars = {label: [(round(b.get_x() + b.get_width() / 2), b.get_height()) for b in container]
+            for label, container in zip(["beyond", "mqar"], ax.containers)}
+    assert bars == {"beyond": [(0, 0.5), (1, 0.0), (2, 0.5)],  # a measured 0 is drawn (flat), as measured
+                    "mqar": [(0, 0.25), (1, 0.25)]}  # swa: no bar, rather than a 0 bar
+    plt.close(fig)
+
+    fig = retrieval_figure({"settings": {"window": 64}, "runs": [retrieval_run("transformer", in_window=1.0)]})
+    ax = fig.axes[0]
+    assert len(ax.get_legend().get_texts()) == 3 and "not measured" not in ax.get_title()
+    plt.close(fig)
+
+
+def test_close_losses_and_late_steps_are_labelled_without_an_offset():
+    import matplotlib.pyplot as plt
+
+    from yoco.study import loss_curves_figure, pareto_figure
+
+    losses = [427.41, 427.42, 427.43, 427.45]  # matplotlib's default: ticks 0.01..0.05 and "+4.274e2" aside
+    pareto = pareto_figure([{"arch": f"a{i}", "val_loss": loss, "cache_bytes_per_token_4k": 2 ** (10 + i)}
+                            for i, loss in enumerate(losses)])
+    curves = loss_curves_figure({"transformer": [(100_000 + i, loss) for i, loss in enumerate(losses)]})
+    for fig in (pareto, curves):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert ax.yaxis.get_offset_text().get_text() == "" and ax.xaxis.get_offset_text().get_text() == ""
+        assert all(t.get_text().startswith("427.4") for t in ax.get_yticklabels() if t.get_text())
+        plt.close(fig)

@@ -12,7 +12,8 @@ process run measures:
   made by repeating the prefilled sequence's cache (values do not change attention cost).
 
 The machine's matmul FLOP/s and memory bandwidth are measured in the same run (at its start and end,
-keeping the better), and each prefill's useful FLOPs (``prefill_flops``) give its fraction of that peak.
+keeping the better; both are recorded, and figures more than 25% apart mark the machine as busy), and
+each prefill's useful FLOPs (``prefill_flops``) give its fraction of that peak.
 
 Architectures: this library's ``transformer``, ``yoco-swa``, ``yoco-gret``, and ``hf-llama``: a
 transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA attention, its
@@ -191,6 +192,7 @@ def cpu_name() -> str:
 
 
 def machine_info(dtype: torch.dtype) -> dict:
+    """What the machine is, and its figures measured now (``probe`` measures them again at the end)."""
     import transformers
 
     return {
@@ -201,9 +203,41 @@ def machine_info(dtype: torch.dtype) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "matmul_flops": measure_matmul_flops(dtype),
-        "bandwidth_bytes_s": measure_bandwidth(),
+        **measure_machine(dtype),
     }
+
+
+PROBED = ("matmul_flops", "bandwidth_bytes_s")
+BUSY_DIFFERENCE = 0.25  # start and end figures further apart than this: something else ran meanwhile
+
+
+def measure_machine(dtype: torch.dtype) -> dict:
+    return {"matmul_flops": measure_matmul_flops(dtype), "bandwidth_bytes_s": measure_bandwidth()}
+
+
+def probe(start: dict, end: dict) -> dict:
+    """The verdict on the machine's figures measured at the start and at the end of a run.
+
+    The figures used are the better of the two (a busy moment understates the peak, nothing
+    overstates it). Each quantity's difference is relative to its better figure; when either differs
+    by more than BUSY_DIFFERENCE the machine counts as busy, and the run's timings as doubtful.
+    """
+    best = {key: max(start[key], end[key]) for key in PROBED}
+    difference = {key: abs(start[key] - end[key]) / best[key] for key in PROBED}
+    return {**best, "busy": any(d > BUSY_DIFFERENCE for d in difference.values()),
+            "probe": {"start": {key: start[key] for key in PROBED}, "end": {key: end[key] for key in PROBED},
+                      "difference": difference}}
+
+
+def busy_warning(machine: dict) -> str | None:
+    """One line saying the machine was busy during the run (None when it was not)."""
+    if not machine.get("busy"):
+        return None
+    start, end = machine["probe"]["start"], machine["probe"]["end"]
+    return (f"warning: the machine was busy during the run: matmul {start['matmul_flops'] / 1e9:.0f} GFLOP/s at "
+            f"the start, {end['matmul_flops'] / 1e9:.0f} at the end; copy bandwidth "
+            f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, {end['bandwidth_bytes_s'] / 1e9:.1f} at "
+            f"the end (more than {BUSY_DIFFERENCE:.0%} apart): the timings are not reliable, rerun on an idle machine")
 
 
 # ---------------------------------------------------------------------- useful FLOPs
@@ -477,10 +511,9 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         results.append(measure(runners[arch], context, settings, machine,
                                progress=lambda text: bar.set_postfix_str(text)))
     bar.close()
-    # The peak is the best the machine showed: measure again at the end (a busy moment at the start
-    # would otherwise understate it) and express every prefill against the higher figure.
-    machine["matmul_flops"] = max(machine["matmul_flops"], measure_matmul_flops(dtype))
-    machine["bandwidth_bytes_s"] = max(machine["bandwidth_bytes_s"], measure_bandwidth())
+    # Measure again at the end: a busy moment at the start would understate the peak, and start and
+    # end far apart say that the run shared the machine. Every prefill is expressed against the better.
+    machine.update(probe({key: machine[key] for key in PROBED}, measure_machine(dtype)))
     for r in results:
         if r["prefill_peak_fraction"] is not None:
             r["prefill_peak_fraction"] = r["prefill_flops"] / r["prefill_s"] / machine["matmul_flops"]
@@ -548,6 +581,12 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def times(ratio: float, above: str, below: str) -> str:
+    """A ratio as people say it: "3.3x faster", and below 1 the opposite word with the ratio inverted
+    ("0.3x faster" is read as slower by some and as faster by others)."""
+    return f"{ratio:.1f}x {above}" if ratio >= 1 else f"{1 / ratio:.1f}x {below}"
+
+
 def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> list[str]:
     """Side-by-side ratios of `arch` against `base` at each context both have."""
     by = {(r["arch"], r["context"]): r for r in report["results"]}
@@ -558,14 +597,15 @@ def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> 
             continue
         parts = [f"{arch} vs {base} @ {context}:"]
         if b["prefill_s"]:
-            parts.append(f"prefill {b['prefill_s'] / a['prefill_s']:.1f}x faster")
-        parts.append(f"cache per token {b['cache_bytes_per_token'] / a['cache_bytes_per_token']:.1f}x smaller "
-                     f"(in all {b['cache_bytes'] / a['cache_bytes']:.1f}x)")
+            parts.append(f"prefill {times(b['prefill_s'] / a['prefill_s'], 'faster', 'slower')}")
+        parts.append(f"cache per token "
+                     f"{times(b['cache_bytes_per_token'] / a['cache_bytes_per_token'], 'smaller', 'larger')} "
+                     f"(in all {times(b['cache_bytes'] / a['cache_bytes'], 'smaller', 'larger')})")
         if a["peak_mem_bytes"] and b["peak_mem_bytes"]:
-            parts.append(f"peak memory {b['peak_mem_bytes'] / a['peak_mem_bytes']:.1f}x smaller")
-        parts.append(f"decode {a['decode_tok_s'] / b['decode_tok_s']:.1f}x faster")
+            parts.append(f"peak memory {times(b['peak_mem_bytes'] / a['peak_mem_bytes'], 'smaller', 'larger')}")
+        parts.append(f"decode {times(a['decode_tok_s'] / b['decode_tok_s'], 'faster', 'slower')}")
         if a["budget_tok_s"] and b["budget_tok_s"]:
-            parts.append(f"budget throughput {a['budget_tok_s'] / b['budget_tok_s']:.1f}x")
+            parts.append(f"budget throughput {times(a['budget_tok_s'] / b['budget_tok_s'], 'higher', 'lower')}")
         lines.append(" ".join(parts[:1]) + " " + ", ".join(parts[1:]))
     return lines
 
@@ -576,14 +616,9 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
 
 
-def write_plot(report: dict, path: str | os.PathLike) -> None:
+def bench_figure(report: dict):
     """Memory, prefill time and throughput against context length (log-log), one line per arch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write
+    from .report import plain_tick_labels, subplots
 
     panels = [("peak_mem_bytes", "peak memory growth in prefill (MiB)", 1 / (1 << 20)),
               ("cache_bytes", "cache after prefill (MiB)", 1 / (1 << 20)),
@@ -591,7 +626,7 @@ def write_plot(report: dict, path: str | os.PathLike) -> None:
               ("prefill_peak_fraction", "prefill: % of measured matmul peak", 100.0),
               ("decode_tok_s", "decode tokens/s (batch 1)", 1.0),
               ("budget_tok_s", f"tokens/s within a {report['settings']['budget_bytes'] / GIB:.0f} GiB budget", 1.0)]
-    fig, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    fig, grid = subplots(2, 3, figsize=(13, 7.5))
     axes = grid.flatten()
     archs = list(dict.fromkeys(r["arch"] for r in report["results"]))
     for ax, (key, title, scale) in zip(axes, panels):
@@ -614,12 +649,19 @@ def write_plot(report: dict, path: str | os.PathLike) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     machine = report["machine"]
+    dashed = "; dashed = extrapolated" if any(r["extrapolated"] for r in report["results"]) else ""
     fig.suptitle(f"yoco bench ({report['settings']['preset']}, {report['settings']['dtype']}): {machine['cpu']}, "
-                 f"{machine['threads']} threads; dashed = extrapolated", fontsize=10)
+                 f"{machine['threads']} threads{dashed}", fontsize=10)
+    plain_tick_labels(fig)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
 
 
-__all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "prefill_flops", "run_bench",
+def write_plot(report: dict, path: str | os.PathLike) -> None:
+    from .report import save_figure
+
+    save_figure(bench_figure(report), path)
+
+
+__all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "bench_figure", "prefill_flops", "run_bench",
            "write_json", "write_plot"]

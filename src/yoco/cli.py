@@ -131,8 +131,8 @@ def parse_count(text: str) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import (BENCH_ARCHS, DEFAULT_CONTEXTS, GIB, QUICK_CONTEXTS, TABLE_HEADERS, BenchSettings,
-                        machine_line, markdown_table, ratio_rows, run_bench, table_rows, write_json,
-                        write_plot)
+                        busy_warning, machine_line, markdown_table, ratio_rows, run_bench, table_rows,
+                        write_json, write_plot)
 
     archs = tuple(a.strip() for a in args.arch.split(",") if a.strip()) if args.arch else BENCH_ARCHS
     if args.context:
@@ -154,6 +154,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for line in ratio_rows(report):
         print(line)
     print(f"machine: {machine_line(report['machine'])}; whole run {report['wall_s']:.0f} s")
+    warning = busy_warning(report["machine"])
+    if warning:
+        print(warning)  # on stdout, with the figures it casts doubt on
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
@@ -163,8 +166,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.markdown:
         from .checkpoint import atomic_write
 
+        notes = ratio_rows(report) + ([warning] if warning else [])
         atomic_write(Path(args.markdown), lambda tmp: Path(tmp).write_text(
-            markdown_table(report) + "\n\n" + "\n".join(f"- {line}" for line in ratio_rows(report)) + "\n"))
+            markdown_table(report) + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n"))
         print(f"wrote {args.markdown}")
     return 0
 

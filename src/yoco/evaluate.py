@@ -106,19 +106,15 @@ def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: 
     return cells
 
 
-def plot_passkey(cells: list[dict], path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write
+def passkey_figure(cells: list[dict], title: str):
+    """The needle-in-a-haystack heatmap: accuracy per needle depth (rows) and context length (columns)."""
+    from .report import plain_tick_labels, subplots, text_colour_on
 
     contexts = sorted({c["context"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     grid = [[next(c["accuracy"] for c in cells if c["context"] == n and c["depth"] == d) for n in contexts]
             for d in depths]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.9 * len(contexts)), 1.6 + 0.5 * len(depths)))
+    fig, ax = subplots(figsize=(max(5.0, 1.6 + 0.9 * len(contexts)), 1.6 + 0.5 * len(depths)))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(contexts)), [str(n) for n in contexts])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -127,11 +123,18 @@ def plot_passkey(cells: list[dict], path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7,
+                    color=text_colour_on(image.cmap(image.norm(value))))  # both ends of RdYlGn are dark
     fig.colorbar(image, ax=ax, fraction=0.046)
+    plain_tick_labels(fig)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
+
+
+def plot_passkey(cells: list[dict], path, title: str) -> None:
+    from .report import save_figure
+
+    save_figure(passkey_figure(cells, title), path)
 
 
 # ---------------------------------------------------------------------- MQAR
@@ -169,4 +172,5 @@ def mqar_accuracy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor) -> flo
     return (predicted[scored] == target[scored]).float().mean().item()
 
 
-__all__ = ["mqar_accuracy", "mqar_batch", "passkey_grid", "passkey_prompt", "plot_passkey", "validation_loss"]
+__all__ = ["mqar_accuracy", "mqar_batch", "passkey_figure", "passkey_grid", "passkey_prompt", "plot_passkey",
+           "validation_loss"]

@@ -1,9 +1,10 @@
-"""Formatting shared by the commands that print results."""
+"""Formatting shared by the commands that print results, and the figures they draw."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def format_bytes(n: float | None, digits: int = 2) -> str:
@@ -25,3 +26,48 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], file=N
         print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))), file=out)
         if i == 0:
             print("  ".join("-" * w for w in widths), file=out)
+
+
+# ---------------------------------------------------------------------- figures
+def subplots(*args, **kwargs):
+    """pyplot's ``subplots`` drawn by Agg: the figures go to files, no display is needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def plain_tick_labels(fig) -> None:
+    """Tick labels that read as they are, on every axis of `fig`: no offset or scientific multiplier
+    beside an axis (such as "+4.274e2", which nobody adds back in their head to close losses). Log
+    axes and labelled ticks have none anyway."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            formatter = axis.get_major_formatter()
+            if isinstance(formatter, ScalarFormatter):
+                formatter.set_useOffset(False)
+                formatter.set_scientific(False)
+
+
+def text_colour_on(rgba: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a cell of this colour (by its WCAG relative
+    luminance: at 0.179 both contrast alike)."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
+
+
+def save_figure(fig, path) -> None:
+    """Write `fig` as a PNG in one step (no reader sees half a file) and free it."""
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

@@ -176,13 +176,20 @@ def markdown(results: dict) -> str:
 
 
 def plot_study(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import save_figure
 
     runs = results["runs"]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    save_figure(pareto_figure(runs), out / "pareto.png")
+    curves = {r["arch"]: training_losses(out / r["arch"]) for r in runs}
+    save_figure(loss_curves_figure(curves), out / "loss_curves.png")
+    save_figure(retrieval_figure(results), out / "retrieval.png")
+
+
+def pareto_figure(runs: list[dict]):
+    """Validation loss against KV-cache size, one point per architecture."""
+    from .report import plain_tick_labels, subplots
+
+    fig, ax = subplots(figsize=(6, 4.2))
     for r in runs:
         if r["val_loss"] is None or not math.isfinite(r["val_loss"]):
             continue  # no validation split (a one-document corpus): nothing to place
@@ -195,37 +202,70 @@ def plot_study(results: dict, out: Path) -> None:
     ax.set_ylabel("validation loss")
     ax.set_title("quality against cache size (same parameters, data and tokens)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+    plain_tick_labels(fig)
     fig.tight_layout()
-    atomic_write(out / "pareto.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for r in runs:
-        rows = [json.loads(line) for line in (out / r["arch"] / "metrics.jsonl").read_text().splitlines()]
-        points = [(row["step"], row["loss"]) for row in rows if "loss" in row]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=r["arch"])
+
+def training_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, training loss) of every logged step of a run."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+
+
+def loss_curves_figure(curves: dict[str, list[tuple[int, float]]]):
+    """One training-loss curve per architecture."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .report import plain_tick_labels, subplots
+
+    fig, ax = subplots(figsize=(6, 4.2))
+    for arch, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=arch)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 1.5
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
+    ax.set_title("training loss (same parameters, data and tokens)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
+    plain_tick_labels(fig)
     fig.tight_layout()
-    atomic_write(out / "loss_curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = range(len(runs))
-    width = 0.27
-    for k, (key, label) in enumerate([("passkey_acc_in_window", "passkey in window"),
-                                      ("passkey_acc_beyond_window", "passkey beyond window"),
-                                      ("mqar_acc", "MQAR")]):
-        ax.bar([i + (k - 1) * width for i in x], [r[key] or 0 for r in runs], width, label=label)
-    ax.set_xticks(list(x), [r["arch"] for r in runs], rotation=30, fontsize=8)
+
+RETRIEVAL_BARS = (("passkey_acc_in_window", "passkey in window"),
+                  ("passkey_acc_beyond_window", "passkey beyond window"),
+                  ("mqar_acc", "MQAR"))
+
+
+def retrieval_figure(results: dict):
+    """Retrieval accuracies side by side per architecture. A quantity no run measured (passkey inside a
+    window too small for the needle) gets no bars and no legend entry, and a run without a figure no
+    bar: a 0 bar would read as a measured failure."""
+    from .report import plain_tick_labels, subplots
+
+    runs = results["runs"]
+    measured = [(key, label) for key, label in RETRIEVAL_BARS if any(r[key] is not None for r in runs)]
+    missing = [label for key, label in RETRIEVAL_BARS if (key, label) not in measured]
+    fig, ax = subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(measured))
+    for k, (key, label) in enumerate(measured):
+        shift = (k - (len(measured) - 1) / 2) * width
+        have = [(i, r[key]) for i, r in enumerate(runs) if r[key] is not None]
+        ax.bar([i + shift for i, _ in have], [value for _, value in have], width, label=label)
+    ax.set_xticks(range(len(runs)), [r["arch"] for r in runs], rotation=30, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
+    title = f"retrieval accuracy (window {results['settings']['window']} tokens)"
+    if missing:
+        title += f"; not measured: {', '.join(missing)}"
+    ax.set_title(title, fontsize=9)
+    if measured:
+        ax.legend(fontsize=8)
+    plain_tick_labels(fig)
     fig.tight_layout()
-    atomic_write(out / "retrieval.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
 
 
-__all__ = ["STUDY_ARCHS", "StudySettings", "match_ffn", "run_study"]
+__all__ = ["STUDY_ARCHS", "StudySettings", "loss_curves_figure", "match_ffn", "pareto_figure", "retrieval_figure",
+           "run_study"]

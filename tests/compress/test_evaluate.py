@@ -56,3 +56,19 @@ def test_compress_eval_errors(checkpoint, tmp_path, capsys):
     assert main(["compress-eval", "--model", str(checkpoint), "--budget", "1.5"]) == 2
     assert "budget" in capsys.readouterr().err
     assert main(["compress-eval", "--model", str(checkpoint), "--budget", "0"]) == 2
+
+
+def test_plot_labels_close_perplexities_without_an_offset():
+    import matplotlib.pyplot as plt
+
+    from yoco.compress.evaluate import results_figure
+
+    rows = [{"policy": policy, "cache_ratio": ratio, "passkey_acc": 1.0, "ppl": ppl}
+            for policy, ratio, ppl in (("full", 1.0, 427.41), ("snapkv", 0.25, 427.45), ("snapkv", 0.5, 427.43))]
+    fig = results_figure(rows, "KV compression")
+    fig.canvas.draw()
+    ppl = fig.axes[1]
+    assert fig._suptitle.get_text() == "KV compression"
+    assert ppl.yaxis.get_offset_text().get_text() == ""  # matplotlib's default: "+4.274e2"
+    assert all(t.get_text().startswith("427.4") for t in ppl.get_yticklabels() if t.get_text())
+    plt.close(fig)

@@ -101,16 +101,11 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(results: list[dict], path, title: str) -> None:
+def results_figure(results: list[dict], title: str):
     """Passkey accuracy and perplexity against the cache kept (share of the full cache), per policy."""
-    import matplotlib
+    from ..report import plain_tick_labels, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..checkpoint import atomic_write
-
-    fig, (acc, ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (acc, ppl) = subplots(1, 2, figsize=(10, 4))
     for name in dict.fromkeys(r["policy"] for r in results):
         mine = sorted((r for r in results if r["policy"] == name), key=lambda r: r["cache_ratio"])
         x = [r["cache_ratio"] for r in mine]
@@ -124,6 +119,12 @@ def plot_results(results: list[dict], path, title: str) -> None:
     ppl.set_ylabel("perplexity (held-out continuation)")
     acc.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
+    plain_tick_labels(fig)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
+
+
+def plot_results(results: list[dict], path, title: str) -> None:
+    from ..report import save_figure
+
+    save_figure(results_figure(results, title), path)
