@@ -342,3 +342,47 @@ def test_no_deprecation_warning_reaches_a_user():
     assert run.stdout.strip() == "done"
     printed = run.stderr.lower()
     assert "deprecat" not in printed and "futurewarning" not in printed, run.stderr
+
+
+@pytest.mark.parametrize("arch", ["transformer", "yoco-swa", "yoco-gret", "mla", "cla2"])
+def test_hidden_states_are_the_embeddings_and_every_blocks_output(arch):
+    core = tiny(arch)
+    model = YocoForCausalLM.from_yoco(core)
+    ids = torch.randint(1, 256, (2, 13), generator=torch.Generator().manual_seed(4))
+    # the residual stream by hand: embeddings, then each block in order
+    blocks = core.residual_blocks()
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append(out)) for b in blocks]
+    with torch.no_grad():
+        logits = core(ids)
+    for h in hooks:
+        h.remove()
+    out = model(input_ids=ids, output_hidden_states=True)
+    states = out.hidden_states
+    assert len(states) == core.config.n_layers + 1 == len(blocks) + 1
+    assert all(s.shape == (2, 13, core.config.dim) for s in states)
+    torch.testing.assert_close(states[0], core.embed_tokens(ids))
+    for got, want in zip(states[1:-1], seen[:-1]):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(states[-1], core.norm(seen[-1]))  # the last one normed, as transformers does
+    torch.testing.assert_close(core.lm_head(states[-1]), logits, rtol=1e-5, atol=1e-5)
+    # with logits for the last position only (YOCO's cross-decoder would skip the rest), and through a cache
+    last = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+    assert last.logits.shape == (2, 1, core.config.vocab_size) and len(last.hidden_states) == len(states)
+    torch.testing.assert_close(last.hidden_states[-1], states[-1])
+    cached = model(input_ids=ids[:, :9], use_cache=True)
+    step = model(input_ids=ids[:, 9:], output_hidden_states=True, **cache_arg(output_cache(cached)))
+    torch.testing.assert_close(step.hidden_states[-1], states[-1][:, 9:], rtol=1e-5, atol=1e-5)
+    gen = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                         output_hidden_states=True, return_dict_in_generate=True)
+    assert len(gen.hidden_states) == 2 and len(gen.hidden_states[0]) == core.config.n_layers + 1
+
+
+def test_output_attentions_and_block_hidden_states_are_refused_clearly():
+    model = YocoForCausalLM.from_yoco(tiny("yoco-swa"))
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(InputError, match="output_attentions is not supported"):
+        model(input_ids=ids, output_attentions=True)
+    with pytest.raises(InputError, match="Block Transformer has no hidden state"):
+        YocoForCausalLM.from_yoco(tiny("block"))(input_ids=ids, output_hidden_states=True)
+    assert model(input_ids=ids, output_attentions=False).hidden_states is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
@@ -215,15 +216,25 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int = 0, past_key_values: Cache | None = None,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
         """The yoco forward. Positions come from the left padding (``attention_mask``) and the cache;
         ``position_ids``, if given, must agree with them (checked); with a cache, ``input_ids`` are the
         tokens after those already cached. The cache comes as ``cache`` (transformers >= 5.24) or
         ``past_key_values`` (earlier releases). ``logits_to_keep=k`` computes only the last k positions'
-        logits (YOCO then also skips its cross-decoder for the others)."""
+        logits (YOCO then also skips its cross-decoder for the others). ``output_hidden_states`` gives
+        the embeddings and every block's output (the last one normed, as transformers models do) at
+        every position of the call; ``output_attentions`` is refused (no attention weights are formed)."""
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise InputError("pass the cache once: as cache= or as past_key_values=, not both")
         cache = cache if cache is not None else past_key_values
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            raise InputError("output_attentions is not supported: yoco's attention runs in fused kernels "
+                             "(scaled_dot_product_attention) that never form the weights, and gated retention "
+                             "has none")
+        blocks, hidden_states = None, None
+        if output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states:
+            blocks, hidden_states = self.model.residual_blocks(), []  # (refused here by a model that has none)
         if inputs_embeds is not None:
             raise InputError("yoco models take input_ids, not inputs_embeds")
         if input_ids is None:
@@ -232,6 +243,8 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
         # builds none.
         use_cache = cache is not None if use_cache is None else use_cache
         num_logits = None if not logits_to_keep else min(int(logits_to_keep), input_ids.shape[1])
+        # hidden states exist at every position only if every position runs through every block
+        model_logits = num_logits if hidden_states is None else None
         if cache is not None and not isinstance(cache, YocoCache):
             if cache.get_seq_length() != 0:
                 raise InputError(f"yoco models keep their own cache kind; got a filled {type(cache).__name__}")
@@ -241,7 +254,8 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None:
             pad = None if attention_mask is None else left_pad_counts(attention_mask)
             check_positions(position_ids, 0, pad, input_ids)
-            logits = self.model(input_ids, pad=pad, num_logits=num_logits)
+            with recording(blocks, hidden_states):
+                logits = self.model(input_ids, pad=pad, num_logits=model_logits)
         else:
             if cache.inner is None:  # prefill: the prompt's padding fixes each row's positions
                 pad = None if attention_mask is None else left_pad_counts(attention_mask)
@@ -252,13 +266,37 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
                     raise InputError("tokens after the prompt cannot be padding (attention_mask must be 1 for them)")
                 pad = cache.inner.pad
                 check_positions(position_ids, cache.get_seq_length(), pad, input_ids)
-            logits = self.model(input_ids, cache.inner, num_logits=num_logits)
+            with recording(blocks, hidden_states):
+                logits = self.model(input_ids, cache.inner, num_logits=model_logits)
+        if model_logits != num_logits:
+            logits = logits[:, -num_logits:]
         loss = None
         if labels is not None:
             if num_logits is not None:
                 raise InputError("labels need every position's logits (logits_to_keep=0)")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_arg(cache if use_cache else None))
+        if hidden_states is not None:
+            hidden_states[-1] = self.model.norm(hidden_states[-1])
+            hidden_states = tuple(hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states,
+                                      **cache_arg(cache if use_cache else None))
+
+
+@contextmanager
+def recording(blocks: list | None, hidden_states: list | None):
+    """Within the block, a forward through ``blocks`` (a model's ``residual_blocks()``) appends its
+    hidden states to ``hidden_states``: the input of the first block, then every block's output (hooks,
+    so the model code stays as it is). With None, nothing is recorded."""
+    if blocks is None:
+        yield
+        return
+    hooks = [blocks[0].register_forward_pre_hook(lambda module, args: hidden_states.append(args[0]))]
+    hooks += [block.register_forward_hook(lambda module, args, out: hidden_states.append(out)) for block in blocks]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def register() -> None:

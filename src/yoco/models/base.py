@@ -163,6 +163,12 @@ class CausalLM(nn.Module):
         """The mixers that own a cache, in the order ``ModelCache.layers`` holds them."""
         raise NotImplementedError
 
+    def residual_blocks(self) -> list[Block]:
+        """The blocks that carry one residual vector per token from the embeddings to the LM head, in
+        order: their inputs and outputs are the model's hidden states (transformers'
+        ``output_hidden_states``)."""
+        raise InputError(f"{self.config.arch} has no hidden state per token and layer")
+
     def cache_bytes_formula(self, batch_size: int, context: int, dtype: torch.dtype) -> int:
         """What ``new_cache(batch_size, capacity=context).nbytes()`` must be, from the config alone."""
         return self.cache_bytes_for(self.config, batch_size, context, dtype)

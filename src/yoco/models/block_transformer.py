@@ -135,6 +135,10 @@ class BlockTransformer(CausalLM):
         nn.init.normal_(self.start_context, std=1.0)  # the scale of a normed context embedding
 
     # ------------------------------------------------------------------ caches
+    def residual_blocks(self) -> list[Block]:
+        raise InputError("the Block Transformer has no hidden state per token and layer: its block decoder runs "
+                         "over blocks and its token decoder over windows of prefix vectors and tokens")
+
     def cache_owners(self) -> list[nn.Module]:
         return [layer.mixer for layer in self.block_layers] + [layer.mixer for layer in self.token_layers]
 

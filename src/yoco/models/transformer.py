@@ -50,6 +50,9 @@ class Transformer(CausalLM):
     def cache_owners(self) -> list[nn.Module]:
         return [layer.mixer for layer, slot in zip(self.layers, self.cache_slot) if slot is not None]
 
+    def residual_blocks(self) -> list[Block]:
+        return list(self.layers)
+
     @staticmethod
     def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
         if cfg.window is not None:

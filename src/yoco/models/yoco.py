@@ -52,6 +52,10 @@ class YOCO(CausalLM):
     def cache_owners(self) -> list[nn.Module]:
         return [layer.mixer for layer in self.self_layers] + [self.global_kv]
 
+    def residual_blocks(self) -> list[Block]:
+        # the self-decoder's output is both the global K/V's input and the cross-decoder's residual stream
+        return list(self.self_layers) + list(self.cross_layers)
+
     @staticmethod
     def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
         global_kv = 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize * context
