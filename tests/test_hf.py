@@ -257,6 +257,8 @@ def test_yoco_init_writes_a_folder_transformers_loads(tmp_path, capsys):
     # yoco generate reads the folder save_pretrained writes (prefixed weights) as well.
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
+    fingerprint = json.loads((tmp_path / "config.json").read_text())["tokenizer_fingerprint"]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tokenizer_fingerprint"] == fingerprint
     assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
 
 

@@ -25,7 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 HF_BOOKKEEPING = {"model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "tie_word_embeddings",
                   "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "output_hidden_states",
                   "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
-                  "label2id", "problem_type", "_name_or_path", "tokenizer_class"}
+                  "label2id", "problem_type", "_name_or_path", "tokenizer_class", "tokenizer_fingerprint"}
 
 
 class CheckpointError(RuntimeError):
@@ -47,27 +47,49 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_model(model: CausalLM, directory: str | os.PathLike, *, eos_token_id: int | None = None) -> Path:
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint a training run folder's ``latest`` points at (None when it has none yet)."""
+    pointer = Path(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(run_dir) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{str(pointer)!r} points at {str(path)!r}, which does not exist")
+    return path
+
+
+def resolve_checkpoint(directory: str | os.PathLike) -> Path:
+    """A model folder; a training run folder stands for its latest checkpoint."""
+    return latest_checkpoint(directory) or Path(directory)
+
+
+def save_model(model: CausalLM, directory: str | os.PathLike, *, eos_token_id: int | None = None,
+               tokenizer=None) -> Path:
     """Weights and config.json; `eos_token_id` (the tokenizer's end of text) lets transformers'
-    ``generate`` stop there."""
+    ``generate`` stop there; `tokenizer` (the one saved beside the model) is recorded by its
+    fingerprint, so that a folder holding another tokenizer is refused instead of misread."""
     directory = Path(directory)
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; rebuilt by tying
     # Weights first, config last: a config always describes weights that are already complete.
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json(model.config, eos_token_id)))
+    text = config_json(model.config, eos_token_id, tokenizer)
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return directory
 
 
-def config_json(config: ModelConfig, eos_token_id: int | None = None) -> str:
+def config_json(config: ModelConfig, eos_token_id: int | None = None, tokenizer=None) -> str:
     """config.json: the yoco fields plus what makes the folder a transformers one (``model_type``)."""
     from .hf import MODEL_TYPE
+    from .tokenizer import fingerprint
 
     data = {"model_type": MODEL_TYPE, "architectures": ["YocoForCausalLM"], **config.to_dict(),
             "tie_word_embeddings": config.tie_embeddings}
     if eos_token_id is not None:
         data["eos_token_id"] = eos_token_id
+    if tokenizer is not None:
+        data["tokenizer_fingerprint"] = fingerprint(tokenizer)
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .bench import BenchError
 from .cache import CacheError
-from .checkpoint import CheckpointError, load_model, save_model
+from .checkpoint import CheckpointError, load_model, resolve_checkpoint, save_model
 from .compress.policies import BudgetError
 from .config import NAMES, PRESETS, ConfigError
 from .data import SPECIAL_TOKENS, DataError
@@ -36,6 +36,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace) -> CausalLM:
     if args.checkpoint:
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
         return load_model(args.checkpoint, dtype=args.dtype)
     return build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
 
@@ -87,7 +88,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     model = build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
     tokenizer = byte_level_tokenizer(model.config.vocab_size)
     save_tokenizer(tokenizer, args.out, model.config.max_seq_len)
-    save_model(model, args.out, eos_token_id=tokenizer.token_to_id(EOS))
+    save_model(model, args.out, eos_token_id=tokenizer.token_to_id(EOS), tokenizer=tokenizer)
     print(f"wrote a randomly initialised {args.arch} ({args.preset}, {model.num_parameters() / 1e6:.2f}M params) "
           f"with a byte-level tokenizer to {args.out} (loads with transformers' AutoModelForCausalLM too)")
     return 0
@@ -200,28 +201,43 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.from_llama is not None:
         if not (Path(args.from_llama) / "config.json").is_file():
             raise UsageError(f"{args.from_llama!r} is not a transformers model folder (no config.json)")
+        source = Path(args.from_llama)
         model = converted = from_llama(args.from_llama)
         done.append(f"Llama {args.from_llama} -> yoco transformer (same logits)")
     else:
-        model = converted = load_model(args.checkpoint)
+        source = resolve_checkpoint(args.checkpoint)
+        model = converted = load_model(source)
     if args.kv_heads is not None:
         converted = convert_kv_heads(converted, args.kv_heads)
         done.append(f"{model.config.n_kv_heads} -> {args.kv_heads} K/V heads (mean-pooled)")
     if args.cla_factor is not None or args.mlkv_layers is not None:
         converted = share_kv_layers(converted, cla_factor=args.cla_factor or 1, mlkv_layers=args.mlkv_layers)
         done.append(f"K/V shared across layers {converted.config.kv_sources} (group means)")
-    eos = None
-    if args.from_llama is not None and (Path(args.from_llama) / "tokenizer.json").is_file():
-        import json
-
-        from .data import load_tokenizer
-        from .tokenizer import save_tokenizer
-
-        save_tokenizer(load_tokenizer(args.from_llama, require_eos=False), args.out, converted.config.max_seq_len)
-        eos = json.loads((Path(args.from_llama) / "config.json").read_text()).get("eos_token_id")
-    save_model(converted, args.out, eos_token_id=eos if isinstance(eos, int) else None)
-    print(f"wrote {args.out}: {'; '.join(done)}; {converted.num_parameters() / 1e6:.2f}M params")
+    tokenizer, eos = copy_tokenizer(source, args.out, converted.config.max_seq_len)
+    save_model(converted, args.out, eos_token_id=eos, tokenizer=tokenizer)
+    note = "" if tokenizer else "; the source has no tokenizer.json, so the output has none either"
+    print(f"wrote {args.out}: {'; '.join(done)}; {converted.num_parameters() / 1e6:.2f}M params{note}")
     return 0
+
+
+def copy_tokenizer(source: Path, out: str, model_max_length: int):
+    """The source folder's tokenizer, written to ``out`` (tokenizer.json and a tokenizer_config.json;
+    None if the source has none), and the source's end-of-text id (its config.json's eos_token_id,
+    which generation stops at)."""
+    import json
+
+    from .data import load_tokenizer
+    from .tokenizer import save_tokenizer
+
+    tokenizer = None
+    if (source / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(source, require_eos=False)
+        save_tokenizer(tokenizer, out, model_max_length)
+    try:
+        eos = json.loads((source / "config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        eos = None
+    return tokenizer, eos if isinstance(eos, int) and not isinstance(eos, bool) else None
 
 
 def split_names(text: str) -> tuple[str, ...]:
@@ -264,6 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import TokenShards
     from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, plot_passkey, validation_loss
 
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
     model = load_model(args.checkpoint, dtype=args.dtype)
     tokenizer = tokenizer_for(args.checkpoint, model.config.vocab_size)
     data = Path(args.data) if args.data else Path(args.checkpoint).resolve().parent / "data"
@@ -359,8 +376,10 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
     budgets = [parse_budget(b) for b in args.budget.split(",")]
+    args.model = str(resolve_checkpoint(args.model))  # a run folder: its latest checkpoint
     model = load_any_model(args.model, args.dtype)
-    tokenizer = tokenizer_for(args.model, model.config.vocab_size)
+    # a transformers model may pad its vocabulary beyond its tokenizer's; a yoco model is sized by it
+    tokenizer = tokenizer_for(args.model, model.config.vocab_size, exact=isinstance(model, CausalLM))
     folder = Path(args.model).resolve()
     # a training run keeps data/ beside its checkpoints; a study keeps one for all its runs, a level up
     found = [d for d in (folder.parent / "data", folder.parent.parent / "data") if (d / "meta.json").is_file()]

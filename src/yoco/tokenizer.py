@@ -4,6 +4,7 @@ any model with a vocabulary of at least 256 can read and write text before a BPE
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,12 +27,20 @@ class ByteTokenizer:
 
 
 class TrainedTokenizer:
-    """A checkpoint's ``tokenizer.json`` (byte-level BPE), checked against the model's vocabulary."""
+    """A checkpoint's ``tokenizer.json`` (byte-level BPE), checked against the model's vocabulary.
 
-    def __init__(self, path, model_vocab_size: int):
+    ``exact``: the tokenizer must be the model's own, i.e. have exactly as many ids as the model's
+    vocabulary (``yoco train`` sizes the model by its tokenizer), unless it is the byte-level tokenizer
+    ``yoco init`` writes beside a random model. A transformers model may have more ids than its
+    tokenizer (vocabularies padded to a multiple, e.g. Qwen2's 151,936 for 151,665 tokens): with
+    ``exact=False`` fewer ids are accepted, more never."""
+
+    def __init__(self, path, model_vocab_size: int, exact: bool = True):
         from .data import EOS, load_tokenizer
 
         self.tokenizer = load_tokenizer(path, vocab_size=model_vocab_size, require_eos=False)
+        if exact:
+            check_fits(self.tokenizer, path, model_vocab_size)
         self.eos_id = self.tokenizer.token_to_id(EOS)
 
     def encode(self, text: str) -> list[int]:
@@ -74,6 +83,52 @@ def byte_level_tokenizer(model_vocab_size: int):
     return tokenizer
 
 
+def fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer whatever file wrote it: its size and a hash of its vocabulary (token
+    -> id, added tokens included). Saved in config.json beside the model it was trained with."""
+    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"ids": tokenizer.get_vocab_size(), "sha256": digest}
+
+
+def check_fits(tokenizer, folder, model_vocab_size: int) -> None:
+    """Refuse a tokenizer that is not the model's: another than the one config.json records (what
+    ``yoco train``, ``init`` and ``convert`` write), or, in a folder without that record, one whose size
+    is not the model's vocabulary (``yoco train`` sizes the model by its tokenizer), unless it is the
+    byte-level tokenizer ``yoco init`` writes beside a random model."""
+    from .data import DataError
+
+    wrong = f"wrong tokenizer for this model: put the tokenizer.json it was trained with in {str(folder)!r}"
+    size = tokenizer.get_vocab_size()
+    config = Path(folder) / "config.json"
+    recorded = None
+    if config.is_file():
+        try:
+            recorded = json.loads(config.read_text()).get("tokenizer_fingerprint")
+        except ValueError:
+            recorded = None  # the model's loader names a corrupt config.json
+    if isinstance(recorded, dict) and "ids" in recorded:
+        if recorded["ids"] != size:
+            raise DataError(f"the tokenizer in {str(folder)!r} has {size} ids but the model was trained with "
+                            f"{recorded['ids']}: {wrong}")
+        if recorded.get("sha256") != fingerprint(tokenizer)["sha256"]:
+            raise DataError(f"the tokenizer in {str(folder)!r} has the {size} ids of the model's but another "
+                            f"vocabulary: {wrong}")
+    elif size != model_vocab_size and not is_byte_level(tokenizer, model_vocab_size):
+        raise DataError(f"the tokenizer in {str(folder)!r} has {size} ids but the model was trained with "
+                        f"{model_vocab_size}: {wrong}")
+
+
+def is_byte_level(tokenizer, model_vocab_size: int) -> bool:
+    """Whether ``tokenizer`` is exactly ``byte_level_tokenizer(model_vocab_size)``."""
+    from .data import SPECIAL_TOKENS
+
+    if model_vocab_size < 256 or tokenizer.get_vocab_size() > 256 + len(SPECIAL_TOKENS):
+        return False
+    return tokenizer.get_vocab(with_added_tokens=True) == \
+        byte_level_tokenizer(model_vocab_size).get_vocab(with_added_tokens=True)
+
+
 def save_tokenizer(tokenizer, directory, model_max_length: int) -> None:
     """``tokenizer.json`` plus the ``tokenizer_config.json`` that makes ``AutoTokenizer`` load it as a
     ``PreTrainedTokenizerFast``."""
@@ -97,8 +152,18 @@ def write_tokenizer_config(directory, tokenizer, model_max_length: int) -> None:
                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
-def tokenizer_for(checkpoint, model_vocab_size: int):
-    """The checkpoint's trained tokenizer when it has one, else the byte tokenizer."""
-    if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file():
-        return TrainedTokenizer(checkpoint, model_vocab_size)
+def tokenizer_for(checkpoint, model_vocab_size: int, exact: bool = True):
+    """The text side of a model: the folder's tokenizer (checked to be the model's, see
+    ``TrainedTokenizer``); for a folder without one, the byte tokenizer only if the model's vocabulary
+    is byte-sized (the 256 bytes, and room for the special tokens at most): any other model would read
+    bytes as tokens it was never trained on. No folder (a randomly initialised model): bytes."""
+    from .data import SPECIAL_TOKENS
+
+    if checkpoint is not None:
+        if (Path(checkpoint) / "tokenizer.json").is_file():
+            return TrainedTokenizer(checkpoint, model_vocab_size, exact=exact)
+        if model_vocab_size > 256 + len(SPECIAL_TOKENS):
+            raise InputError(f"{str(checkpoint)!r} has no tokenizer.json and the model's vocabulary of "
+                             f"{model_vocab_size} ids is not byte-sized, so text cannot be encoded for it: put "
+                             "the tokenizer it was trained with beside it, or give token ids (--prompt-ids)")
     return ByteTokenizer(model_vocab_size)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, load_model, save_model
+from .checkpoint import CheckpointError, atomic_write, latest_checkpoint, load_model, resolve_checkpoint, save_model
 from .config import get_config
 from .data import EOS, SPECIAL_TOKENS, TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
 from .evaluate import lm_loss, validation_loss
@@ -207,8 +207,7 @@ def loss_weights(batch_size: int, seq_len: int, targets: torch.Tensor) -> torch.
 def initial_weights(checkpoint: Path, config, data_dir: Path) -> CausalLM:
     """The model saved in `checkpoint`, checked to fit this run: the same config (the maximum length
     aside) and the same tokenizer. A run folder stands for its latest checkpoint."""
-    if (checkpoint / "latest").is_file():
-        checkpoint = latest_checkpoint(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     source = load_model(checkpoint)
     differ = [f"{k}={v!r} (the run has {getattr(config, k)!r})" for k, v in vars(source.config).items()
               if k != "max_seq_len" and getattr(config, k) != v]
@@ -235,7 +234,7 @@ def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, optimiz
     shutil.rmtree(staging, ignore_errors=True)
     model = build_model(config)
     model.load_state_dict(model_state)
-    save_model(model, staging, eos_token_id=tokenizer.token_to_id(EOS))
+    save_model(model, staging, eos_token_id=tokenizer.token_to_id(EOS), tokenizer=tokenizer)
     shutil.copyfile(data_dir / "tokenizer.json", staging / "tokenizer.json")
     write_tokenizer_config(staging, tokenizer, config.max_seq_len)  # a transformers folder too
     torch.save({"step": step, "optimizer": optim_state, "optimizer_format": optimizer_format,
@@ -244,16 +243,6 @@ def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, optimiz
     os.replace(staging, final)
     atomic_write(run_dir / "latest", lambda tmp: Path(tmp).write_text(final.name + "\n"))
     return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{str(pointer)!r} points at {str(path)!r}, which does not exist")
-    return path
 
 
 # ---------------------------------------------------------------------- the loop

@@ -5,19 +5,12 @@ import json
 import pytest
 
 from yoco.cli import main
-from yoco.train import TrainSettings, latest_checkpoint, train
+from yoco.checkpoint import latest_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus")
-    for i in range(60):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" * 8)
-    run = tmp_path_factory.mktemp("run")
-    train(TrainSettings(arch="yoco-swa", preset="tiny", corpus=[str(corpus)], vocab_size=300, steps=2, batch_size=2,
-                        seq_len=32, save_every=2, eval_every=2, eval_batches=1, val_percent=20.0),
-          run, progress=False, log=lambda s: None)
-    return latest_checkpoint(run)
+def checkpoint(trained_run):
+    return latest_checkpoint(trained_run)
 
 
 def test_compress_eval_writes_json_markdown_and_plot(checkpoint, tmp_path, capsys):
