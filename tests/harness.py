@@ -1,6 +1,9 @@
 """Shared by the tests: the architecture variants under the equivalence harness."""
 
+import torch
+
 from yoco import build_model
+from yoco.engine import decode_step, prefill
 
 # Architectures under the shared equivalence harness (tiny preset, fp32): the three named
 # architectures plus the Transformer's window-only control, MQA and MHA head layouts, cross-layer
@@ -27,3 +30,14 @@ ARCH_VARIANTS = {
 def make_model(variant: str, **extra):
     arch, overrides = ARCH_VARIANTS[variant]
     return build_model(arch, preset="tiny", seed=0, **{**overrides, **extra})
+
+
+def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=None, compression=None) -> torch.Tensor:
+    """Logits at positions prompt_len-1 .. T-1: chunked prefill, then one decode step per token (the
+    cache compressed by ``compression`` after the prompt, if given)."""
+    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad, compression=compression)
+    with torch.no_grad():
+        out = [prefill(model, ids[:, :prompt_len], cache, chunk)]
+        for t in range(prompt_len, ids.shape[1]):
+            out.append(decode_step(model, ids[:, t], cache))
+    return torch.stack(out, dim=1)

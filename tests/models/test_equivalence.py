@@ -2,22 +2,12 @@
 
 import pytest
 import torch
-from harness import make_model
+from harness import engine_logits, make_model
 
-from yoco.engine import decode_step, generate, left_pad, prefill
+from yoco.engine import generate, left_pad, prefill
 
 ATOL = 1e-5
 RTOL = 1e-5
-
-
-def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=None) -> torch.Tensor:
-    """Logits at positions prompt_len-1 .. T-1: chunked prefill, then one decode step per token."""
-    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad)
-    with torch.no_grad():
-        out = [prefill(model, ids[:, :prompt_len], cache, chunk)]
-        for t in range(prompt_len, ids.shape[1]):
-            out.append(decode_step(model, ids[:, t], cache))
-    return torch.stack(out, dim=1)
 
 
 # Window 16, retention chunk 16 in the tiny preset: prompts shorter than, equal to and much longer
