@@ -1,12 +1,12 @@
-"""Compression on randomly initialised transformers Llama and Qwen2 models, through the public Cache
-and AttentionInterface APIs, driven by yoco's engine and by transformers' own generate()."""
+"""Compression on randomly initialised transformers Llama, Mistral and Qwen2 models, through the public
+Cache and AttentionInterface APIs, driven by yoco's engine and by transformers' own generate()."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tests.compress.test_store import run
-from yoco.compress import CORM, H2O, InfLLM, PyramidKV, SnapKV, StreamingLLM
+from yoco.compress import CORM, H2O, BudgetError, InfLLM, PyramidKV, SnapKV, StreamingLLM
 from yoco.compress.hf import CompressedCache, HFCompressedLM
 from yoco.compress.hf import generate as hf_generate
 from yoco.engine import decode_step, generate, left_pad, prefill
@@ -93,6 +93,40 @@ def test_mistral_sliding_window_is_honoured():
     reference, _ = run(lm, prompts, None, steps=8)
     compressed, _ = run(lm, prompts, SnapKV(1000), steps=8)
     torch.testing.assert_close(compressed, reference, rtol=0, atol=2e-5)
+
+
+WINDOW = 16
+
+
+def test_each_layer_store_knows_its_window():
+    """Read per layer, as each attention passes it: Mistral's config window on every layer, Qwen2's on
+    the layers from max_window_layers on, none on Llama."""
+    for model, windows in ((hf_model("mistral", sliding_window=WINDOW), [WINDOW] * 3),
+                           (hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+                            [None, WINDOW, WINDOW]),
+                           (hf_model("qwen2", sliding_window=WINDOW), [None] * 3),  # use_sliding_window=False
+                           (hf_model("llama"), [None] * 3)):
+        cache = HFCompressedLM(model).new_cache(1, compression=SnapKV(8))
+        assert [layer.store.window for layer in cache.layers] == windows
+
+
+def test_a_cache_built_for_other_windows_is_refused():
+    lm = HFCompressedLM(hf_model("mistral", sliding_window=WINDOW))
+    cache = lm.new_cache(1, compression=SnapKV(1000))
+    cache.layers[1].store.window = None  # as if read wrongly from the model
+    with pytest.raises(InputError, match="layer 1 attends with sliding window 16"):
+        lm(torch.randint(1, 300, (1, 5)), cache, 1)
+
+
+def test_infllm_is_refused_on_a_sliding_window_layer_before_holding_anything():
+    """InfLLM's memory units hold tokens no sliding-window query could see: refused when the cache is
+    built, on Mistral and on a Qwen2 with some windowed layers (not after the prompt's first call)."""
+    policy = InfLLM(n_init=4, n_local=16, block_size=8, topk=2)
+    for model in (hf_model("mistral", sliding_window=WINDOW),
+                  hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)):
+        with pytest.raises(BudgetError, match="sliding-window layer"):
+            HFCompressedLM(model).new_cache(1, compression=policy)
+    assert HFCompressedLM(hf_model("qwen2")).new_cache(1, compression=policy)  # no window: accepted
 
 
 def test_unsupported_models_and_bad_budgets():

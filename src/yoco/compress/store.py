@@ -63,16 +63,21 @@ class CompressedKV:
     ``layer``/``n_layers``: this cache's index among the model's compressed caches (PyramidKV's depth).
     ``rotate(x, delta)``: re-rotates keys by per-row position deltas (StreamingLLM moves its sinks).
     ``values_are_keys``: MLA attends with the cached rows as both keys and values (``v`` is not stored).
+    ``window``: the layer's sliding window (a query at slot q sees slots > q - window), None for full
+    attention.
     """
 
     kind = "compressed KV cache"
 
     def __init__(self, policy: Policy, *, layer: int, n_layers: int, batch_size: int, n_kv_heads: int,
                  key_dim: int, value_dim: int, dtype: torch.dtype, device=None, pad: torch.Tensor | None = None,
-                 rotate=None, values_are_keys: bool = False):
+                 rotate=None, values_are_keys: bool = False, window: int | None = None):
         if policy.needs_rotary and rotate is None:
             raise BudgetError(f"{type(policy).__name__} re-rotates cached keys and needs the model's RoPE for it")
+        if window is not None and window < 1:
+            raise BudgetError(f"a sliding window must be >= 1 token, got {window}")
         self.policy, self.layer, self.n_layers, self.rotate = policy, layer, n_layers, rotate
+        self.window = window
         B, h = batch_size, n_kv_heads
         self.k = torch.zeros(B, h, 0, key_dim, dtype=dtype, device=device)
         self.v = None if values_are_keys else torch.zeros(B, h, 0, value_dim, dtype=dtype, device=device)
@@ -257,39 +262,39 @@ class CompressedKV:
         self.k[:, :, :n] = torch.where(moving[:, None, None, None], moved, self.k[:, :, :n])
 
     # ------------------------------------------------------------------ attention
-    def attend(self, q: torch.Tensor, step: Step, scale: float | None = None, window: int | None = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, step: Step, scale: float | None = None) -> torch.Tensor:
         """Queries q [B, H, T, d] at the step's slots against every entry; [B, H, T, d_v]. Also lets the
         policy observe these queries' attention (every layer reading this cache adds to it)."""
         B, H, T, d = q.shape
         values = self.k if self.v is None else self.v
         if self.policy.observe and (not self.compressed or self.policy.keeps_budget_while_decoding):
-            self._observe(q, step.slots, scale, window)
+            self._observe(q, step.slots, scale)
         if scale is not None:  # fold a custom softmax scale into the queries (SDPA's default is d^-0.5)
             q = q * (scale * d ** 0.5)
-        if not self.compressed and window is None:
+        if not self.compressed and self.window is None:
             from ..mixers.attention import causal_attention  # (the mixers import this module)
 
             return causal_attention(q, self.k, values, step)  # entries still in slot order: fast path
         h = self.k.shape[1]
         G = H // h
-        mask = entry_mask(step.slots, self.slots, self.pad, window)
+        mask = entry_mask(step.slots, self.slots, self.pad, self.window)
         # one K/V head per query group: fold the group's heads into the query length
         mask = mask[:, :, None].expand(B, h, G, T, mask.shape[-1]).reshape(B, h, G * T, -1)
         o = F.scaled_dot_product_attention(q.reshape(B, h, G * T, d), self.k, values, attn_mask=mask)
         return o.reshape(B, H, T, values.shape[-1])
 
-    def probabilities(self, q: torch.Tensor, q_slots: torch.Tensor, scale: float | None,
-                      window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(self, q: torch.Tensor, q_slots: torch.Tensor,
+                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax attention weights [B, h, G, T, S] (fp32) of queries q [B, H, T, d], and the mask
         [B, h, 1, T, S] they were computed under."""
         B, H, T, d = q.shape
         h = self.k.shape[1]
         scale = d ** -0.5 if scale is None else scale
         logits = torch.einsum("bhgtd,bhsd->bhgts", q.reshape(B, h, H // h, T, d).float(), self.k.float()) * scale
-        mask = entry_mask(q_slots, self.slots, self.pad, window)[:, :, None]
+        mask = entry_mask(q_slots, self.slots, self.pad, self.window)[:, :, None]
         return logits.masked_fill(~mask, float("-inf")).softmax(-1), mask
 
-    def _observe(self, q: torch.Tensor, q_slots: torch.Tensor, scale, window) -> None:
+    def _observe(self, q: torch.Tensor, q_slots: torch.Tensor, scale) -> None:
         policy = self.policy
         start = int(q_slots[0])
         if policy.observe == "tail":
@@ -300,7 +305,7 @@ class CompressedKV:
             q, q_slots = q[:, :, -tail:], q_slots[-tail:]
         for lo in range(0, q.shape[2], OBSERVE_BLOCK):
             block, block_slots = q[:, :, lo:lo + OBSERVE_BLOCK], q_slots[lo:lo + OBSERVE_BLOCK]
-            p, mask = self.probabilities(block, block_slots, scale, window)
+            p, mask = self.probabilities(block, block_slots, scale)
             self.score += p.sum(dim=(2, 3))
             if self.last_attended is not None:
                 # CORM: attended = at least the uniform share 1/t of a query that saw t tokens,
