@@ -11,7 +11,9 @@ public extension points of transformers 5.x only:
   It finds the cache through ``compressed_attention(model, cache)``, a context manager that switches
   the model to it for the duration (a context variable: transformers' ``generate()`` refuses unknown
   keyword arguments, and the attention function never sees the cache). A sliding-window layer's
-  store knows its window (``layer_windows``);
+  store knows its window (``layer_windows``) and drops what left it after every call, so it never
+  holds more than transformers' own sliding layer (plus the current token while decoding, see
+  ``store.py``);
 - ``HFCompressedLM``: an adapter giving a transformers model the interface of a yoco model
   (``new_cache``, ``model(ids, cache, num_logits=...)``), so yoco's engine (``generate``, chunked
   prefill, left-padded batches) runs it with or without a policy; it passes explicit ``position_ids``
@@ -188,6 +190,7 @@ def attend_compressed(module, query, key, value, attention_mask, scaling=None, d
     T = query.shape[2]
     step = Step(store.seen - T, T, store.pad, query.device)
     out = store.attend(query, step, scale=scaling)
+    store.forget_unseeable()  # the layer's only reader this call has read
     return out.transpose(1, 2).contiguous(), None
 
 
