@@ -33,10 +33,11 @@ def make_model(variant: str, **extra):
     return build_model(arch, preset="tiny", seed=0, **{**overrides, **extra})
 
 
-def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=None) -> torch.Tensor:
+def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=None, compression=None) -> torch.Tensor:
     """Logits at positions prompt_len-1 .. T-1 of ids [B, T] the way generation computes them: chunked
-    prefill of the prompt, then one cached decode step per token (teacher-forced)."""
-    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad)
+    prefill of the prompt, then one cached decode step per token (teacher-forced; the cache compressed
+    by ``compression`` after the prompt, if given)."""
+    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad, compression=compression)
     with torch.no_grad():
         out = [prefill(model, ids[:, :prompt_len], cache, chunk)]
         for t in range(prompt_len, ids.shape[1]):

@@ -1,12 +1,14 @@
-"""Compression on randomly initialised transformers Llama and Qwen2 models, through the public Cache
-and AttentionInterface APIs, driven by yoco's engine and by transformers' own generate()."""
+"""Compression on randomly initialised transformers Llama, Mistral and Qwen2 models, through the public
+Cache and AttentionInterface APIs, driven by yoco's engine and by transformers' own generate(); with a
+sliding window, never more bytes than transformers' own cache (plus the current token while decoding)."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tests.compress.test_store import run
-from yoco.compress import CORM, H2O, InfLLM, PyramidKV, SnapKV, StreamingLLM
+from yoco.cache import tensor_bytes
+from yoco.compress import CORM, H2O, BudgetError, InfLLM, PyramidKV, SnapKV, StreamingLLM
 from yoco.compress.hf import CompressedCache, HFCompressedLM
 from yoco.compress.hf import generate as hf_generate
 from yoco.engine import decode_step, generate, left_pad, prefill
@@ -93,6 +95,168 @@ def test_mistral_sliding_window_is_honoured():
     reference, _ = run(lm, prompts, None, steps=8)
     compressed, _ = run(lm, prompts, SnapKV(1000), steps=8)
     torch.testing.assert_close(compressed, reference, rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------------- sliding windows: bytes
+WINDOW = 16
+ONE_TOKEN = 2 * 2 * 16 * 4  # one token of one layer for one row: K and V, 2 heads of 16, fp32
+
+
+def teacher_forced(lm, prompts, policy, steps=8, chunk=12):
+    """transformers' own cache and a compressed one fed the same tokens: the prompt in calls of
+    ``chunk`` (then ``compress()``), then ``steps`` decode steps of the reference's greedy tokens.
+    (12: with prompts of 40 and 29 tokens every call ends on a real token of both rows; a call of
+    padding only would give logits that mean nothing.)
+    Yields (phase, reference logits, compressed logits, reference cache, compressed cache) after
+    every call; phase is "prompt", "compressed" (the last prompt call, after compress()) or "decode"."""
+    ids, pad = left_pad(prompts)
+    full = lm.new_cache(len(prompts), pad=pad)
+    compressed = lm.new_cache(len(prompts), pad=pad, compression=policy)
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            call = ids[:, start:start + chunk]
+            reference, got = lm(call, full, 1)[:, -1], lm(call, compressed, 1)[:, -1]
+            last = start + chunk >= ids.shape[1]
+            if last:
+                compressed.compress()
+            yield ("compressed" if last else "prompt"), reference, got, full, compressed
+        for _ in range(steps):
+            token = reference.argmax(-1)
+            reference, got = decode_step(lm, token, full), decode_step(lm, token, compressed)
+            yield "decode", reference, got, full, compressed
+
+
+def layer_bytes(cache):
+    if isinstance(cache, CompressedCache):
+        return [layer.store.nbytes() for layer in cache.layers]
+    return [tensor_bytes(layer.keys, layer.values) for layer in cache.layers]
+
+
+WINDOWED = {"snapkv-above-window": SnapKV(1000), "h2o-above-window": H2O(1000),
+            "streamingllm-above-window": StreamingLLM(1000), "snapkv": SnapKV(8, window=4), "h2o": H2O(8),
+            "streamingllm": StreamingLLM(8), "corm": CORM(window=8)}
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+def test_a_sliding_window_cache_never_holds_more_than_transformers_own(name):
+    """Mistral, window 16, a 40-token prompt (and a left-padded 29-token one): between calls every
+    compressed layer holds at most what transformers' DynamicSlidingWindowLayer holds (its last
+    window - 1 tokens), plus, while decoding, the current token (written in place, not concatenated
+    for the call). A budget above the window reaches that bound exactly and gives transformers' logits."""
+    policy = WINDOWED[name]
+    lm = HFCompressedLM(hf_model("mistral", sliding_window=WINDOW))
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (40, 29)]
+    above_window = policy.budget is not None and policy.budget >= WINDOW
+    phases = []
+    for phase, reference, got, full, compressed in teacher_forced(lm, prompts, policy):
+        phases.append(phase)
+        entries = [layer.store.entries for layer in compressed.layers]
+        transformers_bytes, compressed_bytes = layer_bytes(full), layer_bytes(compressed)
+        assert transformers_bytes == [2 * (WINDOW - 1) * ONE_TOKEN] * 3 or phase == "prompt"
+        if phase == "decode":
+            assert max(entries) <= WINDOW
+            allowed = [n + 2 * ONE_TOKEN for n in transformers_bytes]  # + the current token of both rows
+        else:
+            budget = WINDOW - 1 if policy.budget is None else min(policy.budget, WINDOW - 1)
+            assert phase == "prompt" or max(entries) <= budget
+            allowed = transformers_bytes
+        assert all(c <= a for c, a in zip(compressed_bytes, allowed))
+        if above_window:  # the bound is reached: it is exact
+            assert compressed_bytes == allowed
+            torch.testing.assert_close(got, reference, rtol=0, atol=2e-5)
+    assert phases.count("decode") == 8
+
+
+def test_a_sliding_window_model_keeps_full_layers_at_their_budget():
+    """Qwen2 with use_sliding_window and max_window_layers=1: layer 0 attends fully and keeps its
+    budget, layers 1 and 2 keep at most their window; a budget above the prompt gives transformers'
+    own logits (it holds the whole prompt on layer 0 and the window on the others)."""
+    model = hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    lm = HFCompressedLM(model)
+    prompts = [torch.randint(1, 300, (40,)).tolist()]
+    for policy in (SnapKV(24, window=4), H2O(24)):
+        for phase, reference, got, full, compressed in teacher_forced(lm, prompts, policy):
+            entries = [layer.store.entries for layer in compressed.layers]
+            transformers_bytes, compressed_bytes = layer_bytes(full), layer_bytes(compressed)
+            if phase == "compressed":
+                assert entries == [24, WINDOW - 1, WINDOW - 1]
+                assert compressed_bytes[0] == 24 * ONE_TOKEN < transformers_bytes[0]
+            if phase == "decode":
+                assert entries[1:] == [WINDOW, WINDOW]
+                assert entries[0] == 24 or not isinstance(policy, H2O)  # H2O keeps its budget while decoding
+            current = ONE_TOKEN if phase == "decode" else 0
+            assert compressed_bytes[0] <= transformers_bytes[0]
+            assert all(c <= t + current for c, t in zip(compressed_bytes[1:], transformers_bytes[1:]))
+    for phase, reference, got, full, compressed in teacher_forced(lm, prompts, SnapKV(1000)):
+        torch.testing.assert_close(got, reference, rtol=0, atol=2e-5)
+
+
+def test_streamingllm_on_a_sliding_window_frees_its_sinks_once_out_of_it():
+    """A prompt shorter than the window keeps its sinks; once a sink leaves the window it is freed and
+    its entry reused by a new token, whose key must stay its own (not the re-rotated sink's): every
+    step equals the model run afresh on the kept tokens (one layer: K/V depend on token and position)."""
+    model = hf_model("mistral", layers=1, sliding_window=WINDOW)
+    lm = HFCompressedLM(model)
+    cache = lm.new_cache(1, compression=StreamingLLM(8, n_sink=4))
+    tokens = torch.randint(1, 300, (10,)).tolist()
+    with torch.no_grad():
+        logits = prefill(lm, torch.tensor([tokens]), cache, 16)
+        for _ in range(14):
+            tokens.append(int(logits.argmax(-1)))
+            logits = decode_step(lm, torch.tensor(tokens[-1:]), cache)
+            newest = len(tokens) - 1
+            sinks = [s for s in range(4) if newest - s < WINDOW]  # the sinks this query still sees
+            attended = sinks + list(range(newest - (8 - len(sinks)) + 1, newest + 1))
+            afresh = model(torch.tensor([[tokens[s] for s in attended]])).logits[:, -1]
+            torch.testing.assert_close(logits, afresh, rtol=0, atol=1e-5)
+            store = cache.layers[0].store
+            kept = sorted(s for s in store.slots[0, 0].tolist() if s >= 0)
+            assert kept == [s for s in attended if newest + 1 - s < WINDOW]  # what the next query sees
+    assert sinks == [] and store.entries == 8
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_transformers_generate_on_a_sliding_window_model_keeps_only_the_window(beams):
+    model = hf_model("mistral", sliding_window=WINDOW)
+    ids, mask = padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=beams, pad_token_id=0)
+    policy = SnapKV(1000)
+    cache = CompressedCache(model, policy, 2, (mask == 0).sum(-1))
+    out = hf_generate(model, ids, policy, cache=cache, **options)
+    torch.testing.assert_close(out, model.generate(ids, **options), rtol=0, atol=0)
+    assert [layer.store.entries for layer in cache.layers] == [WINDOW] * 3  # not the 40 + 12 tokens seen
+
+
+def test_each_layer_store_knows_its_window():
+    """Read per layer, as each attention passes it: Mistral's config window on every layer, Qwen2's on
+    the layers from max_window_layers on, none on Llama."""
+    for model, windows in ((hf_model("mistral", sliding_window=WINDOW), [WINDOW] * 3),
+                           (hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+                            [None, WINDOW, WINDOW]),
+                           (hf_model("qwen2", sliding_window=WINDOW), [None] * 3),  # use_sliding_window=False
+                           (hf_model("llama"), [None] * 3)):
+        cache = HFCompressedLM(model).new_cache(1, compression=SnapKV(8))
+        assert [layer.store.window for layer in cache.layers] == windows
+
+
+def test_a_cache_built_for_other_windows_is_refused():
+    lm = HFCompressedLM(hf_model("mistral", sliding_window=WINDOW))
+    cache = lm.new_cache(1, compression=SnapKV(1000))
+    cache.layers[1].store.window = None  # as if read wrongly from the model
+    with pytest.raises(InputError, match="layer 1 attends with sliding window 16"):
+        lm(torch.randint(1, 300, (1, 5)), cache, 1)
+
+
+def test_infllm_is_refused_on_a_sliding_window_layer_before_holding_anything():
+    """InfLLM's memory units hold tokens no sliding-window query could see: refused when the cache is
+    built, on Mistral and on a Qwen2 with some windowed layers (not after the prompt's first call)."""
+    policy = InfLLM(n_init=4, n_local=16, block_size=8, topk=2)
+    for model in (hf_model("mistral", sliding_window=WINDOW),
+                  hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)):
+        with pytest.raises(BudgetError, match="sliding-window layer"):
+            HFCompressedLM(model).new_cache(1, compression=policy)
+    assert HFCompressedLM(hf_model("qwen2")).new_cache(1, compression=policy)  # no window: accepted
 
 
 def test_unsupported_models_and_bad_budgets():

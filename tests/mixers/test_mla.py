@@ -1,4 +1,5 @@
-"""Multi-head latent attention: latent-only cache, absorbed decode == decompressed, cross-layer reuse."""
+"""Multi-head latent attention: latent-only cache, absorbed decode == decompressed, cross-layer reuse,
+adapters on the up-projections honoured by the absorbed paths."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import copy
 
 import pytest
 import torch
+from harness import engine_logits, make_model
+from torch import nn
+from torch.nn.utils import parametrize
 
 from yoco.cache import CacheError
+from yoco.compress import SnapKV
 from yoco.config import get_config
 from yoco.layers import RotaryEmbedding, Step
-from yoco.mixers.mla import LatentCache, MultiHeadLatentAttention
+from yoco.mixers.mla import LatentCache, MultiHeadLatentAttention, computes_plain_linear, effective_linear
 
 CPU = torch.device("cpu")
 D_C, D_R = 24, 8
@@ -281,3 +286,89 @@ def test_consumer_without_shared_latent_names_source_layer():
         consumer(x, _step(0, 4))
     with pytest.raises(LookupError, match="latent of layer 2"):
         consumer(x, _step(0, 4), shared={0: torch.zeros(1, 4, D_C + D_R)})
+
+
+# ---------------------------------------------------------------------- adapters on k_up / v_up
+class LowRankAdapted(nn.Module):
+    """A LoRA-style adapter: the base Linear plus a low-rank update ``x A^T B^T`` (B non-zero, as
+    after fine-tuning; LoRA starts with B = 0, where an ignored adapter would go unnoticed)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base = base
+        self.down = nn.Parameter(0.5 * torch.randn(rank, base.in_features, generator=g))
+        self.up = nn.Parameter(0.5 * torch.randn(base.out_features, rank, generator=g))
+
+    @property
+    def weight(self):  # as peft's LoRA layers do: the base weight, without the update
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + x @ self.down.T @ self.up.T
+
+
+class ScaledShifted(nn.Module):
+    """A weight parametrization: W -> 1.5 W + 0.1 (reading ``weight`` evaluates it, so the absorbed
+    paths honoured it already; kept as a guard for the fast path)."""
+
+    def forward(self, weight):
+        return 1.5 * weight + 0.1
+
+
+def lora_wrapped(model):
+    for i, layer in enumerate(model.layers):
+        layer.mixer.k_up = LowRankAdapted(layer.mixer.k_up, seed=2 * i)
+        layer.mixer.v_up = LowRankAdapted(layer.mixer.v_up, seed=2 * i + 1)
+
+
+def parametrized(model):
+    for layer in model.layers:
+        for proj in (layer.mixer.k_up, layer.mixer.v_up):
+            parametrize.register_parametrization(proj, "weight", ScaledShifted())
+
+
+def hooked(model):
+    # an affine forward hook: its shift is a bias (softmax-invariant on k_up, added to every value on v_up)
+    for layer in model.layers:
+        for proj in (layer.mixer.k_up, layer.mixer.v_up):
+            proj.register_forward_hook(lambda module, inputs, out: 1.5 * out + 0.1)
+
+
+def peft_lora(model):
+    peft = pytest.importorskip("peft")
+    # init_lora_weights=False: B starts non-zero, so the adapter changes the model
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_up", "v_up"], init_lora_weights=False)
+    peft.inject_adapter_in_model(config, model)
+
+
+ADAPTERS = {"lora-style": lora_wrapped, "parametrization": parametrized, "forward-hook": hooked, "peft-lora": peft_lora}
+
+
+# a budget above the prompt: the compressed latent keeps every token, so the logits must not change
+@pytest.mark.parametrize("compression", [None, SnapKV(1000)], ids=["latent-cache", "compressed-latent"])
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+def test_absorbed_decode_honours_adapters_on_k_up_and_v_up(adapter, compression):
+    """Decode (absorbed: the latent cache's single-token steps, and every call through a compressed
+    latent) must compute what the full forward (decompressed: it calls k_up and v_up) computes."""
+    model = make_model("mla")
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    before = model(ids)
+    ADAPTERS[adapter](model)
+    full = model(ids)
+    assert (full - before).abs().max() > 1e-3  # the adapter does change the model
+    got = engine_logits(model, ids, 12, chunk=5, compression=compression)
+    torch.testing.assert_close(got, full[:, 11:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_plain_linear_gives_its_own_weight_and_anything_else_is_probed():
+    config = _config()
+    m = _mla(config, _rotary(config))
+    weight, bias = effective_linear(m.k_up, D_C, torch.zeros(1))
+    assert weight is m.k_up.weight and bias is None  # the fast path: no copy, no call
+    handle = m.k_up.register_forward_hook(lambda module, inputs, out: -out)
+    weight, bias = effective_linear(m.k_up, D_C, torch.zeros(1))
+    torch.testing.assert_close(weight, -m.k_up.weight, rtol=0, atol=0)
+    assert not bias.any()
+    handle.remove()
+    assert computes_plain_linear(m.k_up)

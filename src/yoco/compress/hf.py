@@ -10,7 +10,10 @@ public extension points of transformers 5.x only:
   no mask of its own for it (no mask function is registered), so nothing is sized from one layer.
   It finds the cache through ``compressed_attention(model, cache)``, a context manager that switches
   the model to it for the duration (a context variable: transformers' ``generate()`` refuses unknown
-  keyword arguments, and the attention function never sees the cache);
+  keyword arguments, and the attention function never sees the cache). A sliding-window layer's
+  store knows its window (``layer_windows``) and drops what left it after every call, so it never
+  holds more than transformers' own sliding layer (plus the current token while decoding, see
+  ``store.py``);
 - ``HFCompressedLM``: an adapter giving a transformers model the interface of a yoco model
   (``new_cache``, ``model(ids, cache, num_logits=...)``), so yoco's engine (``generate``, chunked
   prefill, left-padded batches) runs it with or without a policy; it passes explicit ``position_ids``
@@ -108,8 +111,9 @@ class CompressedCache(Cache):
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = [CompressedLayer(new_store(policy, layer=i, n_layers=n_layers, batch_size=batch_size,
                                             n_kv_heads=n_kv, key_dim=head_dim, value_dim=head_dim,
-                                            dtype=param.dtype, device=param.device, pad=pad, rotate=rotate))
-                  for i in range(n_layers)]
+                                            dtype=param.dtype, device=param.device, pad=pad, rotate=rotate,
+                                            window=window))
+                  for i, window in enumerate(layer_windows(model))]
         super().__init__(layers=layers)
         self.compression = policy
 
@@ -145,6 +149,16 @@ def check_model(model):
     return config
 
 
+def layer_windows(model) -> list[int | None]:
+    """Each decoder layer's sliding window (None: full attention), as its attention passes it to the
+    attention function: Qwen2/Qwen3 keep it on the attention module (None on their full-attention
+    layers, see ``max_window_layers``); Mistral passes its config's to every layer; Llama has none.
+    ``attend_compressed`` checks it against what each call passes."""
+    config = model.config
+    every_layer = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    return [getattr(layer.self_attn, "sliding_window", every_layer) for layer in model.model.layers]
+
+
 def rerotation(model):
     """``rotate(keys, delta)`` for the model's RoPE (half-split pairs, its own frequencies)."""
     rotary_emb = model.model.rotary_emb
@@ -170,9 +184,13 @@ def attend_compressed(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
     store = cache.layers[module.layer_idx].store
+    if sliding_window != store.window:
+        raise InputError(f"layer {module.layer_idx} attends with sliding window {sliding_window}, but its "
+                         f"compressed cache was built for {store.window} (read from the model by layer_windows)")
     T = query.shape[2]
     step = Step(store.seen - T, T, store.pad, query.device)
-    out = store.attend(query, step, scale=scaling, window=sliding_window)
+    out = store.attend(query, step, scale=scaling)
+    store.forget_unseeable()  # the layer's only reader this call has read
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -43,7 +43,12 @@ class InfLLMKV(CompressedKV):
 
     def __init__(self, policy: InfLLM, *, layer: int, n_layers: int, batch_size: int, n_kv_heads: int,
                  key_dim: int, value_dim: int, dtype: torch.dtype, device=None, pad: torch.Tensor | None = None,
-                 rotate=None, values_are_keys: bool = False):
+                 rotate=None, values_are_keys: bool = False, window: int | None = None):
+        if window is not None:
+            # its memory units hold tokens far out of any window: a sliding-window layer could never
+            # attend them, and its own local window would replace the model's
+            raise BudgetError("InfLLM brings its own local window; it cannot run on a sliding-window layer "
+                              f"(window {window})")
         super().__init__(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=n_kv_heads,
                          key_dim=key_dim, value_dim=value_dim, dtype=dtype, device=device, pad=pad, rotate=rotate,
                          values_are_keys=values_are_keys)
@@ -173,12 +178,9 @@ class InfLLMKV(CompressedKV):
         self.slots = torch.where(kept[:, None], self.slots.gather(2, index), -1)
 
     # ------------------------------------------------------------------ attention
-    def attend(self, q: torch.Tensor, step: Step, scale: float | None = None, window: int | None = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, step: Step, scale: float | None = None) -> torch.Tensor:
         """Queries q [B, H, T, d] at the step's slots; [B, H, T, d_v], a chunk of ``exc_block_size``
         queries at a time (each chunk retrieves its own units)."""
-        if window is not None:
-            raise BudgetError("InfLLM brings its own local window; it cannot run on a sliding-window model "
-                              f"(window {window})")
         chunk = self.policy.exc_block_size
         slots = step.slots
         return torch.cat([self._attend_chunk(q[:, :, lo:lo + chunk], slots[lo:lo + chunk], scale)

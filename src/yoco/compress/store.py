@@ -12,6 +12,17 @@ and copies them into new tensors of exactly that size (the old ones are freed); 
 policy that keeps its budget evicts one entry before each new token is written into the freed place,
 so the tensors never grow; other policies grow the tensors by a quarter when full.
 
+A sliding-window layer's cache (``window``, given at construction) never keeps an entry no future
+query can see, i.e. one older than the last ``window - 1`` slots: during the prompt the oldest
+entries are cut off after every call (``forget_unseeable``), so between calls it holds at most
+``window - 1`` entries, as transformers' own ``DynamicSlidingWindowLayer`` does; ``compress()`` keeps
+at most ``min(budget, window - 1)``; while decoding, the entries that fell out of the window are
+freed and reused before the tensors grow, and they grow to at most ``window`` entries. That is one
+entry more than transformers' sliding layer holds between decode steps: the store writes the current
+token in place, where it is attended, while transformers concatenates it to its ``window - 1`` for
+the call only. So a windowed store holds at most what transformers' cache does, plus one token
+while decoding (a call of T > 1 tokens after compression needs, and keeps, ``window - 1 + T``).
+
 The same class serves yoco's caches (Transformer family, YOCO's single global K/V, MLA's latent,
 whose keys and values are one tensor) and the transformers integration (``compress/hf.py``).
 """
@@ -63,16 +74,21 @@ class CompressedKV:
     ``layer``/``n_layers``: this cache's index among the model's compressed caches (PyramidKV's depth).
     ``rotate(x, delta)``: re-rotates keys by per-row position deltas (StreamingLLM moves its sinks).
     ``values_are_keys``: MLA attends with the cached rows as both keys and values (``v`` is not stored).
+    ``window``: the layer's sliding window (a query at slot q sees slots > q - window), None for full
+    attention; the store then drops what falls out of it (see the module docstring).
     """
 
     kind = "compressed KV cache"
 
     def __init__(self, policy: Policy, *, layer: int, n_layers: int, batch_size: int, n_kv_heads: int,
                  key_dim: int, value_dim: int, dtype: torch.dtype, device=None, pad: torch.Tensor | None = None,
-                 rotate=None, values_are_keys: bool = False):
+                 rotate=None, values_are_keys: bool = False, window: int | None = None):
         if policy.needs_rotary and rotate is None:
             raise BudgetError(f"{type(policy).__name__} re-rotates cached keys and needs the model's RoPE for it")
+        if window is not None and window < 1:
+            raise BudgetError(f"a sliding window must be >= 1 token, got {window}")
         self.policy, self.layer, self.n_layers, self.rotate = policy, layer, n_layers, rotate
+        self.window = window
         B, h = batch_size, n_kv_heads
         self.k = torch.zeros(B, h, 0, key_dim, dtype=dtype, device=device)
         self.v = None if values_are_keys else torch.zeros(B, h, 0, value_dim, dtype=dtype, device=device)
@@ -133,6 +149,7 @@ class CompressedKV:
                 self.last_attended = torch.cat((self.last_attended, new_slots), dim=2)
             self.seen += T
             return
+        self.forget_unseeable()  # before any eviction: what left the window makes room first
         for t in range(T):
             self._write_one(k[:, :, t], None if v is None else v[:, :, t])
 
@@ -174,6 +191,10 @@ class CompressedKV:
 
     def _grow(self) -> None:
         extra = max(16, self.entries // 4)
+        if self.window is not None:
+            # a single-token call needs at most `window` entries (its own and the window - 1 before it);
+            # only a longer call after compression grows beyond, one entry at a time
+            extra = max(1, min(extra, self.window - self.entries))
         B, h, S = self.slots.shape
 
         def widen(t: torch.Tensor, fill) -> torch.Tensor:
@@ -188,6 +209,24 @@ class CompressedKV:
         if self.last_attended is not None:
             self.last_attended = widen(self.last_attended, -1)
 
+    def forget_unseeable(self) -> None:
+        """Drop the entries no query from slot ``seen`` on can see (with a window: those older than the
+        last ``window - 1`` slots). Before compression the entries are in slot order, so the oldest are
+        cut off and the rest copied into new tensors (the old ones are freed); after it they are marked
+        free for reuse. Call it only once every reader of the current call has attended."""
+        if self.window is None:
+            return
+        if self.compressed:
+            self.slots.masked_fill_(self.slots <= self.seen - self.window, -1)
+            return
+        cut = self.entries - min(self.entries, self.window - 1)
+        if cut == 0:
+            return
+        for name in ("k", "v", "slots", "score", "last_attended"):
+            kept = getattr(self, name)
+            if kept is not None:
+                setattr(self, name, kept[:, :, cut:].clone())  # clone: a view would keep the whole prompt
+
     # ------------------------------------------------------------------ compression
     def priority(self, newest: int) -> torch.Tensor:
         return self.policy.priority(self.slots, newest, self.score, self.limit, self.pad)
@@ -200,6 +239,7 @@ class CompressedKV:
         """Keep the policy's choice of the prompt's entries, in new tensors of exactly that size."""
         if self.compressed:
             raise BudgetError("this cache is already compressed (compress once, after the prompt)")
+        self.forget_unseeable()
         policy, newest = self.policy, self.seen - 1
         prompt = self.prompt_tokens()
         self.limit = policy.limit(prompt, self.layer, self.n_layers)
@@ -243,7 +283,9 @@ class CompressedKV:
         rest = torch.where((slots >= 0) & ~is_sink, slots, torch.iinfo(torch.long).max).min(-1).values
         delta = (rest - first - n).clamp_min(0)
         delta = torch.where(rest == torch.iinfo(torch.long).max, 0, delta)
-        moving = delta > 0
+        # a sliding window frees the sinks once they leave it, and their entries are reused
+        held = is_sink[:, :n]
+        moving = (delta > 0) & held.any(-1)
         if not bool(moving.any()):
             return
         if self.sink_keys is None:
@@ -254,42 +296,42 @@ class CompressedKV:
             self.sink_keys[fresh] = self.k[fresh, :, :n]
             self.sink_moved |= fresh
         moved = self.rotate(self.sink_keys, delta)
-        self.k[:, :, :n] = torch.where(moving[:, None, None, None], moved, self.k[:, :, :n])
+        self.k[:, :, :n] = torch.where((moving[:, None] & held)[:, None, :, None], moved, self.k[:, :, :n])
 
     # ------------------------------------------------------------------ attention
-    def attend(self, q: torch.Tensor, step: Step, scale: float | None = None, window: int | None = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, step: Step, scale: float | None = None) -> torch.Tensor:
         """Queries q [B, H, T, d] at the step's slots against every entry; [B, H, T, d_v]. Also lets the
         policy observe these queries' attention (every layer reading this cache adds to it)."""
         B, H, T, d = q.shape
         values = self.k if self.v is None else self.v
         if self.policy.observe and (not self.compressed or self.policy.keeps_budget_while_decoding):
-            self._observe(q, step.slots, scale, window)
+            self._observe(q, step.slots, scale)
         if scale is not None:  # fold a custom softmax scale into the queries (SDPA's default is d^-0.5)
             q = q * (scale * d ** 0.5)
-        if not self.compressed and window is None:
+        if not self.compressed and self.window is None:
             from ..mixers.attention import causal_attention  # (the mixers import this module)
 
             return causal_attention(q, self.k, values, step)  # entries still in slot order: fast path
         h = self.k.shape[1]
         G = H // h
-        mask = entry_mask(step.slots, self.slots, self.pad, window)
+        mask = entry_mask(step.slots, self.slots, self.pad, self.window)
         # one K/V head per query group: fold the group's heads into the query length
         mask = mask[:, :, None].expand(B, h, G, T, mask.shape[-1]).reshape(B, h, G * T, -1)
         o = F.scaled_dot_product_attention(q.reshape(B, h, G * T, d), self.k, values, attn_mask=mask)
         return o.reshape(B, H, T, values.shape[-1])
 
-    def probabilities(self, q: torch.Tensor, q_slots: torch.Tensor, scale: float | None,
-                      window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(self, q: torch.Tensor, q_slots: torch.Tensor,
+                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax attention weights [B, h, G, T, S] (fp32) of queries q [B, H, T, d], and the mask
         [B, h, 1, T, S] they were computed under."""
         B, H, T, d = q.shape
         h = self.k.shape[1]
         scale = d ** -0.5 if scale is None else scale
         logits = torch.einsum("bhgtd,bhsd->bhgts", q.reshape(B, h, H // h, T, d).float(), self.k.float()) * scale
-        mask = entry_mask(q_slots, self.slots, self.pad, window)[:, :, None]
+        mask = entry_mask(q_slots, self.slots, self.pad, self.window)[:, :, None]
         return logits.masked_fill(~mask, float("-inf")).softmax(-1), mask
 
-    def _observe(self, q: torch.Tensor, q_slots: torch.Tensor, scale, window) -> None:
+    def _observe(self, q: torch.Tensor, q_slots: torch.Tensor, scale) -> None:
         policy = self.policy
         start = int(q_slots[0])
         if policy.observe == "tail":
@@ -300,7 +342,7 @@ class CompressedKV:
             q, q_slots = q[:, :, -tail:], q_slots[-tail:]
         for lo in range(0, q.shape[2], OBSERVE_BLOCK):
             block, block_slots = q[:, :, lo:lo + OBSERVE_BLOCK], q_slots[lo:lo + OBSERVE_BLOCK]
-            p, mask = self.probabilities(block, block_slots, scale, window)
+            p, mask = self.probabilities(block, block_slots, scale)
             self.score += p.sum(dim=(2, 3))
             if self.last_attended is not None:
                 # CORM: attended = at least the uniform share 1/t of a query that saw t tokens,

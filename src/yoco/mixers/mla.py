@@ -14,6 +14,8 @@ Two equivalent ways to compute it:
   is mapped into latent space and attention becomes an MQA over the cache buffer itself (keys = the
   ``[c ; k_R]`` rows, values = the ``c`` part), after which each head's weighted latent is
   up-projected with W_uv_h. Per decoded token this reads the cache once instead of decompressing it.
+  W_uk and W_uv are k_up's and v_up's effective maps (``effective_linear``), so an adapter on those
+  modules (LoRA, hooks, parametrizations) acts on both paths alike.
 
 Cross-layer sharing: a layer whose ``kv_source`` differs from its own index is a consumer: it has no
 latent projections and reads the producer's latent from the ``shared`` dict of the same call.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..cache import CacheError, SlotCache
 from ..config import ModelConfig
@@ -53,6 +56,33 @@ class LatentCache(SlotCache):
             raise CacheError(f"latent cache rows are [{self.kv.shape[0]}, T, {self.kv.shape[-1]}], "
                              f"got {list(latent_and_rope.shape)}")
         return super().append(latent_and_rope)[0]
+
+
+def effective_linear(module: nn.Module, in_features: int,
+                     like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias [out] or None) of the map ``module`` applies to inputs of ``in_features``.
+
+    The absorbed paths fold k_up / v_up into the queries and the weighted latents, so they need these
+    matrices rather than a call of the module. A module whose forward is ``nn.Linear``'s with no hooks
+    gives them as its ``weight`` and ``bias`` (a parametrized weight is evaluated by reading it): the
+    fast path. Anything else (a peft LoRA layer, a hand-written adapter, a forward hook, an old-style
+    ``weight_norm`` pre-hook) may change what the module computes, and reading ``weight`` would silently
+    drop that change; so the module is applied to the identity and to zero, in ``like``'s dtype and
+    device: ``module(0)`` is the bias and ``module(I) - module(0)`` the transposed weight, exact for
+    every affine module (a non-affine one has no absorbed form)."""
+    if computes_plain_linear(module):
+        return module.weight, module.bias
+    probe = torch.cat((torch.zeros(1, in_features, dtype=like.dtype, device=like.device),
+                       torch.eye(in_features, dtype=like.dtype, device=like.device)))
+    out = module(probe)
+    bias = out[0]
+    return (out[1:] - bias).T, bias
+
+
+def computes_plain_linear(module: nn.Module) -> bool:
+    """Whether calling ``module`` is exactly ``F.linear(x, module.weight, module.bias)``."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks)
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not any(hooks)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -146,14 +176,18 @@ class MultiHeadLatentAttention(nn.Module):
         return causal_attention(q, k, v, step)[..., : self.d_v]
 
     def _absorbed_queries(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
-        """Each head's query mapped into latent space, [B, H, T, d_c + d_R]."""
-        w_uk = self.k_up.weight.view(self.n_heads, self.d_nope, self.d_c)
+        """Each head's query mapped into latent space, [B, H, T, d_c + d_R]. A bias of k_up adds
+        ``q_nope_h . b_h`` to every score of a query alike, which the softmax ignores: only the weight
+        matters."""
+        w_uk = effective_linear(self.k_up, self.d_c, q_nope)[0].view(self.n_heads, self.d_nope, self.d_c)
         return torch.cat((torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk), q_rope), dim=-1)
 
     def _up_values(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Each head's weighted latent [B, H, T, d_c (+ d_R, dropped)] up-projected to its value."""
-        w_uv = self.v_up.weight.view(self.n_heads, self.d_v, self.d_c)
-        return torch.einsum("bhtc,hvc->bhtv", ctx[..., : self.d_c], w_uv)
+        """Each head's weighted latent [B, H, T, d_c (+ d_R, dropped)] up-projected to its value. The
+        attention weights sum to 1, so a bias of v_up is added once, as it is to every value."""
+        w_uv, b_uv = effective_linear(self.v_up, self.d_c, ctx)
+        o = torch.einsum("bhtc,hvc->bhtv", ctx[..., : self.d_c], w_uv.view(self.n_heads, self.d_v, self.d_c))
+        return o if b_uv is None else o + b_uv.view(self.n_heads, 1, self.d_v)
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, all_kv: torch.Tensor, step: Step) -> torch.Tensor:
         B, H, T, _ = q_nope.shape
