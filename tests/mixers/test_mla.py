@@ -336,7 +336,8 @@ def hooked(model):
 
 
 def peft_lora(model):
-    peft = pytest.importorskip("peft")
+    import peft  # a test dependency: the adapter people actually put on these projections
+
     # init_lora_weights=False: B starts non-zero, so the adapter changes the model
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_up", "v_up"], init_lora_weights=False)
     peft.inject_adapter_in_model(config, model)
