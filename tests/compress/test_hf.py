@@ -167,6 +167,20 @@ def test_a_sliding_window_cache_never_holds_more_than_transformers_own(name):
     assert phases.count("decode") == 8
 
 
+@pytest.mark.parametrize("policy", [SnapKV(1000), SnapKV(30, window=4), CORM(window=8)],
+                         ids=["snapkv-everything", "snapkv-30", "corm"])
+def test_a_growing_cache_never_holds_more_than_transformers_own(policy):
+    """Full attention, policies that let the cache grow while decoding: never more entries than the
+    tokens seen, i.e. never more bytes than transformers' DynamicCache after the same tokens."""
+    lm = HFCompressedLM(hf_model("llama"))
+    for phase, reference, got, full, compressed in teacher_forced(lm, [torch.randint(1, 300, (40,)).tolist()],
+                                                                   policy, steps=20):
+        assert all(c <= t for c, t in zip(layer_bytes(compressed), layer_bytes(full)))
+        if policy.budget == 1000:  # keeps everything: exactly transformers' cache and logits
+            assert layer_bytes(compressed) == layer_bytes(full)
+            torch.testing.assert_close(got, reference, rtol=0, atol=2e-5)
+
+
 def test_a_sliding_window_model_keeps_full_layers_at_their_budget():
     """Qwen2 with use_sliding_window and max_window_layers=1: layer 0 attends fully and keeps its
     budget, layers 1 and 2 keep at most their window; a budget above the prompt gives transformers'

@@ -190,11 +190,12 @@ class CompressedKV:
         self.slots.scatter_(2, victim, torch.where(rows[..., None], -1, current))
 
     def _grow(self) -> None:
-        extra = max(16, self.entries // 4)
-        if self.window is not None:
-            # a single-token call needs at most `window` entries (its own and the window - 1 before it);
-            # only a longer call after compression grows beyond, one entry at a time
-            extra = max(1, min(extra, self.window - self.entries))
+        # By a quarter (appends stay amortised O(1)), but never beyond what the uncompressed cache holds
+        # once this token is written (seen + 1), nor, with a window, beyond it: a single-token call needs
+        # at most `window` entries (its own and the window - 1 before it); only a longer call after
+        # compression grows beyond, one entry at a time.
+        most = self.seen + 1 if self.window is None else min(self.seen + 1, self.window)
+        extra = max(1, min(max(16, self.entries // 4), most - self.entries))
         B, h, S = self.slots.shape
 
         def widen(t: torch.Tensor, fill) -> torch.Tensor:
