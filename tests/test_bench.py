@@ -117,7 +117,7 @@ def test_budget_too_small_for_one_sequence():
 
 @pytest.mark.parametrize("argv,message", [
     (["bench", "--arch", "mamba"], "unknown architecture"),
-    (["bench", "--context", "0"], "context lengths"),
+    (["bench", "--context", "0"], "argument --context: '0': must be a token count >= 2"),
     (["bench", "--context", "4x"], "not a token count"),
     (["bench", "--preset", "tiny", "--arch", "transformer", "--context", "32", "--budget-gib", "0.000001"],
      "too small for one"),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from yoco.config import ARCHITECTURES, PRESETS, ConfigError, ModelConfig, get_config
@@ -174,3 +177,30 @@ def test_replace_validates():
 def test_integer_fields_reject_non_integers(changes, field):
     with pytest.raises(ConfigError, match=rf"\b{field}="):
         _cfg(**changes)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("rope_theta", "1e4", "rope_theta='1e4': must be a number"),
+    ("tie_embeddings", "false", "tie_embeddings='false': must be true or false"),
+    ("scale_embeddings", 1, "scale_embeddings=1: must be true or false"),
+    ("dim", 64.0, "dim=64.0: must be an integer"),
+    ("n_layers", True, "n_layers=True: must be an integer"),
+    ("window", "16", "window='16': must be an integer or null"),
+    ("rope_freqs", 3, "rope_freqs=3: must be a string"),
+])
+def test_every_field_is_checked_by_type_and_named(field, value, expected, tmp_path, capsys):
+    from yoco import build_model, save_model
+    from yoco.cli import main
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        get_config("yoco-swa", "tiny", **{field: value})
+    save_model(build_model("yoco-swa", preset="tiny"), tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, field: value}))
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+
+
+def test_numbers_from_json_keep_their_meaning():
+    assert get_config("transformer", "tiny", rope_theta=10000).rope_theta == 10000  # an int for a float field

@@ -40,7 +40,7 @@ from .cache import ModelCache, tensor_bytes
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
 from .hf import cache_arg
-from .models import build_model, cache_bytes, resolve_dtype
+from .models import build_model, cache_bytes, cache_growth_per_token, resolve_dtype
 from .report import format_bytes
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
@@ -368,14 +368,6 @@ class HFLlamaRunner:
 
     def reset(self) -> None:
         self.cache = None
-
-
-def cache_growth_per_token(config: ModelConfig, dtype: torch.dtype) -> float:
-    """How many bytes one more token of context adds to one sequence's cache, on average over a span
-    of whole blocks (the Block Transformer grows by one block-decoder entry per block_len tokens).
-    hf-llama caches exactly what this library's Transformer of the same config does."""
-    span = 4096 * config.block_len
-    return (cache_bytes(config, 1, 2 * span, dtype) - cache_bytes(config, 1, span, dtype)) / span
 
 
 # ---------------------------------------------------------------------- the run

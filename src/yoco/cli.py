@@ -16,8 +16,10 @@ from .compress.policies import BudgetError
 from .config import NAMES, PRESETS, ConfigError
 from .data import SPECIAL_TOKENS, DataError
 from .engine import generate, stream
-from .models import CausalLM, InputError, build_model, resolve_dtype
+from .models import CausalLM, InputError, build_model, cache_growth_per_token, resolve_dtype
 from .report import format_bytes, print_table
+from .arguments import (DEPTH, NATURAL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SHARE, ListOf, Number,
+                        Parser, TokenCount, budget, names, token_ids)
 from .tokenizer import tokenizer_for
 
 
@@ -27,11 +29,20 @@ class UsageError(ValueError):
 
 # ---------------------------------------------------------------------- model selection
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=NAMES, default="yoco-swa", help="architecture (default yoco-swa)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size preset (default tiny)")
-    p.add_argument("--checkpoint", help="a saved model folder (config.json + model.safetensors); overrides --arch/--preset")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation and sampling")
+    p.add_argument("--arch", choices=NAMES, default="yoco-swa", help="architecture of a randomly initialised model")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size preset of that model")
+    p.add_argument("--checkpoint", help="a saved model folder (config.json + model.safetensors), or a training run "
+                                        "folder for its latest checkpoint; overrides --arch/--preset")
+    add_dtype(p)
+    add_seed(p, "seed for random initialisation and sampling")
+
+
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
+
+
+def add_seed(p: argparse.ArgumentParser, what: str = "random seed") -> None:
+    p.add_argument("--seed", type=NATURAL, default=0, help=what)
 
 
 def load_from_args(args: argparse.Namespace) -> CausalLM:
@@ -45,12 +56,7 @@ def load_from_args(args: argparse.Namespace) -> CausalLM:
 def cmd_generate(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     if args.prompt_ids is not None:
-        try:
-            prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
-        except ValueError:
-            raise UsageError(f"--prompt-ids must be integers separated by commas or spaces, "
-                             f"got {args.prompt_ids!r}") from None
-        tokenizer = None
+        prompt, tokenizer = args.prompt_ids, None
     else:
         tokenizer = tokenizer_for(args.checkpoint, model.config.vocab_size)
         prompt = tokenizer.encode(args.prompt)
@@ -94,22 +100,23 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_ARCHS = ("transformer", "yoco-swa", "yoco-gret")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build each architecture at one size, generate from the same random prompt, compare caches."""
     from tqdm import tqdm
 
-    if args.context < 1 or args.new_tokens < 1:
-        raise UsageError("--context and --new-tokens must be positive")
     dtype = resolve_dtype(args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
     rows, base_cache = [], None
     print(f"yoco demo: preset {args.preset}, {args.dtype}, prompt of {args.context} random tokens, "
           f"{args.new_tokens} new tokens (greedy), {torch.get_num_threads()} threads")
-    for arch in tqdm(args.arch or ["transformer", "yoco-swa", "yoco-gret"], desc="architectures", file=sys.stderr):
+    for arch in tqdm(args.arch or DEMO_ARCHS, desc="architectures", file=sys.stderr):
         model = build_model(arch, preset=args.preset, dtype=dtype, seed=args.seed)
         prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=generator).tolist()
         result = generate(model, [prompt], args.new_tokens, prefill_chunk=args.prefill_chunk)
-        per_token = model.cache_bytes_formula(1, 2, dtype) - model.cache_bytes_formula(1, 1, dtype)
+        per_token = cache_growth_per_token(model.config, dtype)
         base_cache = base_cache or result.cache_bytes
         rows.append([arch, f"{model.num_parameters() / 1e6:.1f}M", format_bytes(result.cache_bytes),
                      f"{base_cache / result.cache_bytes:.1f}x", format_bytes(per_token),
@@ -119,27 +126,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_count(text: str) -> int:
-    """An integer with an optional K/M suffix (powers of two): 4096, 32K, 1M."""
-    text = text.strip()
-    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
-    digits = text[:-1] if scale > 1 else text
-    try:
-        return int(digits) * scale
-    except ValueError:
-        raise UsageError(f"not a token count: {text!r} (use e.g. 4096, 32K or 1M)") from None
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import (BENCH_ARCHS, DEFAULT_CONTEXTS, GIB, QUICK_CONTEXTS, TABLE_HEADERS, BenchSettings,
                         busy_warning, machine_line, markdown_table, ratio_rows, run_bench, table_rows,
                         write_json, write_plot)
 
-    archs = tuple(a.strip() for a in args.arch.split(",") if a.strip()) if args.arch else BENCH_ARCHS
-    if args.context:
-        contexts = tuple(parse_count(c) for c in args.context.split(",") if c.strip())
-    else:
-        contexts = QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
+    archs = tuple(args.arch) if args.arch else BENCH_ARCHS
+    contexts = tuple(args.context) if args.context else QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
     new_tokens = args.new_tokens or (12 if args.quick else 32)
     budget_steps = args.budget_steps or (2 if args.quick else 3)
     settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype,
@@ -177,9 +170,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_kv_table(args: argparse.Namespace) -> int:
     from .bench import kv_table
 
-    context = parse_count(args.context)
+    context = args.context
     presets = sorted(PRESETS) if args.preset == "all" else [args.preset]
-    rows = [row for preset in presets for row in kv_table(preset, context, args.dtype)]
+    rows = [row for preset in presets for row in kv_table(preset, context, args.dtype, names=args.arch)]
     print(f"KV cache per sequence, {args.dtype}; measured = growth of a real cache from {context} positions "
           f"to twice that; constant = the part that does not grow")
     print_table(["arch", "preset", "params", "bytes/token (formula)", "bytes/token (measured)", "constant",
@@ -245,11 +238,13 @@ def split_names(text: str) -> tuple[str, ...]:
 
 
 def add_curriculum_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retrieval-tasks", default="passkey,copy,mqar",
-                   help="kinds of retrieval rows, taking turns (some of passkey, copy, mqar)")
-    p.add_argument("--short-seq-len", type=int, help="sequence-length curriculum: the first --short-steps steps "
-                                                     "train on rows this long (same tokens per step)")
-    p.add_argument("--short-steps", type=int, default=0, help="steps on --short-seq-len rows")
+    from .train import RETRIEVAL_TASKS
+
+    p.add_argument("--retrieval-tasks", type=names(RETRIEVAL_TASKS, "retrieval task"), default=",".join(RETRIEVAL_TASKS),
+                   help="kinds of retrieval rows, taking turns, comma-separated")
+    p.add_argument("--short-seq-len", type=POSITIVE_INT, help="sequence-length curriculum: the first --short-steps "
+                                                              "steps train on rows this long (same tokens per step)")
+    p.add_argument("--short-steps", type=NATURAL, default=0, help="steps on --short-seq-len rows")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -260,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                              eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
                              seed=args.seed, bf16=args.bf16, parallel=args.parallel,
-                             retrieval_mix=args.retrieval_mix, retrieval_tasks=split_names(args.retrieval_tasks),
+                             retrieval_mix=args.retrieval_mix, retrieval_tasks=tuple(args.retrieval_tasks),
                              short_seq_len=args.short_seq_len, short_steps=args.short_steps,
                              overrides={} if args.window is None else {"window": args.window},
                              init_from=args.init_from)
@@ -290,8 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(val) < 2:
         val = TokenShards(data, "train")
         print("note: the validation split is empty; using the training split")
-    contexts = [parse_count(c) for c in args.contexts.split(",")]
-    depths = [float(d) for d in args.depths.split(",")]
+    contexts, depths = args.contexts, args.depths
     report = {"checkpoint": str(args.checkpoint), "arch": model.config.arch}
     report.update(validation_loss(model, val, args.batch_size, args.seq_len, args.batches))
     print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.2f} "
@@ -348,21 +342,6 @@ def load_any_model(directory: str, dtype: str):
     return HFCompressedLM(AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)))
 
 
-def parse_budget(text: str) -> float | int:
-    from .compress.policies import check_budget
-
-    if text.strip().lower() == "none":
-        return None  # CORM's rule alone
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"--budget: not a number: {text!r}") from None
-    try:
-        return check_budget(int(value) if value.is_integer() and value >= 1 and "." not in text else value)
-    except BudgetError as e:
-        raise UsageError(f"--budget: {e}") from None
-
-
 def cmd_compress_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -375,7 +354,7 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
     unknown = [p for p in policies if p.split(":")[0] not in POLICIES]
     if unknown:
         raise UsageError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
-    budgets = [parse_budget(b) for b in args.budget.split(",")]
+    budgets = args.budget
     args.model = str(resolve_checkpoint(args.model))  # a run folder: its latest checkpoint
     model = load_any_model(args.model, args.dtype)
     # a transformers model may pad its vocabulary beyond its tokenizer's; a yoco model is sized by it
@@ -405,7 +384,7 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
 
     try:
         results = compress_eval(model, tokenizer, val.tokens, specs, context=args.context,
-                                depths=[float(d) for d in args.depths.split(",")], trials=args.trials,
+                                depths=args.depths, trials=args.trials,
                                 ppl_rows=args.ppl_rows, ppl_tokens=args.ppl_tokens, seed=args.seed,
                                 progress=progress)
     except ValueError as e:
@@ -431,15 +410,12 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import STUDY_ARCHS, StudySettings, run_study
 
-    archs = tuple(a.strip() for a in args.arch.split(",")) if args.arch else STUDY_ARCHS
-    unknown = [a for a in archs if a not in NAMES]
-    if unknown:
-        raise UsageError(f"unknown architecture(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+    archs = tuple(args.arch) if args.arch else STUDY_ARCHS
     steps = args.steps or (400 if args.quick else 2000)
     settings = StudySettings(archs=archs, preset=args.preset, steps=steps, batch_size=args.batch_size,
                              seq_len=args.seq_len, retrieval_mix=args.retrieval_mix, corpus=args.data or [],
                              vocab_size=args.vocab_size, trials=args.trials or (2 if args.quick else 4), seed=args.seed,
-                             window=args.window, retrieval_tasks=split_names(args.retrieval_tasks),
+                             window=args.window, retrieval_tasks=tuple(args.retrieval_tasks),
                              short_seq_len=args.short_seq_len, short_steps=args.short_steps,
                              val_batches=args.val_batches)
     try:
@@ -455,100 +431,114 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="yoco", description="YOCO and KV-cache-efficient language models")
+    from .bench import BENCH_ARCHS
+    from .study import STUDY_ARCHS
+
+    parser = Parser(prog="yoco", description="YOCO and KV-cache-efficient language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def archs(p, default: Sequence[str], known: Sequence[str] = NAMES, extra: str = "") -> None:
+        p.add_argument("--arch", type=names(known), action="extend",
+                       help=f"architectures, comma-separated or the flag repeated (default: {','.join(default)}"
+                            f"{extra})")
+
     p = sub.add_parser("demo", help="build each architecture, generate, and compare cache sizes")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
-    p.add_argument("--arch", action="append", choices=NAMES, help="repeat to choose (default: transformer, yoco-swa, yoco-gret)")
-    p.add_argument("--context", type=int, default=4096, help="prompt length in tokens (default 4096)")
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--prefill-chunk", type=int, default=1024)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--seed", type=int, default=0)
+    archs(p, DEMO_ARCHS)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="40m", help="size preset")
+    p.add_argument("--context", type=POSITIVE_INT, default=4096, help="prompt length in tokens")
+    p.add_argument("--new-tokens", type=POSITIVE_INT, default=16, help="tokens generated (greedy)")
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=1024, help="prompt tokens per prefill call")
+    add_dtype(p)
+    add_seed(p, "seed for the weights and the random prompt")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="memory, prefill time and decode throughput against context length")
-    p.add_argument("--arch", help="comma-separated architectures (default: yoco-swa,yoco-gret,transformer,hf-llama; any of `yoco kv-table`'s names or hf-llama)")
-    p.add_argument("--context", help="comma-separated context lengths, e.g. 1K,4K,32K (default 1K..32K)")
+    archs(p, BENCH_ARCHS, ("hf-llama",) + NAMES, "; any of `yoco kv-table`'s names or hf-llama")
+    p.add_argument("--context", type=ListOf(TokenCount(2), "context lengths"), action="extend",
+                   help="context lengths, comma-separated, e.g. 1K,4K,32K (default: 1K..32K; 1K..8K with --quick)")
     p.add_argument("--quick", action="store_true", help="1K..8K, fewer tokens: a few minutes")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="40m")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--new-tokens", type=int, help="decode steps at batch 1 (default 32, quick 12)")
-    p.add_argument("--budget-gib", type=float, default=4.0, help="memory budget for the batched throughput (GiB)")
-    p.add_argument("--budget-steps", type=int, help="decode steps timed at the budget batch (default 3, quick 2)")
-    p.add_argument("--max-budget-batch", type=int, default=512, help="cap on the budget batch (bounds run time)")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="chunk size of this library's prefill")
-    p.add_argument("--max-quadratic-context", type=int, default=32768,
-                   help="Transformer contexts above this are extrapolated, not run (default 32768)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="40m", help="size preset")
+    add_dtype(p)
+    p.add_argument("--new-tokens", type=Number(int, "an integer >= 2 (the first decoded token is a warm-up)", low=2),
+                   help="decode steps at batch 1 (default: 32; 12 with --quick)")
+    p.add_argument("--budget-gib", type=POSITIVE, default=4.0, help="memory budget for the batched throughput (GiB)")
+    p.add_argument("--budget-steps", type=POSITIVE_INT,
+                   help="decode steps timed at the budget batch (default: 3; 2 with --quick)")
+    p.add_argument("--max-budget-batch", type=POSITIVE_INT, default=512, help="cap on the budget batch (bounds run time)")
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=2048, help="chunk size of this library's prefill")
+    p.add_argument("--max-quadratic-context", type=POSITIVE_INT, default=32768,
+                   help="Transformer contexts above this are extrapolated, not run")
+    p.add_argument("--threads", type=NATURAL, default=0, help="torch threads (0: torch's choice)")
+    add_seed(p)
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG of memory, prefill time and throughput against context here")
     p.add_argument("--markdown", help="write the table and the ratios as Markdown here")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("kv-table", help="KV-cache bytes per token of every architecture: formula and measured")
-    p.add_argument("--preset", choices=["all"] + sorted(PRESETS), default="all")
-    p.add_argument("--context", default="4096", help="context at which caches are measured (default 4096)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    archs(p, ("every one",))
+    p.add_argument("--preset", choices=["all"] + sorted(PRESETS), default="all", help="size preset")
+    p.add_argument("--context", type=TokenCount(1), default=4096, help="context at which caches are measured")
+    add_dtype(p)
     p.set_defaults(func=cmd_kv_table)
 
     p = sub.add_parser("convert", help="uptraining start points: pool K/V heads (MHA -> GQA -> MQA) and/or "
                                        "share K/V across layers (CLA, MLKV)")
-    p.add_argument("--checkpoint", help="a saved transformer model folder")
+    p.add_argument("--checkpoint", help="a saved transformer model folder (a run folder: its latest checkpoint)")
     p.add_argument("--from-llama", help="a local transformers Llama folder: converted to the yoco transformer "
                                         "with identical logits (then optionally pooled/shared)")
-    p.add_argument("--kv-heads", type=int, help="the new number of K/V heads")
-    p.add_argument("--cla-factor", type=int, help="CLA: one K/V-producing layer per S layers")
-    p.add_argument("--mlkv-layers", type=int, help="MLKV: this many K/V-producing layers")
-    p.add_argument("--out", required=True)
+    p.add_argument("--kv-heads", type=POSITIVE_INT, help="the new number of K/V heads")
+    p.add_argument("--cla-factor", type=POSITIVE_INT, help="CLA: one K/V-producing layer per S layers")
+    p.add_argument("--mlkv-layers", type=POSITIVE_INT, help="MLKV: this many K/V-producing layers")
+    p.add_argument("--out", required=True, help="output model folder (with the source's tokenizer)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train an architecture on text (default corpus: the stdlib's own sources)")
-    p.add_argument("--arch", choices=NAMES, default="yoco-swa")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--arch", choices=NAMES, default="yoco-swa", help="architecture (one; several: yoco study)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size preset")
     p.add_argument("--data", action="append", help="a text file, folder or JSONL file (repeatable; default: the "
                                                      "Python standard library's .py sources)")
     p.add_argument("--out", required=True, help="run folder: data/, metrics.jsonl, checkpoint-<step>/")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
+    add_training_flags(p, steps=200)
+    p.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=POSITIVE, default=3e-3, help="peak learning rate (warmup, then cosine decay)")
+    p.add_argument("--warmup", type=NATURAL, default=20, help="warmup steps")
+    p.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="gradient norm clip")
+    p.add_argument("--eval-every", type=POSITIVE_INT, default=50, help="steps between validation losses")
+    p.add_argument("--save-every", type=POSITIVE_INT, default=100, help="steps between checkpoints")
+    p.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between metrics.jsonl lines")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: replicate (DDP) or shard with FSDP2 (fully_shard per block)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
-    p.add_argument("--retrieval-mix", type=float, default=0.0,
+    p.add_argument("--retrieval-mix", type=SHARE, default=0.0,
                    help="share of each batch given to synthetic retrieval rows (e.g. 0.25), scored on their "
                         "retrieval targets only")
     add_curriculum_flags(p)
-    p.add_argument("--window", type=int, help="sliding window (yoco-swa's self-decoder; for transformer, every layer)")
+    p.add_argument("--window", type=POSITIVE_INT,
+                   help="sliding window (yoco-swa's self-decoder; for transformer, every layer; default: the preset's "
+                        "for yoco-swa and swa, none otherwise)")
     p.add_argument("--init-from", help="start from this checkpoint's weights (same model and tokenizer; a new schedule)")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss, passkey retrieval heatmap and MQAR of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a model folder, or a training run folder (its latest)")
     p.add_argument("--data", help="token shard folder (default: the run's data/ beside the checkpoint)")
-    p.add_argument("--contexts", default="256,512,1024", help="passkey context lengths")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (0 = start, 1 = end)")
-    p.add_argument("--trials", type=int, default=4, help="keys per (context, depth) cell")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batches", type=int, default=16, help="validation batches")
-    p.add_argument("--mqar-samples", type=int, default=32)
-    p.add_argument("--mqar-pairs", type=int, default=16)
-    p.add_argument("--mqar-queries", type=int, default=8)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--contexts", type=ListOf(TokenCount(1), "context lengths"), default="256,512,1024",
+                   help="passkey context lengths, comma-separated")
+    p.add_argument("--depths", type=ListOf(DEPTH, "depths"), default="0,0.25,0.5,0.75,1",
+                   help="needle depths, comma-separated (0 = start, 1 = end)")
+    p.add_argument("--trials", type=POSITIVE_INT, default=4, help="keys per (context, depth) cell")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="validation rows per batch")
+    p.add_argument("--seq-len", type=POSITIVE_INT, default=256, help="tokens per validation row")
+    p.add_argument("--batches", type=POSITIVE_INT, default=16,
+                   help="validation batches, from the start of the held-out split")
+    p.add_argument("--mqar-samples", type=POSITIVE_INT, default=32, help="MQAR sequences")
+    p.add_argument("--mqar-pairs", type=POSITIVE_INT, default=16, help="key-value pairs per MQAR sequence")
+    p.add_argument("--mqar-queries", type=POSITIVE_INT, default=8, help="keys queried per MQAR sequence")
+    add_dtype(p)
+    add_seed(p)
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write the passkey heatmap PNG here")
     p.set_defaults(func=cmd_eval)
@@ -556,73 +546,90 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress-eval", help="KV-cache compression policies side by side: passkey, perplexity, "
                                              "cache bytes, decode speed")
     p.add_argument("--model", default=DEFAULT_COMPRESS_MODEL,
-                   help=f"a yoco checkpoint or a transformers Llama/Mistral/Qwen2 folder (default {DEFAULT_COMPRESS_MODEL})")
+                   help="a yoco checkpoint (a run folder: its latest) or a transformers Llama/Mistral/Qwen2 folder")
     p.add_argument("--policy", default="streamingllm,snapkv,pyramidkv,h2o,corm,infllm",
                    help="comma-separated policies (streamingllm, snapkv, pyramidkv, h2o, corm, infllm), each "
                         "with options as name:option=value[:...], e.g. infllm:positions=true:topk=4")
-    p.add_argument("--budget", default="0.25", help="comma-separated budgets: ratios in (0, 1], token counts, or none "
-                                                    "(CORM's rule alone; InfLLM's paper sizes). InfLLM's budget is "
-                                                    "its attention window (a ratio: of --context)")
+    p.add_argument("--budget", type=ListOf(budget, "budgets"), default="0.25",
+                   help="comma-separated budgets: ratios in (0, 1], token counts, or none (CORM's rule alone; "
+                        "InfLLM's paper sizes). InfLLM's budget is its attention window (a ratio: of --context)")
     p.add_argument("--data", help="token shard folder (default: data/ beside the model folder)")
-    p.add_argument("--context", type=int, default=1024, help="prompt tokens (passkey prompts and the perplexity prefix)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75", help="passkey needle depths")
-    p.add_argument("--trials", type=int, default=4, help="keys per depth")
-    p.add_argument("--ppl-rows", type=int, default=4, help="held-out rows decoded together for perplexity and speed")
-    p.add_argument("--ppl-tokens", type=int, default=64, help="tokens scored after each row's prefix")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context", type=POSITIVE_INT, default=1024,
+                   help="prompt tokens (passkey prompts and the perplexity prefix)")
+    p.add_argument("--depths", type=ListOf(DEPTH, "depths"), default="0,0.25,0.5,0.75",
+                   help="passkey needle depths, comma-separated")
+    p.add_argument("--trials", type=POSITIVE_INT, default=4, help="keys per depth")
+    p.add_argument("--ppl-rows", type=POSITIVE_INT, default=4,
+                   help="held-out rows decoded together for perplexity and speed")
+    p.add_argument("--ppl-tokens", type=POSITIVE_INT, default=64, help="tokens scored after each row's prefix")
+    add_dtype(p)
+    add_seed(p)
     p.add_argument("--json", help="write the results as JSON here (and a Markdown table beside it)")
     p.add_argument("--markdown", help="write the Markdown table here (default: the JSON path with .md)")
     p.add_argument("--plot", help="write accuracy and perplexity against cache size as a PNG here")
     p.set_defaults(func=cmd_compress_eval)
 
     p = sub.add_parser("study", help="train architectures at matched parameters and compare quality vs cache")
-    p.add_argument("--arch", help="comma-separated (default: transformer,mha,yoco-swa,yoco-gret,mqa,mla,cla2,mlkv,"
-                                          "block,swa; swa is the window-only control)")
+    archs(p, STUDY_ARCHS, extra="; swa is the window-only control")
     p.add_argument("--quick", action="store_true", help="400 steps per architecture (about 14 minutes on 2 cores)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--steps", type=int, help="training steps per architecture (default 2000, quick 400)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--retrieval-mix", type=float, default=0.25)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="size preset")
+    add_training_flags(p, steps=None)
+    p.add_argument("--retrieval-mix", type=SHARE, default=0.25,
+                   help="share of each batch given to synthetic retrieval rows")
     add_curriculum_flags(p)
-    p.add_argument("--window", type=int, help="sliding window of the windowed architectures (yoco-swa, swa); "
-                                              "default: the preset's")
+    p.add_argument("--window", type=POSITIVE_INT, help="sliding window of the windowed architectures (yoco-swa, swa); "
+                                                        "default: the preset's")
     p.add_argument("--data", action="append", help="corpus paths (default: the stdlib's sources)")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--trials", type=int, help="passkey keys per cell (default 4, quick 2)")
-    p.add_argument("--val-batches", type=int, help="batches for the final validation loss (default: the whole "
-                                                   "held-out split)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--trials", type=POSITIVE_INT, help="passkey keys per cell (default: 4; 2 with --quick)")
+    p.add_argument("--val-batches", type=POSITIVE_INT, help="batches for the final validation loss (default: the "
+                                                            "whole held-out split)")
+    add_seed(p)
+    p.add_argument("--out", required=True, help="study folder: data/, one run folder per architecture, results")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("generate", help="generate text or token ids from a model")
     add_model_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (the checkpoint's tokenizer.json, else bytes)")
-    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--stop", type=int, action="append", default=[], help="stop token id (repeatable)")
-    p.add_argument("--prefill-chunk", type=int, default=1024)
+    prompt.add_argument("--prompt", help="prompt text (encoded by the checkpoint's tokenizer.json; a random model: bytes)")
+    prompt.add_argument("--prompt-ids", type=token_ids, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=32, help="tokens to generate at most")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=PROBABILITY, help="sample among the likeliest tokens holding this probability "
+                                                       "(default: all)")
+    p.add_argument("--stop", type=NATURAL, action="append", default=[],
+                   help="stop token id (repeatable; a trained tokenizer's end of text always stops)")
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=1024, help="prompt tokens per prefill call")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("init", help="write a randomly initialised model folder")
-    p.add_argument("--arch", choices=NAMES, required=True)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--arch", choices=NAMES, required=True, help="architecture")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size preset")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--seed", type=int, default=0)
+    add_dtype(p)
+    add_seed(p, "seed for the weights")
     p.set_defaults(func=cmd_init)
     return parser
 
 
+def add_training_flags(p: argparse.ArgumentParser, steps: int | None) -> None:
+    """What ``yoco train`` and ``yoco study`` both set: the tokenizer's size and the batches."""
+    p.add_argument("--vocab-size", type=POSITIVE_INT, default=4096, help="ids of the BPE tokenizer trained on the corpus")
+    if steps is None:
+        p.add_argument("--steps", type=POSITIVE_INT, help="training steps per architecture (default: 2000; 400 with "
+                                                          "--quick)")
+    else:
+        p.add_argument("--steps", type=POSITIVE_INT, default=steps, help="training steps")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="rows per batch")
+    p.add_argument("--seq-len", type=POSITIVE_INT, default=256, help="tokens per row")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad option, already named on one line (2)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except (UsageError, InputError, ConfigError, CheckpointError, CacheError, BenchError, DataError,

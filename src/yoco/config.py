@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,19 @@ ROPE_PAIRS = ("half", "interleaved")
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the field and the reason."""
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _has_type(value, kind: type) -> bool:
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool):  # bool is an int to Python, never to a config
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))  # JSON writes 10000.0 as 10000
+    return isinstance(value, kind)
 
 
 @dataclass
@@ -110,22 +125,13 @@ class ModelConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"invalid config: {name}={getattr(self, name)!r}: {why}")
 
+        self.check_types()
         if self.arch not in ARCHITECTURES:
             raise bad("arch", f"unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
-        def is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
-                     "retention_chunk"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                     "retention_chunk", "mla_kv_rank", "mla_rope_dim", "cla_factor", "block_len", "block_prefix"):
+            if getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("mla_kv_rank", "mla_rope_dim", "cla_factor", "block_len", "block_prefix"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise bad(name, "must be a positive integer")
-        for name in ("window", "n_self_layers", "retention_heads", "mla_q_rank", "mlkv_layers",
-                     "block_layers"):  # optional integers
-            if getattr(self, name) is not None and not is_int(getattr(self, name)):
-                raise bad(name, "must be an integer or None")
         if self.dim % self.n_heads:
             raise bad("n_heads", f"must divide dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -195,6 +201,18 @@ class ModelConfig:
             raise bad("block_layers", f"only the Block Transformer has a block decoder, not {self.arch}")
         if self.arch == "yoco-gret" and (self.dim // self.n_retention_heads) % 2:
             raise bad("retention_heads", "retention head dim must be even for RoPE")
+
+    def check_types(self) -> None:
+        """Every field holds a value of its declared type, named when it does not: a config.json with
+        ``"rope_theta": "1e4"`` or ``"tie_embeddings": "false"`` (a string, which Python would read as
+        true) is refused here, not misread or blamed on the weights later."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            if not any(_has_type(value, t) for t in allowed):
+                raise ConfigError(f"invalid config: {f.name}={value!r}: must be "
+                                  f"{' or '.join(TYPE_NAMES[t] for t in allowed)}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

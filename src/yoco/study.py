@@ -24,7 +24,7 @@ from .checkpoint import atomic_write, load_model
 from .config import get_config
 from .data import SPECIAL_TOKENS, TokenShards
 from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts, validation_loss
-from .models import MODEL_CLASSES, cache_bytes
+from .models import MODEL_CLASSES, cache_bytes, cache_growth_per_token
 from .tokenizer import TrainedTokenizer
 from .train import RETRIEVAL_TASKS, TrainSettings, latest_checkpoint, train
 
@@ -130,7 +130,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
                                        beyond_context)
         ids, mask = mqar_batch(32, 16, 8, range(len(SPECIAL_TOKENS), model.config.vocab_size), seed=settings.seed)
         at_4k = cache_bytes(model.config, 1, 4096, torch.float32)
-        per_token = (cache_bytes(model.config, 1, 8192, torch.float32) - at_4k) / 4096
+        per_token = cache_growth_per_token(model.config, torch.float32)
         runs.append({"arch": arch, "params": model.num_parameters(), "ffn_dim": ffn,
                      "train_tokens": settings.steps * settings.batch_size * settings.seq_len,
                      "val_loss": val_loss["val_loss"], "val_tokens": val_loss["tokens"],

@@ -42,6 +42,14 @@ def cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype: torch
     return MODEL_CLASSES[config.arch].cache_bytes_for(config, batch_size, context, dtype)
 
 
+def cache_growth_per_token(config: ModelConfig, dtype: torch.dtype) -> float:
+    """How many bytes one more token of context adds to one sequence's cache, on average over a span of
+    whole blocks (the Block Transformer grows by one block-decoder entry per block_len tokens; windowed
+    and recurrent caches stop growing: 0). The one growth figure every command reports."""
+    span = 4096 * config.block_len
+    return (cache_bytes(config, 1, 2 * span, dtype) - cache_bytes(config, 1, span, dtype)) / span
+
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -55,4 +63,5 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-__all__ = ["BlockTransformer", "CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "cache_bytes", "resolve_dtype"]
+__all__ = ["BlockTransformer", "CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "cache_bytes",
+           "cache_growth_per_token", "resolve_dtype"]
