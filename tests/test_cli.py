@@ -2,10 +2,12 @@
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from yoco.checkpoint import latest_checkpoint
 from yoco.cli import main
@@ -175,3 +177,25 @@ def test_every_option_has_help_showing_its_default(command, capsys):
         assert action.help, f"{command} {action.option_strings[0]} has no help"
         if action.default not in (None, False, []) and not action.required:
             assert f"(default: {action.default})" in text or "default" in action.help, (command, action.option_strings)
+
+
+def test_demo_and_kv_table_report_one_growth_figure_and_take_arch_lists_both_ways(capsys):
+    from yoco.config import get_config
+    from yoco.models import cache_growth_per_token
+    from yoco.report import format_bytes
+
+    assert main(["demo", "--preset", "tiny", "--arch", "block", "--arch", "transformer,yoco-gret", "--context", "40",
+                 "--new-tokens", "2"]) == 0
+    demo = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[4:] if line.strip()}
+    assert list(demo) == ["block", "transformer", "yoco-gret"]
+    assert main(["kv-table", "--preset", "tiny", "--arch", "block,yoco-gret", "--arch", "transformer",
+                 "--context", "64"]) == 0
+    table = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[3:] if line.strip()}
+    assert list(table) == ["block", "yoco-gret", "transformer"]
+    for arch in demo:
+        growth = cache_growth_per_token(get_config(arch, "tiny"), torch.float32)
+        assert growth > 0  # every one of these grows with context (block: one entry per 4 tokens)
+        assert f" {format_bytes(growth)} " in demo[arch]  # the demo's growth/token column
+        assert table[arch][3] == f"{growth:,.0f}"  # kv-table's formula column
+    # ratios below 1 are said the other way round ("4.9x larger", never "0.2x smaller")
+    assert re.search(r" \d+\.\dx larger ", demo["transformer"]) and table["block"][-1] == "smaller"

@@ -41,7 +41,7 @@ from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
 from .hf import cache_arg
 from .models import build_model, cache_bytes, cache_growth_per_token, resolve_dtype
-from .report import format_bytes
+from .report import format_bytes, times
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
 QUADRATIC_ARCHS = ("hf-llama",) + tuple(n for n in NAMES if n not in ("yoco-swa", "yoco-gret", "block", "swa"))
@@ -571,12 +571,6 @@ def markdown_table(report: dict) -> str:
     lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
     return "\n".join(lines)
-
-
-def times(ratio: float, above: str, below: str) -> str:
-    """A ratio as people say it: "3.3x faster", and below 1 the opposite word with the ratio inverted
-    ("0.3x faster" is read as slower by some and as faster by others)."""
-    return f"{ratio:.1f}x {above}" if ratio >= 1 else f"{1 / ratio:.1f}x {below}"
 
 
 def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> list[str]:

@@ -17,7 +17,7 @@ from .config import NAMES, PRESETS, ConfigError
 from .data import SPECIAL_TOKENS, DataError
 from .engine import generate, stream
 from .models import CausalLM, InputError, build_model, cache_growth_per_token, resolve_dtype
-from .report import format_bytes, print_table
+from .report import format_bytes, print_table, times
 from .arguments import (DEPTH, NATURAL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SHARE, ListOf, Number,
                         Parser, TokenCount, budget, names, token_ids)
 from .tokenizer import tokenizer_for
@@ -119,10 +119,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         per_token = cache_growth_per_token(model.config, dtype)
         base_cache = base_cache or result.cache_bytes
         rows.append([arch, f"{model.num_parameters() / 1e6:.1f}M", format_bytes(result.cache_bytes),
-                     f"{base_cache / result.cache_bytes:.1f}x", format_bytes(per_token),
+                     times(base_cache / result.cache_bytes, "smaller", "larger"), format_bytes(per_token),
                      f"{result.prefill_s:.2f}", f"{result.decode_tok_s:.1f}", " ".join(map(str, result.tokens[0][:6]))])
     print()
-    print_table(["arch", "params", "cache", "smaller", "growth/token", "prefill s", "decode tok/s", "first tokens"], rows)
+    first = (args.arch or DEMO_ARCHS)[0]
+    print_table(["arch", "params", "cache", f"cache vs {first}", "growth/token", "prefill s", "decode tok/s",
+                 "first tokens"], rows)
     return 0
 
 
@@ -176,10 +178,12 @@ def cmd_kv_table(args: argparse.Namespace) -> int:
     print(f"KV cache per sequence, {args.dtype}; measured = growth of a real cache from {context} positions "
           f"to twice that; constant = the part that does not grow")
     print_table(["arch", "preset", "params", "bytes/token (formula)", "bytes/token (measured)", "constant",
-                 f"cache @ {context}", "transformer/this"],
+                 f"cache @ {context}", "vs transformer"],
                 [[r["arch"], r["preset"], f"{r['params'] / 1e6:.2f}M", f"{r['formula_bytes_per_token']:,.0f}",
                   f"{r['measured_bytes_per_token']:,.0f}", format_bytes(r["constant_bytes"]),
-                  format_bytes(r["cache_bytes_at_context"]), f"{r['vs_transformer']:.2f}x"] for r in rows])
+                  format_bytes(r["cache_bytes_at_context"]),
+                  "-" if r["vs_transformer"] is None else times(r["vs_transformer"], "smaller", "larger")]
+                 for r in rows])
     return 0
 
 

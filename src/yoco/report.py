@@ -18,6 +18,12 @@ def format_bytes(n: float | None, digits: int = 2) -> str:
     raise AssertionError
 
 
+def times(ratio: float, above: str, below: str) -> str:
+    """A ratio as people say it: "3.3x faster", and below 1 the opposite word with the ratio inverted
+    ("0.3x faster" is read as slower by some and as faster by others)."""
+    return f"{ratio:.1f}x {above}" if ratio >= 1 else f"{1 / ratio:.1f}x {below}"
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], file=None) -> None:
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
