@@ -108,6 +108,11 @@ def test_a_corpus_no_document_hashes_into_validation_still_gets_one(tokenizer, t
     assert list(TokenShards(tmp_path / "five", "val").tokens) == tokenizer.encode(TEXTS[4]).ids + [eos]
     one = build_shards(docs[:1], tokenizer, tmp_path / "one", val_percent=2.0, progress=False)
     assert one["documents"] == {"train": 1, "val": 0}  # never the only training document
+    only_val = next(n for n in (f"v{i}.py" for i in range(500)) if in_validation(n, 2.0))
+    alone = build_shards([Document(only_val, TEXTS[0])], tokenizer, tmp_path / "alone", val_percent=2.0,
+                         progress=False)
+    assert alone["documents"] == {"train": 1, "val": 0}  # hashed into validation, yet the one to train on
+    assert len(TokenShards(tmp_path / "alone", "train")) == alone["tokens"]["train"] > 0
     none = build_shards(docs, tokenizer, tmp_path / "none", val_percent=0, progress=False)
     assert none["documents"] == {"train": 5, "val": 0}  # no validation asked for, none made
 
@@ -128,3 +133,22 @@ def test_truncated_or_missing_shards(tokenizer, tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_validation_is_filled_to_one_row_from_the_latest_training_documents(tokenizer, tmp_path):
+    """A 3-token document hashed into validation (the small-corpus case): the latest training documents
+    join it until validation holds min_val_tokens, in their order, and training keeps the rest."""
+    from yoco.data import Document
+
+    tiny_val = next(n for n in (f"v{i}.py" for i in range(500)) if in_validation(n, 2.0))
+    names = [n for n in (f"doc{i}.py" for i in range(200)) if not in_validation(n, 2.0)][:5]
+    docs = [Document(n, TEXTS[i]) for i, n in enumerate(names)] + [Document(tiny_val, "x=1")]
+    eos = tokenizer.token_to_id(EOS)
+    encoded = [tokenizer.encode(TEXTS[i]).ids + [eos] for i in range(5)]
+    tiny = tokenizer.encode("x=1").ids + [eos]
+    need = len(tiny) + len(encoded[4]) + len(encoded[3]) + 1  # three training documents must move
+    meta = build_shards(docs, tokenizer, tmp_path / "d", val_percent=2.0, min_val_tokens=need, progress=False)
+    val = list(TokenShards(tmp_path / "d", "val").tokens)
+    assert len(val) >= need and meta["documents"] == {"train": 2, "val": 4}
+    assert val == tiny + encoded[2] + encoded[3] + encoded[4]
+    assert list(TokenShards(tmp_path / "d", "train").tokens) == encoded[0] + encoded[1]

@@ -8,7 +8,7 @@ import torch
 from harness import engine_logits, make_model
 
 from yoco.cli import main
-from yoco.evaluate import mqar_accuracy, mqar_batch, passkey_prompt, validation_loss
+from yoco.evaluate import covered, mqar_accuracy, mqar_batch, passkey_prompt, validation_loss
 from yoco.tokenizer import ByteTokenizer
 
 
@@ -58,8 +58,11 @@ def test_mqar_scoring_with_an_oracle_and_a_guesser():
 class Rows:
     """A held-out split that is exactly these rows (what TokenShards.sequential yields)."""
 
+    split = "val"
+
     def __init__(self, ids: torch.Tensor):
         self.ids = ids
+        self.tokens = ids.flatten()
 
     def sequential(self, batch_size, seq_len, limit=None):
         yield self.ids[:, :-1], self.ids[:, 1:]
@@ -75,6 +78,15 @@ def test_validation_loss_is_cached_generations_loss(variant):
     logits = engine_logits(model, ids[:, :-1], 1, chunk=5)
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_the_slice_a_validation_loss_covers_is_named():
+    result = {"tokens": 4096, "split_tokens": 51200, "split": "val", "batches": 2, "whole_split": False}
+    assert covered(result) == "the first 4,096 of the 51,200 held-out tokens"
+    assert covered({**result, "tokens": 51000, "whole_split": True}) == \
+        "the whole held-out split (51,000 of its 51,200 tokens in whole rows)"
+    assert covered({**result, "split": "train"}) == "the first 4,096 of the 51,200 train tokens"
+    assert covered({**result, "tokens": 0, "split_tokens": 3}) == "no row: the 3 held-out tokens are fewer than one row"
 
 
 def test_eval_command(tmp_path, capsys):

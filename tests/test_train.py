@@ -1,6 +1,7 @@
 """Training: the loss falls, checkpoints are complete, and resume continues exactly."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -305,3 +306,41 @@ def test_a_training_checkpoint_is_a_transformers_folder(corpus, tmp_path, capsys
                  "--batch-size", "2", "--mqar-samples", "2"]) == 0
     assert "validation loss" in capsys.readouterr().out
     assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "def", "--max-new-tokens", "3"]) == 0
+
+
+def test_a_corpus_too_small_for_a_validation_row_is_refused_and_no_json_holds_nan(tmp_path, capsys):
+    from yoco.cli import main
+    from yoco.report import json_text
+
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.py").write_text("def f(x):\n    return x\n" * 30)  # one document: nothing to hold out
+    argv = ["train", "--data", str(small), "--out", str(tmp_path / "run"), "--vocab-size", "300", "--steps", "2",
+            "--batch-size", "2", "--seq-len", "32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "validation split" in err and "fewer than one row of seq-len + 1 = 33" in err and "Traceback" not in err
+    assert json_text({"a": float("nan"), "b": [1.0, float("inf")]}, indent=None) == '{"a": null, "b": [1.0, null]}'
+
+
+def test_validation_covers_a_named_slice_and_metrics_are_strict_json(corpus, tmp_path, capsys):
+    from yoco.cli import main
+
+    argv = ["train", "--data", corpus, "--out", str(tmp_path), "--vocab-size", "300", "--steps", "2",
+            "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--save-every", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    # a validation split of a few rows: the whole of it, rows of 32 (its BPE's token count varies a little)
+    found = re.search(r"val loss \d\.\d{4} over the whole held-out split \((\d+) of its (\d+) tokens in whole rows\)",
+                      out)
+    assert found, out
+    scored, held_out = map(int, found.groups())
+    assert scored == (held_out - 1) // 32 * 32 > 0
+    assert f"over at most 8 batches of 2 x 32 tokens from the start of the held-out split ({held_out} tokens)" in out
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+    rows = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert val and (val[-1]["val_tokens"], val[-1]["val_split_tokens"]) == (scored, held_out)

@@ -41,7 +41,7 @@ from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
 from .hf import cache_arg
 from .models import build_model, cache_bytes, cache_growth_per_token, resolve_dtype
-from .report import format_bytes, times
+from .report import format_bytes, json_text, times
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
 QUADRATIC_ARCHS = ("hf-llama",) + tuple(n for n in NAMES if n not in ("yoco-swa", "yoco-gret", "block", "swa"))
@@ -599,7 +599,7 @@ def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> 
 def write_json(report: dict, path: str | os.PathLike) -> None:
     from .checkpoint import atomic_write
 
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json_text(report) + "\n"))
 
 
 def bench_figure(report: dict):

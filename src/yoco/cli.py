@@ -17,7 +17,7 @@ from .config import NAMES, PRESETS, ConfigError
 from .data import SPECIAL_TOKENS, DataError
 from .engine import generate, stream
 from .models import CausalLM, InputError, build_model, cache_growth_per_token, resolve_dtype
-from .report import format_bytes, print_table, times
+from .report import format_bytes, json_text, print_table, times
 from .arguments import (DEPTH, NATURAL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SHARE, ListOf, Number,
                         Parser, TokenCount, budget, names, token_ids)
 from .tokenizer import tokenizer_for
@@ -267,8 +267,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = train(settings, args.out, resume=args.resume)
     except ValueError as e:  # bad settings (DataError and ConfigError are ValueErrors too)
         raise UsageError(str(e)) from None
-    print(f"step {final.get('step')}: loss {final.get('loss', float('nan')):.4f}, "
-          f"val loss {final.get('val_loss', float('nan')):.4f}; checkpoints and metrics.jsonl in {args.out}")
+    val = "no validation loss" if final.get("val_loss") is None else \
+        f"val loss {final['val_loss']:.4f} over {final['val_covers']}"
+    print(f"step {final.get('step')}: loss {final.get('loss', float('nan')):.4f}, {val}; checkpoints and "
+          f"metrics.jsonl in {args.out}")
     return 0
 
 
@@ -277,7 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .checkpoint import atomic_write
     from .data import TokenShards
-    from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, plot_passkey, validation_loss
+    from .evaluate import covered, mqar_accuracy, mqar_batch, passkey_grid, plot_passkey, validation_loss
 
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
     model = load_model(args.checkpoint, dtype=args.dtype)
@@ -286,14 +288,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (data / "meta.json").is_file():
         raise UsageError(f"no held-out token shards at {str(data)!r}: pass --data with the run's data folder")
     val = TokenShards(data, "val")
-    if len(val) < 2:
+    if len(val) < args.seq_len + 1:
+        print(f"note: the validation split holds {len(val)} tokens, fewer than one row of {args.seq_len} + 1; "
+              "scoring the training split instead")
         val = TokenShards(data, "train")
-        print("note: the validation split is empty; using the training split")
     contexts, depths = args.contexts, args.depths
     report = {"checkpoint": str(args.checkpoint), "arch": model.config.arch}
     report.update(validation_loss(model, val, args.batch_size, args.seq_len, args.batches))
-    print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.2f} "
-          f"({report['batches']} batches of {args.batch_size} x {args.seq_len})")
+    if report["val_loss"] is None:
+        raise UsageError(f"the held-out tokens at {str(data)!r} ({report['split_tokens']}) are fewer than one row "
+                         f"of --seq-len + 1 = {args.seq_len + 1}: pass a shorter --seq-len")
+    print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.2f} over "
+          f"{covered(report)} ({report['batches']} batches of {args.batch_size} x {args.seq_len})")
     haystack = val.tokens
     try:
         cells = passkey_grid(model, tokenizer, haystack, contexts, depths, args.trials, args.seed)
@@ -308,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report["mqar_accuracy"] = mqar_accuracy(model.eval(), ids, mask)
     print(f"MQAR ({args.mqar_pairs} pairs, {args.mqar_queries} queries): accuracy {report['mqar_accuracy']:.1%}")
     if args.json:
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json_text(report) + "\n"))
         print(f"wrote {args.json}")
     if args.plot:
         window = "" if model.config.window is None else f", window {model.config.window}"
@@ -400,7 +406,7 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
     report = {"model": str(args.model), "arch": model.config.arch, "context": args.context,
               "ppl_tokens": args.ppl_tokens, "ppl_rows": args.ppl_rows, "trials": args.trials, "results": results}
     if args.json:
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json_text(report) + "\n"))
         markdown = Path(args.markdown) if args.markdown else Path(args.json).with_suffix(".md")
         atomic_write(markdown, lambda tmp: Path(tmp).write_text(table))
         print(f"wrote {args.json} and {markdown}")

@@ -7,8 +7,9 @@
   saved as the standard ``tokenizer.json``.
 - ``build_shards``: tokenizes every document once into ``train.bin`` / ``val.bin`` (flat token
   arrays, documents separated by ``<|endoftext|>``) plus ``meta.json``; the split is by document, by
-  a stable hash of its name, so it does not depend on the order files are found (when no document
-  hashes into validation, the last training document is held out instead).
+  a stable hash of its name, so it does not depend on the order files are found (when the documents
+  hashed into validation hold less than one validation row, the last training documents are held
+  out too).
 - ``TokenShards``: memory-maps a split and draws batches that depend only on (seed, step), so a run
   resumed at step k sees exactly the batches an uninterrupted run sees from step k on.
 """
@@ -146,8 +147,16 @@ def in_validation(name: str, val_percent: float) -> bool:
 
 
 def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.PathLike, *,
-                 val_percent: float = 2.0, batch_docs: int = 256, progress: bool = True) -> dict:
-    """Tokenize every document once into ``train.bin`` / ``val.bin`` + ``meta.json`` in `out_dir`."""
+                 val_percent: float = 2.0, min_val_tokens: int = 1, batch_docs: int = 256,
+                 progress: bool = True) -> dict:
+    """Tokenize every document once into ``train.bin`` / ``val.bin`` + ``meta.json`` in `out_dir`.
+
+    Validation gets the documents whose name hashes into ``val_percent``; when they hold fewer than
+    ``min_val_tokens`` tokens (one validation row: a small corpus may hash nothing, or a 3-token file,
+    into it), the latest training documents are moved there until it does, as long as one training
+    document remains. Whether it then holds a row is for the caller to check (``TokenShards``)."""
+    from collections import deque
+
     from tqdm import tqdm
 
     from .checkpoint import atomic_write
@@ -163,9 +172,12 @@ def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
     docs = {"train": 0, "val": 0}
     tmp = {split: out / f".{split}.bin.tmp" for split in counts}
     files = {split: open(tmp[split], "wb") for split in counts}
+    want_val = min_val_tokens if val_percent > 0 else 0
     try:
         batch: list[Document] = []
-        held: list[np.ndarray] = []  # the latest training document, written one document late
+        # The latest training documents, written late: enough of them to fill validation at the end.
+        held: deque[np.ndarray] = deque()
+        held_tokens = 0
 
         def write(split: str, ids: np.ndarray) -> None:
             files[split].write(ids.tobytes())
@@ -173,15 +185,18 @@ def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
             docs[split] += 1
 
         def flush() -> None:
+            nonlocal held_tokens
             encodings = tokenizer.encode_batch([d.text for d in batch])
             for doc, enc in zip(batch, encodings):
                 ids = np.asarray(enc.ids + [eos], dtype=dtype)
                 if in_validation(doc.name, val_percent):
                     write("val", ids)
-                else:
-                    if held:
-                        write("train", held.pop())
-                    held.append(ids)
+                    continue
+                held.append(ids)
+                held_tokens += len(ids)
+                while len(held) > 1 and held_tokens - len(held[0]) >= want_val:
+                    held_tokens -= len(held[0])
+                    write("train", held.popleft())
             batch.clear()
 
         for doc in tqdm(documents, desc="tokenizing", unit="doc", disable=not progress):
@@ -190,13 +205,23 @@ def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
                 flush()
         if batch:
             flush()
-        if held:
-            # A small corpus may hash no document into validation; hold out its last training
-            # document instead so that validation loss is always defined (when there are two).
-            write("val" if val_percent > 0 and docs["val"] == 0 and docs["train"] > 0 else "train", held.pop())
+        moved = []
+        while held and counts["val"] + sum(map(len, moved)) < want_val and docs["train"] + len(held) > 1:
+            moved.append(held.pop())
+        for ids in held:
+            write("train", ids)
+        for ids in reversed(moved):
+            write("val", ids)
     finally:
         for f in files.values():
             f.close()
+    if counts["train"] == 0 and counts["val"] > 0:
+        # every document hashed into validation (a corpus of one or two): training comes first, so they
+        # all train, and validation is empty (which the trainer then reports)
+        tmp["train"].unlink()
+        tmp["val"].rename(tmp["train"])
+        tmp["val"].touch()
+        counts, docs = {"train": counts["val"], "val": 0}, {"train": docs["val"], "val": 0}
     if counts["train"] == 0:
         for path in tmp.values():
             path.unlink(missing_ok=True)

@@ -40,17 +40,30 @@ def lm_loss(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: 
 @torch.no_grad()
 def validation_loss(model: CausalLM, shards, batch_size: int, seq_len: int, batches: int | None,
                     bf16: bool = False) -> dict:
-    """Loss and perplexity over consecutive held-out windows (`batches` of them, None: all); leaves the
-    model in eval mode."""
+    """Loss and perplexity over consecutive held-out rows from the start of the split (`batches` of
+    them, None: all), and which slice of the split that is; None for both when the split holds no row
+    of seq_len + 1 tokens. Leaves the model in eval mode."""
     model.eval()
     total, tokens, count = 0.0, 0, 0
     for x, y in shards.sequential(batch_size, seq_len, batches):  # weighted by tokens: the last batch may be short
         total += lm_loss(model, x, y, bf16).item() * y.numel()
         tokens += y.numel()
         count += 1
-    loss = total / tokens if tokens else float("nan")
-    return {"val_loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "batches": count,
-            "tokens": tokens}
+    loss = total / tokens if tokens else None
+    split_tokens = len(shards.tokens)
+    return {"val_loss": loss, "perplexity": math.exp(loss) if tokens else None, "batches": count, "tokens": tokens,
+            "split": shards.split, "split_tokens": split_tokens,
+            "whole_split": tokens == max(0, (split_tokens - 1) // seq_len) * seq_len}
+
+
+def covered(result: dict) -> str:
+    """Which slice of the held-out split a ``validation_loss`` result covers, in words."""
+    split = "held-out" if result["split"] == "val" else result["split"]
+    if result["tokens"] == 0:
+        return f"no row: the {result['split_tokens']:,} {split} tokens are fewer than one row"
+    if result["whole_split"]:
+        return f"the whole {split} split ({result['tokens']:,} of its {result['split_tokens']:,} tokens in whole rows)"
+    return f"the first {result['tokens']:,} of the {result['split_tokens']:,} {split} tokens"
 
 
 # ---------------------------------------------------------------------- passkey
@@ -172,5 +185,5 @@ def mqar_accuracy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor) -> flo
     return (predicted[scored] == target[scored]).float().mean().item()
 
 
-__all__ = ["mqar_accuracy", "mqar_batch", "passkey_figure", "passkey_grid", "passkey_prompt", "plot_passkey",
+__all__ = ["covered", "mqar_accuracy", "mqar_batch", "passkey_figure", "passkey_grid", "passkey_prompt", "plot_passkey",
            "validation_loss"]

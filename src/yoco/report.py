@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+
+def json_text(data, indent: int | None = 2) -> str:
+    """Results as JSON: a figure that does not exist (NaN, an infinity) is null, never the ``NaN``
+    token Python's json writes by default, which no JSON reader accepts."""
+    return json.dumps(_finite(data), indent=indent, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def format_bytes(n: float | None, digits: int = 2) -> str:

@@ -25,6 +25,7 @@ from .config import get_config
 from .data import SPECIAL_TOKENS, TokenShards
 from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts, validation_loss
 from .models import MODEL_CLASSES, cache_bytes, cache_growth_per_token
+from .report import json_text
 from .tokenizer import TrainedTokenizer
 from .train import RETRIEVAL_TASKS, TrainSettings, latest_checkpoint, train
 
@@ -140,7 +141,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
                      "mqar_acc": mqar_accuracy(model, ids, mask)})
     results = {"settings": {**settings.__dict__, "archs": list(settings.archs), "window": window,
                             "passkey_beyond_context": beyond_context, "target_params": target}, "runs": runs}
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json_text(results) + "\n"))
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown(results)))
     plot_study(results, out)
     return results

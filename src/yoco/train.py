@@ -11,7 +11,6 @@ only on (seed, step), so ``resume`` continues exactly where the run stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,11 +22,13 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_write, latest_checkpoint, load_model, resolve_checkpoint, save_model
 from .config import get_config
-from .data import EOS, SPECIAL_TOKENS, TokenShards, build_shards, corpus_documents, load_tokenizer, train_tokenizer
-from .evaluate import lm_loss, validation_loss
+from .data import (EOS, SPECIAL_TOKENS, DataError, TokenShards, build_shards, corpus_documents, load_tokenizer,
+                   train_tokenizer)
+from .evaluate import covered, lm_loss, validation_loss
 from .models import CausalLM, build_model
 from .parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
                        shard_rows, sharded, wrap)
+from .report import json_text
 from .tokenizer import write_tokenizer_config
 
 
@@ -113,7 +114,8 @@ def prepare_data(settings: TrainSettings, data_dir: Path, log=print) -> Path:
         f"{', '.join(settings.corpus) if settings.corpus else 'the Python standard library sources'}...")
     tokenizer = train_tokenizer((d.text for d in corpus_documents(settings.corpus)), settings.vocab_size)
     atomic_write(data_dir / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
-    build_shards(corpus_documents(settings.corpus), tokenizer, data_dir, val_percent=settings.val_percent)
+    build_shards(corpus_documents(settings.corpus), tokenizer, data_dir, val_percent=settings.val_percent,
+                 min_val_tokens=settings.seq_len + 1)  # at least one validation row
     return data_dir
 
 
@@ -220,10 +222,19 @@ def initial_weights(checkpoint: Path, config, data_dir: Path) -> CausalLM:
     return source
 
 
-def evaluate(model: CausalLM, val: TokenShards, settings: TrainSettings) -> float:
-    loss = validation_loss(model, val, settings.batch_size, settings.seq_len, settings.eval_batches, settings.bf16)
+def evaluate(model: CausalLM, val: TokenShards, settings: TrainSettings) -> dict:
+    result = validation_loss(model, val, settings.batch_size, settings.seq_len, settings.eval_batches, settings.bf16)
     model.train()
-    return loss["val_loss"]
+    return result
+
+
+def check_validation(val: TokenShards, settings: TrainSettings, data_dir: Path) -> None:
+    """Refuse to train without a validation row (a loss over nothing would be NaN at every evaluation)."""
+    if settings.val_percent > 0 and len(val) < settings.seq_len + 1:
+        raise DataError(f"the validation split in {str(data_dir)!r} holds {len(val)} tokens, fewer than one row of "
+                        f"seq-len + 1 = {settings.seq_len + 1}: the corpus is too small to hold a row out and still "
+                        "train on the rest (give more text or a shorter --seq-len; a data folder built for shorter "
+                        "rows is rebuilt once removed)")
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -276,6 +287,10 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
     if config.max_seq_len < settings.seq_len:
         config = config.replace(max_seq_len=settings.seq_len)
     train_data, val_data = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+    check_validation(val_data, settings, data_dir)
+    log(f"validation loss every {settings.eval_every} steps over at most {settings.eval_batches} batches of "
+        f"{settings.batch_size} x {settings.seq_len} tokens from the start of the held-out split "
+        f"({len(val_data):,} tokens)")
 
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -343,11 +358,13 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
                     "tokens": done * tokens_per_step, "tok_s": (done - start) * tokens_per_step / elapsed}
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tok_s']:.0f}")
             if done % settings.log_every == 0 or done == settings.steps:
-                metrics.write(json.dumps(last) + "\n")
+                metrics.write(json_text(last, indent=None) + "\n")
                 metrics.flush()
             if done % settings.eval_every == 0 or done == settings.steps:
-                last["val_loss"] = evaluate(model, val_data, settings)  # every process, same numbers
-                metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
+                result = evaluate(model, val_data, settings)  # every process, same numbers
+                last.update(val_loss=result["val_loss"], val_tokens=result["tokens"], val_covers=covered(result))
+                metrics.write(json_text({"step": done, "val_loss": result["val_loss"], "val_tokens": result["tokens"],
+                                         "val_split_tokens": result["split_tokens"]}, indent=None) + "\n")
                 metrics.flush()
             if done % settings.save_every == 0 or done == settings.steps or done == end:
                 model_state, optim_state = full_state(model, optimizer, world, settings.parallel)
