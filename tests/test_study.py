@@ -26,8 +26,11 @@ def test_study_writes_results(tmp_path, capsys):
     argv = ["study", "--arch", "transformer,yoco-swa,swa", "--window", "32", "--steps", "2", "--batch-size", "2", "--seq-len", "64",
             "--data", str(corpus), "--vocab-size", "400", "--trials", "1", "--out", str(tmp_path / "study")]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
     results = json.loads((tmp_path / "study" / "results.json").read_text())
     runs = results["runs"]
+    for r in runs:  # the count printed while matching is the count trained (a 400-id tokenizer, not 4096)
+        assert f"{r['arch']}: ffn_dim {r['ffn_dim']} -> {r['params'] / 1e6:.2f}M parameters" in printed
     assert [r["arch"] for r in runs] == ["transformer", "yoco-swa", "swa"]
     assert results["settings"]["window"] == 32 and results["settings"]["passkey_beyond_context"] >= 4 * 32
     for r in runs:

@@ -22,12 +22,12 @@ import torch
 
 from .checkpoint import atomic_write, load_model
 from .config import get_config
-from .data import SPECIAL_TOKENS, TokenShards
+from .data import SPECIAL_TOKENS, TokenShards, load_tokenizer
 from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts, validation_loss
 from .models import MODEL_CLASSES, cache_bytes, cache_growth_per_token
 from .report import json_text
 from .tokenizer import TrainedTokenizer
-from .train import RETRIEVAL_TASKS, TrainSettings, latest_checkpoint, train
+from .train import RETRIEVAL_TASKS, TrainSettings, latest_checkpoint, prepare_data, train
 
 STUDY_ARCHS = ("transformer", "mha", "yoco-swa", "yoco-gret", "mqa", "mla", "cla2", "mlkv", "block", "swa")
 
@@ -98,12 +98,17 @@ def passkey_split(model, tokenizer, haystack, window: int, trials: int, seed: in
 def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    target = parameter_count(get_config("transformer", settings.preset))
+    # The models are sized by the tokenizer the runs train with (not the preset's vocabulary), so the
+    # matched and printed parameter counts are those trained.
+    prepare_data(TrainSettings(corpus=settings.corpus, vocab_size=settings.vocab_size, seq_len=settings.seq_len),
+                 out / "data", log)
+    vocab = {"vocab_size": load_tokenizer(out / "data").get_vocab_size()}
+    target = parameter_count(get_config("transformer", settings.preset, **vocab))
     window = settings.window or get_config("yoco-swa", settings.preset).window
     runs = []
     for arch in settings.archs:
         windowed = {"window": window} if get_config(arch, settings.preset).window is not None else {}
-        ffn, params = match_ffn(arch, settings.preset, target, **windowed)
+        ffn, params = match_ffn(arch, settings.preset, target, **vocab, **windowed)
         log(f"{arch}: ffn_dim {ffn} -> {params / 1e6:.2f}M parameters (target {target / 1e6:.2f}M)")
         train_settings = TrainSettings(arch=arch, preset=settings.preset, corpus=settings.corpus,
                                        vocab_size=settings.vocab_size, steps=settings.steps,
