@@ -388,3 +388,19 @@ def test_output_attentions_and_block_hidden_states_are_refused_clearly():
     with pytest.raises(InputError, match="Block Transformer has no hidden state"):
         YocoForCausalLM.from_yoco(tiny("block"))(input_ids=ids, output_hidden_states=True)
     assert model(input_ids=ids, output_attentions=False).hidden_states is None
+
+
+def test_the_readme_snippet_runs(trained_run, tmp_path, monkeypatch):
+    """The README's transformers example, as written, on a trained checkpoint."""
+    from pathlib import Path
+
+    from yoco.checkpoint import latest_checkpoint
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Hugging Face transformers"):]
+    snippet = section[section.index("```python") + len("```python"):]
+    snippet = snippet[:snippet.index("```")]
+    monkeypatch.chdir(tmp_path)
+    snippet = snippet.replace("runs/swa/checkpoint-200", str(latest_checkpoint(trained_run)))
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "hf-copy" / "config.json").is_file()
