@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import math
 import os
 import platform

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .arguments import (DEPTH, NATURAL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SHARE, ListOf, Number,
+                        Parser, TokenCount, budget, names, token_ids)
 from .bench import BenchError
 from .cache import CacheError
 from .checkpoint import CheckpointError, load_model, resolve_checkpoint, save_model
@@ -18,8 +20,6 @@ from .data import SPECIAL_TOKENS, DataError
 from .engine import generate, stream
 from .models import CausalLM, InputError, build_model, cache_growth_per_token, resolve_dtype
 from .report import format_bytes, json_text, print_table, times
-from .arguments import (DEPTH, NATURAL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SHARE, ListOf, Number,
-                        Parser, TokenCount, budget, names, token_ids)
 from .tokenizer import tokenizer_for
 
 
@@ -275,8 +275,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
     from .checkpoint import atomic_write
     from .data import TokenShards
     from .evaluate import covered, mqar_accuracy, mqar_batch, passkey_grid, plot_passkey, validation_loss
@@ -292,17 +290,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"note: the validation split holds {len(val)} tokens, fewer than one row of {args.seq_len} + 1; "
               "scoring the training split instead")
         val = TokenShards(data, "train")
-    contexts, depths = args.contexts, args.depths
     report = {"checkpoint": str(args.checkpoint), "arch": model.config.arch}
     report.update(validation_loss(model, val, args.batch_size, args.seq_len, args.batches))
-    if report["val_loss"] is None:
-        raise UsageError(f"the held-out tokens at {str(data)!r} ({report['split_tokens']}) are fewer than one row "
-                         f"of --seq-len + 1 = {args.seq_len + 1}: pass a shorter --seq-len")
+    if report["val_loss"] is None:  # even the training split (scored instead) holds no row
+        raise UsageError(f"{covered(report)} of --seq-len + 1 = {args.seq_len + 1} at {str(data)!r}: pass a shorter "
+                         "--seq-len")
     print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.2f} over "
           f"{covered(report)} ({report['batches']} batches of {args.batch_size} x {args.seq_len})")
     haystack = val.tokens
     try:
-        cells = passkey_grid(model, tokenizer, haystack, contexts, depths, args.trials, args.seed)
+        cells = passkey_grid(model, tokenizer, haystack, args.contexts, args.depths, args.trials, args.seed)
     except ValueError as e:  # a context too short for the needle, a haystack too small, a bad depth
         raise UsageError(f"passkey: {e}") from None
     report["passkey"] = cells
@@ -353,8 +350,6 @@ def load_any_model(directory: str, dtype: str):
 
 
 def cmd_compress_eval(args: argparse.Namespace) -> int:
-    import json
-
     from .checkpoint import atomic_write
     from .compress import POLICIES
     from .compress.evaluate import compress_eval, markdown_table, plot_results
@@ -382,8 +377,8 @@ def cmd_compress_eval(args: argparse.Namespace) -> int:
     specs = [("full", None)] + [(p, b) for p in policies for b in budgets]
     from .compress import policy_for_context
 
-    for name, budget in specs[1:]:
-        policy_for_context(name, budget, args.context)  # a bad combination (a budget-less SnapKV, ...) fails first
+    for name, amount in specs[1:]:
+        policy_for_context(name, amount, args.context)  # a bad combination (a budget-less SnapKV, ...) fails first
     from tqdm import tqdm
 
     bar = tqdm(total=len(specs), desc="compress-eval", unit="run", dynamic_ncols=True, file=sys.stderr)

@@ -29,11 +29,11 @@ class ByteTokenizer:
 class TrainedTokenizer:
     """A checkpoint's ``tokenizer.json`` (byte-level BPE), checked against the model's vocabulary.
 
-    ``exact``: the tokenizer must be the model's own, i.e. have exactly as many ids as the model's
-    vocabulary (``yoco train`` sizes the model by its tokenizer), unless it is the byte-level tokenizer
-    ``yoco init`` writes beside a random model. A transformers model may have more ids than its
-    tokenizer (vocabularies padded to a multiple, e.g. Qwen2's 151,936 for 151,665 tokens): with
-    ``exact=False`` fewer ids are accepted, more never."""
+    ``exact``: the tokenizer must be the model's own (``check_fits``: the one config.json records, or
+    in a folder without that record one of exactly the model's vocabulary, or ``yoco init``'s
+    byte-level one). A transformers model may have more ids than its tokenizer (vocabularies padded
+    to a multiple, e.g. Qwen2's 151,936 for 151,665 tokens): with ``exact=False`` fewer ids are
+    accepted, more never."""
 
     def __init__(self, path, model_vocab_size: int, exact: bool = True):
         from .data import EOS, load_tokenizer
@@ -106,7 +106,7 @@ def check_fits(tokenizer, folder, model_vocab_size: int) -> None:
         try:
             recorded = json.loads(config.read_text()).get("tokenizer_fingerprint")
         except ValueError:
-            recorded = None  # the model's loader names a corrupt config.json
+            pass  # the model's loader names a corrupt config.json
     if isinstance(recorded, dict) and "ids" in recorded:
         if recorded["ids"] != size:
             raise DataError(f"the tokenizer in {str(folder)!r} has {size} ids but the model was trained with "
@@ -119,11 +119,16 @@ def check_fits(tokenizer, folder, model_vocab_size: int) -> None:
                         f"{model_vocab_size}: {wrong}")
 
 
-def is_byte_level(tokenizer, model_vocab_size: int) -> bool:
-    """Whether ``tokenizer`` is exactly ``byte_level_tokenizer(model_vocab_size)``."""
+def byte_sized(vocab_size: int) -> bool:
+    """Whether a vocabulary is the 256 bytes, with room for the special tokens at most."""
     from .data import SPECIAL_TOKENS
 
-    if model_vocab_size < 256 or tokenizer.get_vocab_size() > 256 + len(SPECIAL_TOKENS):
+    return 256 <= vocab_size <= 256 + len(SPECIAL_TOKENS)
+
+
+def is_byte_level(tokenizer, model_vocab_size: int) -> bool:
+    """Whether ``tokenizer`` is exactly ``byte_level_tokenizer(model_vocab_size)``."""
+    if model_vocab_size < 256 or not byte_sized(tokenizer.get_vocab_size()):
         return False
     return tokenizer.get_vocab(with_added_tokens=True) == \
         byte_level_tokenizer(model_vocab_size).get_vocab(with_added_tokens=True)
@@ -157,12 +162,10 @@ def tokenizer_for(checkpoint, model_vocab_size: int, exact: bool = True):
     ``TrainedTokenizer``); for a folder without one, the byte tokenizer only if the model's vocabulary
     is byte-sized (the 256 bytes, and room for the special tokens at most): any other model would read
     bytes as tokens it was never trained on. No folder (a randomly initialised model): bytes."""
-    from .data import SPECIAL_TOKENS
-
     if checkpoint is not None:
         if (Path(checkpoint) / "tokenizer.json").is_file():
             return TrainedTokenizer(checkpoint, model_vocab_size, exact=exact)
-        if model_vocab_size > 256 + len(SPECIAL_TOKENS):
+        if model_vocab_size > 256 and not byte_sized(model_vocab_size):
             raise InputError(f"{str(checkpoint)!r} has no tokenizer.json and the model's vocabulary of "
                              f"{model_vocab_size} ids is not byte-sized, so text cannot be encoded for it: put "
                              "the tokenizer it was trained with beside it, or give token ids (--prompt-ids)")
