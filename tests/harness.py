@@ -1,10 +1,20 @@
-"""Shared by the tests: the architecture variants under the equivalence harness, and the cached path
-every scoring path is compared with."""
+"""What more than one test module uses (a test module imports nothing else of tests/, see
+tests/test_test_layout.py; fixtures live in conftest.py):
+
+- ``ARCH_VARIANTS``, ``make_model(variant)``: the architectures under the equivalence harness, built tiny;
+- ``engine_logits``: the cached path (chunked prefill, teacher-forced decode) every scoring path is
+  compared with;
+- ``run``: greedy decode of a yoco model or an ``HFCompressedLM``, every step's logits and the cache;
+- ``POLICIES``: the compression policies that take a budget, by name;
+- ``hf_model``: a small randomly initialised transformers Llama, Mistral or Qwen2.
+"""
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from yoco import build_model
-from yoco.engine import decode_step, prefill
+from yoco.compress import CORM, H2O, PyramidKV, SnapKV, StreamingLLM
+from yoco.engine import decode_step, left_pad, prefill
 
 # Architectures under the shared equivalence harness (tiny preset, fp32): the three named
 # architectures plus the Transformer's window-only control, MQA and MHA head layouts, cross-layer
@@ -43,3 +53,28 @@ def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=Non
         for t in range(prompt_len, ids.shape[1]):
             out.append(decode_step(model, ids[:, t], cache))
     return torch.stack(out, dim=1)
+
+
+def run(model, prompts, policy, steps=6, chunk=16):
+    """Greedy decode of a yoco model or an ``HFCompressedLM``; every step's logits [B, V] and the cache."""
+    ids, pad = left_pad(prompts)
+    cache = model.new_cache(len(prompts), pad=pad, compression=policy)
+    logits = [prefill(model, ids, cache, chunk)]
+    for _ in range(steps):
+        logits.append(decode_step(model, logits[-1].argmax(-1), cache))
+    return torch.stack(logits), cache
+
+
+POLICIES = {"streamingllm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "h2o": H2O, "corm": CORM}
+
+SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512)
+
+
+def hf_model(kind="llama", layers=3, **extra):
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **SIZES, **extra)).eval()

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from harness import engine_logits, make_model
 
 from yoco.cli import main

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from harness import engine_logits
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from yoco import YocoCache, YocoConfig, YocoForCausalLM, build_model, generate, get_config, load_model, save_model
-from harness import engine_logits
-
 from yoco.checkpoint import CheckpointError
 from yoco.hf import cache_arg, output_cache
 from yoco.cli import main

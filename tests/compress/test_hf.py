@@ -4,28 +4,14 @@ sliding window, never more bytes than transformers' own cache (plus the current 
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from harness import POLICIES, hf_model, run
 
-from tests.compress.test_store import run
 from yoco.cache import tensor_bytes
 from yoco.compress import CORM, H2O, BudgetError, InfLLM, PyramidKV, SnapKV, StreamingLLM
 from yoco.compress.hf import CompressedCache, HFCompressedLM
 from yoco.compress.hf import generate as hf_generate
 from yoco.engine import decode_step, generate, left_pad, prefill
 from yoco.models.base import InputError
-
-POLICIES = {"streamingllm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "h2o": H2O, "corm": CORM}
-SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=512)
-
-
-def hf_model(kind="llama", layers=3, **extra):
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
-    if kind == "mistral":
-        return MistralForCausalLM(MistralConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **SIZES, **extra)).eval()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -5,10 +5,8 @@ on yoco's models and on transformers Llama/Qwen2; bad settings are refused."""
 
 import pytest
 import torch
+from harness import hf_model, make_model, run
 
-from tests.compress.test_hf import hf_model
-from tests.compress.test_store import run
-from tests.harness import make_model
 from yoco.compress import BudgetError, InfLLM, InfLLMKV, make_policy, policy_for_context
 from yoco.compress.hf import HFCompressedLM
 from yoco.compress.store import rotate_by

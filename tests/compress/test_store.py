@@ -3,8 +3,8 @@ positions, left-padded batches, decode-time budgets, and what cannot be compress
 
 import pytest
 import torch
+from harness import POLICIES, make_model, run
 
-from tests.harness import make_model
 from yoco.compress import CORM, H2O, BudgetError, CompressedKV, PyramidKV, SnapKV, StreamingLLM
 from yoco.compress.store import entry_mask, rotate_by
 from yoco.engine import decode_step, generate, left_pad, prefill
@@ -12,17 +12,6 @@ from yoco.layers import RotaryEmbedding
 from yoco.models.base import InputError
 
 VARIANTS = ["transformer", "transformer-mqa", "cla2", "mla", "mla-q-cla2", "yoco-swa", "yoco-gret"]
-POLICIES = {"streamingllm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "h2o": H2O, "corm": CORM}
-
-
-def run(model, prompts, policy, steps=6, chunk=16):
-    """Greedy decode of a yoco model or an ``HFCompressedLM``; every step's logits [B, V] and the cache."""
-    ids, pad = left_pad(prompts)
-    cache = model.new_cache(len(prompts), pad=pad, compression=policy)
-    logits = [prefill(model, ids, cache, chunk)]
-    for _ in range(steps):
-        logits.append(decode_step(model, logits[-1].argmax(-1), cache))
-    return torch.stack(logits), cache
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
