@@ -6,7 +6,8 @@ tests/test_test_layout.py; fixtures live in conftest.py):
   compared with;
 - ``run``: greedy decode of a yoco model or an ``HFCompressedLM``, every step's logits and the cache;
 - ``POLICIES``: the compression policies that take a budget, by name;
-- ``hf_model``: a small randomly initialised transformers Llama, Mistral or Qwen2.
+- ``hf_model``: a small randomly initialised transformers Llama, Mistral or Qwen2;
+- ``CPU``, ``cpu_step``: a ``Step`` on the CPU, for calling a token mixer directly.
 """
 
 import torch
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from yoco import build_model
 from yoco.compress import CORM, H2O, PyramidKV, SnapKV, StreamingLLM
 from yoco.engine import decode_step, left_pad, prefill
+from yoco.layers import Step
 
 # Architectures under the shared equivalence harness (tiny preset, fp32): the three named
 # architectures plus the Transformer's window-only control, MQA and MHA head layouts, cross-layer
@@ -78,3 +80,10 @@ def hf_model(kind="llama", layers=3, **extra):
     if kind == "mistral":
         return MistralForCausalLM(MistralConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
     return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **SIZES, **extra)).eval()
+
+
+CPU = torch.device("cpu")
+
+
+def cpu_step(start, length, pad=None):
+    return Step(start, length, pad=pad, device=CPU)

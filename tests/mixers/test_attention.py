@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import CPU, cpu_step
 
 from yoco.cache import CacheError, KVCache
 from yoco.config import get_config
-from yoco.layers import RotaryEmbedding, Step
+from yoco.layers import RotaryEmbedding
 from yoco.mixers.attention import CausalSelfAttention, attend, slot_mask
 from yoco.mixers.cross_attention import CrossAttention, GlobalKV, cross_mask
-
-CPU = torch.device("cpu")
 
 
 def naive_attention(q, k, v, visible=None):
@@ -71,17 +70,13 @@ def _module(seed=0, arch="transformer"):
     return config, CausalSelfAttention(config, rotary).eval()
 
 
-def _step(start, length, pad=None):
-    return Step(start, length, pad=pad, device=CPU)
-
-
 def test_causal_self_attention_matches_naive():
     config, module = _module(seed=1)
     T = 11
     x = _rand(2, T, config.dim, seed=7)
     with torch.no_grad():
-        y = module(x, _step(0, T))
-        q, k, v = module.qkv(x, _step(0, T))
+        y = module(x, cpu_step(0, T))
+        q, k, v = module.qkv(x, cpu_step(0, T))
         ref = module.out(naive_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril()).float())
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
@@ -94,18 +89,18 @@ def test_causal_self_attention_full_chunked_and_decode(capacity):
     T = sum(sizes)
     x = _rand(B, T, config.dim, seed=8)
     with torch.no_grad():
-        full = module(x, _step(0, T))
+        full = module(x, cpu_step(0, T))
 
         cache = module.new_cache(B, dtype=torch.float32, device="cpu", capacity=capacity)
         pieces, start = [], 0
         for n in sizes:
-            pieces.append(module(x[:, start:start + n], _step(start, n), cache))
+            pieces.append(module(x[:, start:start + n], cpu_step(start, n), cache))
             start += n
             assert cache.length == start
         chunked = torch.cat(pieces, dim=1)
 
         cache2 = module.new_cache(B, dtype=torch.float32, device="cpu", capacity=capacity)
-        stepwise = torch.cat([module(x[:, t:t + 1], _step(t, 1), cache2) for t in range(T)], dim=1)
+        stepwise = torch.cat([module(x[:, t:t + 1], cpu_step(t, 1), cache2) for t in range(T)], dim=1)
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
     if capacity is not None:
@@ -120,12 +115,12 @@ def test_causal_self_attention_left_padding():
     pad = torch.tensor([0, p])
     x = _rand(2, T, config.dim, seed=9)
     with torch.no_grad():
-        full = module(x, _step(0, T, pad))
-        alone = module(x[1:, p:], _step(0, T - p))
-        row0 = module(x[:1], _step(0, T))
+        full = module(x, cpu_step(0, T, pad))
+        alone = module(x[1:, p:], cpu_step(0, T - p))
+        row0 = module(x[:1], cpu_step(0, T))
         cache = module.new_cache(2, dtype=torch.float32, device="cpu", capacity=T)
-        pieces = [module(x[:, :5], _step(0, 5, pad), cache)]
-        pieces += [module(x[:, t:t + 1], _step(t, 1, pad), cache) for t in range(5, T)]
+        pieces = [module(x[:, :5], cpu_step(0, 5, pad), cache)]
+        pieces += [module(x[:, t:t + 1], cpu_step(t, 1, pad), cache) for t in range(5, T)]
     assert torch.isfinite(full).all()
     torch.testing.assert_close(full[1:, p:], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(full[:1], row0, atol=1e-5, rtol=1e-5)
@@ -179,28 +174,28 @@ def test_module_cache_overflow_raises():
     config, module = _module(seed=4)
     cache = module.new_cache(1, dtype=torch.float32, device="cpu", capacity=4)
     with torch.no_grad():
-        module(_rand(1, 4, config.dim, seed=10), _step(0, 4), cache)
+        module(_rand(1, 4, config.dim, seed=10), cpu_step(0, 4), cache)
         with pytest.raises(CacheError):
-            module(_rand(1, 1, config.dim, seed=11), _step(4, 1), cache)
+            module(_rand(1, 1, config.dim, seed=11), cpu_step(4, 1), cache)
 
 
 # ---------------------------------------------------------------------- cross-attention
 def test_cross_mask_square_unpadded_is_causal_without_mask():
-    mask, causal = cross_mask(_step(0, 7), 7, CPU)
+    mask, causal = cross_mask(cpu_step(0, 7), 7, CPU)
     assert mask is None and causal is True
 
 
 def test_cross_mask_other_cases():
     # decode step against a longer key set: everything visible -> no mask, not the causal path
-    mask, causal = cross_mask(_step(6, 1), 7, CPU)
+    mask, causal = cross_mask(cpu_step(6, 1), 7, CPU)
     assert mask is None and causal is False
     # a later chunk: causal mask offset by the start slot
-    mask, causal = cross_mask(_step(4, 3), 7, CPU)
+    mask, causal = cross_mask(cpu_step(4, 3), 7, CPU)
     assert causal is False
     assert torch.equal(mask[0, 0], torch.ones(7, 7, dtype=torch.bool).tril()[4:])
     # square but padded: explicit mask
     pad = torch.tensor([0, 2])
-    mask, causal = cross_mask(_step(0, 4, pad), 4, CPU)
+    mask, causal = cross_mask(cpu_step(0, 4, pad), 4, CPU)
     assert causal is False and mask.shape == (2, 1, 4, 4)
     assert torch.equal(mask, slot_mask(torch.arange(4), torch.arange(4), pad))
 
@@ -214,10 +209,10 @@ def test_cross_attention_prefill_equals_incremental():
     h = _rand(B, T, config.dim, seed=12)
     x = _rand(B, T, config.dim, seed=13)
     with torch.no_grad():
-        k, v = gkv(h, _step(0, T))
+        k, v = gkv(h, cpu_step(0, T))
         assert k.shape == (B, config.n_kv_heads, T, config.head_dim)
-        mask, causal = cross_mask(_step(0, T), T, CPU)
-        full = cross(x, _step(0, T), k, v, mask, causal)
+        mask, causal = cross_mask(cpu_step(0, T), T, CPU)
+        full = cross(x, cpu_step(0, T), k, v, mask, causal)
 
         # naive: causal attention of RoPE'd queries against the global K/V
         cos, sin = rotary.tables(torch.arange(T))
@@ -229,7 +224,7 @@ def test_cross_attention_prefill_equals_incremental():
         cache = gkv.new_cache(B, dtype=torch.float32, device="cpu", capacity=T)
         pieces, start = [], 0
         for n in (5, 1, 4, 1, 1):
-            step = _step(start, n)
+            step = cpu_step(start, n)
             kc, vc = gkv(h[:, start:start + n], step, cache)
             assert kc.shape[2] == start + n
             m, c = cross_mask(step, start + n, CPU)

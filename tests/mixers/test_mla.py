@@ -7,17 +7,16 @@ import copy
 
 import pytest
 import torch
-from harness import engine_logits, make_model
+from harness import CPU, cpu_step, engine_logits, make_model
 from torch import nn
 from torch.nn.utils import parametrize
 
 from yoco.cache import CacheError
 from yoco.compress import SnapKV
 from yoco.config import get_config
-from yoco.layers import RotaryEmbedding, Step
+from yoco.layers import RotaryEmbedding
 from yoco.mixers.mla import LatentCache, MultiHeadLatentAttention, computes_plain_linear, effective_linear
 
-CPU = torch.device("cpu")
 D_C, D_R = 24, 8
 
 
@@ -49,10 +48,6 @@ def _mla(config, rotary, layer=0, kv_source=None, seed=0):
 
 def _x(B, T, seed, dim=64):
     return torch.randn(B, T, dim, generator=torch.Generator().manual_seed(seed))
-
-
-def _step(start, length, pad=None):
-    return Step(start, length, pad, CPU)
 
 
 # ---------------------------------------------------------------------- naive reference (float64)
@@ -115,9 +110,9 @@ def test_absorbed_decode_equals_decompressed_with_padding(q_rank):
     pad = torch.tensor([0, 2, 5])
     x = _x(B, T0 + 3, seed=1)
     cache = m.new_cache(B, dtype=torch.float32, device=CPU, capacity=16)
-    m(x[:, :T0], _step(0, T0, pad), cache)
+    m(x[:, :T0], cpu_step(0, T0, pad), cache)
     for t in range(T0, T0 + 3):
-        step = _step(t, 1, pad)
+        step = cpu_step(t, 1, pad)
         outs = {}
         for absorb in (True, False):
             m.absorb = absorb
@@ -127,7 +122,7 @@ def test_absorbed_decode_equals_decompressed_with_padding(q_rank):
         m.absorb = None
         torch.testing.assert_close(m(x[:, t:t + 1], step, cache), outs[True], atol=1e-6, rtol=1e-6)
     # a multi-token chunk through the absorbed path (enable_gqa branch) agrees as well
-    chunk = _step(T0 + 3, 4, pad)
+    chunk = cpu_step(T0 + 3, 4, pad)
     x2 = _x(B, 4, seed=2)
     m.absorb = True
     a = m(x2, chunk, copy.deepcopy(cache))
@@ -141,7 +136,7 @@ def test_automatic_decode_uses_absorbed_path_on_the_cache_view(monkeypatch):
     m = _mla(config, _rotary(config))
     x = _x(2, 5, seed=3)
     cache = m.new_cache(2, dtype=torch.float32, device=CPU, capacity=8)
-    m(x[:, :4], _step(0, 4), cache)
+    m(x[:, :4], cpu_step(0, 4), cache)
 
     def no_decompress(*args):
         raise AssertionError("decode must not decompress the cache")
@@ -155,7 +150,7 @@ def test_automatic_decode_uses_absorbed_path_on_the_cache_view(monkeypatch):
 
     monkeypatch.setattr(m, "_decompressed", no_decompress)
     monkeypatch.setattr(m, "_absorbed", spy)
-    m(x[:, 4:], _step(4, 1), cache)
+    m(x[:, 4:], cpu_step(4, 1), cache)
     assert len(seen) == 1 and seen[0].data_ptr() == cache.kv.data_ptr()  # the buffer itself, no copy
     assert seen[0].shape == (2, 5, D_C + D_R)
 
@@ -168,14 +163,14 @@ def test_full_forward_equals_chunked_prefill_and_decode(q_rank, padded):
     B, T = 2, 13
     pad = torch.tensor([0, 3]) if padded else None
     x = _x(B, T, seed=4)
-    full = m(x, _step(0, T, pad))
+    full = m(x, cpu_step(0, T, pad))
     cache = m.new_cache(B, dtype=torch.float32, device=CPU, capacity=None)
     outs, start = [], 0
     for n in (3, 5):  # chunks not dividing the prompt, then token-by-token decode
-        outs.append(m(x[:, start:start + n], _step(start, n, pad), cache))
+        outs.append(m(x[:, start:start + n], cpu_step(start, n, pad), cache))
         start += n
     while start < T:
-        outs.append(m(x[:, start:start + 1], _step(start, 1, pad), cache))
+        outs.append(m(x[:, start:start + 1], cpu_step(start, 1, pad), cache))
         start += 1
     assert cache.length == T
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -191,10 +186,10 @@ def test_matches_naive_reference(q_rank):
     c, k_r = naive_latent(m, x, pos, config)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     ref = naive_mla(m, x, pos, c, k_r, causal, config)
-    torch.testing.assert_close(m(x, _step(0, T)), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x, cpu_step(0, T)), ref, atol=1e-5, rtol=1e-5)
     # and the cached latent is exactly [c ; k_R]
     cache = m.new_cache(B, dtype=torch.float32, device=CPU, capacity=T)
-    m(x, _step(0, T), cache)
+    m(x, cpu_step(0, T), cache)
     torch.testing.assert_close(cache.kv, torch.cat((c, k_r), dim=-1).float(), atol=1e-5, rtol=1e-5)
 
 
@@ -210,7 +205,7 @@ def test_naive_reference_with_padding():
     visible = (s[None, :, None] >= s[None, None, :]) & (s[None, None, :] >= pad[:, None, None])
     visible |= torch.eye(T, dtype=torch.bool)[None]  # a pad query sees only itself
     ref = naive_mla(m, x, pos, c, k_r, visible, config)
-    torch.testing.assert_close(m(x, _step(0, T, pad)), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x, cpu_step(0, T, pad)), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_latent_cache_bytes_pointer_overflow_and_growth():
@@ -223,12 +218,12 @@ def test_latent_cache_bytes_pointer_overflow_and_growth():
     x = _x(2, 6, seed=7)
     cache = m.new_cache(2, dtype=torch.float32, device=CPU, capacity=6)
     ptr, nbytes = cache.kv.data_ptr(), cache.nbytes()
-    m(x[:, :3], _step(0, 3), cache)
+    m(x[:, :3], cpu_step(0, 3), cache)
     for t in range(3, 6):
-        m(x[:, t:t + 1], _step(t, 1), cache)
+        m(x[:, t:t + 1], cpu_step(t, 1), cache)
         assert cache.kv.data_ptr() == ptr and cache.nbytes() == nbytes
     with pytest.raises(CacheError, match="holds 6 positions"):
-        m(x[:, :1], _step(6, 1), cache)
+        m(x[:, :1], cpu_step(6, 1), cache)
     # growing: starts at 256, doubles, keeps what was written
     grow = LatentCache(1, D_C, D_R, dtype=torch.float32, device=CPU)
     first = torch.randn(1, 200, D_C + D_R)
@@ -254,8 +249,8 @@ def test_consumer_reuses_producer_latent():
     B, T = 2, 7
     x0, x1 = _x(B, T, seed=8), _x(B, T, seed=9)
     shared = {}
-    producer(x0, _step(0, T), shared=shared)
-    out = consumer(x1, _step(0, T), shared=shared)
+    producer(x0, cpu_step(0, T), shared=shared)
+    out = consumer(x1, cpu_step(0, T), shared=shared)
     pos = torch.arange(T)
     c, k_r = naive_latent(producer, x0, pos, config)  # the producer's latent, the consumer's weights
     ref = naive_mla(consumer, x1, pos, c, k_r, torch.ones(T, T, dtype=torch.bool).tril(), config)
@@ -269,9 +264,9 @@ def test_consumer_reuses_producer_latent():
     outs = []
     for start, n in ((0, 4), (4, 1), (5, 1), (6, 1)):
         shared = {}
-        producer(x0[:, start:start + n], _step(start, n), cache, shared=shared)
+        producer(x0[:, start:start + n], cpu_step(start, n), cache, shared=shared)
         assert shared[0].data_ptr() == cache.kv.data_ptr()
-        outs.append(consumer(x1[:, start:start + n], _step(start, n), shared=shared))
+        outs.append(consumer(x1[:, start:start + n], cpu_step(start, n), shared=shared))
     torch.testing.assert_close(torch.cat(outs, dim=1), out, atol=1e-5, rtol=1e-5)
     with pytest.raises(CacheError):
         consumer.new_cache(B, dtype=torch.float32, device=CPU, capacity=4)
@@ -283,9 +278,9 @@ def test_consumer_without_shared_latent_names_source_layer():
     consumer = _mla(config, rotary, layer=3, kv_source=2)
     x = _x(1, 4, seed=10)
     with pytest.raises(LookupError, match="latent of layer 2"):
-        consumer(x, _step(0, 4))
+        consumer(x, cpu_step(0, 4))
     with pytest.raises(LookupError, match="latent of layer 2"):
-        consumer(x, _step(0, 4), shared={0: torch.zeros(1, 4, D_C + D_R)})
+        consumer(x, cpu_step(0, 4), shared={0: torch.zeros(1, 4, D_C + D_R)})
 
 
 # ---------------------------------------------------------------------- adapters on k_up / v_up

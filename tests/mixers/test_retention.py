@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import cpu_step
 
 from yoco.config import get_config
-from yoco.layers import RotaryEmbedding, Step
+from yoco.layers import RotaryEmbedding
 from yoco.mixers.retention import (
     GatedRetention,
     RetentionState,
@@ -15,8 +16,6 @@ from yoco.mixers.retention import (
     retention_parallel,
     retention_recurrent,
 )
-
-CPU = torch.device("cpu")
 
 
 ATOL = 1e-5
@@ -142,10 +141,6 @@ def _module(seed=0, chunk=None):
     return config, module
 
 
-def _step(start, length):
-    return Step(start, length, pad=None, device=CPU)
-
-
 def _reference_module(module: GatedRetention, x: torch.Tensor, config) -> torch.Tensor:
     """The reference formula written out by hand, token by token in float64."""
     B, T, D = x.shape
@@ -187,7 +182,7 @@ def test_module_matches_hand_written_reference():
     config, module = _module(seed=1)
     x = torch.randn(2, 21, config.dim, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
-        y = module(x, _step(0, 21))
+        y = module(x, cpu_step(0, 21))
     ref = _reference_module(module, x, config)
     assert y.shape == (2, 21, config.dim)
     torch.testing.assert_close(y, ref.float(), atol=2e-5, rtol=1e-4)
@@ -198,20 +193,20 @@ def test_module_full_equals_chunked_and_token_by_token():
     B, T = 2, 30
     x = torch.randn(B, T, config.dim, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
-        full = module(x, _step(0, T))
+        full = module(x, cpu_step(0, T))
 
         cache = module.new_cache(B, dtype=torch.float32, device="cpu")
         assert isinstance(cache, RetentionState)
         pieces, start = [], 0
         for n in (3, 5, 1, 7, 2, 12):
-            pieces.append(module(x[:, start:start + n], _step(start, n), cache))
+            pieces.append(module(x[:, start:start + n], cpu_step(start, n), cache))
             start += n
         assert start == T
         chunked = torch.cat(pieces, dim=1)
         chunked_state = cache.state.clone()
 
         cache2 = module.new_cache(B, dtype=torch.float32, device="cpu")
-        tokens = [module(x[:, t:t + 1], _step(t, 1), cache2) for t in range(T)]
+        tokens = [module(x[:, t:t + 1], cpu_step(t, 1), cache2) for t in range(T)]
         stepwise = torch.cat(tokens, dim=1)
 
     torch.testing.assert_close(chunked, full, atol=2e-5, rtol=1e-4)
@@ -225,9 +220,9 @@ def test_module_default_chunk_full_equals_stepwise():
     B, T = 1, 37
     x = torch.randn(B, T, config.dim, generator=torch.Generator().manual_seed(13))
     with torch.no_grad():
-        full = module(x, _step(0, T))
+        full = module(x, cpu_step(0, T))
         cache = module.new_cache(B, dtype=torch.float32, device="cpu")
-        stepwise = torch.cat([module(x[:, t:t + 1], _step(t, 1), cache) for t in range(T)], dim=1)
+        stepwise = torch.cat([module(x[:, t:t + 1], cpu_step(t, 1), cache) for t in range(T)], dim=1)
     torch.testing.assert_close(stepwise, full, atol=2e-5, rtol=1e-4)
 
 
@@ -237,9 +232,9 @@ def test_module_left_padding_matches_unpadded_row():
     x = torch.randn(2, T, config.dim, generator=torch.Generator().manual_seed(14))
     pad = torch.tensor([0, p])
     with torch.no_grad():
-        y = module(x, Step(0, T, pad=pad, device=CPU))
-        alone = module(x[1:, p:], _step(0, T - p))
-        row0 = module(x[:1], _step(0, T))
+        y = module(x, cpu_step(0, T, pad))
+        alone = module(x[1:, p:], cpu_step(0, T - p))
+        row0 = module(x[:1], cpu_step(0, T))
     torch.testing.assert_close(y[1:, p:], alone, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(y[:1], row0, atol=2e-5, rtol=1e-4)
 
@@ -250,8 +245,8 @@ def test_module_bf16_keeps_fp32_state():
     x = torch.randn(2, 5, config.dim).bfloat16()
     cache = module.new_cache(2, dtype=torch.bfloat16, device="cpu")
     with torch.no_grad():
-        y = module(x, _step(0, 5), cache)
-        module(x[:, :1], _step(5, 1), cache)
+        y = module(x, cpu_step(0, 5), cache)
+        module(x[:, :1], cpu_step(5, 1), cache)
     assert y.dtype == torch.bfloat16
     assert cache.state.dtype == torch.float32
 
@@ -265,11 +260,11 @@ def test_retention_state_nbytes_constant():
     assert cache.nbytes() == expected
     assert cache.state.shape == (B, H, d, d)
     with torch.no_grad():
-        module(torch.randn(B, 20, config.dim), _step(0, 20), cache)
+        module(torch.randn(B, 20, config.dim), cpu_step(0, 20), cache)
         assert cache.nbytes() == expected
-        module(torch.randn(B, 1, config.dim), _step(20, 1), cache)
+        module(torch.randn(B, 1, config.dim), cpu_step(20, 1), cache)
         assert cache.nbytes() == expected
-        module(torch.randn(B, 50, config.dim), _step(21, 50), cache)
+        module(torch.randn(B, 50, config.dim), cpu_step(21, 50), cache)
     assert cache.nbytes() == expected
     # a bf16 cache request still stores an fp32 state of the same size
     assert module.new_cache(B, dtype=torch.bfloat16, device="cpu").nbytes() == expected

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import cpu_step
 
 from yoco.cache import CacheError
 from yoco.config import get_config
-from yoco.layers import RotaryEmbedding, Step
+from yoco.layers import RotaryEmbedding
 from yoco.mixers.attention import slot_mask
 from yoco.mixers.sliding_window import RingKVCache, SlidingWindowAttention, blocked_window_attention
-
-CPU = torch.device("cpu")
 
 
 def naive_window(q, k, v, window, q_start=0, k_start=0):
@@ -155,10 +154,6 @@ def _module(window, block=None, seed=0):
     return config, SlidingWindowAttention(config, rotary, window, block).eval()
 
 
-def _step(start, length, pad=None):
-    return Step(start, length, pad=pad, device=CPU)
-
-
 def test_module_default_block():
     assert _module(16)[1].block == 64
     assert _module(100)[1].block == 100
@@ -171,8 +166,8 @@ def test_module_full_matches_naive(window, block):
     T = 40
     x = torch.randn(2, T, config.dim, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        y = module(x, _step(0, T))
-        q, k, v = module.qkv(x, _step(0, T))
+        y = module(x, cpu_step(0, T))
+        q, k, v = module.qkv(x, cpu_step(0, T))
         ref = module.out(naive_window(q, k, v, window).float())
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
@@ -186,14 +181,14 @@ def test_module_full_equals_chunked_and_decode(window, block):
     x = torch.randn(B, T, config.dim, generator=torch.Generator().manual_seed(4))
     expected_bytes = 2 * B * config.n_kv_heads * window * config.head_dim * 4
     with torch.no_grad():
-        full = module(x, _step(0, T))
+        full = module(x, cpu_step(0, T))
 
         cache = module.new_cache(B, dtype=torch.float32, device="cpu")
         assert isinstance(cache, RingKVCache)
         assert cache.nbytes() == expected_bytes
         pieces, start = [], 0
         for n in sizes:
-            pieces.append(module(x[:, start:start + n], _step(start, n), cache))
+            pieces.append(module(x[:, start:start + n], cpu_step(start, n), cache))
             start += n
             assert cache.nbytes() == expected_bytes
             assert cache.length == start
@@ -202,7 +197,7 @@ def test_module_full_equals_chunked_and_decode(window, block):
         ring = module.new_cache(B, dtype=torch.float32, device="cpu")
         steps = []
         for t in range(T):
-            steps.append(module(x[:, t:t + 1], _step(t, 1), ring))
+            steps.append(module(x[:, t:t + 1], cpu_step(t, 1), ring))
             assert ring.nbytes() == expected_bytes
         stepwise = torch.cat(steps, dim=1)
 
@@ -218,10 +213,10 @@ def test_module_prefill_longer_than_window_then_decode():
     B, T1, T = 1, 20, 26
     x = torch.randn(B, T, config.dim, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        full = module(x, _step(0, T))
+        full = module(x, cpu_step(0, T))
         cache = module.new_cache(B, dtype=torch.float32, device="cpu")
-        first = module(x[:, :T1], _step(0, T1), cache)
-        rest = [module(x[:, t:t + 1], _step(t, 1), cache) for t in range(T1, T)]
+        first = module(x[:, :T1], cpu_step(0, T1), cache)
+        rest = [module(x[:, t:t + 1], cpu_step(t, 1), cache) for t in range(T1, T)]
     torch.testing.assert_close(torch.cat([first] + rest, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -232,12 +227,12 @@ def test_module_left_padding_chunked_and_decode():
     pad = torch.tensor(pads)
     x = torch.randn(2, T, config.dim, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        full = module(x, _step(0, T, pad))
-        alone = module(x[1:, 4:], _step(0, T - 4))
-        row0 = module(x[:1], _step(0, T))
+        full = module(x, cpu_step(0, T, pad))
+        alone = module(x[1:, 4:], cpu_step(0, T - 4))
+        row0 = module(x[:1], cpu_step(0, T))
         cache = module.new_cache(2, dtype=torch.float32, device="cpu")
-        pieces = [module(x[:, :6], _step(0, 6, pad), cache)]
-        pieces += [module(x[:, t:t + 1], _step(t, 1, pad), cache) for t in range(6, T)]
+        pieces = [module(x[:, :6], cpu_step(0, 6, pad), cache)]
+        pieces += [module(x[:, t:t + 1], cpu_step(t, 1, pad), cache) for t in range(6, T)]
         chunked = torch.cat(pieces, dim=1)
     assert torch.isfinite(full).all()
     torch.testing.assert_close(full[1:, 4:], alone, atol=1e-5, rtol=1e-5)
