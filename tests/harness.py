@@ -7,6 +7,7 @@ tests/test_test_layout.py; fixtures live in conftest.py):
 - ``run``: greedy decode of a yoco model or an ``HFCompressedLM``, every step's logits and the cache;
 - ``POLICIES``: the compression policies that take a budget, by name;
 - ``hf_model``: a small randomly initialised transformers Llama, Mistral or Qwen2;
+- ``left_padded``: prompts as transformers takes them, ids and attention mask left-padded with 0;
 - ``CPU``, ``cpu_step``: a ``Step`` on the CPU, for calling a token mixer directly.
 """
 
@@ -80,6 +81,13 @@ def hf_model(kind="llama", layers=3, **extra):
     if kind == "mistral":
         return MistralForCausalLM(MistralConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
     return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **SIZES, **extra)).eval()
+
+
+def left_padded(prompts):
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
 
 
 CPU = torch.device("cpu")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from harness import engine_logits
+from harness import engine_logits, left_padded
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from yoco import YocoCache, YocoConfig, YocoForCausalLM, build_model, generate, get_config, load_model, save_model
@@ -19,13 +19,6 @@ ARCHS = ["transformer", "yoco-swa", "yoco-gret", "mha", "mqa", "mla", "cla2", "m
 
 def tiny(arch, **overrides):
     return build_model(get_config(arch, "tiny", **overrides), seed=0).eval()
-
-
-def left_padded(prompts):
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -4,7 +4,7 @@ sliding window, never more bytes than transformers' own cache (plus the current 
 
 import pytest
 import torch
-from harness import POLICIES, hf_model, run
+from harness import POLICIES, hf_model, left_padded, run
 
 from yoco.cache import tensor_bytes
 from yoco.compress import CORM, H2O, BudgetError, InfLLM, PyramidKV, SnapKV, StreamingLLM
@@ -287,9 +287,7 @@ def test_beam_reordering_of_a_compressed_cache():
 
 
 def padded_batch(lengths=(40, 31)):
-    ids, pad = left_pad([torch.randint(1, 300, (n,)).tolist() for n in lengths])
-    mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
-    return ids, mask
+    return left_padded([torch.randint(1, 300, (n,)).tolist() for n in lengths])
 
 
 @pytest.mark.parametrize("policy", [SnapKV(1000), StreamingLLM(1000), H2O(1000),

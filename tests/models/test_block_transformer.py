@@ -3,17 +3,13 @@ whatever its padding, rows kept in phase through select/repeat, cache size."""
 
 import pytest
 import torch
+from harness import make_model
 
 from yoco.config import ConfigError, get_config
 from yoco.engine import decode_step, left_pad, prefill
 from yoco.models.block_transformer import BlockTransformer
 
 ATOL = RTOL = 1e-5
-
-
-def make_model(**overrides) -> BlockTransformer:
-    torch.manual_seed(0)
-    return BlockTransformer(get_config("block", "tiny", **overrides)).eval()
 
 
 def caches(cache, group: int = 0) -> list:
@@ -28,7 +24,7 @@ def local_len(model, cache, group: int = 0) -> int:
 @pytest.mark.parametrize("prompt_len", [12, 13])
 @pytest.mark.parametrize("chunk", [1, 3, 5, 8])
 def test_chunked_prefill_and_decode_equal_full_forward(prompt_len, chunk):
-    model = make_model()
+    model = make_model("block")
     b, P = model.block_len, model.block_prefix
     ids = torch.randint(1, model.config.vocab_size, (1, prompt_len + 11))  # decode crosses 3 blocks
     with torch.no_grad():
@@ -51,7 +47,7 @@ def test_chunked_prefill_and_decode_equal_full_forward(prompt_len, chunk):
 
 
 def test_num_logits_selects_last_positions():
-    model = make_model()
+    model = make_model("block")
     ids = torch.randint(0, model.config.vocab_size, (2, 19))
     with torch.no_grad():
         full = model(ids)
@@ -63,7 +59,7 @@ def test_num_logits_selects_last_positions():
 def test_blocks_start_at_each_rows_first_real_token():
     """Rows of every phase in one left-padded batch (pads 0..b-1 modulo b, and whole pad blocks): each
     row's logits, full forward and cached, are those of the row alone without any padding."""
-    model = make_model()
+    model = make_model("block")
     b = model.block_len
     lengths, new = [13, 6, 11, 8, 2], 9
     seqs = [torch.randint(1, model.config.vocab_size, (n + new,)).tolist() for n in lengths]
@@ -85,7 +81,7 @@ def test_blocks_start_at_each_rows_first_real_token():
 
 
 def test_selecting_and_repeating_rows_keeps_each_rows_phase():
-    model = make_model()
+    model = make_model("block")
     prompts = [torch.randint(1, model.config.vocab_size, (n,)).tolist() for n in (9, 6, 7)]
     ids, pad = left_pad(prompts)
     token = torch.tensor([5, 6, 7])
@@ -105,7 +101,7 @@ def test_selecting_and_repeating_rows_keeps_each_rows_phase():
 
 
 def test_cache_bytes_match_formula_and_local_cache_is_constant():
-    model = make_model()
+    model = make_model("block")
     cfg, b, L = model.config, model.block_len, model.n_block_layers
     local_bytes = set()
     for context in (1, 4, 13, 64):
