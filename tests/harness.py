@@ -8,7 +8,8 @@ tests/test_test_layout.py; fixtures live in conftest.py):
 - ``POLICIES``: the compression policies that take a budget, by name;
 - ``hf_model``: a small randomly initialised transformers Llama, Mistral or Qwen2;
 - ``left_padded``: prompts as transformers takes them, ids and attention mask left-padded with 0;
-- ``CPU``, ``cpu_step``: a ``Step`` on the CPU, for calling a token mixer directly.
+- ``CPU``, ``cpu_step``: a ``Step`` on the CPU, for calling a token mixer directly;
+- ``rms_norm_reference``: RMSNorm written out in float64, what the norms are checked against.
 """
 
 import torch
@@ -95,3 +96,9 @@ CPU = torch.device("cpu")
 
 def cpu_step(start, length, pad=None):
     return Step(start, length, pad=pad, device=CPU)
+
+
+def rms_norm_reference(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x = x.double()
+    y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    return y * w.double() if w is not None else y

@@ -6,17 +6,12 @@ import math
 
 import pytest
 import torch
+from harness import rms_norm_reference
 
 from yoco.layers import RMSNorm, RotaryEmbedding, Step, SwiGLU
 
 
 # ---------------------------------------------------------------------- RMSNorm
-def _rms_ref(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    x = x.double()
-    y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
-    return y * w.double() if w is not None else y
-
-
 def test_rmsnorm_matches_formula_fp32():
     torch.manual_seed(0)
     norm = RMSNorm(16, eps=1e-5)
@@ -25,7 +20,7 @@ def test_rmsnorm_matches_formula_fp32():
     x = torch.randn(3, 5, 16)
     y = norm(x)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, _rms_ref(x, norm.weight, 1e-5).float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(y, rms_norm_reference(x, norm.weight, 1e-5).float(), atol=1e-6, rtol=1e-5)
 
 
 def test_rmsnorm_eps_matters():
@@ -42,7 +37,7 @@ def test_rmsnorm_non_affine():
     assert norm.weight is None
     assert list(norm.parameters()) == []
     x = torch.randn(2, 8)
-    torch.testing.assert_close(norm(x), _rms_ref(x, None, 1e-6).float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(norm(x), rms_norm_reference(x, None, 1e-6).float(), atol=1e-6, rtol=1e-5)
 
 
 def test_rmsnorm_bf16_is_computed_in_fp32():

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from harness import CPU, cpu_step, engine_logits, make_model
+from harness import CPU, cpu_step, engine_logits, make_model, rms_norm_reference
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -65,14 +65,10 @@ def _rope(x, pos, theta):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def _rms(x, w, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
-
-
 def naive_latent(m, x, pos, config):
     """c [B, S, d_c] and RoPE'd k_R [B, S, d_R] from the producer's weights."""
     x = x.double()
-    c = _rms(x @ m.kv_down.weight.double().T, m.kv_norm.weight, config.norm_eps)
+    c = rms_norm_reference(x @ m.kv_down.weight.double().T, m.kv_norm.weight, config.norm_eps)
     k_r = _rope(x @ m.k_rope.weight.double().T, pos, config.rope_theta)
     return c, k_r
 
@@ -84,7 +80,8 @@ def naive_mla(m, x, pos, c, k_r, visible, config):
     if config.mla_q_rank is None:
         q = x @ m.q_proj.weight.double().T
     else:
-        q = _rms(x @ m.q_down.weight.double().T, m.q_norm.weight, config.norm_eps) @ m.q_up.weight.double().T
+        q_latent = rms_norm_reference(x @ m.q_down.weight.double().T, m.q_norm.weight, config.norm_eps)
+        q = q_latent @ m.q_up.weight.double().T
     B, T, _ = x.shape
     q = q.view(B, T, H, dn + dr)
     q = torch.cat((q[..., :dn], _rope(q[..., dn:], pos, config.rope_theta)), dim=-1)
