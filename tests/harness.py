@@ -9,7 +9,8 @@ tests/test_test_layout.py; fixtures live in conftest.py):
 - ``hf_model``: a small randomly initialised transformers Llama, Mistral or Qwen2;
 - ``left_padded``: prompts as transformers takes them, ids and attention mask left-padded with 0;
 - ``CPU``, ``cpu_step``: a ``Step`` on the CPU, for calling a token mixer directly;
-- ``rms_norm_reference``: RMSNorm written out in float64, what the norms are checked against.
+- ``rms_norm_reference``: RMSNorm written out in float64, what the norms are checked against;
+- ``naive_attention``: float64 grouped-query attention under a visibility mask, the attention reference.
 """
 
 import torch
@@ -102,3 +103,14 @@ def rms_norm_reference(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> t
     x = x.double()
     y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
     return y * w.double() if w is not None else y
+
+
+def naive_attention(q, k, v, visible=None):
+    """float64 softmax(q k^T / sqrt(d)) v with K/V repeated per query group; visible [.., Tq, S] bool."""
+    H, n_kv, d = q.shape[1], k.shape[1], q.shape[-1]
+    k = k.double().repeat_interleave(H // n_kv, dim=1)
+    v = v.double().repeat_interleave(H // n_kv, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) * d ** -0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import CPU, cpu_step
+from harness import CPU, cpu_step, naive_attention
 
 from yoco.cache import CacheError, KVCache
 from yoco.config import get_config
 from yoco.layers import RotaryEmbedding
 from yoco.mixers.attention import CausalSelfAttention, attend, slot_mask
 from yoco.mixers.cross_attention import CrossAttention, GlobalKV, cross_mask
-
-
-def naive_attention(q, k, v, visible=None):
-    """float64 softmax(q k^T / sqrt(d)) v with K/V repeated per query group; visible [.., Tq, S] bool."""
-    H, n_kv, d = q.shape[1], k.shape[1], q.shape[-1]
-    k = k.double().repeat_interleave(H // n_kv, dim=1)
-    v = v.double().repeat_interleave(H // n_kv, dim=1)
-    scores = q.double() @ k.transpose(-1, -2) * d ** -0.5
-    if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
 
 
 def _rand(*shape, seed):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import cpu_step
+from harness import cpu_step, naive_attention
 
 from yoco.cache import CacheError
 from yoco.config import get_config
@@ -15,17 +15,10 @@ from yoco.mixers.sliding_window import RingKVCache, SlidingWindowAttention, bloc
 
 def naive_window(q, k, v, window, q_start=0, k_start=0):
     """Explicit float64 softmax; key slot s visible to query slot t iff t - W < s <= t."""
-    B, H, T, d = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
-    group = H // n_kv
-    k = k.double().repeat_interleave(group, dim=1)
-    v = v.double().repeat_interleave(group, dim=1)
-    scores = q.double() @ k.transpose(-1, -2) * d ** -0.5
+    T, S = q.shape[2], k.shape[2]
     t = torch.arange(q_start, q_start + T)[:, None]
     s = torch.arange(k_start, k_start + S)[None, :]
-    visible = (s <= t) & (s > t - window)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    return naive_attention(q, k, v, visible=(s <= t) & (s > t - window))
 
 
 def _qkv(B, H, n_kv, T, d, seed):
