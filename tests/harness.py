@@ -72,17 +72,17 @@ def run(model, prompts, policy, steps=6, chunk=16):
 
 POLICIES = {"streamingllm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "h2o": H2O, "corm": CORM}
 
-SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+HF_SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512)
 
 
 def hf_model(kind="llama", layers=3, **extra):
     torch.manual_seed(0)
     if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
+        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **HF_SIZES, **extra)).eval()
     if kind == "mistral":
-        return MistralForCausalLM(MistralConfig(num_hidden_layers=layers, **SIZES, **extra)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **SIZES, **extra)).eval()
+        return MistralForCausalLM(MistralConfig(num_hidden_layers=layers, **HF_SIZES, **extra)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **HF_SIZES, **extra)).eval()
 
 
 def left_padded(prompts):
