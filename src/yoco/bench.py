@@ -13,7 +13,8 @@ process run measures:
 
 The machine's matmul FLOP/s and memory bandwidth are measured in the same run (at its start and end,
 keeping the better; both are recorded, and figures more than 25% apart mark the machine as busy), and
-each prefill's useful FLOPs (``prefill_flops``) give its fraction of that peak.
+each prefill's useful FLOPs (``prefill_flops``, which each model class composes from its mixers)
+give its fraction of that peak.
 
 Architectures: this library's ``transformer``, ``yoco-swa``, ``yoco-gret``, and ``hf-llama``: a
 transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA attention, its
@@ -39,11 +40,10 @@ from .cache import ModelCache, tensor_bytes
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
 from .hf import cache_arg
-from .models import build_model, cache_bytes, cache_growth_per_token, resolve_dtype
+from .models import build_model, cache_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
 from .report import format_bytes, json_text, times
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
-QUADRATIC_ARCHS = ("hf-llama",) + tuple(n for n in NAMES if n not in ("yoco-swa", "yoco-gret", "block", "swa"))
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_CONTEXTS = (1024, 2048, 4096, 8192)
 GIB = 1 << 30
@@ -237,62 +237,6 @@ def busy_warning(machine: dict) -> str | None:
             f"the start, {end['matmul_flops'] / 1e9:.0f} at the end; copy bandwidth "
             f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, {end['bandwidth_bytes_s'] / 1e9:.1f} at "
             f"the end (more than {BUSY_DIFFERENCE:.0%} apart): the timings are not reliable, rerun on an idle machine")
-
-
-# ---------------------------------------------------------------------- useful FLOPs
-def prefill_flops(config: ModelConfig, n: int) -> float:
-    """Useful FLOPs of a prefill of n tokens with logits for the last one only.
-
-    Matmuls count 2 per multiply-add; attention counts QK^T and AV over the keys each query may see
-    (masked-out work is not useful); YOCO's cross-decoder and every LM head run for one token.
-    """
-    d, H, dh, kv, f = config.dim, config.n_heads, config.head_dim, config.n_kv_heads, config.ffn_dim
-    attn_proj = d * H * dh * 2 + d * kv * dh * 2  # q, o + k, v
-    ffn = 3 * d * f
-    head = d * config.vocab_size
-
-    def causal_pairs(window: int | None) -> float:
-        if window is None or window >= n:
-            return n * (n + 1) / 2
-        return window * (window + 1) / 2 + (n - window) * window
-
-    if config.arch == "transformer":
-        if config.attention == "mla":
-            # per token: q, latent, rope key, up-projections of its own latent, output (each latent is
-            # decompressed once: the useful work of the decompressed path)
-            r, dr = config.mla_kv_rank, config.mla_rope_dim
-            q = d * H * (dh + dr) if config.mla_q_rank is None else config.mla_q_rank * (d + H * (dh + dr))
-            producers = len(set(config.kv_sources))
-            per_token = config.n_layers * (q + r * 2 * H * dh + H * dh * d + ffn) + producers * d * (r + dr)
-            attention = config.n_layers * 2 * H * (2 * dh + dr) * causal_pairs(None)
-        else:
-            producers = len(set(config.kv_sources))  # CLA / MLKV layers without K/V projections
-            per_token = config.n_layers * (d * H * dh * 2 + ffn) + producers * d * kv * dh * 2
-            attention = config.n_layers * 4 * H * dh * causal_pairs(config.window)
-        return 2 * per_token * n + attention + 2 * head
-    if config.arch == "block":
-        # The block decoder over n / b block embeddings (plus the prefix expansion of each); the token
-        # decoder runs only for the block holding the last prompt token: a constant, left out.
-        b = config.block_len
-        blocks = n / b
-        n_block = config.block_layers if config.block_layers is not None else config.n_layers // 2
-        per_block = n_block * (attn_proj + ffn) + d * config.block_prefix * d
-        return 2 * per_block * blocks + n_block * 4 * H * dh * blocks * (blocks + 1) / 2 + 2 * head
-    n_self, n_cross = config.self_layers, config.n_layers - config.self_layers
-    global_kv = 2 * d * kv * dh
-    cross_layer = d * H * dh * 2 + ffn
-    if config.arch == "yoco-swa":
-        self_layer = attn_proj + ffn
-        mixing = n_self * 4 * H * dh * causal_pairs(config.window)
-    else:
-        hr = config.n_retention_heads
-        dr = d // hr
-        self_layer = 5 * d * d + d * hr + ffn  # q, k, v, g, out + gate
-        chunk = config.retention_chunk
-        # intra-chunk scores and values (chunk/2 keys on average), plus the state's update and readout
-        mixing = n_self * n * hr * (4 * dr * (chunk + 1) / 2 + 4 * dr * dr)
-    cross_attention = n_cross * 4 * H * dh * n  # the last token against all n keys
-    return 2 * (n_self * self_layer + global_kv) * n + mixing + 2 * n_cross * cross_layer + cross_attention + 2 * head
 
 
 # ---------------------------------------------------------------------- runners
@@ -495,7 +439,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     bar = tqdm(plan, desc="bench", unit="run", dynamic_ncols=True)
     for context, arch in bar:
         bar.set_postfix_str(f"{arch} @ {context}")
-        if arch in QUADRATIC_ARCHS and context > settings.max_quadratic_context:
+        if quadratic_prefill(bench_config(arch, settings)) and context > settings.max_quadratic_context:
             measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
             results.append(extrapolate(arch, context, measured, settings))
             continue
