@@ -36,10 +36,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from .cache import ModelCache, tensor_bytes
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
-from .hf import cache_arg
+from .hf_runner import TransformersLM
 from .models import build_model, cache_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
 from .report import format_bytes, json_text, times
 
@@ -240,20 +239,25 @@ def busy_warning(machine: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------- runners
-class YocoRunner:
-    """One of this library's models, run by the engine (chunked prefill, preallocated caches)."""
+class EngineRunner:
+    """A model the engine runs (one of this library's, or a transformers one through
+    ``hf_runner.TransformersLM``): its prefill, decode steps and cache, for one measurement at a time.
+    ``config`` is the yoco config whose facts (cache bytes, FLOPs) the measurement is set against."""
 
-    def __init__(self, arch: str, config: ModelConfig, dtype: torch.dtype, seed: int, chunk: int):
-        self.arch, self.config, self.chunk = arch, config, chunk
-        self.model = build_model(config, dtype=dtype, seed=seed)
-        self.cache: ModelCache | None = None
+    def __init__(self, arch: str, config: ModelConfig, model, chunk: int | None):
+        self.arch, self.config, self.model, self.chunk = arch, config, model, chunk
+        self.cache = None
 
     @property
     def params(self) -> int:
-        return self.model.num_parameters()
+        return sum(p.numel() for p in self.model.parameters())
 
     def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
+        """The prompt into a fresh cache of ``capacity`` slots: in chunks through the engine, or (chunk
+        None) in one call with logits for the last position, as transformers users run it."""
         self.cache = self.model.new_cache(ids.shape[0], capacity=capacity)
+        if self.chunk is None:
+            return self.model(ids, self.cache, num_logits=1)[:, -1]
         return prefill(self.model, ids, self.cache, self.chunk)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -269,48 +273,22 @@ class YocoRunner:
         self.cache = None
 
 
-class HFLlamaRunner:
-    """transformers' LlamaForCausalLM (SDPA, DynamicCache, logits_to_keep=1) of matching size."""
+def llama_like(config: ModelConfig, dtype: torch.dtype, seed: int) -> TransformersLM:
+    """transformers' LlamaForCausalLM with the dimensions of a yoco Transformer config, random weights,
+    SDPA attention (its cache: transformers' ``DynamicCache``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, seed: int):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        self.arch, self.config = "hf-llama", config
-        self.hf_config = LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
-            rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
-            attn_implementation="sdpa")
-        torch.manual_seed(seed)
-        self.model = LlamaForCausalLM(self.hf_config).to(dtype).eval()
-        if self.model.config._attn_implementation != "sdpa":
-            raise BenchError(f"transformers chose {self.model.config._attn_implementation!r} attention, not sdpa")
-        self.cache = None
-
-    @property
-    def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.hf_config)
-        out = self.model(ids, use_cache=True, logits_to_keep=1, **cache_arg(self.cache))
-        return out.logits[:, -1]
-
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.model(tokens[:, None], use_cache=True, logits_to_keep=1, **cache_arg(self.cache))
-        return out.logits[:, -1]
-
-    def cache_bytes(self) -> int:
-        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.cache.layers)
-
-    def repeat(self, n: int) -> None:
-        self.cache.batch_repeat_interleave(n)
-
-    def reset(self) -> None:
-        self.cache = None
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+        rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
+        attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config).to(dtype).eval()
+    if model.config._attn_implementation != "sdpa":
+        raise BenchError(f"transformers chose {model.config._attn_implementation!r} attention, not sdpa")
+    return TransformersLM(model)
 
 
 # ---------------------------------------------------------------------- the run
@@ -333,8 +311,8 @@ def make_runner(arch: str, settings: BenchSettings):
     dtype = resolve_dtype(settings.dtype)
     config = bench_config(arch, settings)
     if arch == "hf-llama":
-        return HFLlamaRunner(config, dtype, settings.seed)
-    return YocoRunner(arch, config, dtype, settings.seed, settings.prefill_chunk)
+        return EngineRunner(arch, config, llama_like(config, dtype, settings.seed), None)
+    return EngineRunner(arch, config, build_model(config, dtype=dtype, seed=settings.seed), settings.prefill_chunk)
 
 
 def timed_decode(runner, first: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:

@@ -344,9 +344,9 @@ def load_any_model(directory: str, dtype: str):
         return load_model(path, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
-    from .compress.hf import HFCompressedLM
+    from .hf_runner import TransformersLM
 
-    return HFCompressedLM(AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)))
+    return TransformersLM(AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)))
 
 
 def cmd_compress_eval(args: argparse.Namespace) -> int:
