@@ -352,7 +352,7 @@ def load_any_model(directory: str, dtype: str):
 def cmd_compress_eval(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write
     from .compress import POLICIES
-    from .compress.evaluate import compress_eval, markdown_table, plot_results
+    from .compression_eval import compress_eval, markdown_table, plot_results
     from .data import TokenShards
 
     policies = split_names(args.policy)
