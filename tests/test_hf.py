@@ -299,7 +299,7 @@ USER_SCRIPT = """
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from yoco import YocoForCausalLM, build_model
-from yoco.bench import HFLlamaRunner
+from yoco.bench import EngineRunner, llama_like
 from yoco.compress import SnapKV
 from yoco.compress.hf import HFCompressedLM, generate as hf_generate
 from yoco.config import get_config
@@ -319,7 +319,8 @@ llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediat
 hf_generate(llama, ids, SnapKV(3), attention_mask=mask, max_new_tokens=3, pad_token_id=0)
 generate(HFCompressedLM(llama), [[5, 6, 7, 8]], 3)
 generate(HFCompressedLM(llama), [[5, 6, 7, 8]], 3, compression=SnapKV(2))
-runner = HFLlamaRunner(get_config("transformer", "tiny"), torch.float32, 0)
+config = get_config("transformer", "tiny")
+runner = EngineRunner("hf-llama", config, llama_like(config, torch.float32, 0), None)
 runner.decode(runner.prefill(torch.tensor([[1, 2, 3]]), 8).argmax(-1))
 print("done")
 """

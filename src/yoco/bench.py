@@ -13,7 +13,8 @@ process run measures:
 
 The machine's matmul FLOP/s and memory bandwidth are measured in the same run (at its start and end,
 keeping the better; both are recorded, and figures more than 25% apart mark the machine as busy), and
-each prefill's useful FLOPs (``prefill_flops``) give its fraction of that peak.
+each prefill's useful FLOPs (``prefill_flops``, which each model class composes from its mixers)
+give its fraction of that peak.
 
 Architectures: this library's ``transformer``, ``yoco-swa``, ``yoco-gret``, and ``hf-llama``: a
 transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA attention, its
@@ -35,15 +36,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from .cache import ModelCache, tensor_bytes
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
-from .hf import cache_arg
-from .models import build_model, cache_bytes, cache_growth_per_token, resolve_dtype
+from .hf_runner import TransformersLM
+from .models import build_model, cache_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
 from .report import format_bytes, json_text, times
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
-QUADRATIC_ARCHS = ("hf-llama",) + tuple(n for n in NAMES if n not in ("yoco-swa", "yoco-gret", "block", "swa"))
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_CONTEXTS = (1024, 2048, 4096, 8192)
 GIB = 1 << 30
@@ -239,77 +238,26 @@ def busy_warning(machine: dict) -> str | None:
             f"the end (more than {BUSY_DIFFERENCE:.0%} apart): the timings are not reliable, rerun on an idle machine")
 
 
-# ---------------------------------------------------------------------- useful FLOPs
-def prefill_flops(config: ModelConfig, n: int) -> float:
-    """Useful FLOPs of a prefill of n tokens with logits for the last one only.
-
-    Matmuls count 2 per multiply-add; attention counts QK^T and AV over the keys each query may see
-    (masked-out work is not useful); YOCO's cross-decoder and every LM head run for one token.
-    """
-    d, H, dh, kv, f = config.dim, config.n_heads, config.head_dim, config.n_kv_heads, config.ffn_dim
-    attn_proj = d * H * dh * 2 + d * kv * dh * 2  # q, o + k, v
-    ffn = 3 * d * f
-    head = d * config.vocab_size
-
-    def causal_pairs(window: int | None) -> float:
-        if window is None or window >= n:
-            return n * (n + 1) / 2
-        return window * (window + 1) / 2 + (n - window) * window
-
-    if config.arch == "transformer":
-        if config.attention == "mla":
-            # per token: q, latent, rope key, up-projections of its own latent, output (each latent is
-            # decompressed once: the useful work of the decompressed path)
-            r, dr = config.mla_kv_rank, config.mla_rope_dim
-            q = d * H * (dh + dr) if config.mla_q_rank is None else config.mla_q_rank * (d + H * (dh + dr))
-            producers = len(set(config.kv_sources))
-            per_token = config.n_layers * (q + r * 2 * H * dh + H * dh * d + ffn) + producers * d * (r + dr)
-            attention = config.n_layers * 2 * H * (2 * dh + dr) * causal_pairs(None)
-        else:
-            producers = len(set(config.kv_sources))  # CLA / MLKV layers without K/V projections
-            per_token = config.n_layers * (d * H * dh * 2 + ffn) + producers * d * kv * dh * 2
-            attention = config.n_layers * 4 * H * dh * causal_pairs(config.window)
-        return 2 * per_token * n + attention + 2 * head
-    if config.arch == "block":
-        # The block decoder over n / b block embeddings (plus the prefix expansion of each); the token
-        # decoder runs only for the block holding the last prompt token: a constant, left out.
-        b = config.block_len
-        blocks = n / b
-        n_block = config.block_layers if config.block_layers is not None else config.n_layers // 2
-        per_block = n_block * (attn_proj + ffn) + d * config.block_prefix * d
-        return 2 * per_block * blocks + n_block * 4 * H * dh * blocks * (blocks + 1) / 2 + 2 * head
-    n_self, n_cross = config.self_layers, config.n_layers - config.self_layers
-    global_kv = 2 * d * kv * dh
-    cross_layer = d * H * dh * 2 + ffn
-    if config.arch == "yoco-swa":
-        self_layer = attn_proj + ffn
-        mixing = n_self * 4 * H * dh * causal_pairs(config.window)
-    else:
-        hr = config.n_retention_heads
-        dr = d // hr
-        self_layer = 5 * d * d + d * hr + ffn  # q, k, v, g, out + gate
-        chunk = config.retention_chunk
-        # intra-chunk scores and values (chunk/2 keys on average), plus the state's update and readout
-        mixing = n_self * n * hr * (4 * dr * (chunk + 1) / 2 + 4 * dr * dr)
-    cross_attention = n_cross * 4 * H * dh * n  # the last token against all n keys
-    return 2 * (n_self * self_layer + global_kv) * n + mixing + 2 * n_cross * cross_layer + cross_attention + 2 * head
-
-
 # ---------------------------------------------------------------------- runners
-class YocoRunner:
-    """One of this library's models, run by the engine (chunked prefill, preallocated caches)."""
+class EngineRunner:
+    """A model the engine runs (one of this library's, or a transformers one through
+    ``hf_runner.TransformersLM``): its prefill, decode steps and cache, for one measurement at a time.
+    ``config`` is the yoco config whose facts (cache bytes, FLOPs) the measurement is set against."""
 
-    def __init__(self, arch: str, config: ModelConfig, dtype: torch.dtype, seed: int, chunk: int):
-        self.arch, self.config, self.chunk = arch, config, chunk
-        self.model = build_model(config, dtype=dtype, seed=seed)
-        self.cache: ModelCache | None = None
+    def __init__(self, arch: str, config: ModelConfig, model, chunk: int | None):
+        self.arch, self.config, self.model, self.chunk = arch, config, model, chunk
+        self.cache = None
 
     @property
     def params(self) -> int:
-        return self.model.num_parameters()
+        return sum(p.numel() for p in self.model.parameters())
 
     def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
+        """The prompt into a fresh cache of ``capacity`` slots: in chunks through the engine, or (chunk
+        None) in one call with logits for the last position, as transformers users run it."""
         self.cache = self.model.new_cache(ids.shape[0], capacity=capacity)
+        if self.chunk is None:
+            return self.model(ids, self.cache, num_logits=1)[:, -1]
         return prefill(self.model, ids, self.cache, self.chunk)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -325,48 +273,22 @@ class YocoRunner:
         self.cache = None
 
 
-class HFLlamaRunner:
-    """transformers' LlamaForCausalLM (SDPA, DynamicCache, logits_to_keep=1) of matching size."""
+def llama_like(config: ModelConfig, dtype: torch.dtype, seed: int) -> TransformersLM:
+    """transformers' LlamaForCausalLM with the dimensions of a yoco Transformer config, random weights,
+    SDPA attention (its cache: transformers' ``DynamicCache``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, seed: int):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        self.arch, self.config = "hf-llama", config
-        self.hf_config = LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
-            rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
-            attn_implementation="sdpa")
-        torch.manual_seed(seed)
-        self.model = LlamaForCausalLM(self.hf_config).to(dtype).eval()
-        if self.model.config._attn_implementation != "sdpa":
-            raise BenchError(f"transformers chose {self.model.config._attn_implementation!r} attention, not sdpa")
-        self.cache = None
-
-    @property
-    def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.hf_config)
-        out = self.model(ids, use_cache=True, logits_to_keep=1, **cache_arg(self.cache))
-        return out.logits[:, -1]
-
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.model(tokens[:, None], use_cache=True, logits_to_keep=1, **cache_arg(self.cache))
-        return out.logits[:, -1]
-
-    def cache_bytes(self) -> int:
-        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.cache.layers)
-
-    def repeat(self, n: int) -> None:
-        self.cache.batch_repeat_interleave(n)
-
-    def reset(self) -> None:
-        self.cache = None
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+        rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
+        attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config).to(dtype).eval()
+    if model.config._attn_implementation != "sdpa":
+        raise BenchError(f"transformers chose {model.config._attn_implementation!r} attention, not sdpa")
+    return TransformersLM(model)
 
 
 # ---------------------------------------------------------------------- the run
@@ -389,8 +311,8 @@ def make_runner(arch: str, settings: BenchSettings):
     dtype = resolve_dtype(settings.dtype)
     config = bench_config(arch, settings)
     if arch == "hf-llama":
-        return HFLlamaRunner(config, dtype, settings.seed)
-    return YocoRunner(arch, config, dtype, settings.seed, settings.prefill_chunk)
+        return EngineRunner(arch, config, llama_like(config, dtype, settings.seed), None)
+    return EngineRunner(arch, config, build_model(config, dtype=dtype, seed=settings.seed), settings.prefill_chunk)
 
 
 def timed_decode(runner, first: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
@@ -495,7 +417,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     bar = tqdm(plan, desc="bench", unit="run", dynamic_ncols=True)
     for context, arch in bar:
         bar.set_postfix_str(f"{arch} @ {context}")
-        if arch in QUADRATIC_ARCHS and context > settings.max_quadratic_context:
+        if quadratic_prefill(bench_config(arch, settings)) and context > settings.max_quadratic_context:
             measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
             results.append(extrapolate(arch, context, measured, settings))
             continue

@@ -344,15 +344,15 @@ def load_any_model(directory: str, dtype: str):
         return load_model(path, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
-    from .compress.hf import HFCompressedLM
+    from .hf_runner import TransformersLM
 
-    return HFCompressedLM(AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)))
+    return TransformersLM(AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)))
 
 
 def cmd_compress_eval(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write
     from .compress import POLICIES
-    from .compress.evaluate import compress_eval, markdown_table, plot_results
+    from .compression_eval import compress_eval, markdown_table, plot_results
     from .data import TokenShards
 
     policies = split_names(args.policy)

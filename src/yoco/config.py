@@ -251,6 +251,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The YOCO reference's RoPE: interleaved pairs, linspace frequencies.
 YOCO_ROPE = dict(rope_freqs="linspace", rope_pairs="interleaved")
 
+# Preset fields only some architectures take (the others keep the field's default: no window, no
+# retention heads), and which take them; and each architecture's RoPE. The Transformer and the Block
+# Transformer attend fully unless asked for the window-only control (the "swa" variant).
+ARCH_OWN_FIELDS = ("window", "retention_heads")
+PRESET_USE: dict[str, dict[str, Any]] = {
+    "transformer": dict(takes=(), rope={}),
+    "yoco-swa": dict(takes=("window",), rope=YOCO_ROPE),
+    "yoco-gret": dict(takes=("retention_heads",), rope=YOCO_ROPE),
+    "block": dict(takes=(), rope={}),
+}
+
 
 # Named members of the KV-reduction family: an architecture plus the fields that make it (applied on
 # top of a preset). "n_kv_heads": "n_heads" means as many KV heads as query heads.
@@ -285,15 +296,10 @@ def get_config(arch: str, preset: str = "tiny", **overrides: Any) -> ModelConfig
         if variant.get("mlkv_layers") == "n_layers/3":
             variant["mlkv_layers"] = max(1, base.n_layers // 3)
         return base.replace(**{**variant, **overrides})
-    values = dict(PRESETS[preset], arch=arch)
-    if arch != "yoco-gret":
-        values.pop("retention_heads")
-    if arch == "yoco-gret":
-        values.pop("window")
-    if arch in ("transformer", "block"):
-        values.pop("window")  # full attention unless asked for the window-only control
-    if arch.startswith("yoco-"):
-        values.update(YOCO_ROPE)
+    values = dict(PRESETS[preset], arch=arch, **PRESET_USE[arch]["rope"])
+    for name in ARCH_OWN_FIELDS:
+        if name not in PRESET_USE[arch]["takes"]:
+            values.pop(name)
     values.update(overrides)
     return ModelConfig(**values)
 

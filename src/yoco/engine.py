@@ -1,7 +1,9 @@
 """The inference engine: chunked prefill, token-by-token decode, sampling, batching, streaming.
 
-It is separate from the models and talks to them only through ``model.new_cache`` and
-``model(ids, cache, num_logits=...)``:
+It is separate from the models and talks to them only through the protocol ``EngineModel`` (written
+down below: ``model.new_cache``, ``model(ids, cache, num_logits=...)``, ``model.config``'s limits,
+``model.parameters()``) and ``EngineCache``. yoco's models (``CausalLM``) and transformers models
+(``yoco.hf_runner.TransformersLM``) both implement it:
 
 - prefill: all prompt tokens but the last go through in chunks of ``prefill_chunk`` with
   ``num_logits=0`` (memory bounded by the chunk, and YOCO skips its cross-decoder); the last prompt
@@ -16,11 +18,53 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .cache import ModelCache
-from .models.base import CausalLM, InputError
+from .models.base import InputError
+
+
+@runtime_checkable
+class EngineCache(Protocol):
+    """What the engine reads of the cache a model's ``new_cache`` returns (``ModelCache`` for yoco's
+    models; for a transformers model, ``hf_runner.TransformersCache`` or a compressed cache). The model
+    itself keeps its position (how many slots it has seen) and the rows' left padding in it."""
+
+    compression: Any  # the policy it was built with (``new_cache(compression=...)``), None if uncompressed
+
+    def compress(self) -> None:
+        """Apply the policy to the prompt now in the cache (called once, after prefill, with a policy)."""
+
+    def nbytes(self) -> int:
+        """The bytes it holds."""
+
+
+@runtime_checkable
+class EngineLimits(Protocol):
+    """What the engine reads of a model's ``config``."""
+
+    max_seq_len: int  # positions a sequence may have, prompt and new tokens together
+    vocab_size: int
+
+
+@runtime_checkable
+class EngineModel(Protocol):
+    """A causal LM the engine can run."""
+
+    config: EngineLimits
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """Its parameters: the first one's device is where the engine puts the token ids."""
+
+    def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
+                  device=None, compression=None) -> EngineCache:
+        """An empty cache for ``batch_size`` rows: ``capacity`` slots in all (prompt + new tokens) if
+        known, ``pad`` each row's left padding, ``compression`` a ``yoco.compress`` policy or None."""
+
+    def __call__(self, ids: torch.Tensor, cache: EngineCache, num_logits: int | None = None) -> torch.Tensor | None:
+        """The next tokens ids [B, T] after those the cache has seen, updating it; logits [B, k, V] of
+        the last ``num_logits`` positions (None: all; 0: None returned)."""
 
 
 @dataclass
@@ -95,7 +139,7 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, pad
 
 
-def prefill(model: CausalLM, ids: torch.Tensor, cache: ModelCache, chunk: int) -> torch.Tensor:
+def prefill(model: EngineModel, ids: torch.Tensor, cache: EngineCache, chunk: int) -> torch.Tensor:
     """Run the prompt ids [B, T] into the cache; return the last prompt token's logits [B, V].
 
     With a compression policy that scores the prompt's last queries, those ``policy.window`` tokens go
@@ -116,7 +160,7 @@ def prefill(model: CausalLM, ids: torch.Tensor, cache: ModelCache, chunk: int) -
     return logits
 
 
-def decode_step(model: CausalLM, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+def decode_step(model: EngineModel, tokens: torch.Tensor, cache: EngineCache) -> torch.Tensor:
     """Feed one token per row [B]; return the next logits [B, V]."""
     return model(tokens[:, None], cache, num_logits=1)[:, -1]
 
@@ -140,7 +184,7 @@ class GenerationResult:
 class Generation:
     """One batched generation; iterate it to stream tokens, then read ``result()``."""
 
-    def __init__(self, model: CausalLM, prompts, max_new_tokens: int = 32, *, sampling: SamplingParams | None = None,
+    def __init__(self, model: EngineModel, prompts, max_new_tokens: int = 32, *, sampling: SamplingParams | None = None,
                  stop_tokens: Sequence[int] = (), prefill_chunk: int = 1024, pad_id: int = 0, compression=None):
         self.model = model
         self.prompts = as_prompt_list(prompts)
@@ -166,7 +210,7 @@ class Generation:
         self.tokens: list[list[int]] = [[] for _ in self.prompts]
         self.finish_reasons = ["length"] * len(self.prompts)
         self.prefill_s = self.decode_s = 0.0
-        self.cache: ModelCache | None = None
+        self.cache: EngineCache | None = None
 
     def __iter__(self) -> Iterator[list[int | None]]:
         """Yields, per step, each row's new token (None for rows that already stopped)."""
@@ -215,7 +259,7 @@ class Generation:
                                 stats)
 
 
-def stream(model: CausalLM, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
+def stream(model: EngineModel, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
            prefill_chunk: int = 1024, pad_id: int = 0, compression=None) -> Generation:
     """A streaming generation: ``for step in stream(...)`` yields each row's new token per step.
@@ -225,7 +269,7 @@ def stream(model: CausalLM, prompts, max_new_tokens: int = 32, *, temperature: f
                       stop_tokens=stop_tokens, prefill_chunk=prefill_chunk, pad_id=pad_id, compression=compression)
 
 
-def generate(model: CausalLM, prompts, max_new_tokens: int = 32, **kwargs) -> GenerationResult:
+def generate(model: EngineModel, prompts, max_new_tokens: int = 32, **kwargs) -> GenerationResult:
     """Generate for one prompt or a batch; see ``stream`` for the options."""
     generation = stream(model, prompts, max_new_tokens, **kwargs)
     for _ in generation:

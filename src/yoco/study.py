@@ -24,7 +24,7 @@ from .checkpoint import atomic_write, load_model
 from .config import get_config
 from .data import SPECIAL_TOKENS, TokenShards, load_tokenizer
 from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts, validation_loss
-from .models import MODEL_CLASSES, cache_bytes, cache_growth_per_token
+from .models import cache_bytes, cache_growth_per_token, model_class
 from .report import json_text
 from .tokenizer import TrainedTokenizer
 from .train import RETRIEVAL_TASKS, TrainSettings, latest_checkpoint, prepare_data, train
@@ -54,7 +54,7 @@ class StudySettings:
 
 def parameter_count(config) -> int:
     with torch.device("meta"):
-        return sum(p.numel() for p in MODEL_CLASSES[config.arch](config).parameters())
+        return sum(p.numel() for p in model_class(config.arch)(config).parameters())
 
 
 def match_ffn(arch: str, preset: str, target: int, **overrides) -> tuple[int, int]:

@@ -54,7 +54,7 @@ def test_compress_eval_errors(checkpoint, tmp_path, capsys):
 def test_plot_labels_close_perplexities_without_an_offset():
     import matplotlib.pyplot as plt
 
-    from yoco.compress.evaluate import results_figure
+    from yoco.compression_eval import results_figure
 
     rows = [{"policy": policy, "cache_ratio": ratio, "passkey_acc": 1.0, "ppl": ppl}
             for policy, ratio, ppl in (("full", 1.0, 427.41), ("snapkv", 0.25, 427.45), ("snapkv", 0.5, 427.43))]

@@ -14,10 +14,9 @@ public extension points of transformers 5.x only:
   store knows its window (``layer_windows``) and drops what left it after every call, so it never
   holds more than transformers' own sliding layer (plus the current token while decoding, see
   ``store.py``);
-- ``HFCompressedLM``: an adapter giving a transformers model the interface of a yoco model
-  (``new_cache``, ``model(ids, cache, num_logits=...)``), so yoco's engine (``generate``, chunked
-  prefill, left-padded batches) runs it with or without a policy; it passes explicit ``position_ids``
-  (each row's true positions after its left padding) at every call;
+- ``CompressedCache.run``: how ``yoco.hf_runner.TransformersLM`` (the engine's runner of transformers
+  models) calls the model on it, so yoco's engine (``generate``, chunked prefill, left-padded batches)
+  runs a transformers model with a policy exactly as without one;
 - ``generate(model, input_ids, policy, ...)``: transformers' own ``generate()`` (any decoding strategy,
   beam search included) on a compressed cache.
 """
@@ -26,22 +25,21 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from types import SimpleNamespace
 
 import torch
-from transformers import AttentionInterface, Cache, DynamicCache
+from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..cache import map_rows, tensor_bytes
+from ..cache import map_rows
 from ..hf import cache_arg, left_pad_counts
+from ..hf_runner import TransformersLM, check_model
 from ..layers import RotaryEmbedding, Step
 from ..models.base import InputError
 from .policies import Policy
 from .store import CompressedKV, new_store, rotate_by
 
 ATTENTION = "yoco_compressed"
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -130,6 +128,12 @@ class CompressedCache(Cache):
         for layer in self.layers:
             layer.store.compress()
 
+    def run(self, model, input_ids: torch.Tensor, **inputs):
+        """``model``'s output over the next ``input_ids``, attending through this cache (no mask: each
+        store masks by its entries' slots)."""
+        with compressed_attention(model, self):
+            return model(input_ids=input_ids, use_cache=True, **inputs, **cache_arg(self))
+
     def nbytes(self) -> int:
         return sum(layer.store.nbytes() for layer in self.layers)
 
@@ -138,15 +142,6 @@ class CompressedCache(Cache):
 
     def offloaded_bytes(self) -> int:
         return sum(layer.store.offloaded_bytes() for layer in self.layers if hasattr(layer.store, "offloaded_bytes"))
-
-
-def check_model(model):
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
-        raise InputError(f"KV compression supports transformers models of type {', '.join(SUPPORTED)}; "
-                         f"got {model_type or type(model).__name__}")
-    return config
 
 
 def layer_windows(model) -> list[int | None]:
@@ -253,61 +248,5 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
         return model.generate(input_ids, attention_mask=attention_mask, **cache_arg(cache), **generate_kwargs)
 
 
-class HFCompressedLM:
-    """A transformers causal LM seen through yoco's model interface (for ``yoco.engine``)."""
-
-    def __init__(self, model):
-        config = check_model(model)
-        self.model = model.eval()
-        self.config = SimpleNamespace(max_seq_len=config.max_position_embeddings, vocab_size=config.vocab_size,
-                                      arch=config.model_type)
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
-                  dtype=None, device=None, compression: Policy | None = None):
-        device = device or next(self.model.parameters()).device
-        if pad is not None:
-            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
-            pad = pad if int(pad.max()) > 0 else None
-        if compression is None:
-            return FullCache(self.model.config, pad)
-        return CompressedCache(self.model, compression, batch_size, pad)
-
-    def __call__(self, ids: torch.Tensor, cache, num_logits: int | None = None) -> torch.Tensor | None:
-        B, T = ids.shape
-        start = cache.seen
-        if start + T > self.config.max_seq_len:
-            raise InputError(f"sequence of {start + T} tokens is longer than the model's maximum "
-                             f"max_position_embeddings={self.config.max_seq_len}")
-        slots = torch.arange(start, start + T, device=ids.device)
-        positions = slots[None].expand(B, T)
-        if cache.pad is not None:
-            positions = (positions - cache.pad[:, None]).clamp_min(0)
-        keep = T if num_logits is None else max(num_logits, 1)
-        if isinstance(cache, CompressedCache):
-            with compressed_attention(self.model, cache):
-                out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                                 **cache_arg(cache))
-        else:
-            mask = None
-            if cache.pad is not None:
-                mask = (torch.arange(start + T, device=ids.device)[None] >= cache.pad[:, None]).long()
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=keep, **cache_arg(cache))
-            cache.seen = start + T
-        return None if num_logits == 0 else out.logits
-
-
-class FullCache(DynamicCache):
-    """transformers' own uncompressed cache, with what yoco's engine reads (the baseline)."""
-
-    compression = None
-
-    def __init__(self, config, pad: torch.Tensor | None):
-        super().__init__(config=config)
-        self.pad, self.seen = pad, 0
-
-    def nbytes(self) -> int:
-        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.layers if layer.is_initialized)
+# The engine's runner of transformers models lives beside the other integration code; its old name here.
+HFCompressedLM = TransformersLM

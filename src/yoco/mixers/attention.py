@@ -39,6 +39,14 @@ def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad: torch.Tensor | 
     return allowed[None, None]
 
 
+def visible_pairs(n: float, window: int | None = None) -> float:
+    """(query, key) pairs a causal attention over n positions computes, each query seeing at most
+    ``window`` keys (itself included): its useful work, masked-out pairs not counted."""
+    if window is None or window >= n:
+        return n * (n + 1) / 2
+    return window * (window + 1) / 2 + (n - window) * window
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            causal: bool = False) -> torch.Tensor:
     """Softmax attention; q [B, H, T, d], k/v [B, n_kv, S, d] with n_kv dividing H."""
@@ -169,6 +177,25 @@ class CausalSelfAttention(QKVProjection):
                 return self.out(shared[self.kv_source].attend(q, step))
             k, v = shared[self.kv_source]
         return self.out(causal_attention(q, k, v, step))
+
+    # ------------------------------------------------------------------ facts from a config
+    # A layer reading another's K/V (CLA, MLKV) has no K/V projections and owns no cache: ``produces_kv``.
+    @staticmethod
+    def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype, *, produces_kv: bool = True) -> int:
+        """Bytes its ``KVCache`` holds per row at ``context`` positions."""
+        return 2 * config.n_kv_heads * config.head_dim * dtype.itemsize * context if produces_kv else 0
+
+    @staticmethod
+    def prefill_flops(config: ModelConfig, n: float, *, produces_kv: bool = True) -> float:
+        """Useful FLOPs over a prefill of ``n`` positions: q, o (and k, v) projections, and QK^T and AV
+        over the keys each query may see (2 FLOPs per multiply-add)."""
+        d, H, dh = config.dim, config.n_heads, config.head_dim
+        projections = d * H * dh * 2 + (d * config.n_kv_heads * dh * 2 if produces_kv else 0)
+        return 2 * projections * n + 4 * H * dh * visible_pairs(n)
+
+    @staticmethod
+    def quadratic_prefill(config: ModelConfig) -> bool:
+        return True  # every position attends to every earlier one
 
 
 def compressed_kv_cache(mixer: nn.Module, policy, batch_size: int, *, layer: int, n_layers: int, dtype: torch.dtype,

@@ -9,7 +9,7 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
 from ..compress.store import CompressedKV
-from .attention import attend, compressed_kv_cache, slot_mask
+from .attention import attend, compressed_kv_cache, slot_mask, visible_pairs
 
 
 class GlobalKV(nn.Module):
@@ -48,6 +48,21 @@ class GlobalKV(nn.Module):
             return cache.append(k, v)
         return k, v
 
+    # ------------------------------------------------------------------ facts from a config
+    @staticmethod
+    def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+        """Bytes the global ``KVCache`` holds per row at ``context`` positions."""
+        return 2 * config.n_kv_heads * config.head_dim * dtype.itemsize * context
+
+    @staticmethod
+    def prefill_flops(config: ModelConfig, n: float) -> float:
+        """Useful FLOPs over a prefill of ``n`` positions: the k and v projections."""
+        return 2 * (2 * config.dim * config.n_kv_heads * config.head_dim) * n
+
+    @staticmethod
+    def quadratic_prefill(config: ModelConfig) -> bool:
+        return False
+
 
 class CrossAttention(nn.Module):
     """A cross-decoder layer's mixer: its own queries (RoPE) and output, the shared global K/V."""
@@ -66,6 +81,24 @@ class CrossAttention(nn.Module):
         q = self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         o = k.attend(q, step) if isinstance(k, CompressedKV) else attend(q, k, v, mask, causal=causal)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    # ------------------------------------------------------------------ facts from a config
+    @staticmethod
+    def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+        return 0  # it reads the global K/V, owned by GlobalKV
+
+    @staticmethod
+    def prefill_flops(config: ModelConfig, n: float, *, queries: int | None = None) -> float:
+        """Useful FLOPs over a prefill of ``n`` positions of which the last ``queries`` (None: all) go
+        through it: q and o projections, and attention over the global keys each may see."""
+        H, dh = config.n_heads, config.head_dim
+        q = n if queries is None else queries
+        pairs = visible_pairs(n) - visible_pairs(n - q)  # the last q queries' keys
+        return 2 * (config.dim * H * dh * 2) * q + 4 * H * dh * pairs
+
+    @staticmethod
+    def quadratic_prefill(config: ModelConfig) -> bool:
+        return True  # over a whole prompt; YOCO's prefill runs it for the positions with logits only
 
 
 def cross_mask(step: Step, n_keys: int, device) -> tuple[torch.Tensor | None, bool]:

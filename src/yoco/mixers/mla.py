@@ -32,7 +32,7 @@ from ..cache import CacheError, SlotCache
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
 from ..compress.store import CompressedKV, new_store, rotate_by
-from .attention import causal_attention, slot_mask
+from .attention import causal_attention, slot_mask, visible_pairs
 
 
 class LatentCache(SlotCache):
@@ -248,6 +248,28 @@ class MultiHeadLatentAttention(nn.Module):
         q = self._absorbed_queries(*self.queries(x, step))
         o = self._up_values(cache.attend(q, step, scale=self.scale))
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
+
+    # ------------------------------------------------------------------ facts from a config
+    # A consumer layer (CLA, MLKV) has no latent projections and owns no cache: ``produces_kv``.
+    @staticmethod
+    def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype, *, produces_kv: bool = True) -> int:
+        """Bytes its ``LatentCache`` holds per row at ``context`` positions: d_c + d_R per position."""
+        return (config.mla_kv_rank + config.mla_rope_dim) * dtype.itemsize * context if produces_kv else 0
+
+    @staticmethod
+    def prefill_flops(config: ModelConfig, n: float, *, produces_kv: bool = True) -> float:
+        """Useful FLOPs over a prefill of ``n`` positions, the useful work of the decompressed path:
+        per position the query, the up-projections of its own latent, the output (and the latent and
+        rope key); attention over d_nope + d_R query/key dims and d_nope value dims."""
+        d, H, dh = config.dim, config.n_heads, config.head_dim
+        r, dr = config.mla_kv_rank, config.mla_rope_dim
+        q = d * H * (dh + dr) if config.mla_q_rank is None else config.mla_q_rank * (d + H * (dh + dr))
+        projections = q + r * 2 * H * dh + H * dh * d + (d * (r + dr) if produces_kv else 0)
+        return 2 * projections * n + 2 * H * (2 * dh + dr) * visible_pairs(n)
+
+    @staticmethod
+    def quadratic_prefill(config: ModelConfig) -> bool:
+        return True
 
 
 __all__ = ["LatentCache", "MultiHeadLatentAttention"]

@@ -149,3 +149,25 @@ class GatedRetention(nn.Module):
         if cache is not None:
             cache.state = state
         return self.output(o, x)
+
+    # ------------------------------------------------------------------ facts from a config
+    @staticmethod
+    def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+        """Bytes its ``RetentionState`` holds per row: one fp32 state per head, whatever the context."""
+        head_dim = config.dim // config.n_retention_heads
+        return config.n_retention_heads * head_dim * head_dim * torch.float32.itemsize
+
+    @staticmethod
+    def prefill_flops(config: ModelConfig, n: float) -> float:
+        """Useful FLOPs over a chunkwise prefill of ``n`` positions: q, k, v, g, out and the gate
+        projections; intra-chunk scores and values (chunk/2 keys on average), the state's update and
+        readout."""
+        d, heads, chunk = config.dim, config.n_retention_heads, config.retention_chunk
+        head_dim = d // heads
+        projections = 5 * d * d + d * heads
+        mixing = n * heads * (4 * head_dim * (chunk + 1) / 2 + 4 * head_dim * head_dim)
+        return 2 * projections * n + mixing
+
+    @staticmethod
+    def quadratic_prefill(config: ModelConfig) -> bool:
+        return False  # a recurrent state: O(n)

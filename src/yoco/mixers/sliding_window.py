@@ -12,7 +12,7 @@ import torch
 from ..cache import CacheError, tensor_bytes
 from ..config import ModelConfig
 from ..layers import RotaryEmbedding, Step
-from .attention import QKVProjection, attend, slot_mask
+from .attention import QKVProjection, attend, slot_mask, visible_pairs
 
 
 class RingKVCache:
@@ -107,3 +107,21 @@ class SlidingWindowAttention(QKVProjection):
                 cache.write(k, v)
         o = blocked_window_attention(q, k, v, step.start, k_start, self.window, step.pad, self.block)
         return self.out(o)
+
+    # ------------------------------------------------------------------ facts from a config
+    @staticmethod
+    def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+        """Bytes its ``RingKVCache`` holds per row: W positions, whatever the context."""
+        return 2 * config.n_kv_heads * config.head_dim * config.window * dtype.itemsize
+
+    @staticmethod
+    def prefill_flops(config: ModelConfig, n: float) -> float:
+        """Useful FLOPs over a prefill of ``n`` positions: q, k, v, o projections, and attention over
+        the at most W keys each query sees."""
+        d, H, dh = config.dim, config.n_heads, config.head_dim
+        projections = d * H * dh * 2 + d * config.n_kv_heads * dh * 2
+        return 2 * projections * n + 4 * H * dh * visible_pairs(n, config.window)
+
+    @staticmethod
+    def quadratic_prefill(config: ModelConfig) -> bool:
+        return False  # O(n * W)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig, get_config
+from ..config import ConfigError, ModelConfig, get_config
 from .base import CausalLM, InputError
 from .block_transformer import BlockTransformer
 from .transformer import Transformer
@@ -20,6 +20,13 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 
+def model_class(arch: str) -> type[CausalLM]:
+    """The model class of an architecture name; an unknown name is refused, never guessed."""
+    if arch not in MODEL_CLASSES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(MODEL_CLASSES)}")
+    return MODEL_CLASSES[arch]
+
+
 def build_model(config: ModelConfig | str, *, preset: str = "tiny", dtype: torch.dtype | str | None = None,
                 device: torch.device | str | None = None, seed: int | None = None, **overrides: Any) -> CausalLM:
     """A freshly initialised model from a config, or from an architecture name and preset."""
@@ -29,7 +36,7 @@ def build_model(config: ModelConfig | str, *, preset: str = "tiny", dtype: torch
         config = config.replace(**overrides)
     if seed is not None:
         torch.manual_seed(seed)
-    model = MODEL_CLASSES[config.arch](config)
+    model = model_class(config.arch)(config)
     if dtype is not None:
         model = model.to(resolve_dtype(dtype))
     if device is not None:
@@ -37,9 +44,12 @@ def build_model(config: ModelConfig | str, *, preset: str = "tiny", dtype: torch
     return model.eval()
 
 
+# ---------------------------------------------------------------------- facts from a config
+# What every command reports about an architecture, asked of its model class (which composes them from
+# its mixers): nothing outside the models branches on architecture names.
 def cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
     """Cache bytes of `batch_size` sequences of `context` positions, from the config alone."""
-    return MODEL_CLASSES[config.arch].cache_bytes_for(config, batch_size, context, dtype)
+    return model_class(config.arch).cache_bytes_for(config, batch_size, context, dtype)
 
 
 def cache_growth_per_token(config: ModelConfig, dtype: torch.dtype) -> float:
@@ -48,6 +58,16 @@ def cache_growth_per_token(config: ModelConfig, dtype: torch.dtype) -> float:
     and recurrent caches stop growing: 0). The one growth figure every command reports."""
     span = 4096 * config.block_len
     return (cache_bytes(config, 1, 2 * span, dtype) - cache_bytes(config, 1, span, dtype)) / span
+
+
+def prefill_flops(config: ModelConfig, n: int) -> float:
+    """Useful FLOPs of a prefill of n tokens with logits for the last one only (``CausalLM.prefill_flops``)."""
+    return model_class(config.arch).prefill_flops(config, n)
+
+
+def quadratic_prefill(config: ModelConfig) -> bool:
+    """Whether the architecture's prefill time grows with the square of the context."""
+    return model_class(config.arch).quadratic_prefill(config)
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -64,4 +84,4 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 __all__ = ["BlockTransformer", "CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "cache_bytes",
-           "cache_growth_per_token", "resolve_dtype"]
+           "cache_growth_per_token", "model_class", "prefill_flops", "quadratic_prefill", "resolve_dtype"]

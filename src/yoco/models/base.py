@@ -173,6 +173,38 @@ class CausalLM(nn.Module):
         """What ``new_cache(batch_size, capacity=context).nbytes()`` must be, from the config alone."""
         return self.cache_bytes_for(self.config, batch_size, context, dtype)
 
-    @staticmethod
-    def cache_bytes_for(config: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
+    # ------------------------------------------------------------------ facts from a config
+    # Each architecture composes these from its mixers' own (``cache_bytes_per_row``, ``prefill_flops``,
+    # ``quadratic_prefill`` of every mixer class), so nothing else needs to know what it is made of.
+    @classmethod
+    def cache_bytes_for(cls, config: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
+        """Cache bytes of ``batch_size`` sequences of ``context`` positions."""
+        return batch_size * cls.cache_bytes_per_row(config, context, dtype)
+
+    @classmethod
+    def cache_bytes_per_row(cls, config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+        """Cache bytes of one sequence of ``context`` positions (what ``new_cache(1, capacity=context)``
+        allocates)."""
         raise NotImplementedError
+
+    @classmethod
+    def prefill_flops(cls, config: ModelConfig, n: int) -> float:
+        """Useful FLOPs of a prefill of n tokens with logits for the last one only: matmuls count 2 per
+        multiply-add; attention counts QK^T and AV over the keys each query may see (masked-out work is
+        not useful); the LM head runs for one token."""
+        raise NotImplementedError
+
+    @classmethod
+    def quadratic_prefill(cls, config: ModelConfig) -> bool:
+        """Whether prefill time grows with the square of the context (attention over every earlier token)."""
+        raise NotImplementedError
+
+
+def ffn_flops(config: ModelConfig, n: float) -> float:
+    """FLOPs of a block's SwiGLU over n positions (gate, up and down projections)."""
+    return 2 * 3 * config.dim * config.ffn_dim * n
+
+
+def lm_head_flops(config: ModelConfig) -> float:
+    """FLOPs of the LM head for the one position whose logits a prefill returns."""
+    return 2 * config.dim * config.vocab_size

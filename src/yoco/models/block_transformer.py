@@ -44,7 +44,7 @@ from ..cache import ModelCache, map_rows, tensor_bytes
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
 from ..mixers.attention import CausalSelfAttention
-from .base import Block, CausalLM, InputError
+from .base import Block, CausalLM, InputError, ffn_flops, lm_head_flops
 
 
 class BlockIds:
@@ -110,8 +110,7 @@ class BlockTransformer(CausalLM):
         super().__init__(config)
         b, P, D = config.block_len, config.block_prefix, config.dim
         self.block_len, self.block_prefix = b, P
-        self.n_block_layers = config.block_layers if config.block_layers is not None else config.n_layers // 2
-        self.n_token_layers = config.n_layers - self.n_block_layers
+        self.n_block_layers, self.n_token_layers = self.decoder_depths(config)
         rope = (config.rope_theta, config.rope_freqs, config.rope_pairs)
         # Block decoder: its own token embedding of width dim/b; RoPE over block positions.
         self.block_embed = nn.Embedding(config.vocab_size, D // b)
@@ -172,15 +171,41 @@ class BlockTransformer(CausalLM):
             return [(None, phases[0])]
         return [((shift == phase).nonzero().flatten(), phase) for phase in phases]
 
+    # ------------------------------------------------------------------ facts from a config
     @staticmethod
-    def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
-        b, P = cfg.block_len, cfg.block_prefix
-        n_block = cfg.block_layers if cfg.block_layers is not None else cfg.n_layers // 2
-        n_token = cfg.n_layers - n_block
-        per_position = 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+    def decoder_depths(config: ModelConfig) -> tuple[int, int]:
+        """(block-decoder layers, token-decoder layers)."""
+        n_block = config.block_layers if config.block_layers is not None else config.n_layers // 2
+        return n_block, config.n_layers - n_block
+
+    @classmethod
+    def cache_bytes_per_row(cls, config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+        """One block-decoder K/V entry per (begun) block, the token decoder's local window of P + b
+        positions, and the current block's ids."""
+        b, P = config.block_len, config.block_prefix
+        n_block, n_token = cls.decoder_depths(config)
         blocks = max(1, -(-context // b))
-        local = n_token * per_position * (P + b) + b * torch.long.itemsize  # window K/V + block ids
-        return batch_size * (n_block * per_position * blocks + local)
+        block_decoder = n_block * CausalSelfAttention.cache_bytes_per_row(config, blocks, dtype)
+        token_decoder = n_token * CausalSelfAttention.cache_bytes_per_row(config, P + b, dtype)
+        return block_decoder + token_decoder + b * torch.long.itemsize
+
+    @classmethod
+    def prefill_flops(cls, config: ModelConfig, n: int) -> float:
+        """The block decoder over n / b block embeddings (plus the prefix expansion of each); the token
+        decoder runs only for the block holding the last prompt token: a constant, left out."""
+        d = config.dim
+        blocks = n / config.block_len
+        n_block, _ = cls.decoder_depths(config)
+        block_layer = CausalSelfAttention.prefill_flops(config, blocks) + ffn_flops(config, blocks)
+        expand = 2 * d * config.block_prefix * d * blocks
+        return n_block * block_layer + expand + lm_head_flops(config)
+
+    @classmethod
+    def quadratic_prefill(cls, config: ModelConfig) -> bool:
+        # Its block decoder attends over n / block_len positions: quadratic in them, but block_len^2
+        # times cheaper than attention over tokens, so it counts as affordable at every context (bench
+        # measures it rather than extrapolating it), as it always has.
+        return False
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,

@@ -17,12 +17,15 @@ import torch
 from torch import nn
 
 from ..cache import ModelCache
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..layers import RotaryEmbedding
 from ..mixers.attention import CausalSelfAttention
 from ..mixers.mla import MultiHeadLatentAttention
 from ..mixers.sliding_window import SlidingWindowAttention
-from .base import Block, CausalLM
+from .base import Block, CausalLM, ffn_flops, lm_head_flops
+
+# The token mixer of each ``attention`` kind (without a sliding window).
+ATTENTION_MIXERS: dict[str, type[nn.Module]] = {"gqa": CausalSelfAttention, "mla": MultiHeadLatentAttention}
 
 
 class Transformer(CausalLM):
@@ -34,10 +37,12 @@ class Transformer(CausalLM):
             self.rope_key_rotary = RotaryEmbedding(config.mla_rope_dim, config.rope_theta, config.rope_freqs,
                                                    config.rope_pairs)
 
+        kind = self.mixer_class(config)
+
         def mixer(i: int) -> nn.Module:
-            if config.window is not None:
+            if kind is SlidingWindowAttention:
                 return SlidingWindowAttention(config, self.rotary, config.window)
-            if config.attention == "mla":
+            if kind is MultiHeadLatentAttention:
                 return MultiHeadLatentAttention(config, self.rope_key_rotary, layer=i, kv_source=sources[i])
             return CausalSelfAttention(config, self.rotary, layer=i, kv_source=sources[i])
 
@@ -53,16 +58,39 @@ class Transformer(CausalLM):
     def residual_blocks(self) -> list[Block]:
         return list(self.layers)
 
+    # ------------------------------------------------------------------ facts from a config
     @staticmethod
-    def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
-        if cfg.window is not None:
-            return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize * batch_size * cfg.window
-        producers = len(set(cfg.kv_sources))
-        if cfg.attention == "mla":
-            per_layer = cfg.mla_kv_rank + cfg.mla_rope_dim
-        else:
-            per_layer = 2 * cfg.n_kv_heads * cfg.head_dim
-        return producers * per_layer * dtype.itemsize * batch_size * context
+    def mixer_class(config: ModelConfig) -> type[nn.Module]:
+        """Every layer's token mixer: sliding-window attention with a window, else the ``attention`` kind."""
+        if config.window is not None:
+            return SlidingWindowAttention
+        if config.attention not in ATTENTION_MIXERS:
+            raise ConfigError(f"unknown Transformer attention {config.attention!r}; "
+                              f"choose one of {', '.join(ATTENTION_MIXERS)}")
+        return ATTENTION_MIXERS[config.attention]
+
+    @classmethod
+    def layer_mixers(cls, config: ModelConfig) -> list[tuple[type[nn.Module], dict]]:
+        """(mixer class, the keyword arguments of its facts) per layer: under CLA / MLKV a layer reading
+        another's K/V produces none (a sliding window has no sharing: every layer its own ring)."""
+        mixer = cls.mixer_class(config)
+        if mixer is SlidingWindowAttention:
+            return [(mixer, {})] * config.n_layers
+        return [(mixer, {"produces_kv": source == i}) for i, source in enumerate(config.kv_sources)]
+
+    @classmethod
+    def cache_bytes_per_row(cls, config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+        return sum(mixer.cache_bytes_per_row(config, context, dtype, **role) for mixer, role in cls.layer_mixers(config))
+
+    @classmethod
+    def prefill_flops(cls, config: ModelConfig, n: int) -> float:
+        layers = sum(mixer.prefill_flops(config, n, **role) + ffn_flops(config, n)
+                     for mixer, role in cls.layer_mixers(config))
+        return layers + lm_head_flops(config)
+
+    @classmethod
+    def quadratic_prefill(cls, config: ModelConfig) -> bool:
+        return cls.mixer_class(config).quadratic_prefill(config)
 
     def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,
                 num_logits: int | None = None) -> torch.Tensor | None:

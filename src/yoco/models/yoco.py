@@ -19,12 +19,16 @@ from torch import nn
 
 from ..cache import ModelCache
 from ..compress.store import CompressedKV
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..layers import RotaryEmbedding
 from ..mixers.cross_attention import CrossAttention, GlobalKV, cross_mask
 from ..mixers.retention import GatedRetention
 from ..mixers.sliding_window import SlidingWindowAttention
-from .base import Block, CausalLM
+from .base import Block, CausalLM, ffn_flops, lm_head_flops
+
+
+# Each YOCO architecture's self-decoder mixer (the cross-decoder is the same for all).
+SELF_DECODERS: dict[str, type[nn.Module]] = {"yoco-swa": SlidingWindowAttention, "yoco-gret": GatedRetention}
 
 
 class YOCO(CausalLM):
@@ -32,16 +36,17 @@ class YOCO(CausalLM):
         super().__init__(config)
         rope = (config.rope_theta, config.rope_freqs, config.rope_pairs)
         self.rotary = RotaryEmbedding(config.head_dim, *rope)
-        if config.arch == "yoco-swa":
-            self_rotary = self.rotary
-
-            def self_mixer() -> nn.Module:
-                return SlidingWindowAttention(config, self_rotary, config.window)
-        else:
+        if self.self_decoder(config) is GatedRetention:
+            # retention heads (dim / retention_heads wide) have a RoPE of their own
             self_rotary = RotaryEmbedding(config.dim // config.n_retention_heads, *rope)
 
             def self_mixer() -> nn.Module:
                 return GatedRetention(config, self_rotary)
+        else:
+            self_rotary = self.rotary
+
+            def self_mixer() -> nn.Module:
+                return SlidingWindowAttention(config, self_rotary, config.window)
         self.self_rotary = self_rotary
         self.self_layers = nn.ModuleList(Block(self_mixer(), config) for _ in range(config.self_layers))
         self.global_kv = GlobalKV(config, self.rotary)
@@ -56,15 +61,33 @@ class YOCO(CausalLM):
         # the self-decoder's output is both the global K/V's input and the cross-decoder's residual stream
         return list(self.self_layers) + list(self.cross_layers)
 
+    # ------------------------------------------------------------------ facts from a config
     @staticmethod
-    def cache_bytes_for(cfg: ModelConfig, batch_size: int, context: int, dtype: torch.dtype) -> int:
-        global_kv = 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize * context
-        if cfg.arch == "yoco-swa":
-            per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * cfg.window * dtype.itemsize
-        else:
-            d = cfg.dim // cfg.n_retention_heads
-            per_layer = cfg.n_retention_heads * d * d * 4  # fp32 state
-        return batch_size * (global_kv + cfg.self_layers * per_layer)
+    def self_decoder(config: ModelConfig) -> type[nn.Module]:
+        """The self-decoder's mixer class; a YOCO architecture without one is refused, never guessed."""
+        if config.arch not in SELF_DECODERS:
+            raise ConfigError(f"unknown YOCO self-decoder for arch {config.arch!r}; the known kinds are "
+                              + ", ".join(f"{arch} ({mixer.__name__})" for arch, mixer in SELF_DECODERS.items()))
+        return SELF_DECODERS[config.arch]
+
+    @classmethod
+    def cache_bytes_per_row(cls, config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+        self_decoder = cls.self_decoder(config).cache_bytes_per_row(config, context, dtype)
+        return GlobalKV.cache_bytes_per_row(config, context, dtype) + config.self_layers * self_decoder
+
+    @classmethod
+    def prefill_flops(cls, config: ModelConfig, n: int) -> float:
+        """The self-decoder and the global K/V over all n tokens; the cross-decoder for the last one."""
+        n_cross = config.n_layers - config.self_layers
+        self_layer = cls.self_decoder(config).prefill_flops(config, n) + ffn_flops(config, n)
+        cross_layer = CrossAttention.prefill_flops(config, n, queries=1) + ffn_flops(config, 1)
+        return (config.self_layers * self_layer + GlobalKV.prefill_flops(config, n) + n_cross * cross_layer
+                + lm_head_flops(config))
+
+    @classmethod
+    def quadratic_prefill(cls, config: ModelConfig) -> bool:
+        # the cross-decoder runs for the positions with logits only: one in a prefill
+        return cls.self_decoder(config).quadratic_prefill(config) or GlobalKV.quadratic_prefill(config)
 
     def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,
                 num_logits: int | None = None) -> torch.Tensor | None:

@@ -1,4 +1,5 @@
-"""``yoco compress-eval``: every policy and budget side by side on one model, in one run.
+"""``yoco compress-eval``: every policy and budget side by side on one model, in one run. It evaluates
+``yoco.compress`` from outside, beside the other evaluation code: nothing in ``compress/`` needs it.
 
 For each (policy, budget), and for the uncompressed cache as the reference row:
 
@@ -25,9 +26,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..engine import decode_step, prefill
-from ..evaluate import passkey_grid
-from .policies import policy_for_context
+from .compress.policies import policy_for_context
+from .engine import decode_step, prefill
+from .evaluate import passkey_grid
 
 
 def cache_nbytes(model, cache, batch_size: int, context: int) -> int:
@@ -89,7 +90,7 @@ def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tup
 
 
 def markdown_table(results: list[dict]) -> str:
-    from ..report import format_bytes
+    from .report import format_bytes
 
     lines = ["| policy | budget | cache | of full | offloaded | passkey | ppl | decode tok/s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -103,7 +104,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def results_figure(results: list[dict], title: str):
     """Passkey accuracy and perplexity against the cache kept (share of the full cache), per policy."""
-    from ..report import plain_tick_labels, subplots
+    from .report import plain_tick_labels, subplots
 
     fig, (acc, ppl) = subplots(1, 2, figsize=(10, 4))
     for name in dict.fromkeys(r["policy"] for r in results):
@@ -125,6 +126,6 @@ def results_figure(results: list[dict], title: str):
 
 
 def plot_results(results: list[dict], path, title: str) -> None:
-    from ..report import save_figure
+    from .report import save_figure
 
     save_figure(results_figure(results, title), path)

@@ -1,0 +1,120 @@
+"""A transformers causal LM (Llama / Mistral / Qwen2 / Qwen3 families) run by yoco's engine.
+
+``TransformersLM(model)`` implements the engine's model protocol (``yoco.engine.EngineModel``), so
+``generate``, chunked prefill, left-padded batches and ``yoco bench`` run it exactly as they run a
+yoco model. At every call it passes explicit ``position_ids`` (each row's true positions after its
+left padding). Its uncompressed cache is ``TransformersCache``, transformers' own ``DynamicCache``
+with what the engine reads; a compressed one is ``yoco.compress.hf.CompressedCache``, built only when
+a policy is asked for (the core never needs ``yoco.compress`` otherwise). Either cache runs the
+model over its inputs itself (``cache.run(model, ...)``): the plain one with the padding mask, the
+compressed one through its own attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .cache import CacheError, tensor_bytes
+from .hf import cache_arg
+from .models.base import InputError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_model(model):
+    """The model's transformers config, if it is of a family yoco runs (else InputError)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise InputError(f"yoco supports transformers models of type {', '.join(SUPPORTED)}; "
+                         f"got {model_type or type(model).__name__}")
+    return config
+
+
+@dataclass(frozen=True)
+class TransformersLimits:
+    """What the engine reads of a transformers model's config (``engine.EngineLimits``)."""
+
+    max_seq_len: int  # its max_position_embeddings
+    vocab_size: int
+    arch: str  # its model_type
+
+
+class TransformersCache(DynamicCache):
+    """transformers' own uncompressed cache, with what yoco's engine reads (the baseline)."""
+
+    compression = None
+
+    def __init__(self, config, pad: torch.Tensor | None):
+        super().__init__(config=config)
+        self.pad, self.seen = pad, 0
+
+    def compress(self) -> None:
+        raise CacheError("this cache has no compression policy (new_cache(compression=...))")
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.layers if layer.is_initialized)
+
+    def repeat(self, n: int) -> "TransformersCache":
+        """n copies of each row, in place (transformers' cache reorders itself); returns the cache."""
+        if n < 1:
+            raise CacheError(f"repeat count must be >= 1, got {n}")
+        self.batch_repeat_interleave(n)
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(n)
+        return self
+
+    def run(self, model, input_ids: torch.Tensor, **inputs):
+        """``model``'s output over the next ``input_ids`` after the slots seen, reading and updating the
+        cache; the rows' left pads are masked out."""
+        T = input_ids.shape[1]
+        mask = None
+        if self.pad is not None:
+            mask = (torch.arange(self.seen + T, device=input_ids.device)[None] >= self.pad[:, None]).long()
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=True, **inputs, **cache_arg(self))
+        self.seen += T
+        return out
+
+
+class TransformersLM:
+    """A transformers causal LM seen through the engine's model protocol."""
+
+    def __init__(self, model):
+        config = check_model(model)
+        self.model = model.eval()
+        self.config = TransformersLimits(config.max_position_embeddings, config.vocab_size, config.model_type)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
+                  dtype=None, device=None, compression=None):
+        """An empty cache (a ``DynamicCache`` grows as it goes: ``capacity`` is not needed)."""
+        device = device or next(self.model.parameters()).device
+        if pad is not None:
+            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
+            pad = pad if int(pad.max()) > 0 else None
+        if compression is None:
+            return TransformersCache(self.model.config, pad)
+        from .compress.hf import CompressedCache  # only a compressed cache needs yoco.compress
+
+        return CompressedCache(self.model, compression, batch_size, pad)
+
+    def __call__(self, ids: torch.Tensor, cache, num_logits: int | None = None) -> torch.Tensor | None:
+        B, T = ids.shape
+        start = cache.seen
+        if start + T > self.config.max_seq_len:
+            raise InputError(f"sequence of {start + T} tokens is longer than the model's maximum "
+                             f"max_position_embeddings={self.config.max_seq_len}")
+        positions = torch.arange(start, start + T, device=ids.device)[None].expand(B, T)
+        if cache.pad is not None:
+            positions = (positions - cache.pad[:, None]).clamp_min(0)
+        keep = T if num_logits is None else max(num_logits, 1)
+        out = cache.run(self.model, ids, position_ids=positions, logits_to_keep=keep)
+        return None if num_logits == 0 else out.logits
+
+
+__all__ = ["SUPPORTED", "TransformersCache", "TransformersLM", "TransformersLimits", "check_model"]
