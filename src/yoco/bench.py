@@ -38,6 +38,7 @@ import torch
 from .cache import ModelCache, tensor_bytes
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
+from .errors import YocoError
 from .hf import cache_arg
 from .models import build_model, cache_bytes, cache_growth_per_token, resolve_dtype
 from .report import format_bytes, json_text, times
@@ -49,7 +50,7 @@ QUICK_CONTEXTS = (1024, 2048, 4096, 8192)
 GIB = 1 << 30
 
 
-class BenchError(ValueError):
+class BenchError(YocoError, ValueError):
     """A bad benchmark setting; the message names it."""
 
 

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+from .errors import YocoError
 from .models import CausalLM, build_model, resolve_dtype
 
 CONFIG_FILE = "config.json"
@@ -28,7 +29,7 @@ HF_BOOKKEEPING = {"model_type", "architectures", "transformers_version", "dtype"
                   "label2id", "problem_type", "_name_or_path", "tokenizer_class", "tokenizer_fingerprint"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(YocoError, RuntimeError):
     """A checkpoint that is missing, corrupt, or does not match its config."""
 
 

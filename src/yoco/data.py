@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import YocoError
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".html", ".toml", ".cfg", ".ini"}
 
 
-class DataError(ValueError):
+class DataError(YocoError, ValueError):
     """A corpus, tokenizer or shard problem; the message names the file and the reason."""
 
 

@@ -23,11 +23,13 @@ import math
 
 import torch
 
+from ..errors import YocoError
+
 # Protected entries rank above every score; among them, the more recent rank higher.
 PROTECTED = 1e12
 
 
-class BudgetError(ValueError):
+class BudgetError(YocoError, ValueError):
     """A budget or policy setting that cannot work; the message names it."""
 
 
