@@ -30,7 +30,6 @@ import platform
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import psutil
 import torch
@@ -41,7 +40,7 @@ from .engine import decode_step, prefill
 from .errors import YocoError
 from .hf import cache_arg
 from .models import build_model, cache_bytes, cache_growth_per_token, resolve_dtype
-from .report import format_bytes, json_text, times
+from .report import format_bytes, times
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
 QUADRATIC_ARCHS = ("hf-llama",) + tuple(n for n in NAMES if n not in ("yoco-swa", "yoco-gret", "block", "swa"))
@@ -596,12 +595,6 @@ def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> 
     return lines
 
 
-def write_json(report: dict, path: str | os.PathLike) -> None:
-    from .checkpoint import atomic_write
-
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json_text(report) + "\n"))
-
-
 def bench_figure(report: dict):
     """Memory, prefill time and throughput against context length (log-log), one line per arch."""
     from .report import plain_tick_labels, subplots
@@ -650,4 +643,4 @@ def write_plot(report: dict, path: str | os.PathLike) -> None:
 
 
 __all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "bench_figure", "prefill_flops", "run_bench",
-           "write_json", "write_plot"]
+           "write_plot"]
