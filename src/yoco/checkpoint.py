@@ -23,7 +23,7 @@ from .data import EOS
 from .errors import YocoError
 from .models import CausalLM, build_model, resolve_dtype
 from .report import atomic_write
-from .tokenizer import write_tokenizer_config
+from .tokenizer import fingerprint, write_tokenizer_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -73,7 +73,6 @@ def save_model(model: CausalLM, directory: str | os.PathLike, *, eos_token_id: i
 def config_json(config: ModelConfig, eos_token_id: int | None = None, tokenizer=None) -> str:
     """config.json: the yoco fields plus what makes the folder a transformers one (``model_type``)."""
     from .hf import MODEL_TYPE
-    from .tokenizer import fingerprint
 
     data = {"model_type": MODEL_TYPE, "architectures": ["YocoForCausalLM"], **config.to_dict(),
             "tie_word_embeddings": config.tie_embeddings}
@@ -146,7 +145,7 @@ def load_model(directory: str | os.PathLike, *, dtype: torch.dtype | str | None 
     return model.eval()
 
 
-def load_any_model(directory: str | os.PathLike, dtype: torch.dtype | str | None = None):
+def load_any_model(directory: str | os.PathLike, dtype: torch.dtype | str):
     """A yoco folder as a yoco model; a transformers Llama/Mistral/Qwen2 folder through the adapter
     that gives it the engine's model interface."""
     from .hf import MODEL_TYPE
