@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, bench_figure, busy_warning,
-                        positions_needed, prefill_flops, probe, ratio_rows, run_bench, write_json, write_plot)
+                        positions_needed, prefill_flops, probe, ratio_rows, run_bench, write_plot)
 from yoco.cli import main
 from yoco.config import get_config
 from yoco.models import cache_bytes
+from yoco.report import write_json
 
 FIELDS = {"arch", "context", "prefill_s", "peak_mem_bytes", "cache_bytes", "decode_tok_s", "budget_batch",
           "budget_tok_s"}

@@ -7,7 +7,7 @@ import torch
 from harness import make_model
 
 from yoco import CheckpointError, load_model, save_model
-from yoco.checkpoint import atomic_write
+from yoco.report import atomic_write
 
 
 def test_round_trip_gives_identical_logits(variant, tmp_path):

@@ -7,7 +7,8 @@ import torch
 from harness import engine_logits, make_model
 
 from yoco.cli import main
-from yoco.evaluate import covered, mqar_accuracy, mqar_batch, passkey_prompt, validation_loss
+from yoco.evaluate import covered, mqar_accuracy, validation_loss
+from yoco.tasks import mqar_batch, passkey_prompt
 from yoco.tokenizer import ByteTokenizer
 
 

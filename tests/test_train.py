@@ -149,7 +149,7 @@ def test_two_processes_follow_one_process(mode, corpus, tmp_path):
 
 def test_retrieval_rows(corpus, tmp_path):
     from yoco.data import load_tokenizer
-    from yoco.train import retrieval_rows
+    from yoco.tasks import retrieval_rows
 
     train(settings(corpus, steps=1), tmp_path, progress=False, log=lambda s: None)
     tokenizer = load_tokenizer(tmp_path / "data")
@@ -201,7 +201,7 @@ def test_loss_weights_give_every_row_its_share_and_retrieval_rows_only_to_their_
 def test_copy_row_repeats_one_span_later():
     import random
 
-    from yoco.train import copy_row
+    from yoco.tasks import copy_row
 
     haystack = list(range(10_000, 12_000))  # distinct tokens: any repeat is the copied span
     for seed in range(50):
@@ -252,7 +252,7 @@ def test_sequence_length_curriculum(corpus, tmp_path):
 
 def test_retrieval_tasks_choose_the_kinds_of_rows(corpus, tmp_path):
     from yoco.data import TokenShards, load_tokenizer
-    from yoco.train import retrieval_rows
+    from yoco.tasks import retrieval_rows
 
     train(settings(corpus, steps=1), tmp_path, progress=False, log=lambda s: None)
     tokenizer, haystack = load_tokenizer(tmp_path / "data"), TokenShards(tmp_path / "data").tokens

@@ -114,6 +114,14 @@ class TokenCount:
         return f"TokenCount(>= {self.minimum})"
 
 
+def token_count_text(n: int) -> str:
+    """A token count as ``TokenCount`` reads it: 1024 -> "1K", 1 << 20 -> "1M", 3000 -> "3000"."""
+    for suffix, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{suffix}"
+    return str(n)
+
+
 def names(known: Sequence[str], what: str = "architecture") -> ListOf:
     """An argparse type for ``--arch a,b``: known names only (use with ``action="extend"`` so that
     the option may also be repeated: ``--arch a --arch b``)."""
@@ -127,19 +135,12 @@ def names(known: Sequence[str], what: str = "architecture") -> ListOf:
 
 
 def budget(text: str) -> float | int | None:
-    """A compression budget: a ratio in (0, 1], a token count >= 1, or ``none`` (CORM's rule alone;
-    InfLLM's paper sizes)."""
-    from .compress.policies import BudgetError, check_budget
+    """A compression budget (``compress.policies.parse_budget``): a ratio in (0, 1], a token count >= 1,
+    or ``none``."""
+    from .compress.policies import BudgetError, parse_budget
 
-    if text.strip().lower() == "none":
-        return None
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a budget: {text!r} (a ratio in (0, 1], a token count, or none)") \
-            from None
-    try:
-        return check_budget(int(value) if value.is_integer() and value >= 1 and "." not in text else value)
+        return parse_budget(text)
     except BudgetError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -150,4 +151,4 @@ def token_ids(text: str) -> list[int]:
 
 
 __all__ = ["DEPTH", "HelpFormatter", "ListOf", "NATURAL", "NON_NEGATIVE", "Number", "POSITIVE", "POSITIVE_INT",
-           "PROBABILITY", "Parser", "SHARE", "TokenCount", "budget", "names", "token_ids"]
+           "PROBABILITY", "Parser", "SHARE", "TokenCount", "budget", "names", "token_count_text", "token_ids"]

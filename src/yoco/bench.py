@@ -31,16 +31,16 @@ import platform
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import psutil
 import torch
 
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_step, prefill
+from .errors import YocoError
 from .hf_runner import TransformersLM
 from .models import build_model, cache_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
-from .report import format_bytes, json_text, times
+from .report import format_bytes, times
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -48,7 +48,7 @@ QUICK_CONTEXTS = (1024, 2048, 4096, 8192)
 GIB = 1 << 30
 
 
-class BenchError(ValueError):
+class BenchError(YocoError, ValueError):
     """A bad benchmark setting; the message names it."""
 
 
@@ -517,12 +517,6 @@ def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> 
     return lines
 
 
-def write_json(report: dict, path: str | os.PathLike) -> None:
-    from .checkpoint import atomic_write
-
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json_text(report) + "\n"))
-
-
 def bench_figure(report: dict):
     """Memory, prefill time and throughput against context length (log-log), one line per arch."""
     from .report import plain_tick_labels, subplots
@@ -571,4 +565,4 @@ def write_plot(report: dict, path: str | os.PathLike) -> None:
 
 
 __all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "bench_figure", "prefill_flops", "run_bench",
-           "write_json", "write_plot"]
+           "write_plot"]

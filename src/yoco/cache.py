@@ -18,8 +18,10 @@ from typing import Protocol
 
 import torch
 
+from .errors import YocoError
 
-class CacheError(RuntimeError):
+
+class CacheError(YocoError, RuntimeError):
     """A cache used beyond what it was built for (capacity, batch size)."""
 
 

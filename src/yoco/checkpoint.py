@@ -1,4 +1,6 @@
-"""Saving and loading models: ``config.json`` + ``model.safetensors`` in a folder, written atomically.
+"""Saving and loading models: ``config.json`` + ``model.safetensors`` in a folder, written atomically;
+the checkpoints of a training run folder (``checkpoint-<step>/`` and the ``latest`` pointer); any
+model folder, yoco's or a transformers one, loaded for the commands that take either.
 
 Each file is written to a temporary name in the same folder and moved into place with
 ``os.replace``, so an interrupted save leaves the previous checkpoint whole.
@@ -9,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+from .data import EOS
+from .errors import YocoError
 from .models import CausalLM, build_model, resolve_dtype
+from .report import atomic_write
+from .tokenizer import fingerprint, write_tokenizer_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -28,23 +34,8 @@ HF_BOOKKEEPING = {"model_type", "architectures", "transformers_version", "dtype"
                   "label2id", "problem_type", "_name_or_path", "tokenizer_class", "tokenizer_fingerprint"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(YocoError, RuntimeError):
     """A checkpoint that is missing, corrupt, or does not match its config."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the file to ``path`` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -82,7 +73,6 @@ def save_model(model: CausalLM, directory: str | os.PathLike, *, eos_token_id: i
 def config_json(config: ModelConfig, eos_token_id: int | None = None, tokenizer=None) -> str:
     """config.json: the yoco fields plus what makes the folder a transformers one (``model_type``)."""
     from .hf import MODEL_TYPE
-    from .tokenizer import fingerprint
 
     data = {"model_type": MODEL_TYPE, "architectures": ["YocoForCausalLM"], **config.to_dict(),
             "tie_word_embeddings": config.tie_embeddings}
@@ -153,3 +143,47 @@ def load_model(directory: str | os.PathLike, *, dtype: torch.dtype | str | None 
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def load_any_model(directory: str | os.PathLike, dtype: torch.dtype | str):
+    """A yoco folder as a yoco model; a transformers Llama/Mistral/Qwen2 folder through the adapter
+    that gives it the engine's model interface."""
+    from .hf import MODEL_TYPE
+
+    path = Path(directory)
+    config, model_type = path / CONFIG_FILE, None
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{str(config)!r} is not valid JSON ({e})") from None
+    if model_type in (None, MODEL_TYPE):
+        return load_model(path, dtype=dtype)  # which names what is missing
+    from transformers import AutoModelForCausalLM
+
+    from .hf_runner import TransformersLM
+
+    return TransformersLM(AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)))
+
+
+# ---------------------------------------------------------------------- training run folders
+def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: ModelConfig, tokenizer,
+                    tokenizer_file: Path, trainer_state: dict) -> Path:
+    """``checkpoint-<step>/`` in a training run folder, then ``latest`` pointed at it: the model with
+    the run's `tokenizer_file` beside it (a transformers folder too) and ``trainer.pt`` holding
+    `trainer_state` (what a resume continues from). The folder is written under a temporary name and
+    renamed when complete, and ``latest`` is replaced in one step, so an interrupted save never leaves
+    a half checkpoint behind ``latest``."""
+    final = run_dir / f"checkpoint-{step}"
+    staging = run_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model = build_model(config)
+    model.load_state_dict(model_state)
+    save_model(model, staging, eos_token_id=tokenizer.token_to_id(EOS), tokenizer=tokenizer)
+    shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+    write_tokenizer_config(staging, tokenizer, config.max_seq_len)
+    torch.save(trainer_state, staging / "trainer.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    atomic_write(run_dir / "latest", lambda tmp: Path(tmp).write_text(final.name + "\n"))
+    return final

@@ -16,13 +16,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import YocoError
+
 ARCHITECTURES = ("transformer", "yoco-swa", "yoco-gret", "block")
 ATTENTIONS = ("gqa", "mla")
 ROPE_FREQS = ("standard", "linspace")
 ROPE_PAIRS = ("half", "interleaved")
 
 
-class ConfigError(ValueError):
+class ConfigError(YocoError, ValueError):
     """An invalid configuration; the message names the field and the reason."""
 
 

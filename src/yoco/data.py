@@ -27,13 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import YocoError
+from .report import atomic_write
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".html", ".toml", ".cfg", ".ini"}
 
 
-class DataError(ValueError):
+class DataError(YocoError, ValueError):
     """A corpus, tokenizer or shard problem; the message names the file and the reason."""
 
 
@@ -159,8 +162,6 @@ def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
 
     from tqdm import tqdm
 
-    from .checkpoint import atomic_write
-
     if not 0 <= val_percent < 100:
         raise DataError(f"val_percent={val_percent} must be within [0, 100)")
     out = Path(out_dir)
@@ -280,5 +281,24 @@ class TokenShards:
             yield data[:, :-1], data[:, 1:]
 
 
-__all__ = ["DataError", "Document", "EOS", "PAD", "TokenShards", "build_shards", "corpus_documents",
-           "load_tokenizer", "stdlib_sources", "train_tokenizer"]
+
+def is_shard_folder(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds token shards (``build_shards`` writes their meta.json last)."""
+    return (Path(directory) / "meta.json").is_file()
+
+
+def find_shards(model_folder: str | os.PathLike, levels_up: int = 0) -> Path:
+    """The token shard folder a model was trained on: ``data/`` beside the model folder (a training
+    run keeps it beside its checkpoints) or, with `levels_up`, that many folders further up (a study
+    keeps one for all its runs), the nearest that holds shards; when none does, the one beside it,
+    for the caller to name in its error."""
+    parent = Path(model_folder).resolve().parent
+    candidates = [parent / "data"]
+    for _ in range(levels_up):
+        parent = parent.parent
+        candidates.append(parent / "data")
+    return next((folder for folder in candidates if is_shard_folder(folder)), candidates[0])
+
+
+__all__ = ["DataError", "Document", "EOS", "PAD", "TokenShards", "build_shards", "corpus_documents", "find_shards",
+           "is_shard_folder", "load_tokenizer", "stdlib_sources", "train_tokenizer"]

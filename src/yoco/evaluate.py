@@ -13,16 +13,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .engine import generate
 from .models import CausalLM
-
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
+from .tasks import passkey_key, passkey_prompt
 
 
 def lm_loss(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool = False,
@@ -67,36 +64,6 @@ def covered(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------- passkey
-@dataclass
-class PasskeyPrompt:
-    ids: list[int]
-    key: str
-    needle_at: int  # token index where the needle starts
-
-
-def passkey_parts(encode, key: str) -> tuple[list[int], list[int], list[int]]:
-    """The needle, the question and the answer as token ids: one tokenization for the evaluation
-    prompts, the training rows (``train.passkey_row``) and the study's size checks."""
-    return encode(" " + NEEDLE.format(key=key) + " "), encode(QUESTION), encode(" " + key)
-
-
-def passkey_prompt(encode, haystack: Sequence[int], context: int, depth: float, key: str) -> PasskeyPrompt:
-    """A prompt of exactly `context` tokens: haystack tokens with the needle inserted at `depth` of the
-    filler, then the question."""
-    if not 0 <= depth <= 1:
-        raise ValueError(f"depth must be within [0, 1], got {depth}")
-    needle, question, _ = passkey_parts(encode, key)
-    filler = context - len(needle) - len(question)
-    if filler < 0:
-        raise ValueError(f"context {context} is too short for the needle and question "
-                         f"({len(needle) + len(question)} tokens)")
-    if len(haystack) < filler:
-        raise ValueError(f"the haystack has {len(haystack)} tokens, the prompt needs {filler}")
-    at = round(depth * filler)
-    ids = [int(t) for t in haystack[:at]] + needle + [int(t) for t in haystack[at:filler]] + question
-    return PasskeyPrompt(ids, key, at)
-
-
 def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: Sequence[int],
                  depths: Sequence[float], trials: int = 3, seed: int = 0, prefill_chunk: int = 1024,
                  compression=None) -> list[dict]:
@@ -108,7 +75,7 @@ def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: 
         for depth in depths:
             hits = 0
             for _ in range(trials):
-                key = f"{rng.randrange(10000, 100000)}"
+                key = passkey_key(rng)
                 start = rng.randrange(0, max(1, len(haystack) - context))
                 prompt = passkey_prompt(tokenizer.encode, haystack[start:], context, depth, key)
                 want = tokenizer.encode(" " + key)
@@ -151,30 +118,6 @@ def plot_passkey(cells: list[dict], path, title: str) -> None:
 
 
 # ---------------------------------------------------------------------- MQAR
-def mqar_batch(n: int, pairs: int, queries: int, vocab: Sequence[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [n, 2*pairs + 2*queries] and a target mask: keys k_i and values v_i drawn from disjoint
-    halves of `vocab`, then `queries` of the keys each followed by its value (the scored positions)."""
-    if pairs < queries:
-        raise ValueError(f"cannot query {queries} keys out of {pairs} pairs")
-    g = torch.Generator().manual_seed(seed)
-    vocab = torch.as_tensor(list(vocab))
-    half = len(vocab) // 2
-    if half < pairs:
-        raise ValueError(f"a vocabulary of {len(vocab)} ids cannot hold {pairs} distinct keys")
-    rows, masks = [], []
-    for _ in range(n):
-        keys = vocab[torch.randperm(half, generator=g)[:pairs]]
-        values = vocab[half + torch.randint(0, len(vocab) - half, (pairs,), generator=g)]
-        asked = torch.randperm(pairs, generator=g)[:queries]
-        context = torch.stack([keys, values], dim=1).flatten()
-        probe = torch.stack([keys[asked], values[asked]], dim=1).flatten()
-        rows.append(torch.cat([context, probe]))
-        mask = torch.zeros(len(context) + len(probe), dtype=torch.bool)
-        mask[len(context) + 1::2] = True  # the value after each queried key
-        masks.append(mask)
-    return torch.stack(rows), torch.stack(masks)
-
-
 @torch.no_grad()
 def mqar_accuracy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor) -> float:
     """Share of masked positions whose token the model predicts from the position before."""
@@ -185,5 +128,4 @@ def mqar_accuracy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor) -> flo
     return (predicted[scored] == target[scored]).float().mean().item()
 
 
-__all__ = ["covered", "mqar_accuracy", "mqar_batch", "passkey_figure", "passkey_grid", "passkey_prompt", "plot_passkey",
-           "validation_loss"]
+__all__ = ["covered", "lm_loss", "mqar_accuracy", "passkey_figure", "passkey_grid", "plot_passkey", "validation_loss"]

@@ -1,10 +1,13 @@
-"""Formatting shared by the commands that print results, and the figures they draw."""
+"""Reporting shared by the commands that print and write results: formatting, tables, files written
+in one step (JSON, Markdown, figures)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +26,33 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the file to ``path`` in one step: a reader (or a run that is
+    interrupted) never sees half a file, only the previous one or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(data, path: str | os.PathLike) -> None:
+    """Results as a JSON file (``json_text``), written in one step."""
+    text = json_text(data) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_markdown(text: str, path: str | os.PathLike) -> None:
+    """A Markdown table (or any text) as a file, written in one step."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def format_bytes(n: float | None, digits: int = 2) -> str:
@@ -90,8 +120,6 @@ def text_colour_on(rgba: Sequence[float]) -> str:
 def save_figure(fig, path) -> None:
     """Write `fig` as a PNG in one step (no reader sees half a file) and free it."""
     import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write
 
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -20,35 +20,37 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write, load_model
+from .checkpoint import latest_checkpoint, load_model
 from .config import get_config
 from .data import SPECIAL_TOKENS, TokenShards, load_tokenizer
-from .evaluate import mqar_accuracy, mqar_batch, passkey_grid, passkey_parts, validation_loss
+from .evaluate import mqar_accuracy, passkey_grid, validation_loss
 from .models import cache_bytes, cache_growth_per_token, model_class
-from .report import json_text
+from .report import write_json, write_markdown
+from .tasks import MQAR_PAIRS, MQAR_QUERIES, MQAR_SAMPLES, mqar_batch, passkey_parts
 from .tokenizer import TrainedTokenizer
-from .train import RETRIEVAL_TASKS, TrainSettings, latest_checkpoint, prepare_data, train
+from .train import TrainSettings, prepare_data, train
 
 STUDY_ARCHS = ("transformer", "mha", "yoco-swa", "yoco-gret", "mqa", "mla", "cla2", "mlkv", "block", "swa")
 
 
 @dataclass
 class StudySettings:
+    """What a study sets differently from one training run; the rest is ``TrainSettings``' defaults."""
     archs: tuple[str, ...] = STUDY_ARCHS
     preset: str = "small"
     steps: int = 2000
-    batch_size: int = 8
-    seq_len: int = 256
-    lr: float = 3e-3
+    batch_size: int = TrainSettings.batch_size
+    seq_len: int = TrainSettings.seq_len
+    lr: float = TrainSettings.lr
     retrieval_mix: float = 0.25
     corpus: list[str] = field(default_factory=list)
-    vocab_size: int = 4096
+    vocab_size: int = TrainSettings.vocab_size
     trials: int = 4
-    seed: int = 0
+    seed: int = TrainSettings.seed
     window: int | None = None  # of the windowed architectures (yoco-swa, swa); None: the preset's
-    retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS
+    retrieval_tasks: tuple[str, ...] = TrainSettings.retrieval_tasks
     short_seq_len: int | None = None  # a sequence-length curriculum (TrainSettings.short_seq_len)
-    short_steps: int = 0
+    short_steps: int = TrainSettings.short_steps
     val_batches: int | None = None  # validation batches of batch_size x seq_len for the final loss; None: all
 
 
@@ -134,7 +136,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
         haystack = val.tokens if len(val) > 2 * beyond_context else TokenShards(out / "data", "train").tokens
         inside, beyond = passkey_split(model, tokenizer, haystack, window, settings.trials, settings.seed,
                                        beyond_context)
-        ids, mask = mqar_batch(32, 16, 8, range(len(SPECIAL_TOKENS), model.config.vocab_size), seed=settings.seed)
+        ids, mask = mqar_batch(MQAR_SAMPLES, MQAR_PAIRS, MQAR_QUERIES,
+                               range(len(SPECIAL_TOKENS), model.config.vocab_size), seed=settings.seed)
         at_4k = cache_bytes(model.config, 1, 4096, torch.float32)
         per_token = cache_growth_per_token(model.config, torch.float32)
         runs.append({"arch": arch, "params": model.num_parameters(), "ffn_dim": ffn,
@@ -146,8 +149,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, log=print, progre
                      "mqar_acc": mqar_accuracy(model, ids, mask)})
     results = {"settings": {**settings.__dict__, "archs": list(settings.archs), "window": window,
                             "passkey_beyond_context": beyond_context, "target_params": target}, "runs": runs}
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json_text(results) + "\n"))
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown(results)))
+    write_json(results, out / "results.json")
+    write_markdown(markdown(results), out / "results.md")
     plot_study(results, out)
     return results
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from .models.base import InputError
+from .report import atomic_write
 
 
 class ByteTokenizer:
@@ -137,8 +138,6 @@ def is_byte_level(tokenizer, model_vocab_size: int) -> bool:
 def save_tokenizer(tokenizer, directory, model_max_length: int) -> None:
     """``tokenizer.json`` plus the ``tokenizer_config.json`` that makes ``AutoTokenizer`` load it as a
     ``PreTrainedTokenizerFast``."""
-    from .checkpoint import atomic_write
-
     atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
     write_tokenizer_config(directory, tokenizer, model_max_length)
 
@@ -146,7 +145,6 @@ def save_tokenizer(tokenizer, directory, model_max_length: int) -> None:
 def write_tokenizer_config(directory, tokenizer, model_max_length: int) -> None:
     """The transformers side of a saved ``tokenizer.json``: its class, special tokens and left padding
     (yoco batches are left-padded)."""
-    from .checkpoint import atomic_write
     from .data import EOS, PAD
 
     special = {name: token for name, token in (("eos_token", EOS), ("pad_token", PAD))

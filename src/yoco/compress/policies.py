@@ -23,11 +23,13 @@ import math
 
 import torch
 
+from ..errors import YocoError
+
 # Protected entries rank above every score; among them, the more recent rank higher.
 PROTECTED = 1e12
 
 
-class BudgetError(ValueError):
+class BudgetError(YocoError, ValueError):
     """A budget or policy setting that cannot work; the message names it."""
 
 
@@ -372,3 +374,16 @@ def make_policy(name: str, budget=None, **options) -> Policy:
     if key not in POLICIES:
         raise BudgetError(f"unknown compression policy {name!r}; choose from {', '.join(sorted(POLICIES))}")
     return POLICIES[key](budget, **options)
+
+
+def parse_budget(text: str) -> float | int | None:
+    """A budget as written on the command line: a ratio in (0, 1] ("0.25"), a token count >= 1
+    ("128"), or "none" (CORM's rule alone; InfLLM's paper sizes). "1" is one token, "1.0" the whole
+    prompt (a ratio); "2.0" is two tokens, as "2" is."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise BudgetError(f"not a budget: {text!r} (a ratio in (0, 1], a token count, or none)") from None
+    return check_budget(int(value) if value.is_integer() and value >= 1 and "." not in text else value)

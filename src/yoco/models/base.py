@@ -19,13 +19,14 @@ from torch import nn
 
 from ..cache import ModelCache
 from ..config import ModelConfig
+from ..errors import YocoError
 from ..layers import RMSNorm, Step, SwiGLU
 
 # Projections that write into the residual stream get a depth-scaled init (GPT-2 / Megatron).
 RESIDUAL_OUTPUTS = ("o_proj", "out_proj", "down_proj")
 
 
-class InputError(ValueError):
+class InputError(YocoError, ValueError):
     """Bad input to a model or the engine; the message names the problem."""
 
 

@@ -1,38 +1,34 @@
 """Training any yoco architecture on token shards, in one process or several (``torchrun --nproc_per_node=N
--m yoco.train ...``: data parallel, see ``parallel.py``).
+-m yoco.train ...``, which takes ``yoco train``'s flags (``__main__.py``): data parallel, see
+``parallel.py``).
 
 A run folder holds ``data/`` (tokenizer.json + shards, built once), ``metrics.jsonl`` (one line per
 logged step or evaluation) and checkpoints ``checkpoint-<step>/`` (model.safetensors + config.json +
-tokenizer.json + trainer.pt with optimizer, schedule and step). A checkpoint folder is written under a
-temporary name and renamed when complete, then ``latest`` is pointed at it (itself replaced
-atomically), so an interrupted save never leaves a half checkpoint behind ``latest``. Batches depend
-only on (seed, step), so ``resume`` continues exactly where the run stopped.
+tokenizer.json + trainer.pt with optimizer, schedule and step), each saved whole before ``latest``
+points at it (``checkpoint.save_checkpoint``). Batches depend only on (seed, step), so ``resume``
+continues exactly where the run stopped.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, latest_checkpoint, load_model, resolve_checkpoint, save_model
-from .config import get_config
-from .data import (EOS, SPECIAL_TOKENS, DataError, TokenShards, build_shards, corpus_documents, load_tokenizer,
-                   train_tokenizer)
-from .evaluate import covered, lm_loss, validation_loss
-from .models import CausalLM, build_model
-from .parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
-                       shard_rows, sharded, wrap)
-from .report import json_text
-from .tokenizer import write_tokenizer_config
-
-
-RETRIEVAL_TASKS = ("passkey", "copy", "mqar")
+from ..checkpoint import CheckpointError, latest_checkpoint, load_model, resolve_checkpoint, save_checkpoint
+from ..config import get_config
+from ..data import (DataError, TokenShards, build_shards, corpus_documents, is_shard_folder, load_tokenizer,
+                    train_tokenizer)
+from ..evaluate import covered, lm_loss, validation_loss
+from ..models import CausalLM, build_model
+from ..parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
+                        shard_rows, sharded, wrap)
+from ..report import atomic_write, json_text
+from ..tasks import RETRIEVAL_TASKS, retrieval_rows
 
 
 @dataclass
@@ -107,7 +103,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def prepare_data(settings: TrainSettings, data_dir: Path, log=print) -> Path:
     """Tokenizer and shards in data_dir, built once (reused when present and complete)."""
-    if (data_dir / "meta.json").is_file() and (data_dir / "tokenizer.json").is_file():
+    if is_shard_folder(data_dir) and (data_dir / "tokenizer.json").is_file():
         return data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     log(f"training a {settings.vocab_size}-token byte-level BPE on "
@@ -117,82 +113,6 @@ def prepare_data(settings: TrainSettings, data_dir: Path, log=print) -> Path:
     build_shards(corpus_documents(settings.corpus), tokenizer, data_dir, val_percent=settings.val_percent,
                  min_val_tokens=settings.seq_len + 1)  # at least one validation row
     return data_dir
-
-
-def passkey_row(encode, haystack, length: int, rng, max_questions: int = 4) -> tuple[list[int], list[int]] | None:
-    """A training passkey sequence of exactly `length` tokens, ending with the evaluation prompt's
-    question and its answer: corpus text with the needle at a random point and up to `max_questions`
-    question + answer pairs after it, the last one at the end. More than one question gives the far
-    copy more gradient per row. Returns the row and the positions of its answer tokens (the only
-    tokens that need the needle), or None when even one question does not fit, or the haystack is too
-    short."""
-    from .evaluate import passkey_parts
-
-    needle, question, answer = passkey_parts(encode, str(rng.randrange(10000, 100000)))
-    qa = question + answer
-    questions = next((k for k in range(max_questions, 0, -1) if length - len(needle) - k * len(qa) >= 0), 0)
-    filler = length - len(needle) - questions * len(qa)
-    if questions == 0 or len(haystack) < filler:
-        return None
-    start = rng.randrange(0, len(haystack) - filler + 1)
-    text = [int(t) for t in haystack[start:start + filler]]
-    at = rng.randrange(0, filler + 1)
-    points = sorted(rng.randrange(at, filler + 1) for _ in range(questions - 1)) + [filler]
-    row, previous, answers = text[:at] + needle, at, []
-    for point in points:
-        row += text[previous:point] + question
-        answers += range(len(row), len(row) + len(answer))
-        row += answer
-        previous = point
-    return row, answers
-
-
-def copy_row(haystack, length: int, rng) -> tuple[list[int], list[int]] | None:
-    """A training sequence of exactly `length` corpus tokens in which a span reappears later, at a
-    random distance: every token of the repeat after its first is predictable only by finding the
-    first occurrence. This is the induction (copy-from-context) signal that passkey retrieval is made
-    of. Returns the row and the positions of those predictable tokens, or None when the haystack is
-    too short."""
-    if length < 8 or len(haystack) < length:
-        return None
-    span = rng.randrange(4, length // 4 + 1)
-    first = rng.randrange(0, length - 2 * span + 1)
-    second = rng.randrange(first + span, length - span + 1)
-    start = rng.randrange(0, len(haystack) - length + 1)
-    text = [int(t) for t in haystack[start:start + length]]
-    return text[:second] + text[first:first + span] + text[second + span:], list(range(second + 1, second + span))
-
-
-def retrieval_rows(n: int, seq_len: int, step: int, seed: int, tokenizer, haystack,
-                   tasks: tuple[str, ...] = RETRIEVAL_TASKS) -> tuple[torch.Tensor, torch.Tensor]:
-    """n synthetic retrieval sequences of seq_len + 1 tokens, fixed by (seed, step), whose kinds take
-    turns through `tasks`: passkey rows (`passkey_row`), copy rows (`copy_row`) and MQAR sequences (also
-    standing in for the others when the sequence is too short for them). Returns the rows and a bool
-    mask of their retrieval targets: the tokens only the far context can predict (passkey answers, the
-    repeat of a copy, MQAR values), which are what training scores these rows on."""
-    import random
-
-    from .evaluate import mqar_batch
-
-    rng = random.Random(f"{seed}:{step}")
-    vocab = tokenizer.get_vocab_size()
-    eos = tokenizer.token_to_id(EOS)
-    rows = torch.full((n, seq_len + 1), eos, dtype=torch.long)
-    targets = torch.zeros((n, seq_len + 1), dtype=torch.bool)
-    for i in range(n):
-        made, task = None, tasks[i % len(tasks)]
-        if task == "passkey":
-            made = passkey_row(lambda t: tokenizer.encode(t).ids, haystack, seq_len + 1, rng)
-        elif task == "copy":
-            made = copy_row(haystack, seq_len + 1, rng)
-        if made is None:
-            pairs = max(1, (seq_len + 1) // 4)
-            ids, mask = mqar_batch(1, pairs, pairs, range(len(SPECIAL_TOKENS), vocab), seed=rng.randrange(1 << 30))
-            made = ids[0, : seq_len + 1].tolist(), mask[0, : seq_len + 1].nonzero().flatten().tolist()
-        row, answers = made
-        rows[i, :len(row)] = torch.tensor(row)
-        targets[i, answers] = True
-    return rows, targets
 
 
 def loss_weights(batch_size: int, seq_len: int, targets: torch.Tensor) -> torch.Tensor:
@@ -235,25 +155,6 @@ def check_validation(val: TokenShards, settings: TrainSettings, data_dir: Path) 
                         f"seq-len + 1 = {settings.seq_len + 1}: the corpus is too small to hold a row out and still "
                         "train on the rest (give more text or a shorter --seq-len; a data folder built for shorter "
                         "rows is rebuilt once removed)")
-
-
-# ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, model_state: dict, optim_state: dict, optimizer_format: str, step: int,
-                    settings: TrainSettings, config, data_dir: Path, tokenizer) -> Path:
-    final = run_dir / f"checkpoint-{step}"
-    staging = run_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model = build_model(config)
-    model.load_state_dict(model_state)
-    save_model(model, staging, eos_token_id=tokenizer.token_to_id(EOS), tokenizer=tokenizer)
-    shutil.copyfile(data_dir / "tokenizer.json", staging / "tokenizer.json")
-    write_tokenizer_config(staging, tokenizer, config.max_seq_len)  # a transformers folder too
-    torch.save({"step": step, "optimizer": optim_state, "optimizer_format": optimizer_format,
-                "settings": asdict(settings)}, staging / "trainer.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    atomic_write(run_dir / "latest", lambda tmp: Path(tmp).write_text(final.name + "\n"))
-    return final
 
 
 # ---------------------------------------------------------------------- the loop
@@ -369,25 +270,13 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
             if done % settings.save_every == 0 or done == settings.steps or done == end:
                 model_state, optim_state = full_state(model, optimizer, world, settings.parallel)
                 if world.main:
-                    save_checkpoint(run_dir, model_state, optim_state, optimizer_format, done, settings, config,
-                                    data_dir, tokenizer)
+                    save_checkpoint(run_dir, done, model_state, config, tokenizer, data_dir / "tokenizer.json",
+                                    {"step": done, "optimizer": optim_state, "optimizer_format": optimizer_format,
+                                     "settings": asdict(settings)})
                 barrier(world)
     bar.close()
     close(world)
     return last
 
 
-def main() -> None:
-    """``python -m yoco.train`` (and so ``torchrun ... -m yoco.train``) takes ``yoco train``'s flags."""
-    import sys
-
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))
-
-
-if __name__ == "__main__":
-    main()
-
-
-__all__ = ["RETRIEVAL_TASKS", "TrainSettings", "latest_checkpoint", "lr_factor", "train"]
+__all__ = ["TrainSettings", "lr_factor", "train"]

@@ -1,0 +1,85 @@
+"""``yoco bench``: memory, prefill time and decode throughput against context length."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, Number, TokenCount, token_count_text
+from ..bench import (BENCH_ARCHS, DEFAULT_CONTEXTS, GIB, QUICK_CONTEXTS, TABLE_HEADERS, BenchSettings, busy_warning,
+                     machine_line, markdown_table, ratio_rows, run_bench, table_rows, write_plot)
+from ..config import NAMES, PRESETS
+from ..report import print_table, write_json, write_markdown
+from .common import add_archs, add_dtype, add_seed
+
+# --quick: fewer contexts (QUICK_CONTEXTS) and fewer timed steps
+QUICK_NEW_TOKENS = 12
+QUICK_BUDGET_STEPS = 2
+
+
+def contexts_text(contexts) -> str:
+    return f"{token_count_text(contexts[0])}..{token_count_text(contexts[-1])}"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="memory, prefill time and decode throughput against context length")
+    add_archs(p, BENCH_ARCHS, ("hf-llama",) + NAMES, "; any of `yoco kv-table`'s names or hf-llama")
+    p.add_argument("--context", type=ListOf(TokenCount(2), "context lengths"), action="extend",
+                   help=f"context lengths, comma-separated, e.g. 1K,4K,32K "
+                        f"(default: {contexts_text(DEFAULT_CONTEXTS)}; {contexts_text(QUICK_CONTEXTS)} with --quick)")
+    p.add_argument("--quick", action="store_true", help=f"{contexts_text(QUICK_CONTEXTS)}, fewer tokens: a few minutes")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=BenchSettings.preset, help="size preset")
+    add_dtype(p)
+    p.add_argument("--new-tokens", type=Number(int, "an integer >= 2 (the first decoded token is a warm-up)", low=2),
+                   help=f"decode steps at batch 1 (default: {BenchSettings.new_tokens}; {QUICK_NEW_TOKENS} "
+                        "with --quick)")
+    p.add_argument("--budget-gib", type=POSITIVE, default=BenchSettings.budget_bytes / GIB,
+                   help="memory budget for the batched throughput (GiB)")
+    p.add_argument("--budget-steps", type=POSITIVE_INT,
+                   help=f"decode steps timed at the budget batch (default: {BenchSettings.budget_steps}; "
+                        f"{QUICK_BUDGET_STEPS} with --quick)")
+    p.add_argument("--max-budget-batch", type=POSITIVE_INT, default=BenchSettings.max_budget_batch,
+                   help="cap on the budget batch (bounds run time)")
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=BenchSettings.prefill_chunk,
+                   help="chunk size of this library's prefill")
+    p.add_argument("--max-quadratic-context", type=POSITIVE_INT, default=BenchSettings.max_quadratic_context,
+                   help="Transformer contexts above this are extrapolated, not run")
+    p.add_argument("--threads", type=NATURAL, default=BenchSettings.threads, help="torch threads (0: torch's choice)")
+    add_seed(p)
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG of memory, prefill time and throughput against context here")
+    p.add_argument("--markdown", help="write the table and the ratios as Markdown here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    archs = tuple(args.arch) if args.arch else BENCH_ARCHS
+    contexts = tuple(args.context) if args.context else QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
+    new_tokens = args.new_tokens or (QUICK_NEW_TOKENS if args.quick else BenchSettings.new_tokens)
+    budget_steps = args.budget_steps or (QUICK_BUDGET_STEPS if args.quick else BenchSettings.budget_steps)
+    settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype,
+                             new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
+                             max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
+                             max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed)
+    report = run_bench(settings, log=lambda text: print(text, flush=True))
+    print()
+    print_table(TABLE_HEADERS, table_rows(report))
+    if any(r["extrapolated"] for r in report["results"]):
+        print("* extrapolated from the longest measured context (not run): prefill by useful FLOPs, decode by "
+              "bytes read per token, cache by formula")
+    for line in ratio_rows(report):
+        print(line)
+    print(f"machine: {machine_line(report['machine'])}; whole run {report['wall_s']:.0f} s")
+    warning = busy_warning(report["machine"])
+    if warning:
+        print(warning)  # on stdout, with the figures it casts doubt on
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    if args.markdown:
+        notes = ratio_rows(report) + ([warning] if warning else [])
+        write_markdown(markdown_table(report) + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", args.markdown)
+        print(f"wrote {args.markdown}")
+    return 0

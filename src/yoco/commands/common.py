@@ -1,0 +1,81 @@
+"""What several commands share: the options that choose a model, the dtype and the seed, the
+``--arch`` list, the training options of ``yoco train`` and ``yoco study``, and the error a request
+that cannot be carried out raises."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from ..arguments import NATURAL, POSITIVE_INT, names
+from ..checkpoint import load_model, resolve_checkpoint
+from ..config import NAMES, PRESETS
+from ..errors import YocoError
+from ..models import CausalLM, build_model
+from ..tasks import RETRIEVAL_TASKS
+
+
+class UsageError(YocoError, ValueError):
+    """A command-line request that cannot be carried out (no prompt, no data, conflicting options)."""
+
+
+# ---------------------------------------------------------------------- the model
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", choices=NAMES, default="yoco-swa", help="architecture of a randomly initialised model")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size preset of that model")
+    p.add_argument("--checkpoint", help="a saved model folder (config.json + model.safetensors), or a training run "
+                                        "folder for its latest checkpoint; overrides --arch/--preset")
+    add_dtype(p)
+    add_seed(p, "seed for random initialisation and sampling")
+
+
+def load_from_args(args: argparse.Namespace) -> CausalLM:
+    """The model ``add_model_args``' options choose."""
+    if args.checkpoint:
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
+        return load_model(args.checkpoint, dtype=args.dtype)
+    return build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
+
+
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
+
+
+def add_seed(p: argparse.ArgumentParser, what: str = "random seed") -> None:
+    p.add_argument("--seed", type=NATURAL, default=0, help=what)
+
+
+def add_archs(p: argparse.ArgumentParser, default: Sequence[str], known: Sequence[str] = NAMES,
+              extra: str = "") -> None:
+    """``--arch a,b`` (or the flag repeated); without it the command runs `default`."""
+    p.add_argument("--arch", type=names(known), action="extend",
+                   help=f"architectures, comma-separated or the flag repeated (default: {','.join(default)}{extra})")
+
+
+# ---------------------------------------------------------------------- training
+def add_training_flags(p: argparse.ArgumentParser, defaults, steps_help: str | None = None) -> None:
+    """What ``yoco train`` and ``yoco study`` both set: the tokenizer's size and the batches, with the
+    defaults of `defaults` (their settings class). With `steps_help`, ``--steps`` has no default: the
+    command chooses it (the help says how)."""
+    p.add_argument("--vocab-size", type=POSITIVE_INT, default=defaults.vocab_size,
+                   help="ids of the BPE tokenizer trained on the corpus")
+    if steps_help is None:
+        p.add_argument("--steps", type=POSITIVE_INT, default=defaults.steps, help="training steps")
+    else:
+        p.add_argument("--steps", type=POSITIVE_INT, help=steps_help)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size, help="rows per batch")
+    p.add_argument("--seq-len", type=POSITIVE_INT, default=defaults.seq_len, help="tokens per row")
+
+
+def add_curriculum_flags(p: argparse.ArgumentParser, defaults) -> None:
+    """The kinds of retrieval rows and the sequence-length curriculum (``TrainSettings``' fields)."""
+    p.add_argument("--retrieval-tasks", type=names(RETRIEVAL_TASKS, "retrieval task"),
+                   default=",".join(defaults.retrieval_tasks),
+                   help="kinds of retrieval rows, taking turns, comma-separated")
+    p.add_argument("--short-seq-len", type=POSITIVE_INT, help="sequence-length curriculum: the first --short-steps "
+                                                              "steps train on rows this long (same tokens per step)")
+    p.add_argument("--short-steps", type=NATURAL, default=defaults.short_steps, help="steps on --short-seq-len rows")
+
+
+__all__ = ["UsageError", "add_archs", "add_curriculum_flags", "add_dtype", "add_model_args", "add_seed",
+           "add_training_flags", "load_from_args"]
