@@ -251,13 +251,13 @@ def test_each_layer_store_knows_its_window():
                            (hf_model("qwen2", sliding_window=WINDOW), [None] * 3),  # use_sliding_window=False
                            (hf_model("llama"), [None] * 3)):
         cache = HFCompressedLM(model).new_cache(1, compression=SnapKV(8))
-        assert [layer.store.window for layer in cache.layers] == windows
+        assert [layer.store.sliding_window for layer in cache.layers] == windows
 
 
 def test_a_cache_built_for_other_windows_is_refused():
     lm = HFCompressedLM(hf_model("mistral", sliding_window=WINDOW))
     cache = lm.new_cache(1, compression=SnapKV(1000))
-    cache.layers[1].store.window = None  # as if read wrongly from the model
+    cache.layers[1].store.sliding_window = None  # as if read wrongly from the model
     with pytest.raises(InputError, match="layer 1 attends with sliding window 16"):
         lm(torch.randint(1, 300, (1, 5)), cache, 1)
 

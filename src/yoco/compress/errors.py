@@ -1,0 +1,5 @@
+"""The error of the compression package, below every module of it (stores and policies both raise it)."""
+
+
+class BudgetError(ValueError):
+    """A budget or policy setting that cannot work; the message names it."""
