@@ -111,6 +111,13 @@ class YocoCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.inner is None else self.inner.seen
 
+    @property
+    def is_linear(self) -> list[bool]:
+        # generate() skips the prompt tokens a passed-in cache already holds unless every layer is a
+        # linear-attention one; with no transformers layers here, all([]) would say so. yoco's cache
+        # holds the tokens seen (get_seq_length) whatever its kinds, so a prefilled one is continued.
+        return [False]
+
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1
 
