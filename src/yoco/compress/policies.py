@@ -56,9 +56,11 @@ class Policy:
     - ``observes(compressed)``: whose attention the store shows it: ``"tail"`` (the last
       ``observation_window`` queries of the prompt's last call), ``"all"``, or None; by default its
       ``observe`` during the prompt, and after ``compress()`` only if it keeps its budget.
-    - ``observed(store, probs, mask, q_slots)``: each block of observed queries' softmax weights
-      [B, h, G, T, S] (per K/V head h, its G query heads) under ``mask`` [B, h, 1, T, S]; by default
-      summed into ``store.score`` (every layer reading the cache adds to it).
+    - ``observed(store, probs, mask, q_slots, new_call)``: each block of observed queries' softmax
+      weights [B, h, G, T, S] (per K/V head h, its G query heads) under ``mask`` [B, h, 1, T, S];
+      ``new_call``: the first block of the first reader of this call (YOCO's cross-decoder layers all
+      read one cache: a policy scoring only the latest query resets there); by default summed into
+      ``store.score`` (every layer reading the cache adds to it).
     - ``before_compress(store, newest)``: before the prompt's entries are chosen (CORM's rule evicts).
     - ``limit(prompt_tokens, layer, n_layers)`` -> [B] entries per row, ``check_limit(limit)``, and
       ``head_limits(store, limit)`` -> [B, h] entries per row and K/V head (default: each head the row's
@@ -105,7 +107,8 @@ class Policy:
     def observes(self, compressed: bool) -> str | None:
         return self.observe if not compressed or self.keeps_budget_while_decoding else None
 
-    def observed(self, store, probs: torch.Tensor, mask: torch.Tensor, q_slots: torch.Tensor) -> None:
+    def observed(self, store, probs: torch.Tensor, mask: torch.Tensor, q_slots: torch.Tensor, *,
+                 new_call: bool) -> None:
         store.score += probs.sum(dim=(2, 3))
 
     def before_compress(self, store, newest: int) -> None:
@@ -358,8 +361,8 @@ class CORM(Policy):
     def entry_state(self) -> dict[str, torch.dtype]:
         return {**super().entry_state(), "last_attended": torch.long}  # the latest query slot that attended it
 
-    def observed(self, store, probs, mask, q_slots) -> None:
-        super().observed(store, probs, mask, q_slots)
+    def observed(self, store, probs, mask, q_slots, *, new_call: bool) -> None:
+        super().observed(store, probs, mask, q_slots, new_call=new_call)
         # attended = at least the uniform share 1/t of a query that saw t tokens, by any query head of
         # the K/V head's group
         uniform = 1.0 / mask.sum(-1, keepdim=True).clamp_min(1)

@@ -88,7 +88,7 @@ class CompressedKV:
         self.head_limit: torch.Tensor | None = None  # [B, h] entries per row and K/V head, set by compress()
         self.seen = 0
         self.compressed = False
-        self.observed_call = -1  # start slot of the call whose tail queries ``score`` holds
+        self.observed_call = -1  # start slot of the latest call whose queries were observed
 
     @property
     def batch_fields(self) -> tuple[str, ...]:
@@ -297,13 +297,14 @@ class CompressedKV:
     def _observe(self, q: torch.Tensor, q_slots: torch.Tensor, scale, keys: torch.Tensor, mode: str) -> None:
         policy = self.policy
         start = int(q_slots[0])
+        new_call = start != self.observed_call  # the first reader of this call's queries (YOCO has several)
+        self.observed_call = start
         if mode == "tail":
-            if start != self.observed_call and not self.compressed and self.score is not None:
+            if new_call and not self.compressed and self.score is not None:
                 self.score.zero_()  # a new call: only the prompt's last queries count
-            self.observed_call = start
             tail = min(policy.observation_window, q.shape[2])
             q, q_slots = q[:, :, -tail:], q_slots[-tail:]
         for lo in range(0, q.shape[2], OBSERVE_BLOCK):
             block, block_slots = q[:, :, lo:lo + OBSERVE_BLOCK], q_slots[lo:lo + OBSERVE_BLOCK]
             probs, mask = self.probabilities(block, block_slots, scale, keys)
-            policy.observed(self, probs, mask, block_slots)
+            policy.observed(self, probs, mask, block_slots, new_call=new_call and lo == 0)

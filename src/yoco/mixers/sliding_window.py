@@ -25,8 +25,8 @@ def default_block(window: int) -> int:
 
 class WindowCallKV:
     """One call's keys/values under a sliding window (the ``AttentionCache`` without a cache): its
-    queries attend blocked, each block only the keys its window can reach. ``k_start``: the slot of
-    the first key (the call's first slot, or earlier when a ring lent the window's earlier keys)."""
+    queries attend blocked, each block only the keys its window can reach. ``earlier``: how many keys
+    precede the call's first slot (those a ring lends from the window before the call)."""
 
     def __init__(self, window: int, block: int | None = None):
         self.window, self.block = window, block or default_block(window)
