@@ -4,7 +4,14 @@ Every token mixer owns its cache kind and builds it with ``mixer.new_cache(...)`
 
 - ``KVCache`` (here): full causal attention's keys/values, and YOCO's single global K/V.
 - ``RingKVCache`` (``mixers/sliding_window.py``): exactly W positions for sliding windows.
+- ``LatentCache`` (``mixers/mla.py``): MLA's latent and rope key, one row per position.
 - ``RetentionState`` (``mixers/retention.py``): gated retention's fp32 recurrent state.
+
+Every cache that holds keys and values is an ``AttentionCache``: the mixer writes this call's keys and
+values with ``append`` and gets its queries' attention over everything cached with ``attend``; it
+never asks what kind of cache it holds. Without a cache a mixer uses ``CallKV``, which holds just
+this call's keys and values, so the mixer code is one path. A compressed cache (``yoco.compress``)
+is one more kind: a mixer describes what it caches (``KVGeometry``) and the policy builds the store.
 
 A model's cache is a ``ModelCache``: one entry per cache-owning mixer plus the number of slots
 filled so far and the batch's left padding. Every cache reports ``nbytes()``: the bytes its tensors
@@ -14,11 +21,19 @@ hold, which is what the machine actually spends on it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from .errors import YocoError
+from .kernels import causal_attention
+from .layers import Step
+
+# expand(rows) -> (k, v): stored rows mapped to per-head keys and values (MLA's decompressed path).
+Expand = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 
 class CacheError(YocoError, RuntimeError):
@@ -29,6 +44,86 @@ class LayerCache(Protocol):
     batch_fields: tuple[str, ...]  # the tensor attributes whose first dimension is the batch
 
     def nbytes(self) -> int: ...
+
+
+class AttentionCache(Protocol):
+    """What every cache holding keys and values does; the only thing a mixer may call on one.
+
+    Entries are written per call, then read by every query of the call (and, for shared caches,
+    by other layers: CLA/MLKV consumers, YOCO's cross-decoder layers).
+    """
+
+    def append(self, k: torch.Tensor, v: torch.Tensor | None = None) -> object:
+        """Write this call's keys ``k`` and values ``v`` [B, n_kv, T, d] at the next T slots (``v``
+        None: the rows are keys and values at once, as MLA's latent rows). A kind may return views of
+        what it holds for its own tests; mixers do not use the return value."""
+
+    def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None,
+               expand: Expand | None = None) -> torch.Tensor:
+        """Attention [B, H, T, d_v] of this call's queries q [B, H, T, d] at ``step``'s slots over every
+        entry cached, this call's included (so ``append`` comes first). ``scale``: the softmax scale
+        (None: 1/sqrt(d)). ``expand(rows) -> (k, v)``: maps the stored rows to the per-head keys and
+        values the queries attend (MLA's decompressed path); the cache applies it to whatever entries
+        it attends. The same queries through any kind give the same result, up to the entries a
+        compressed kind no longer holds."""
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors it holds."""
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What a mixer caches per position, for a store it does not build itself (a compressed one):
+    ``n_kv_heads`` heads of ``key_dim`` keys and ``value_dim`` values, RoPE'd at their true positions.
+
+    ``rotate(keys, delta)``: re-rotates cached keys by per-row position deltas (StreamingLLM moves its
+    sinks, InfLLM sees far tokens at one distance); ``values_are_keys``: the rows are keys and values
+    at once (MLA's latent, ``v`` is not stored); ``sliding_window``: a query at slot q sees slots
+    > q - window (None: full attention)."""
+
+    n_kv_heads: int
+    key_dim: int
+    value_dim: int
+    rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    values_are_keys: bool = False
+    sliding_window: int | None = None
+
+    def store_options(self) -> dict:
+        return {"n_kv_heads": self.n_kv_heads, "key_dim": self.key_dim, "value_dim": self.value_dim,
+                "rotate": self.rotate, "values_are_keys": self.values_are_keys,
+                "sliding_window": self.sliding_window}
+
+
+def attend_in_slot_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, step: Step,
+                         scale: float | None, expand: Expand | None) -> torch.Tensor:
+    """``attend`` over entries at slots 0..S-1 in order (no per-row entries): the causal fast paths."""
+    if expand is not None:
+        k, v = expand(k)
+    return causal_attention(q, k, k if v is None else v, step, scale)
+
+
+class CallKV:
+    """The keys and values of one forward call without a cache: the ``AttentionCache`` a mixer uses
+    when it is given none (training, scoring), so it runs the same code as with a cache. The call
+    starts at slot 0 (its keys are slots 0..T-1)."""
+
+    batch_fields = ("k", "v")
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+        if self.k is not None:
+            raise CacheError("a call's own keys and values are written once (pass a cache to continue)")
+        self.k, self.v = k, v
+
+    def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None,
+               expand: Expand | None = None) -> torch.Tensor:
+        return attend_in_slot_order(q, self.k, self.v, step, scale, expand)
+
+    def nbytes(self) -> int:
+        return tensor_bytes(*(t for t in (self.k, self.v) if t is not None))
 
 
 def map_rows(cache, rows):
@@ -119,6 +214,12 @@ class KVCache(SlotCache):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, d] at the next T slots; return views of every slot so far."""
         return super().append(k, v)
+
+    def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None,
+               expand: Expand | None = None) -> torch.Tensor:
+        """Queries at the step's slots over slots 0..length-1 (this call's last), the causal fast paths."""
+        return attend_in_slot_order(q, self._slots(self.k, 0, self.length), self._slots(self.v, 0, self.length),
+                                    step, scale, expand)
 
 
 class ModelCache:

@@ -7,7 +7,8 @@ down below: ``model.new_cache``, ``model(ids, cache, num_logits=...)``, ``model.
 
 - prefill: all prompt tokens but the last go through in chunks of ``prefill_chunk`` with
   ``num_logits=0`` (memory bounded by the chunk, and YOCO skips its cross-decoder); the last prompt
-  token then takes the ordinary decode step through every layer and yields the first logits;
+  token then takes the ordinary decode step through every layer and yields the first logits (a
+  compression policy plans the calls instead: ``policy.prefill_plan``);
 - decode: one token per row per step;
 - batches of prompts of different lengths are left-padded; each row keeps its own RoPE positions
   and never attends to its pads, so it gets the tokens it would get alone.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -139,25 +140,39 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, pad
 
 
+class PrefillCall(NamedTuple):
+    """One model call of a prefill: prompt tokens ``start:end`` and how many final positions get logits."""
+
+    start: int
+    end: int
+    num_logits: int
+
+
+def plan_prefill(prompt_length: int, chunk: int, tail: int = 1) -> list[PrefillCall]:
+    """The calls that run a prompt: chunks of at most ``chunk`` tokens without logits, then the last
+    ``tail`` tokens (at least 1, at most the prompt) in one call with their logits."""
+    tail = min(prompt_length, max(1, tail))
+    calls = [PrefillCall(start, min(start + chunk, prompt_length - tail), 0)
+             for start in range(0, prompt_length - tail, chunk)]
+    return calls + [PrefillCall(prompt_length - tail, prompt_length, tail)]
+
+
 def prefill(model: EngineModel, ids: torch.Tensor, cache: EngineCache, chunk: int) -> torch.Tensor:
     """Run the prompt ids [B, T] into the cache; return the last prompt token's logits [B, V].
 
-    With a compression policy that scores the prompt's last queries, those ``policy.window`` tokens go
-    through in one final call with their logits (so YOCO runs its cross-decoder on them: the policy
-    sees the queries that read the global cache); the cache is then compressed."""
+    With a compression policy the policy plans the calls (``policy.prefill_plan``: e.g. the prompt's
+    last queries it scores go through in one final call with their logits, so YOCO runs its
+    cross-decoder on them; InfLLM caps the chunk); the cache is then compressed."""
     if chunk < 1:
         raise InputError(f"prefill chunk must be >= 1, got {chunk}")
     T = ids.shape[1]
     policy = cache.compression
-    if policy is not None and policy.prefill_chunk is not None:
-        chunk = min(chunk, policy.prefill_chunk)  # InfLLM packs its memory blocks between calls
-    tail = min(T, max(1, policy.window)) if policy is not None and policy.observe else 1
-    for start in range(0, T - tail, chunk):
-        model(ids[:, start:min(start + chunk, T - tail)], cache, num_logits=0)
-    logits = model(ids[:, T - tail:], cache, num_logits=tail)[:, -1]
+    calls = plan_prefill(T, chunk) if policy is None else policy.prefill_plan(T, chunk)
+    for call in calls:
+        logits = model(ids[:, call.start:call.end], cache, num_logits=call.num_logits)
     if policy is not None:
         cache.compress()
-    return logits
+    return logits[:, -1]
 
 
 def decode_step(model: EngineModel, tokens: torch.Tensor, cache: EngineCache) -> torch.Tensor:
@@ -205,7 +220,7 @@ class Generation:
         self.stop_tokens = set(int(t) for t in stop_tokens)
         self.prefill_chunk = prefill_chunk
         self.pad_id = pad_id
-        self.compression = compression
+        self._compression = compression  # for building the cache; the cache holds it from then on
         self.compressed_bytes: int | None = None
         self.tokens: list[list[int]] = [[] for _ in self.prompts]
         self.finish_reasons = ["length"] * len(self.prompts)
@@ -226,9 +241,9 @@ class Generation:
         with torch.inference_mode():
             t0 = time.perf_counter()
             self.cache = cache = model.new_cache(B, capacity=ids.shape[1] + self.max_new_tokens, pad=pad, device=device,
-                                                 compression=self.compression)
+                                                 compression=self._compression)
             logits = prefill(model, ids, cache, self.prefill_chunk)
-            if self.compression is not None:
+            if cache.compression is not None:
                 self.compressed_bytes = cache.nbytes()
             self.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()

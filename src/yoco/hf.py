@@ -88,24 +88,35 @@ YocoConfig.__doc__ = "transformers configuration of any yoco architecture: Model
 class YocoCache(Cache):
     """yoco's own inference cache behind the transformers ``Cache`` interface. The ``ModelCache`` is
     built at the first forward, when the batch and its left padding are known; ``capacity`` (prompt
-    plus new tokens, known to ``generate``) makes growing caches allocate once."""
+    plus new tokens, known to ``generate``) makes growing caches allocate once; ``compression`` (a
+    ``yoco.compress`` policy) makes its growing K/V caches compressed ones (``yoco.compress.hf.generate``
+    prefills and compresses it)."""
 
     is_compileable = False
 
-    def __init__(self, model: CausalLM, capacity: int | None = None):
+    def __init__(self, model: CausalLM, capacity: int | None = None, compression=None):
         super().__init__(layers=[])
         self.model_ref = [model]  # a list, so the cache does not become part of anything's state
         self.capacity = capacity
+        self.compression = compression
         self.inner: ModelCache | None = None
 
     def start(self, batch_size: int, pad: torch.Tensor | None, length: int, device) -> None:
         model = self.model_ref[0]
         capacity = None if self.capacity is None else min(self.capacity, model.config.max_seq_len)
         capacity = None if capacity is not None and capacity < length else capacity
-        self.inner = model.new_cache(batch_size, capacity=capacity, pad=pad, device=device)
+        self.inner = model.new_cache(batch_size, capacity=capacity, pad=pad, device=device,
+                                     compression=self.compression)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.inner is None else self.inner.seen
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # generate() skips the prompt tokens a passed-in cache already holds unless every layer is a
+        # linear-attention one; with no transformers layers here, all([]) would say so. yoco's cache
+        # holds the tokens seen (get_seq_length) whatever its kinds, so a prefilled one is continued.
+        return [False]
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1

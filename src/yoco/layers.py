@@ -77,6 +77,14 @@ class RotaryEmbedding(nn.Module):
         return out.to(x.dtype)
 
 
+def rotate_by(rotary: RotaryEmbedding, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Keys or queries x [B, h, n, d] RoPE-rotated further by ``delta`` positions (negative moves them
+    back): one per row ``[B]``, or one per row and token ``[B, n]``. Compressed caches re-rotate cached
+    keys with it (StreamingLLM moves its sinks, InfLLM sees far tokens at one distance)."""
+    cos, sin = rotary.tables(delta[:, None] if delta.dim() == 1 else delta)  # [B, 1 or n, 1, d/2]
+    return rotary.apply(x.transpose(1, 2), cos, sin).transpose(1, 2)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate x) * up x), no biases."""
 

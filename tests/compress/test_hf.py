@@ -4,10 +4,10 @@ sliding window, never more bytes than transformers' own cache (plus the current 
 
 import pytest
 import torch
-from harness import POLICIES, hf_model, left_padded, run
+from harness import POLICIES, hf_model, left_padded, make_model, run
 
 from yoco.cache import tensor_bytes
-from yoco.compress import CORM, H2O, BudgetError, InfLLM, PyramidKV, SnapKV, StreamingLLM
+from yoco.compress import CORM, H2O, BudgetError, CompressedKV, InfLLM, PyramidKV, SnapKV, StreamingLLM
 from yoco.compress.hf import CompressedCache, HFCompressedLM
 from yoco.compress.hf import generate as hf_generate
 from yoco.engine import decode_step, generate, left_pad, prefill
@@ -237,13 +237,13 @@ def test_each_layer_store_knows_its_window():
                            (hf_model("qwen2", sliding_window=WINDOW), [None] * 3),  # use_sliding_window=False
                            (hf_model("llama"), [None] * 3)):
         cache = HFCompressedLM(model).new_cache(1, compression=SnapKV(8))
-        assert [layer.store.window for layer in cache.layers] == windows
+        assert [layer.store.sliding_window for layer in cache.layers] == windows
 
 
 def test_a_cache_built_for_other_windows_is_refused():
     lm = HFCompressedLM(hf_model("mistral", sliding_window=WINDOW))
     cache = lm.new_cache(1, compression=SnapKV(1000))
-    cache.layers[1].store.window = None  # as if read wrongly from the model
+    cache.layers[1].store.sliding_window = None  # as if read wrongly from the model
     with pytest.raises(InputError, match="layer 1 attends with sliding window 16"):
         lm(torch.randint(1, 300, (1, 5)), cache, 1)
 
@@ -343,3 +343,70 @@ def test_transformers_generate_refuses_what_it_cannot_do():
     with pytest.raises(InputError, match="empty CompressedCache"):  # built without the padding
         hf_generate(model, ids, policy, attention_mask=mask, past_key_values=CompressedCache(model, policy, 2))
     assert model.config._attn_implementation != "yoco_compressed"  # restored after every call
+
+
+# ---------------------------------------------------------------------- transformers' generate() on yoco models
+YOCO_POLICIES = {"snapkv": lambda budget: SnapKV(budget, window=4), "streamingllm": StreamingLLM}
+
+
+def yoco_padded_batch(lengths=(40, 31)):
+    ids, pad = left_pad([torch.randint(1, 200, (n,)).tolist() for n in lengths])
+    return ids, (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+
+
+@pytest.mark.parametrize("variant", ["yoco-swa", "transformer", "mla"])
+@pytest.mark.parametrize("name", sorted(YOCO_POLICIES))
+def test_transformers_generate_on_a_yoco_model_with_a_budget_above_the_prompt_is_plain_generate(variant, name):
+    from yoco import YocoForCausalLM
+
+    model = YocoForCausalLM.from_yoco(make_model(variant)).eval()
+    ids, mask = yoco_padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **options)
+    torch.testing.assert_close(hf_generate(model, ids, YOCO_POLICIES[name](1000), **options), expected,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["yoco-swa", "transformer"])
+@pytest.mark.parametrize("name", sorted(YOCO_POLICIES))
+def test_transformers_generate_on_a_yoco_model_follows_yocos_engine(variant, name):
+    """A small budget: transformers' generate() gives the tokens of yoco's own engine on the same policy
+    (the prompt but its last token prefilled and compressed, then greedy decode from the last one)."""
+    from yoco import YocoCache, YocoForCausalLM
+
+    core = make_model(variant)
+    model = YocoForCausalLM.from_yoco(core).eval()
+    ids, mask = yoco_padded_batch()
+    policy = YOCO_POLICIES[name](12)
+    cache = YocoCache(core, compression=policy)
+    out = hf_generate(model, ids, policy, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                      cache=cache, prefill_chunk=16)
+    assert any(isinstance(c, CompressedKV) and c.compressed for c in cache.inner.layers)
+    engine_cache = core.new_cache(2, pad=(mask == 0).sum(-1), compression=policy)
+    full_cache = core.new_cache(2, pad=(mask == 0).sum(-1))
+    with torch.no_grad():
+        prefill(core, ids[:, :-1], engine_cache, 16)
+        prefill(core, ids[:, :-1], full_cache, 16)
+        logits, tokens = decode_step(core, ids[:, -1], engine_cache), []
+        first_logits, full_logits = logits, decode_step(core, ids[:, -1], full_cache)
+        for _ in range(10):
+            tokens.append(logits.argmax(-1))
+            logits = decode_step(core, tokens[-1], engine_cache)
+    assert out[:, ids.shape[1]:].tolist() == torch.stack(tokens, 1).tolist()
+    assert cache.nbytes() == engine_cache.nbytes() < full_cache.nbytes()
+    # the compression did change what the model computes (a tiny model's greedy tokens may not show it)
+    assert (first_logits - full_logits).abs().max() > 1e-3
+
+
+def test_transformers_generate_on_a_yoco_model_refuses_a_foreign_cache():
+    from yoco import YocoCache, YocoForCausalLM
+
+    core = make_model("yoco-swa")
+    model = YocoForCausalLM.from_yoco(core).eval()
+    ids, mask = yoco_padded_batch()
+    policy = SnapKV(12)
+    with pytest.raises(InputError, match="empty YocoCache"):
+        hf_generate(model, ids, policy, attention_mask=mask, max_new_tokens=2, cache=YocoCache(core))
+    with pytest.raises(InputError, match="empty YocoCache"):
+        hf_generate(model, ids, policy, attention_mask=mask, max_new_tokens=2,
+                    cache=YocoCache(core, compression=SnapKV(12)))

@@ -9,7 +9,7 @@ from harness import hf_model, make_model, run
 
 from yoco.compress import BudgetError, InfLLM, InfLLMKV, make_policy, policy_for_context
 from yoco.compress.hf import HFCompressedLM
-from yoco.compress.store import rotate_by
+from yoco.layers import rotate_by
 from yoco.engine import decode_step, generate, left_pad, prefill
 from yoco.layers import RotaryEmbedding, Step
 

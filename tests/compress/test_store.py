@@ -6,7 +6,8 @@ import torch
 from harness import POLICIES, make_model, run
 
 from yoco.compress import CORM, H2O, BudgetError, CompressedKV, PyramidKV, SnapKV, StreamingLLM
-from yoco.compress.store import entry_mask, rotate_by
+from yoco.kernels import slot_mask
+from yoco.layers import rotate_by
 from yoco.engine import decode_step, generate, left_pad, prefill
 from yoco.layers import RotaryEmbedding
 from yoco.models.base import InputError
@@ -117,10 +118,11 @@ def test_corm_evicts_tokens_no_recent_query_attends():
 
 def test_entry_mask_rules():
     slots = torch.tensor([[[0, 5, 2, -1, 7]]])
-    mask = entry_mask(torch.tensor([5, 6]), slots, torch.tensor([1]))
+    mask = slot_mask(torch.tensor([5, 6]), slots, torch.tensor([1]), none_if_unmasked=False)
     # slot 0 is the row's pad, -1 empty, 7 in the future
     assert mask[0, 0].tolist() == [[False, True, True, False, False], [False, True, True, False, False]]
-    assert entry_mask(torch.tensor([6]), slots, None, window=3)[0, 0, 0].tolist() == [False, True, False, False, False]
+    assert slot_mask(torch.tensor([6]), slots, None, window=3,
+                     none_if_unmasked=False)[0, 0, 0].tolist() == [False, True, False, False, False]
 
 
 def test_rotation_composes():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import CPU, cpu_step, naive_attention
+from harness import cpu_step, naive_attention
 
 from yoco.cache import CacheError, KVCache
 from yoco.config import get_config
 from yoco.layers import RotaryEmbedding
 from yoco.mixers.attention import CausalSelfAttention, attend, slot_mask
-from yoco.mixers.cross_attention import CrossAttention, GlobalKV, cross_mask
+from yoco.cache import CallKV
+from yoco.mixers.cross_attention import CrossAttention, GlobalKV
 
 
 def _rand(*shape, seed):
@@ -169,22 +170,47 @@ def test_module_cache_overflow_raises():
 
 
 # ---------------------------------------------------------------------- cross-attention
-def test_cross_mask_square_unpadded_is_causal_without_mask():
-    mask, causal = cross_mask(cpu_step(0, 7), 7, CPU)
-    assert mask is None and causal is True
+def _kernel_calls(monkeypatch):
+    """Record (mask, causal) of every call of the attention kernel the caches run."""
+    import yoco.kernels
+
+    calls, kernel = [], yoco.kernels.attend
+
+    def spy(q, k, v, mask=None, causal=False, scale=None):
+        calls.append((mask, causal))
+        return kernel(q, k, v, mask, causal, scale)
+
+    monkeypatch.setattr(yoco.kernels, "attend", spy)
+    return calls
 
 
-def test_cross_mask_other_cases():
+def _global_kv(n, seed=20):
+    kv = CallKV()
+    kv.append(_rand(2, 2, n, 8, seed=seed), _rand(2, 2, n, 8, seed=seed + 1))
+    return kv
+
+
+def test_cross_attention_square_unpadded_is_causal_without_mask(monkeypatch):
+    calls = _kernel_calls(monkeypatch)
+    _global_kv(7).attend(_rand(2, 4, 7, 8, seed=22), cpu_step(0, 7))
+    assert len(calls) == 1 and calls[0][0] is None and calls[0][1] is True
+
+
+def test_cross_attention_other_cases(monkeypatch):
+    calls = _kernel_calls(monkeypatch)
+    kv = _global_kv(7)
     # decode step against a longer key set: everything visible -> no mask, not the causal path
-    mask, causal = cross_mask(cpu_step(6, 1), 7, CPU)
-    assert mask is None and causal is False
-    # a later chunk: causal mask offset by the start slot
-    mask, causal = cross_mask(cpu_step(4, 3), 7, CPU)
-    assert causal is False
-    assert torch.equal(mask[0, 0], torch.ones(7, 7, dtype=torch.bool).tril()[4:])
+    kv.attend(_rand(2, 4, 1, 8, seed=23), cpu_step(6, 1))
+    assert calls[-1][0] is None and calls[-1][1] is False
+    # a later chunk: causal attention offset by the start slot
+    q = _rand(2, 4, 3, 8, seed=24)
+    tril = torch.ones(7, 7, dtype=torch.bool).tril()[4:]
+    torch.testing.assert_close(kv.attend(q, cpu_step(4, 3)), naive_attention(q, kv.k, kv.v, tril).float(),
+                               atol=1e-5, rtol=1e-5)
     # square but padded: explicit mask
     pad = torch.tensor([0, 2])
-    mask, causal = cross_mask(cpu_step(0, 4, pad), 4, CPU)
+    _global_kv(4).attend(_rand(2, 4, 4, 8, seed=25), cpu_step(0, 4, pad))
+    mask, causal = calls[-1]
     assert causal is False and mask.shape == (2, 1, 4, 4)
     assert torch.equal(mask, slot_mask(torch.arange(4), torch.arange(4), pad))
 
@@ -198,10 +224,10 @@ def test_cross_attention_prefill_equals_incremental():
     h = _rand(B, T, config.dim, seed=12)
     x = _rand(B, T, config.dim, seed=13)
     with torch.no_grad():
-        k, v = gkv(h, cpu_step(0, T))
+        kv = gkv(h, cpu_step(0, T))
+        k, v = kv.k, kv.v
         assert k.shape == (B, config.n_kv_heads, T, config.head_dim)
-        mask, causal = cross_mask(cpu_step(0, T), T, CPU)
-        full = cross(x, cpu_step(0, T), k, v, mask, causal)
+        full = cross(x, cpu_step(0, T), kv)
 
         # naive: causal attention of RoPE'd queries against the global K/V
         cos, sin = rotary.tables(torch.arange(T))
@@ -214,10 +240,9 @@ def test_cross_attention_prefill_equals_incremental():
         pieces, start = [], 0
         for n in (5, 1, 4, 1, 1):
             step = cpu_step(start, n)
-            kc, vc = gkv(h[:, start:start + n], step, cache)
-            assert kc.shape[2] == start + n
-            m, c = cross_mask(step, start + n, CPU)
-            pieces.append(cross(x[:, start:start + n], step, kc, vc, m, c))
+            assert gkv(h[:, start:start + n], step, cache) is cache
+            assert cache.length == start + n
+            pieces.append(cross(x[:, start:start + n], step, cache))
             start += n
         torch.testing.assert_close(cache.k, k, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(cache.v, v, atol=1e-6, rtol=1e-6)

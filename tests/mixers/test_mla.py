@@ -129,6 +129,8 @@ def test_absorbed_decode_equals_decompressed_with_padding(q_rank):
 
 
 def test_automatic_decode_uses_absorbed_path_on_the_cache_view(monkeypatch):
+    import yoco.kernels
+
     config = _config()
     m = _mla(config, _rotary(config))
     x = _x(2, 5, seed=3)
@@ -139,17 +141,17 @@ def test_automatic_decode_uses_absorbed_path_on_the_cache_view(monkeypatch):
         raise AssertionError("decode must not decompress the cache")
 
     seen = []
-    absorbed = m._absorbed
+    kernel = yoco.kernels.attend
 
-    def spy(q_nope, q_rope, all_kv, step):
-        seen.append(all_kv)
-        return absorbed(q_nope, q_rope, all_kv, step)
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(k)
+        return kernel(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(m, "_decompressed", no_decompress)
-    monkeypatch.setattr(m, "_absorbed", spy)
+    monkeypatch.setattr(m, "decompressed", no_decompress)
+    monkeypatch.setattr(yoco.kernels, "attend", spy)
     m(x[:, 4:], cpu_step(4, 1), cache)
     assert len(seen) == 1 and seen[0].data_ptr() == cache.kv.data_ptr()  # the buffer itself, no copy
-    assert seen[0].shape == (2, 5, D_C + D_R)
+    assert seen[0].shape == (2, 1, 5, D_C + D_R)
 
 
 @pytest.mark.parametrize("q_rank", [None, 12])
@@ -262,7 +264,7 @@ def test_consumer_reuses_producer_latent():
     for start, n in ((0, 4), (4, 1), (5, 1), (6, 1)):
         shared = {}
         producer(x0[:, start:start + n], cpu_step(start, n), cache, shared=shared)
-        assert shared[0].data_ptr() == cache.kv.data_ptr()
+        assert shared[0] is cache  # the producer's cache itself, read by the consumer
         outs.append(consumer(x1[:, start:start + n], cpu_step(start, n), shared=shared))
     torch.testing.assert_close(torch.cat(outs, dim=1), out, atol=1e-5, rtol=1e-5)
     with pytest.raises(CacheError):

@@ -18,7 +18,8 @@ public extension points of transformers 5.x only:
   models) calls the model on it, so yoco's engine (``generate``, chunked prefill, left-padded batches)
   runs a transformers model with a policy exactly as without one;
 - ``generate(model, input_ids, policy, ...)``: transformers' own ``generate()`` (any decoding strategy,
-  beam search included) on a compressed cache.
+  beam search included) on a compressed cache: a ``CompressedCache`` for these models, a compressed
+  ``YocoCache`` for a ``YocoForCausalLM``.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..cache import map_rows
-from ..hf import cache_arg, left_pad_counts
+from ..cache import KVGeometry, map_rows
+from ..engine import prefill
+from ..hf import YocoCache, YocoForCausalLM, cache_arg, left_pad_counts
 from ..hf_runner import TransformersLM, check_model
-from ..layers import RotaryEmbedding, Step
+from ..layers import RotaryEmbedding, Step, rotate_by
 from ..models.base import InputError
 from .policies import Policy
-from .store import CompressedKV, new_store, rotate_by
+from .store import CompressedKV
 
 ATTENTION = "yoco_compressed"
 
@@ -107,10 +109,10 @@ class CompressedCache(Cache):
         n_layers = config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        layers = [CompressedLayer(new_store(policy, layer=i, n_layers=n_layers, batch_size=batch_size,
-                                            n_kv_heads=n_kv, key_dim=head_dim, value_dim=head_dim,
-                                            dtype=param.dtype, device=param.device, pad=pad, rotate=rotate,
-                                            window=window))
+        layers = [CompressedLayer(policy.new_store(KVGeometry(n_kv, head_dim, head_dim, rotate=rotate,
+                                                              sliding_window=window),
+                                                   layer=i, n_layers=n_layers, batch_size=batch_size,
+                                                   dtype=param.dtype, device=param.device, pad=pad))
                   for i, window in enumerate(layer_windows(model))]
         super().__init__(layers=layers)
         self.compression = policy
@@ -179,9 +181,10 @@ def attend_compressed(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
     store = cache.layers[module.layer_idx].store
-    if sliding_window != store.window:
+    if sliding_window != store.sliding_window:
         raise InputError(f"layer {module.layer_idx} attends with sliding window {sliding_window}, but its "
-                         f"compressed cache was built for {store.window} (read from the model by layer_windows)")
+                         f"compressed cache was built for {store.sliding_window} (read from the model by "
+                         "layer_windows)")
     T = query.shape[2]
     step = Step(store.seen - T, T, store.pad, query.device)
     out = store.attend(query, step, scale=scaling)
@@ -208,12 +211,14 @@ def compressed_attention(model, cache: CompressedCache):
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: torch.Tensor | None = None,
-             **generate_kwargs):
+             prefill_chunk: int = 1024, **generate_kwargs):
     """transformers' ``model.generate(input_ids, ...)`` on a cache compressed by ``policy``: the prompt
     but its last token is prefilled and compressed (as a reused prefix cache), then ``generate()`` runs
     from the last prompt token with any of its options (sampling, beam search, ...). Returns what
-    ``generate()`` returns; pass your own empty ``CompressedCache`` as ``cache=`` (or ``past_key_values=``)
-    to read it afterwards."""
+    ``generate()`` returns; pass your own empty ``CompressedCache`` (for a ``YocoForCausalLM``: an empty
+    ``YocoCache(model.model, compression=policy)``) as ``cache=`` (or ``past_key_values=``) to read it
+    afterwards. A yoco model's prefill is yoco's engine's (``policy.prefill_plan`` in calls of at most
+    ``prefill_chunk`` tokens), so YOCO's cross-decoder runs on the queries the policy scores."""
     B, T = input_ids.shape
     if T < 2:
         raise InputError("compressed generation needs a prompt of at least 2 tokens (all but the last are compressed)")
@@ -225,6 +230,11 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
         pad = pad if int(pad.max()) > 0 else None
     given = [generate_kwargs.pop(name) for name in ("cache", "past_key_values") if name in generate_kwargs]
     cache = given[0] if given else None
+    if isinstance(model, YocoForCausalLM):
+        cache = yoco_cache(model, policy, cache)
+        cache.start(B, pad, T - 1, input_ids.device)
+        prefill(model.model, input_ids[:, :-1], cache.inner, prefill_chunk)  # and compresses
+        return generate_on(model, cache, input_ids, attention_mask, generate_kwargs)
     if cache is None:
         cache = CompressedCache(model, policy, B, pad)
     elif not isinstance(cache, CompressedCache) or cache.seen or cache.compression is not policy or not (
@@ -239,13 +249,29 @@ def generate(model, input_ids: torch.Tensor, policy: Policy, attention_mask: tor
         model(input_ids=input_ids[:, :-1], position_ids=positions, use_cache=True, logits_to_keep=1,
               **cache_arg(cache))
         cache.compress()
-        # generate() repeats every row for its beams / returned sequences, but not a cache already filled
-        config = generate_kwargs.get("generation_config") or model.generation_config
-        expand = max(generate_kwargs.get("num_beams", config.num_beams) or 1,
-                     generate_kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
-        if expand > 1:
-            cache.batch_repeat_interleave(expand)
-        return model.generate(input_ids, attention_mask=attention_mask, **cache_arg(cache), **generate_kwargs)
+        return generate_on(model, cache, input_ids, attention_mask, generate_kwargs)
+
+
+def yoco_cache(model: YocoForCausalLM, policy: Policy, given) -> YocoCache:
+    """The compressed ``YocoCache`` a yoco model generates on: ``given`` if it is an empty one built
+    for ``policy``, a new one if None."""
+    if given is None:
+        return YocoCache(model.model, compression=policy)
+    if not isinstance(given, YocoCache) or given.inner is not None or given.compression is not policy:
+        raise InputError("the cache passed must be an empty YocoCache(model.model, compression=policy) built "
+                         "for this policy")
+    return given
+
+
+def generate_on(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generate_kwargs: dict):
+    """``model.generate`` from the last prompt token on a prefilled, compressed ``cache``."""
+    # generate() repeats every row for its beams / returned sequences, but not a cache already filled
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    expand = max(generate_kwargs.get("num_beams", config.num_beams) or 1,
+                 generate_kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+    if expand > 1:
+        cache.batch_repeat_interleave(expand)
+    return model.generate(input_ids, attention_mask=attention_mask, **cache_arg(cache), **generate_kwargs)
 
 
 # The engine's runner of transformers models lives beside the other integration code; its old name here.

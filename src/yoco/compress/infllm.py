@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import tensor_bytes
+from ..cache import Expand, tensor_bytes
+from ..kernels import slot_mask
 from ..layers import Step
-from .policies import BudgetError, InfLLM
-from .store import CompressedKV, entry_mask
+from .errors import BudgetError
+from .store import CompressedKV
 
 
 class InfLLMKV(CompressedKV):
@@ -41,14 +42,14 @@ class InfLLMKV(CompressedKV):
 
     kind = "InfLLM context memory"
 
-    def __init__(self, policy: InfLLM, *, layer: int, n_layers: int, batch_size: int, n_kv_heads: int,
+    def __init__(self, policy, *, layer: int, n_layers: int, batch_size: int, n_kv_heads: int,
                  key_dim: int, value_dim: int, dtype: torch.dtype, device=None, pad: torch.Tensor | None = None,
-                 rotate=None, values_are_keys: bool = False, window: int | None = None):
-        if window is not None:
+                 rotate=None, values_are_keys: bool = False, sliding_window: int | None = None):
+        if sliding_window is not None:
             # its memory units hold tokens far out of any window: a sliding-window layer could never
             # attend them, and its own local window would replace the model's
             raise BudgetError("InfLLM brings its own local window; it cannot run on a sliding-window layer "
-                              f"(window {window})")
+                              f"(window {sliding_window})")
         super().__init__(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=n_kv_heads,
                          key_dim=key_dim, value_dim=value_dim, dtype=dtype, device=device, pad=pad, rotate=rotate,
                          values_are_keys=values_are_keys)
@@ -87,8 +88,7 @@ class InfLLMKV(CompressedKV):
 
     def first(self) -> torch.Tensor:
         """[B] each row's first real slot."""
-        return self.pad if self.pad is not None else torch.zeros(self.k.shape[0], dtype=torch.long,
-                                                                  device=self.k.device)
+        return self.first_slots()
 
     # ------------------------------------------------------------------ writing
     def append(self, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
@@ -178,56 +178,64 @@ class InfLLMKV(CompressedKV):
         self.slots = torch.where(kept[:, None], self.slots.gather(2, index), -1)
 
     # ------------------------------------------------------------------ attention
-    def attend(self, q: torch.Tensor, step: Step, scale: float | None = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None,
+               expand: Expand | None = None) -> torch.Tensor:
         """Queries q [B, H, T, d] at the step's slots; [B, H, T, d_v], a chunk of ``exc_block_size``
-        queries at a time (each chunk retrieves its own units)."""
+        queries at a time (each chunk retrieves its own units). With ``expand``, every entry attended
+        (working set, units, representative keys) is expanded first; ``rotate`` then turns the
+        queries and the expanded keys alike (MLA's rotates the last d_R dimensions of either)."""
         chunk = self.policy.exc_block_size
         slots = step.slots
-        return torch.cat([self._attend_chunk(q[:, :, lo:lo + chunk], slots[lo:lo + chunk], scale)
+        return torch.cat([self._attend_chunk(q[:, :, lo:lo + chunk], slots[lo:lo + chunk], scale, expand)
                           for lo in range(0, q.shape[2], chunk)], dim=2)
 
-    def _attend_chunk(self, q: torch.Tensor, q_slots: torch.Tensor, scale: float | None) -> torch.Tensor:
+    def _attend_chunk(self, q: torch.Tensor, q_slots: torch.Tensor, scale: float | None,
+                      expand: Expand | None) -> torch.Tensor:
         p = self.policy
         B, H, T, d = q.shape
         h = self.k.shape[1]
-        G = H // h
         scale = d ** -0.5 if scale is None else scale
         first = self.first()
         q_pos = q_slots[None] - first[:, None]  # [B, T] row-relative
         real_q = q_pos >= 0
         far_q = self.rotate(q, p.n_local - q_pos)  # each query moved to position n_local
-        units = self._retrieve(far_q, real_q)
+        units = self._retrieve(far_q, real_q, expand)
         unit_k, unit_v, unit_slots = self._load(units, first)
+        work_k, work_v = self.keys_values(expand)
+        if expand is not None:
+            unit_k, unit_v = expand(unit_k)
+        n = work_k.shape[1]  # heads attended: the store's h, or every query head once expanded
+        group = (B, n, H // n, T, d)
 
-        group = (B, h, G, T, d)
-        work_k = self.k.float()
-        logits = torch.einsum("bhgtd,bhsd->bhgts", q.float().reshape(group), work_k) * scale
+        def scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bhgtd,bhsd->bhgts", queries.float().reshape(group), keys.float()) * scale
+
+        logits = scores(q, work_k)
         rel = q_slots[None, None, :, None] - self.slots[:, :, None, :]  # [B, h, T, S]
         near = rel < p.n_local
-        work_mask = entry_mask(q_slots, self.slots, self.pad)
+        work_mask = slot_mask(q_slots, self.slots, self.pad, none_if_unmasked=False)
         if p.positions == "shared":
             work_pos = (self.slots[:, 0] - first[:, None]).clamp_min(0)
-            at_zero = self.rotate(self.k, -work_pos).float()
-            far = torch.einsum("bhgtd,bhsd->bhgts", far_q.float().reshape(group), at_zero) * scale
+            at_zero = self.rotate(self.k, -work_pos)
+            far = scores(far_q, at_zero if expand is None else expand(at_zero)[0])
             logits = torch.where(near[:, :, None], logits, far)
             unit_q = far_q
         else:
             unit_q = q
-        unit_logits = torch.einsum("bhgtd,bhsd->bhgts", unit_q.float().reshape(group), unit_k.float()) * scale
+        unit_logits = scores(unit_q, unit_k)
         unit_mask = (unit_slots >= 0)[:, :, None, :] & real_q[:, None, :, None]  # units are all in the past
         mask = torch.cat((work_mask, unit_mask), dim=-1)[:, :, None]
         probs = torch.cat((logits, unit_logits), dim=-1).masked_fill(~mask, float("-inf")).softmax(-1)
         S = self.k.shape[2]
-        work_v = (self.k if self.v is None else self.v).float()
-        unit_v = (unit_k if unit_v is None else unit_v).float()
-        o = (torch.einsum("bhgts,bhsd->bhgtd", probs[..., :S], work_v)
-             + torch.einsum("bhgts,bhsd->bhgtd", probs[..., S:], unit_v))
+        unit_v = unit_k if unit_v is None else unit_v
+        o = (torch.einsum("bhgts,bhsd->bhgtd", probs[..., :S], work_v.float())
+             + torch.einsum("bhgts,bhsd->bhgtd", probs[..., S:], unit_v.float()))
         # what a representative key is chosen by: attention received from queries whose window held it
         local = probs[..., :S] * (near & real_q[:, None, :, None])[:, :, None]
-        self.score += local.sum(dim=(2, 3))
+        self.score += local.reshape(B, h, H // h, T, S).sum(dim=(2, 3))
         return o.reshape(B, H, T, -1).to(q.dtype)
 
-    def _retrieve(self, far_q: torch.Tensor, real_q: torch.Tensor) -> torch.Tensor:
+    def _retrieve(self, far_q: torch.Tensor, real_q: torch.Tensor, expand: Expand | None) -> torch.Tensor:
         """[B, k] the units each row's chunk retrieves (-1: none): its mean query (at distance n_local
         from keys at 0) against every unit's representative key, averaged over query heads."""
         p = self.policy
@@ -235,10 +243,11 @@ class InfLLMKV(CompressedKV):
         N = self.repr.shape[2]
         if N == 0:
             return torch.zeros(B, 0, dtype=torch.long, device=far_q.device)
-        h = self.repr.shape[1]
+        keys = self.repr if expand is None else expand(self.repr.to(self.k.dtype))[0].float()
+        h = keys.shape[1]
         weight = real_q.float()[:, None, :, None]
         mean = (far_q.float() * weight).sum(2) / weight.sum(2).clamp_min(1)  # [B, H, d]
-        score = torch.einsum("bhgd,bhnd->bn", mean.view(B, h, H // h, d), self.repr) / H
+        score = torch.einsum("bhgd,bhnd->bn", mean.view(B, h, H // h, d), keys) / H
         score = score.masked_fill(torch.arange(N, device=score.device) >= self.n_units[:, None], float("-inf"))
         top, index = score.topk(min(p.topk, N), dim=-1)
         return torch.where(top == float("-inf"), -1, index)

@@ -6,15 +6,22 @@ priority. Protected entries (sinks, the recent window) get priorities above ever
 always win; empty and pad entries get -inf, so they never do.
 
 - ``StreamingLLM``: ``n_sink`` first tokens + the most recent ones; keeps the budget while decoding;
-  the sinks are re-rotated to sit just before the recent window (see ``store.py``).
-- ``SnapKV``: the last ``window`` prompt queries' attention, summed over each query group, average-
+  the sinks are re-rotated to sit just before the recent window (``StreamingLLM.after_update``).
+- ``SnapKV``: the last ``window`` (``observation_window``) prompt queries' attention, summed over each query group, average-
   pooled along keys (``kernel_size``); top-k per head plus the window itself. At prefill only.
 - ``PyramidKV``: SnapKV's selection with a per-layer budget falling linearly with depth.
 - ``H2O``: heavy hitters (attention accumulated over every query so far) + a recent window; keeps
   the budget while decoding.
-- ``CORM``: a rule, not a fixed budget (see the class for the exact rule).
+- ``CORM``: a rule, not a fixed budget (see the class for the exact rule); ``window`` is its
+  ``recent_window``.
 - ``InfLLM``: not a ranking but a context memory: initial tokens + a local window + top-k retrieved
   blocks of evicted tokens, the blocks offloaded with a bounded resident set (``infllm.py``).
+
+"Window" has four meanings, with four names: a policy's ``observation_window`` (the last prompt
+queries whose attention it scores: SnapKV's ``window``), a ``recent_window`` it always keeps (CORM's
+``window``; H2O's is a share of its budget), the ``prompt_tail`` the engine sends in the prompt's last
+call with logits (so YOCO's cross-decoder runs on the queries a policy scores), and a layer's
+``sliding_window`` (the store's, read from the model).
 """
 
 from __future__ import annotations
@@ -23,31 +30,99 @@ import math
 
 import torch
 
-from ..errors import YocoError
+from ..cache import KVGeometry
+from ..engine import PrefillCall, plan_prefill
+from .errors import BudgetError
+from .infllm import InfLLMKV
+from .store import CompressedKV
 
 # Protected entries rank above every score; among them, the more recent rank higher.
 PROTECTED = 1e12
 
 
-class BudgetError(YocoError, ValueError):
-    """A budget or policy setting that cannot work; the message names it."""
-
-
 class Policy:
     """A compression rule with a budget: ``budget`` < 1 (a float) is a ratio of each row's prompt
-    tokens, an int >= 1 is a token count per row (and per K/V head)."""
+    tokens, an int >= 1 is a token count per row (and per K/V head).
+
+    A new policy is one subclass: ``priority`` (which entries to keep) and, where it needs them, the
+    hooks below, which the store (``CompressedKV``) and the engine call; the defaults do nothing
+    special, so a policy overrides only what it changes.
+
+    - ``new_store(geometry, ...)``: the cache kind it acts on (a ``CompressedKV``; InfLLM's memory).
+    - ``prefill_plan(prompt_length, chunk)``: the calls the engine makes for the prompt (chunks without
+      logits, then the ``prompt_tail`` with logits), after which it calls ``compress()``.
+    - ``entry_state()``: per-entry tensors the store keeps (``score``, the observed attention, when the
+      policy observes; CORM adds ``last_attended``).
+    - ``observes(compressed)``: whose attention the store shows it: ``"tail"`` (the last
+      ``observation_window`` queries of the prompt's last call), ``"all"``, or None; by default its
+      ``observe`` during the prompt, and after ``compress()`` only if it keeps its budget.
+    - ``observed(store, probs, mask, q_slots, new_call)``: each block of observed queries' softmax
+      weights [B, h, G, T, S] (per K/V head h, its G query heads) under ``mask`` [B, h, 1, T, S];
+      ``new_call``: the first block of the first reader of this call (YOCO's cross-decoder layers all
+      read one cache: a policy scoring only the latest query resets there); by default summed into
+      ``store.score`` (every layer reading the cache adds to it).
+    - ``before_compress(store, newest)``: before the prompt's entries are chosen (CORM's rule evicts).
+    - ``limit(prompt_tokens, layer, n_layers)`` -> [B] entries per row, ``check_limit(limit)``, and
+      ``head_limits(store, limit)`` -> [B, h] entries per row and K/V head (default: each head the row's
+      limit; a per-head allocation may read ``store.score``); ``compress()`` keeps, per row and head, the
+      ``head_limit`` entries of highest ``priority``.
+    - ``before_write(store, newest)``: before each token written after ``compress()``; by default, a
+      policy that keeps its budget evicts its lowest-priority entry wherever a head is at its limit
+      (``store.evict_over_limit``); CORM first applies its rule.
+    - ``after_update(store)``: after ``compress()`` and after every write (StreamingLLM moves its sinks).
+    """
 
     name = "policy"
-    observe = "tail"  # whose attention is scored: "tail" (last `window` queries), "all", or None
+    observe = "tail"  # whose attention is scored: "tail" (last `observation_window` queries), "all", or None
+    observation_window = 32  # the last prompt queries scored when observe == "tail"
     keeps_budget_while_decoding = False
-    window = 32
     needs_rotary = False  # whether its cache re-rotates keys (it then needs the model's RoPE)
-    prefill_chunk: int | None = None  # the longest prompt call it is built for (None: any)
 
     def __init__(self, budget: float | int | None):
         self.budget = check_budget(budget, required=self.budget_required)
 
     budget_required = True
+
+    # ------------------------------------------------------------------ the engine and the store
+    @property
+    def prompt_tail(self) -> int:
+        """Prompt tokens the engine sends in the prompt's last call, with their logits: the scored
+        queries, which YOCO's cross-decoder must run on to read its global cache."""
+        return self.observation_window if self.observe == "tail" else 1
+
+    def prefill_plan(self, prompt_length: int, chunk: int) -> list[PrefillCall]:
+        """The calls the engine makes for a prompt of ``prompt_length`` tokens in chunks of ``chunk``."""
+        return plan_prefill(prompt_length, chunk, self.prompt_tail)
+
+    def new_store(self, geometry: KVGeometry, **options) -> CompressedKV:
+        """The cache this policy compresses, for a mixer caching ``geometry``; ``options``: ``layer``,
+        ``n_layers``, ``batch_size``, ``dtype``, ``device``, ``pad``."""
+        return CompressedKV(self, **geometry.store_options(), **options)
+
+    def entry_state(self) -> dict[str, torch.dtype]:
+        """Per-entry tensors the store keeps for this policy: name -> dtype (a new entry starts at its
+        slot for an integer dtype, at 0 otherwise)."""
+        return {"score": torch.float32} if self.observe else {}
+
+    def observes(self, compressed: bool) -> str | None:
+        return self.observe if not compressed or self.keeps_budget_while_decoding else None
+
+    def observed(self, store, probs: torch.Tensor, mask: torch.Tensor, q_slots: torch.Tensor, *,
+                 new_call: bool) -> None:
+        store.score += probs.sum(dim=(2, 3))
+
+    def before_compress(self, store, newest: int) -> None:
+        pass
+
+    def head_limits(self, store, limit: torch.Tensor) -> torch.Tensor:
+        return limit[:, None].expand(-1, store.k.shape[1])
+
+    def before_write(self, store, newest: int) -> None:
+        if self.keeps_budget_while_decoding and self.budget is not None:
+            store.evict_over_limit(newest)
+
+    def after_update(self, store) -> None:
+        pass
 
     # ------------------------------------------------------------------ budgets
     def limit(self, prompt_tokens: torch.Tensor, layer: int, n_layers: int) -> torch.Tensor:
@@ -110,7 +185,6 @@ class StreamingLLM(Policy):
         if n_sink < 0:
             raise BudgetError(f"n_sink must be >= 0, got {n_sink}")
         self.n_sink = n_sink
-        self.window = 0
 
     def check_limit(self, limit: torch.Tensor) -> None:
         if int(limit.min()) <= self.n_sink:
@@ -122,11 +196,43 @@ class StreamingLLM(Policy):
         sink = (slots - first) < self.n_sink
         return torch.where(sink, 2 * PROTECTED, 0.0) + recency(slots)
 
+    def after_update(self, store) -> None:
+        """The kept tokens get contiguous positions: sinks, then the recent window. With keys cached at
+        their true positions the same relative geometry is had by moving only the sinks to sit just
+        before the oldest recent token (RoPE scores depend on position differences only), so queries
+        keep their true positions. Sinks are re-rotated from an unrotated copy each time (kept in the
+        store's ``row_state``), never step by step (no rounding drift in bf16)."""
+        n = self.n_sink
+        if n == 0 or not self.reposition_sinks:
+            return
+        first = store.first_slots()
+        slots = store.slots[:, 0]  # position-based: every head holds the same tokens
+        is_sink = (slots >= 0) & (slots - first[:, None] < n)
+        rest = torch.where((slots >= 0) & ~is_sink, slots, torch.iinfo(torch.long).max).min(-1).values
+        delta = (rest - first - n).clamp_min(0)
+        delta = torch.where(rest == torch.iinfo(torch.long).max, 0, delta)
+        # a sliding window frees the sinks once they leave it, and their entries are reused
+        held = is_sink[:, :n]
+        moving = (delta > 0) & held.any(-1)
+        if not bool(moving.any()):
+            return
+        state = store.row_state
+        if "sink_keys" not in state:
+            state["sink_keys"] = store.k[:, :, :n].clone()
+            state["sink_moved"] = torch.zeros_like(moving)
+        fresh = moving & ~state["sink_moved"]
+        if bool(fresh.any()):
+            state["sink_keys"][fresh] = store.k[fresh, :, :n]
+            state["sink_moved"] |= fresh
+        moved = store.rotate(state["sink_keys"], delta)
+        store.k[:, :, :n] = torch.where((moving[:, None] & held)[:, None, :, None], moved, store.k[:, :, :n])
+
 
 class SnapKV(Policy):
     """SnapKV (Li et al., 2024): score prompt keys by the attention of the last ``window`` prompt
     queries (summed over each K/V head's query group), smooth with an average pool of ``kernel_size``
-    along keys, keep the window plus the top-scoring rest. Compresses the prompt only."""
+    along keys, keep the window plus the top-scoring rest. Compresses the prompt only. ``window`` is
+    its ``observation_window``: the queries scored, and the recent tokens always kept."""
 
     name = "snapkv"
     observe = "tail"
@@ -135,7 +241,7 @@ class SnapKV(Policy):
         super().__init__(budget)
         if window < 1 or kernel_size < 1 or kernel_size % 2 == 0:
             raise BudgetError(f"SnapKV needs window >= 1 and an odd kernel_size, got {window}, {kernel_size}")
-        self.window, self.kernel_size = window, kernel_size
+        self.observation_window, self.kernel_size = window, kernel_size
 
     def pooled(self, score: torch.Tensor) -> torch.Tensor:
         B, h, S = score.shape
@@ -146,7 +252,7 @@ class SnapKV(Policy):
         return pooled.view(B, h, S)
 
     def priority(self, slots, newest, score, limit, pad):
-        recent = slots > newest - self.window
+        recent = slots > newest - self.observation_window
         return torch.where(recent, PROTECTED + recency(slots), self.pooled(score).double())
 
 
@@ -166,7 +272,7 @@ class PyramidKV(SnapKV):
 
     def limit(self, prompt_tokens, layer, n_layers):
         cap = super().limit(prompt_tokens, layer, n_layers)
-        return pyramid_limit(cap, prompt_tokens, self.window, self.beta, layer, n_layers)
+        return pyramid_limit(cap, prompt_tokens, self.observation_window, self.beta, layer, n_layers)
 
 
 def pyramid_limit(cap: torch.Tensor, prompt_tokens: torch.Tensor, window: int, beta: float, layer: int,
@@ -199,15 +305,15 @@ class H2O(Policy):
     name = "h2o"
     observe = "all"
     keeps_budget_while_decoding = True
+    # the prompt's last 32 queries go through in one call with logits: for YOCO, whose prefill skips
+    # the cross-decoder, those are the only prompt queries that score the global cache
+    prompt_tail = 32
 
     def __init__(self, budget, recent: float = 0.5):
         super().__init__(budget)
         if not 0 <= recent <= 1:
             raise BudgetError(f"H2O recent share must be in [0, 1], got {recent}")
         self.recent = recent
-        # the prompt's last `window` queries go through in one call with logits: for YOCO, whose prefill
-        # skips the cross-decoder, those are the only prompt queries that score the global cache
-        self.window = 32
 
     def priority(self, slots, newest, score, limit, pad):
         recent_tokens = (limit.double() * self.recent).ceil()[:, None, None]
@@ -237,17 +343,42 @@ class CORM(Policy):
         recent_queries = window if recent_queries is None else recent_queries
         if window < 1 or recent_queries < 1 or recent_queries > window:
             raise BudgetError(f"CORM needs 1 <= recent_queries <= window, got {recent_queries}, {window}")
-        self.window, self.recent_queries = window, recent_queries
+        # the prompt queries it scores are those of its recent window
+        self.recent_window = self.observation_window = window
+        self.recent_queries = recent_queries
 
     def evicted(self, slots: torch.Tensor, newest: int, last_attended: torch.Tensor) -> torch.Tensor:
         """[B, h, S] True for valid entries the rule evicts now."""
-        old = slots <= newest - self.window
+        old = slots <= newest - self.recent_window
         quiet = last_attended <= newest - self.recent_queries
         return (slots >= 0) & old & quiet
 
     def priority(self, slots, newest, score, limit, pad):
-        recent = slots > newest - self.window
+        recent = slots > newest - self.recent_window
         return torch.where(recent, PROTECTED + recency(slots), score.double())
+
+    # ------------------------------------------------------------------ hooks
+    def entry_state(self) -> dict[str, torch.dtype]:
+        return {**super().entry_state(), "last_attended": torch.long}  # the latest query slot that attended it
+
+    def observed(self, store, probs, mask, q_slots, *, new_call: bool) -> None:
+        super().observed(store, probs, mask, q_slots, new_call=new_call)
+        # attended = at least the uniform share 1/t of a query that saw t tokens, by any query head of
+        # the K/V head's group
+        uniform = 1.0 / mask.sum(-1, keepdim=True).clamp_min(1)
+        attended = (probs >= uniform).any(2)  # [B, h, T, S]
+        latest = torch.where(attended, q_slots[None, None, :, None], -1).amax(2)
+        store.last_attended = torch.maximum(store.last_attended, latest)
+
+    def evict_by_rule(self, store, newest: int) -> None:
+        store.slots.masked_fill_(self.evicted(store.slots, newest, store.last_attended), -1)
+
+    def before_compress(self, store, newest: int) -> None:
+        self.evict_by_rule(store, newest)
+
+    def before_write(self, store, newest: int) -> None:
+        self.evict_by_rule(store, newest)
+        super().before_write(store, newest)
 
 
 class InfLLM(Policy):
@@ -324,7 +455,13 @@ class InfLLM(Policy):
         self.n_init, self.n_local, self.block_size, self.topk = n_init, n_local, block_size, topk
         self.repr_topk, self.exc_block_size, self.max_cached_blocks = repr_topk, exc_block_size, max_cached_blocks
         self.positions, self.offload_device = positions, offload_device
-        self.prefill_chunk = exc_block_size  # blocks form between calls: a chunk per call, as in the paper
+
+    def prefill_plan(self, prompt_length: int, chunk: int) -> list[PrefillCall]:
+        # blocks form between calls: a chunk of exc_block_size per call, as in the paper
+        return plan_prefill(prompt_length, min(chunk, self.exc_block_size), self.prompt_tail)
+
+    def new_store(self, geometry: KVGeometry, **options) -> InfLLMKV:
+        return InfLLMKV(self, **geometry.store_options(), **options)
 
     @property
     def attention_window(self) -> int:

@@ -1,42 +1,19 @@
-"""Causal (grouped-query) softmax attention and the masking rules every attention mixer shares.
+"""Causal (grouped-query) softmax self-attention and the Q/K/V projections the attention mixers share.
 
-All attention goes through ``attend`` (scaled_dot_product_attention with GQA), and every mask is
-built by ``slot_mask`` from slot numbers, so full, windowed, cached, padded and cross attention
-obey one rule: a query at slot q sees key slot s iff ``s <= q``, ``q - s < window`` (if windowed),
-and ``s`` is a real token of its row (a pad query sees only itself, so it stays finite).
+A mixer attends only through its cache's ``attend`` (the ``AttentionCache`` protocol, ``cache.py``):
+a ``KVCache``, a compressed store, or, without a cache, this call's own keys and values (``CallKV``).
+The kernels and the one masking rule live in ``kernels.py`` (re-exported here, where they began).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
-from ..compress.store import CompressedKV, new_store, rotate_by
+from ..cache import CallKV, KVCache, KVGeometry
 from ..config import ModelConfig
-from ..layers import RotaryEmbedding, Step
-
-
-def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad: torch.Tensor | None,
-              window: int | None = None) -> torch.Tensor | None:
-    """Boolean attention mask [B or 1, 1, Tq, S] (True = may attend), or None if nothing is masked.
-
-    ``k_slots`` may hold -1 for empty cache entries (a ring buffer not yet full).
-    """
-    rel = q_slots[:, None] - k_slots[None, :]
-    allowed = (rel >= 0) & (k_slots[None, :] >= 0)
-    if window is not None:
-        allowed &= rel < window
-    if pad is not None:
-        real_key = k_slots[None, :] >= pad[:, None]  # [B, S]
-        allowed = allowed[None] & (real_key[:, None, :] | (rel == 0)[None])
-        if bool(pad.max() == 0) and bool(allowed.all()):
-            return None
-        return allowed[:, None]
-    if bool(allowed.all()):
-        return None
-    return allowed[None, None]
+from ..kernels import attend, causal_attention, chunk_attention, slot_mask
+from ..layers import RotaryEmbedding, Step, rotate_by
 
 
 def visible_pairs(n: float, window: int | None = None) -> float:
@@ -45,55 +22,6 @@ def visible_pairs(n: float, window: int | None = None) -> float:
     if window is None or window >= n:
         return n * (n + 1) / 2
     return window * (window + 1) / 2 + (n - window) * window
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           causal: bool = False) -> torch.Tensor:
-    """Softmax attention; q [B, H, T, d], k/v [B, n_kv, S, d] with n_kv dividing H."""
-    B, H, T, d = q.shape
-    n_kv = k.shape[1]
-    if T == 1 and H != n_kv:
-        # Decode: fold each group's query heads into the query length so every K/V head is read once
-        # for its whole group (about 2x faster than enable_gqa on CPU); a [B, 1, 1, S] mask broadcasts.
-        o = F.scaled_dot_product_attention(q.reshape(B, n_kv, H // n_kv, d), k, v, attn_mask=mask)
-        return o.reshape(B, H, 1, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                          enable_gqa=H != n_kv)
-
-
-# PyTorch's CPU flash-attention kernel also returns the log-sum-exp, which lets two attentions over
-# disjoint key sets be merged exactly. Private API: used only where present, on CPU.
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of a chunk of T queries whose keys k/v [B, n_kv, S, d] end with the chunk's own
-    (no padding): the S - T earlier keys are fully visible, the last T causal.
-
-    On CPU this runs as two unmasked flash attentions (prefix, and the chunk with is_causal) merged by
-    their log-sum-exp, about 15% faster than one attention with an explicit [T, S] mask, which the
-    kernel expands to a float mask and reads for every block.
-    """
-    T, S = q.shape[2], k.shape[2]
-    if q.device.type != "cpu" or _FLASH_CPU is None or S == T:
-        q_slots = torch.arange(S - T, S, device=q.device)
-        return attend(q, k, v, slot_mask(q_slots, torch.arange(S, device=q.device), None), causal=S == T)
-    prefix, lse_prefix = _FLASH_CPU(q, k[:, :, : S - T], v[:, :, : S - T], 0.0, False)[:2]
-    own, lse_own = _FLASH_CPU(q, k[:, :, S - T:], v[:, :, S - T:], 0.0, True)[:2]
-    top = torch.maximum(lse_prefix, lse_own)
-    w_prefix, w_own = (lse_prefix - top).exp()[..., None], (lse_own - top).exp()[..., None]
-    return ((prefix.float() * w_prefix + own.float() * w_own) / (w_prefix + w_own)).to(q.dtype)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
-    """Queries at the step's slots against keys at slots 0..S-1 (a cache's, or this call's own when the
-    call starts at slot 0), picking the fastest exact path."""
-    if step.pad is None:
-        if step.start == 0:
-            return attend(q, k, v, causal=True)
-        if step.length > 1:
-            return chunk_attention(q, k, v)
-    return attend(q, k, v, slot_mask(step.slots, torch.arange(k.shape[2], device=q.device), step.pad))
 
 
 class QKVProjection(nn.Module):
@@ -152,31 +80,24 @@ class CausalSelfAttention(QKVProjection):
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, dtype=dtype, device=device, capacity=capacity)
 
-    def new_compressed_cache(self, policy, batch_size: int, **kwargs) -> CompressedKV:
-        return compressed_kv_cache(self, policy, batch_size, **kwargs)
+    def kv_geometry(self) -> KVGeometry:
+        return rope_kv_geometry(self)
 
-    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | CompressedKV | None = None,
-                shared: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache=None, shared: dict | None = None) -> torch.Tensor:
+        """``cache``: this layer's ``AttentionCache`` (None: this call's keys only); ``shared``: the
+        caches the producing layers of this call leave for the layers that read their K/V."""
         q = self.queries(x, step)
         if self.produces_kv:
-            k, v = self.keys_values(x, step)
-            if isinstance(cache, CompressedKV):
-                cache.append(k, v)
-                if shared is not None:
-                    shared[self.layer] = cache
-                return self.out(cache.attend(q, step))
-            if cache is not None:
-                k, v = cache.append(k, v)
+            kv = CallKV() if cache is None else cache
+            kv.append(*self.keys_values(x, step))
             if shared is not None:
-                shared[self.layer] = (k, v)
+                shared[self.layer] = kv
         else:
             if shared is None or self.kv_source not in shared:
                 raise RuntimeError(f"layer {self.layer} reads the K/V of layer {self.kv_source}, "
                                    "which has not produced them in this forward call")
-            if isinstance(shared[self.kv_source], CompressedKV):
-                return self.out(shared[self.kv_source].attend(q, step))
-            k, v = shared[self.kv_source]
-        return self.out(causal_attention(q, k, v, step))
+            kv = shared[self.kv_source]
+        return self.out(kv.attend(q, step))
 
     # ------------------------------------------------------------------ facts from a config
     # A layer reading another's K/V (CLA, MLKV) has no K/V projections and owns no cache: ``produces_kv``.
@@ -198,9 +119,11 @@ class CausalSelfAttention(QKVProjection):
         return True  # every position attends to every earlier one
 
 
-def compressed_kv_cache(mixer: nn.Module, policy, batch_size: int, *, layer: int, n_layers: int, dtype: torch.dtype,
-                        device, pad: torch.Tensor | None) -> CompressedKV:
-    """A ``CompressedKV`` for a mixer caching RoPE'd keys and values of ``n_kv_heads`` x ``head_dim``."""
-    return new_store(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=mixer.n_kv_heads,
-                     key_dim=mixer.head_dim, value_dim=mixer.head_dim, dtype=dtype, device=device, pad=pad,
-                     rotate=lambda keys, delta: rotate_by(mixer.rotary, keys, delta))
+def rope_kv_geometry(mixer: nn.Module) -> KVGeometry:
+    """The geometry of a mixer caching RoPE'd keys and values of ``n_kv_heads`` x ``head_dim``."""
+    return KVGeometry(mixer.n_kv_heads, mixer.head_dim, mixer.head_dim,
+                      rotate=lambda keys, delta: rotate_by(mixer.rotary, keys, delta))
+
+
+__all__ = ["CausalSelfAttention", "QKVProjection", "attend", "causal_attention", "chunk_attention",
+           "rope_kv_geometry", "slot_mask"]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import CallKV, KVCache, KVGeometry
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
-from ..compress.store import CompressedKV
-from .attention import attend, compressed_kv_cache, slot_mask, visible_pairs
+from .attention import rope_kv_geometry, visible_pairs
 
 
 class GlobalKV(nn.Module):
@@ -30,23 +29,20 @@ class GlobalKV(nn.Module):
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, dtype=dtype, device=device, capacity=capacity)
 
-    def new_compressed_cache(self, policy, batch_size: int, **kwargs) -> CompressedKV:
-        return compressed_kv_cache(self, policy, batch_size, **kwargs)
+    def kv_geometry(self) -> KVGeometry:
+        return rope_kv_geometry(self)
 
-    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | CompressedKV | None = None):
-        """K, V [B, n_kv, S, d] for every slot so far (the cache's, or this call's without one); with a
-        compressed cache, the cache itself (every cross-decoder layer attends through it)."""
+    def forward(self, x: torch.Tensor, step: Step, cache=None):
+        """The ``AttentionCache`` every cross-decoder layer attends through: ``cache`` with this call's
+        K/V written, or, without one, this call's K/V alone (``CallKV``)."""
         B, T, _ = x.shape
         h = self.norm(x)
         cos, sin = step.rope(self.rotary)
         k = self.rotary.apply(self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if isinstance(cache, CompressedKV):
-            cache.append(k, v)
-            return cache
-        if cache is not None:
-            return cache.append(k, v)
-        return k, v
+        kv = CallKV() if cache is None else cache
+        kv.append(k, v)
+        return kv
 
     # ------------------------------------------------------------------ facts from a config
     @staticmethod
@@ -74,12 +70,12 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, step: Step, k: torch.Tensor | CompressedKV, v: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, kv) -> torch.Tensor:
+        """Queries at the step's slots (the positions that need logits) over the global ``kv``."""
         B, T, _ = x.shape
         cos, sin = step.rope(self.rotary)
         q = self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        o = k.attend(q, step) if isinstance(k, CompressedKV) else attend(q, k, v, mask, causal=causal)
+        o = kv.attend(q, step)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     # ------------------------------------------------------------------ facts from a config
@@ -99,13 +95,3 @@ class CrossAttention(nn.Module):
     @staticmethod
     def quadratic_prefill(config: ModelConfig) -> bool:
         return True  # over a whole prompt; YOCO's prefill runs it for the positions with logits only
-
-
-def cross_mask(step: Step, n_keys: int, device) -> tuple[torch.Tensor | None, bool]:
-    """Mask for queries at the step's slots against global keys at slots 0..n_keys-1.
-
-    Returns (mask, causal): the square unpadded case uses SDPA's causal path with no mask at all.
-    """
-    if step.pad is None and step.start == 0 and step.length == n_keys:
-        return None, True
-    return slot_mask(step.slots, torch.arange(n_keys, device=device), step.pad), False

@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ..cache import CacheError, SlotCache
+from ..cache import CacheError, CallKV, Expand, KVGeometry, SlotCache, attend_in_slot_order
 from ..config import ModelConfig
-from ..layers import RMSNorm, RotaryEmbedding, Step
-from ..compress.store import CompressedKV, new_store, rotate_by
-from .attention import causal_attention, slot_mask, visible_pairs
+from ..layers import RMSNorm, RotaryEmbedding, Step, rotate_by
+from .attention import visible_pairs
 
 
 class LatentCache(SlotCache):
@@ -50,12 +49,26 @@ class LatentCache(SlotCache):
         super().__init__({"kv": (batch_size, None, latent_dim + rope_dim)}, dtype=dtype, device=device,
                          capacity=capacity)
 
-    def append(self, latent_and_rope: torch.Tensor) -> torch.Tensor:
-        """Write [B, T, d_c + d_R] at the next T slots; return a view [B, length, d_c + d_R] of all slots."""
-        if latent_and_rope.shape[-1] != self.kv.shape[-1] or latent_and_rope.shape[0] != self.kv.shape[0]:
+    def append(self, latent_and_rope: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        """Write [B, T, d_c + d_R] (or, as every attention cache takes its rows, [B, 1, T, d_c + d_R]:
+        one "K/V head" whose rows are keys and values) at the next T slots; return a view
+        [B, length, d_c + d_R] of all slots."""
+        if latent_and_rope.dim() == 4 and latent_and_rope.shape[1] == 1:
+            latent_and_rope = latent_and_rope[:, 0]
+        if (v is not None or latent_and_rope.dim() != 3 or latent_and_rope.shape[-1] != self.kv.shape[-1]
+                or latent_and_rope.shape[0] != self.kv.shape[0]):
             raise CacheError(f"latent cache rows are [{self.kv.shape[0]}, T, {self.kv.shape[-1]}], "
                              f"got {list(latent_and_rope.shape)}")
         return super().append(latent_and_rope)[0]
+
+    def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None,
+               expand: Expand | None = None) -> torch.Tensor:
+        """Queries over the rows of slots 0..length-1 as one K/V head (keys and values at once), or
+        over the per-head keys and values ``expand`` makes of them."""
+        if self.length != step.start + step.length:
+            raise ValueError(f"latent holds {self.length} positions; this call ends at slot "
+                             f"{step.start + step.length}")
+        return attend_in_slot_order(q, self.kv[:, None, : self.length], None, step, scale, expand)
 
 
 def effective_linear(module: nn.Module, in_features: int,
@@ -89,7 +102,10 @@ class MultiHeadLatentAttention(nn.Module):
     """Causal MLA self-attention. ``rotary`` has head dim d_R (``config.mla_rope_dim``).
 
     ``absorb``: None picks the absorbed path for single-token calls that read a cached or shared latent
-    and the decompressed path otherwise; True/False force one path (both give the same result).
+    and the decompressed path otherwise; True/False force one path (both give the same result). Either
+    way the mixer only calls its cache's ``attend``: latent-space queries over the rows themselves
+    (absorbed), or per-head queries with ``expand=self.decompressed`` (the cache decompresses the rows
+    it attends: all of them for a plain cache, the kept ones for a compressed cache).
     """
 
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer: int = 0,
@@ -132,18 +148,16 @@ class MultiHeadLatentAttention(nn.Module):
             raise CacheError(f"MLA layer {self.layer} reads layer {self.kv_source}'s latent and owns no cache")
         return LatentCache(batch_size, self.d_c, self.d_R, dtype=dtype, device=device, capacity=capacity)
 
-    def new_compressed_cache(self, policy, batch_size: int, *, layer: int, n_layers: int, dtype: torch.dtype,
-                             device, pad: torch.Tensor | None) -> CompressedKV:
-        """The latent rows under a compression policy: one "K/V head" whose rows are keys and values
-        (attention runs absorbed); StreamingLLM and InfLLM re-rotate only the rope-key part."""
-        d_c = self.d_c
+    def kv_geometry(self) -> KVGeometry:
+        """The latent rows as one "K/V head" whose rows are keys and values; re-rotation (StreamingLLM,
+        InfLLM) turns only the rope-key part, the last d_R dimensions (of a row, of a decompressed key
+        or of a query alike)."""
+        d_R = self.d_R
 
         def rotate(rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-            return torch.cat((rows[..., :d_c], rotate_by(self.rotary, rows[..., d_c:], delta)), dim=-1)
+            return torch.cat((rows[..., :-d_R], rotate_by(self.rotary, rows[..., -d_R:], delta)), dim=-1)
 
-        return new_store(policy, layer=layer, n_layers=n_layers, batch_size=batch_size, n_kv_heads=1,
-                         key_dim=d_c + self.d_R, value_dim=d_c + self.d_R, dtype=dtype, device=device, pad=pad,
-                         rotate=rotate, values_are_keys=True)
+        return KVGeometry(1, self.d_c + d_R, self.d_c + d_R, rotate=rotate, values_are_keys=True)
 
     # ------------------------------------------------------------------ pieces
     def latent(self, x: torch.Tensor, step: Step) -> torch.Tensor:
@@ -163,17 +177,18 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = self.rotary.apply(q[..., self.d_nope:], cos, sin)
         return q[..., : self.d_nope].transpose(1, 2), q_rope.transpose(1, 2)
 
-    def _decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, all_kv: torch.Tensor, step: Step) -> torch.Tensor:
-        B, S, _ = all_kv.shape
+    def decompressed(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys [B, H, S, d_nope + d_R] and values (zero-padded to the same size) of latent rows
+        [B, 1, S, d_c + d_R]: the ``expand`` of the decompressed path."""
+        B, _, S, _ = rows.shape
         H = self.n_heads
-        c, k_r = all_kv[..., : self.d_c], all_kv[..., self.d_c:]
+        c, k_r = rows[:, 0, :, : self.d_c], rows[:, 0, :, self.d_c:]
         k_nope = self.k_up(c).view(B, S, H, self.d_nope).transpose(1, 2)
         k = torch.cat((k_nope, k_r[:, None].expand(B, H, S, self.d_R)), dim=-1)
         # Values padded with zeros to the query/key head size: the fused (flash) attention kernels need
         # equal head sizes, and without them SDPA materialises every [T, S] score matrix.
         v = F.pad(self.v_up(c).view(B, S, H, self.d_v).transpose(1, 2), (0, self.d_nope + self.d_R - self.d_v))
-        q = torch.cat((q_nope, q_rope), dim=-1)  # SDPA's default scale is 1/sqrt(d_nope + d_R)
-        return causal_attention(q, k, v, step)[..., : self.d_v]
+        return k, v
 
     def _absorbed_queries(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
         """Each head's query mapped into latent space, [B, H, T, d_c + d_R]. A bias of k_up adds
@@ -189,64 +204,34 @@ class MultiHeadLatentAttention(nn.Module):
         o = torch.einsum("bhtc,hvc->bhtv", ctx[..., : self.d_c], w_uv.view(self.n_heads, self.d_v, self.d_c))
         return o if b_uv is None else o + b_uv.view(self.n_heads, 1, self.d_v)
 
-    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, all_kv: torch.Tensor, step: Step) -> torch.Tensor:
-        B, H, T, _ = q_nope.shape
-        q = self._absorbed_queries(q_nope, q_rope)
-        # Keys AND values are the cache rows themselves ([c ; k_R], one shared "head", no copy): the
-        # rope part of the weighted sum is computed and dropped, which keeps key and value head sizes
-        # equal so SDPA can use its fused kernels.
-        kv = all_kv[:, None]  # [B, 1, S, d_c + d_R]
-        mask = slot_mask(step.slots, torch.arange(kv.shape[2], device=q.device), step.pad)
-        if T == 1:
-            # fold the heads into the query length: every head reads the one latent "head" once;
-            # a [B or 1, 1, 1, S] mask broadcasts over them.
-            ctx = F.scaled_dot_product_attention(q.reshape(B, 1, H, -1), kv, kv, attn_mask=mask,
-                                                 scale=self.scale).reshape(B, H, 1, -1)
-        else:
-            ctx = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return self._up_values(ctx)
-
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, step: Step, cache: LatentCache | None = None,
-                shared: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache=None, shared: dict | None = None) -> torch.Tensor:
+        """``cache``: the producer's ``AttentionCache`` of latent rows (None: this call's rows only);
+        ``shared``: the caches producers leave for the layers reading their latent."""
         B, T, _ = x.shape
-        if isinstance(cache, CompressedKV) or (not self.is_producer and isinstance((shared or {}).get(self.kv_source),
-                                                                                  CompressedKV)):
-            return self._compressed(x, step, cache, shared)
         if self.is_producer:
-            all_kv = self.latent(x, step)
-            if cache is not None:
-                all_kv = cache.append(all_kv)
+            kv = CallKV() if cache is None else cache
+            kv.append(self.latent(x, step)[:, None])  # one "K/V head" whose rows are keys and values
             if shared is not None:
-                shared[self.layer] = all_kv
+                shared[self.layer] = kv
         else:
             if cache is not None:
                 raise CacheError(f"MLA layer {self.layer} reads layer {self.kv_source}'s latent; pass no cache")
             if shared is None or self.kv_source not in shared:
                 raise LookupError(f"MLA layer {self.layer} reads the latent of layer {self.kv_source}, but no "
-                               f"shared latent for layer {self.kv_source} was given (run layer "
-                               f"{self.kv_source} first with the same `shared` dict)")
-            all_kv = shared[self.kv_source]
-        if all_kv.shape[1] != step.start + T:
-            raise ValueError(f"latent holds {all_kv.shape[1]} positions; this call ends at slot {step.start + T}")
+                                  f"shared latent for layer {self.kv_source} was given (run layer "
+                                  f"{self.kv_source} first with the same `shared` dict)")
+            kv = shared[self.kv_source]
         reused = cache is not None or not self.is_producer
         q_nope, q_rope = self.queries(x, step)
         absorb = self.absorb if self.absorb is not None else (T == 1 and reused)
-        path = self._absorbed if absorb else self._decompressed
-        o = path(q_nope, q_rope, all_kv, step)  # [B, H, T, d_v]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
-
-    def _compressed(self, x: torch.Tensor, step: Step, cache: CompressedKV | None, shared: dict | None) -> torch.Tensor:
-        """Attention through a compressed latent cache (always absorbed: its entries differ per row)."""
-        B, T, _ = x.shape
-        if self.is_producer:
-            cache.append(self.latent(x, step)[:, None])
-            if shared is not None:
-                shared[self.layer] = cache
-        else:
-            cache = shared[self.kv_source]
-        q = self._absorbed_queries(*self.queries(x, step))
-        o = self._up_values(cache.attend(q, step, scale=self.scale))
+        if absorb:
+            # Keys AND values are the rows themselves ([c ; k_R], one shared "head", no copy): the rope
+            # part of the weighted sum is computed and dropped, which keeps key and value head sizes
+            # equal so SDPA can use its fused kernels.
+            o = self._up_values(kv.attend(self._absorbed_queries(q_nope, q_rope), step, scale=self.scale))
+        else:  # SDPA's default scale is 1/sqrt(d_nope + d_R)
+            o = kv.attend(torch.cat((q_nope, q_rope), dim=-1), step, expand=self.decompressed)[..., : self.d_v]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
 
     # ------------------------------------------------------------------ facts from a config

@@ -11,23 +11,84 @@ import torch
 
 from ..cache import CacheError, tensor_bytes
 from ..config import ModelConfig
+from ..kernels import attend, slot_mask
 from ..layers import RotaryEmbedding, Step
-from .attention import QKVProjection, attend, slot_mask, visible_pairs
+from .attention import QKVProjection, visible_pairs
+
+
+def default_block(window: int) -> int:
+    # Query block of the blocked prefill. Each block scores block x (block + W - 1) keys of which
+    # W per query are useful: smaller blocks waste less (256 with W=1024: 80% useful, 35% faster
+    # than blocks of W on a 2-core CPU), but below ~64 rows the matmuls get inefficient.
+    return max(64, min(window, 256))
+
+
+class WindowCallKV:
+    """One call's keys/values under a sliding window (the ``AttentionCache`` without a cache): its
+    queries attend blocked, each block only the keys its window can reach. ``earlier``: how many keys
+    precede the call's first slot (those a ring lends from the window before the call)."""
+
+    def __init__(self, window: int, block: int | None = None):
+        self.window, self.block = window, block or default_block(window)
+        self.k = self.v = None
+        self.earlier = 0  # keys before the call's first slot
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None, expand=None) -> torch.Tensor:
+        if scale is not None or expand is not None:
+            raise CacheError("sliding-window attention takes plain queries (no scale, no expand)")
+        return blocked_window_attention(q, self.k, self.v, step.start, step.start - self.earlier, self.window,
+                                        step.pad, self.block)
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.k, self.v) if self.k is not None else 0
 
 
 class RingKVCache:
-    """The last W keys/values, [B, n_kv, W, d], plus the slot each entry holds (-1 while empty)."""
+    """The last W keys/values, [B, n_kv, W, d], plus the slot each entry holds (-1 while empty).
+
+    As an ``AttentionCache``: a single-token call attends over the ring as it lies (order is irrelevant
+    to softmax; the mask comes from the slot each entry holds); a longer call attends blocked over the
+    window's earlier keys and its own, held for that call only."""
 
     batch_fields = ("k", "v")
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, window: int, *, dtype: torch.dtype,
-                 device=None):
+                 device=None, block: int | None = None):
         shape = (batch_size, n_kv_heads, window, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots = torch.full((window,), -1, dtype=torch.long, device=device)
         self.window = window
         self.length = 0  # slots written so far
+        self.block = block or default_block(window)
+        self.call: WindowCallKV | None = None  # a multi-token call's keys, until it has attended
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this call's k, v [B, n_kv, T, d]; a longer call also keeps, until it attends, the
+        window's earlier keys with its own."""
+        if k.shape[2] == 1:
+            self.call = None
+            self.write(k, v)
+            return
+        self.call = WindowCallKV(self.window, self.block)
+        previous = min(self.length, self.window - 1)
+        if previous:
+            old_k, old_v = self.recent(previous)
+            k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+        self.write(k[:, :, previous:], v[:, :, previous:])
+        self.call.append(k, v)
+        self.call.earlier = previous
+
+    def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None, expand=None) -> torch.Tensor:
+        if self.call is not None:
+            call, self.call = self.call, None  # held for this call only
+            return call.attend(q, step, scale=scale, expand=expand)
+        if scale is not None or expand is not None:
+            raise CacheError("sliding-window attention takes plain queries (no scale, no expand)")
+        return attend(q, self.k, self.v, slot_mask(step.slots, self.slots, step.pad, self.window))
 
     def recent(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last n (<= W) keys and values, oldest first."""
@@ -78,36 +139,17 @@ class SlidingWindowAttention(QKVProjection):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, window: int, block: int | None = None):
         super().__init__(config, rotary)
         self.window = window
-        # Query block of the blocked prefill. Each block scores block x (block + W - 1) keys of which
-        # W per query are useful: smaller blocks waste less (256 with W=1024: 80% useful, 35% faster
-        # than blocks of W on a 2-core CPU), but below ~64 rows the matmuls get inefficient.
-        self.block = block or max(64, min(window, 256))
+        self.block = block or default_block(window)
 
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None = None) -> RingKVCache:
-        return RingKVCache(batch_size, self.n_kv_heads, self.head_dim, self.window, dtype=dtype, device=device)
+        return RingKVCache(batch_size, self.n_kv_heads, self.head_dim, self.window, dtype=dtype, device=device,
+                           block=self.block)
 
     def forward(self, x: torch.Tensor, step: Step, cache: RingKVCache | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x, step)
-        T = step.length
-        if cache is not None and T == 1:
-            # Decode: the ring holds exactly the window once the new key is in; order is irrelevant
-            # to softmax, so attend over the ring as it lies, masked by the slot each entry holds.
-            cache.write(k, v)
-            mask = slot_mask(step.slots, cache.slots, step.pad, self.window)
-            return self.out(attend(q, cache.k, cache.v, mask))
-        k_start = step.start
-        if cache is not None:
-            previous = min(cache.length, self.window - 1)
-            if previous:
-                old_k, old_v = cache.recent(previous)
-                cache.write(k, v)
-                k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
-                k_start -= previous
-            else:
-                cache.write(k, v)
-        o = blocked_window_attention(q, k, v, step.start, k_start, self.window, step.pad, self.block)
-        return self.out(o)
-
+        kv = WindowCallKV(self.window, self.block) if cache is None else cache
+        kv.append(k, v)
+        return self.out(kv.attend(q, step))
     # ------------------------------------------------------------------ facts from a config
     @staticmethod
     def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype) -> int:

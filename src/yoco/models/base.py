@@ -132,18 +132,19 @@ class CausalLM(nn.Module):
         """An empty inference cache. ``capacity`` is the total slots (prompt + new tokens) if known:
         caches that grow with context are then allocated once at that size. ``compression`` (a
         ``yoco.compress`` policy) makes every growing K/V cache a compressed one (YOCO: its global K/V;
-        the Transformer family: each producing layer's K/V or MLA latent)."""
+        the Transformer family: each producing layer's K/V or MLA latent): each such mixer describes
+        what it caches (``kv_geometry()``) and the policy builds the store for it (``new_store``)."""
         dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
         owners = self.cache_owners()
         if compression is None:
             layers = [m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity) for m in owners]
             return ModelCache(layers, batch_size, pad)
-        targets = [i for i, m in enumerate(owners) if hasattr(m, "new_compressed_cache")]
+        targets = [i for i, m in enumerate(owners) if hasattr(m, "kv_geometry")]
         if not targets:
             raise InputError(f"{self.config.arch} with these settings has no growing K/V cache to compress "
                              f"(its caches are {', '.join(sorted({type(m).__name__ for m in owners}))})")
-        layers = [m.new_compressed_cache(compression, batch_size, layer=targets.index(i), n_layers=len(targets),
-                                         dtype=dtype, device=device, pad=pad) if i in targets
+        layers = [compression.new_store(m.kv_geometry(), layer=targets.index(i), n_layers=len(targets),
+                                        batch_size=batch_size, dtype=dtype, device=device, pad=pad) if i in targets
                   else m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity)
                   for i, m in enumerate(owners)]
         return ModelCache(layers, batch_size, pad, compression)

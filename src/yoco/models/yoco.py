@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from ..cache import ModelCache
-from ..compress.store import CompressedKV
 from ..config import ConfigError, ModelConfig
 from ..layers import RotaryEmbedding
-from ..mixers.cross_attention import CrossAttention, GlobalKV, cross_mask
+from ..mixers.cross_attention import CrossAttention, GlobalKV
 from ..mixers.retention import GatedRetention
 from ..mixers.sliding_window import SlidingWindowAttention
 from .base import Block, CausalLM, ffn_flops, lm_head_flops
@@ -103,11 +102,6 @@ class YOCO(CausalLM):
             return None
         # Only the positions that need logits go through the cross-decoder.
         x, query_step = x[:, step.length - keep:], step.last(keep)
-        if isinstance(kv, CompressedKV):  # one compressed cache, read by every cross-decoder layer
-            keys = (kv,)
-        else:
-            k, v = kv
-            keys = (k, v, *cross_mask(query_step, k.shape[2], ids.device))
-        for layer in self.cross_layers:
-            x = layer(x, query_step, *keys)
+        for layer in self.cross_layers:  # every one reads the one global K/V through its cache
+            x = layer(x, query_step, kv)
         return self.logits(x, None)
