@@ -4,8 +4,8 @@
 ``generate``, chunked prefill, left-padded batches and ``yoco bench`` run it exactly as they run a
 yoco model. At every call it passes explicit ``position_ids`` (each row's true positions after its
 left padding). Its uncompressed cache is ``TransformersCache``, transformers' own ``DynamicCache``
-with what the engine reads; a compressed one is ``yoco.compress.hf.CompressedCache``, built only when
-a policy is asked for (the core never needs ``yoco.compress`` otherwise). Either cache runs the
+with what the engine reads; a compressed one is ``yoco.compress.hf.CompressedCache``, which the policy
+builds (``policy.new_transformers_cache``: the core never imports ``yoco.compress``). Either cache runs the
 model over its inputs itself (``cache.run(model, ...)``): the plain one with the padding mask, the
 compressed one through its own attention.
 """
@@ -99,9 +99,8 @@ class TransformersLM:
             pad = pad if int(pad.max()) > 0 else None
         if compression is None:
             return TransformersCache(self.model.config, pad)
-        from .compress.hf import CompressedCache  # only a compressed cache needs yoco.compress
-
-        return CompressedCache(self.model, compression, batch_size, pad)
+        # the policy builds its own transformers cache: the core never imports yoco.compress
+        return compression.new_transformers_cache(self.model, batch_size, pad)
 
     def __call__(self, ids: torch.Tensor, cache, num_logits: int | None = None) -> torch.Tensor | None:
         B, T = ids.shape

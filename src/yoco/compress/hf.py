@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface, Cache
@@ -38,8 +39,10 @@ from ..hf import YocoCache, YocoForCausalLM, cache_arg, left_pad_counts
 from ..hf_runner import TransformersLM, check_model
 from ..layers import RotaryEmbedding, Step, rotate_by
 from ..models.base import InputError
-from .policies import Policy
 from .store import CompressedKV
+
+if TYPE_CHECKING:  # policies build these caches (Policy.new_transformers_cache)
+    from .policies import Policy
 
 ATTENTION = "yoco_compressed"
 

@@ -99,6 +99,13 @@ class Policy:
         ``n_layers``, ``batch_size``, ``dtype``, ``device``, ``pad``."""
         return CompressedKV(self, **geometry.store_options(), **options)
 
+    def new_transformers_cache(self, model, batch_size: int, pad: torch.Tensor | None = None):
+        """A transformers ``Cache`` of this policy's stores, one per attention layer of ``model`` (a
+        Llama/Mistral/Qwen2-like causal LM); transformers is imported only when one is asked for."""
+        from .hf import CompressedCache
+
+        return CompressedCache(model, self, batch_size, pad)
+
     def entry_state(self) -> dict[str, torch.dtype]:
         """Per-entry tensors the store keeps for this policy: name -> dtype (a new entry starts at its
         slot for an integer dtype, at 0 otherwise)."""
