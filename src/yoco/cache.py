@@ -35,7 +35,6 @@ from .layers import Step
 Expand = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-
 class CacheError(YocoError, RuntimeError):
     """A cache used beyond what it was built for (capacity, batch size)."""
 
