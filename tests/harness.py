@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from yoco import build_model
 from yoco.compress import CORM, H2O, PyramidKV, SnapKV, StreamingLLM
+from yoco.compress.policies import TOVA, AdaKV
 from yoco.engine import decode_step, left_pad, prefill
 from yoco.layers import Step
 
@@ -70,7 +71,8 @@ def run(model, prompts, policy, steps=6, chunk=16):
     return torch.stack(logits), cache
 
 
-POLICIES = {"streamingllm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "h2o": H2O, "corm": CORM}
+POLICIES = {"streamingllm": StreamingLLM, "snapkv": SnapKV, "pyramidkv": PyramidKV, "adakv": AdaKV, "h2o": H2O,
+            "tova": TOVA, "corm": CORM}
 
 HF_SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512)

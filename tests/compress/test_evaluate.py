@@ -37,6 +37,17 @@ def test_compress_eval_writes_json_markdown_and_plot(checkpoint, tmp_path, capsy
     assert "| snapkv | 0.25 |" in capsys.readouterr().out
 
 
+def test_compress_eval_runs_tova_and_adakv(checkpoint, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["compress-eval", "--model", str(checkpoint), "--policy", "tova,adakv,adakv:alpha_safeguard=1",
+            "--budget", "0.25", "--context", "160", "--depths", "0", "--trials", "1", "--ppl-rows", "2",
+            "--ppl-tokens", "6", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["policy"] for r in rows] == ["full", "tova", "adakv", "adakv:alpha_safeguard=1"]
+    assert all(r["cache_bytes"] < rows[0]["cache_bytes"] and r["ppl"] > 1 for r in rows[1:])
+
+
 def test_compress_eval_errors(checkpoint, tmp_path, capsys):
     assert main(["compress-eval", "--model", str(tmp_path / "none")]) == 2
     assert "no trained model" in capsys.readouterr().err
@@ -46,6 +57,8 @@ def test_compress_eval_errors(checkpoint, tmp_path, capsys):
     assert "option=value" in capsys.readouterr().err
     assert main(["compress-eval", "--model", str(checkpoint), "--policy", "snapkv:beta=3"]) == 2
     assert "beta" in capsys.readouterr().err
+    assert main(["compress-eval", "--model", str(checkpoint), "--policy", "adakv:alpha_safeguard=2"]) == 2
+    assert "alpha_safeguard" in capsys.readouterr().err
     assert main(["compress-eval", "--model", str(checkpoint), "--budget", "1.5"]) == 2
     assert "budget" in capsys.readouterr().err
     assert main(["compress-eval", "--model", str(checkpoint), "--budget", "0"]) == 2

@@ -9,6 +9,7 @@ from harness import POLICIES, hf_model, left_padded, make_model, run
 from yoco.cache import tensor_bytes
 from yoco.compress import CORM, H2O, BudgetError, CompressedKV, InfLLM, PyramidKV, SnapKV, StreamingLLM
 from yoco.compress.hf import CompressedCache, HFCompressedLM
+from yoco.compress.policies import TOVA, AdaKV
 from yoco.compress.hf import generate as hf_generate
 from yoco.engine import decode_step, generate, left_pad, prefill
 from yoco.models.base import InputError
@@ -120,7 +121,7 @@ def layer_bytes(cache):
 
 WINDOWED = {"snapkv-above-window": SnapKV(1000), "h2o-above-window": H2O(1000),
             "streamingllm-above-window": StreamingLLM(1000), "snapkv": SnapKV(8, window=4), "h2o": H2O(8),
-            "streamingllm": StreamingLLM(8), "corm": CORM(window=8)}
+            "streamingllm": StreamingLLM(8), "corm": CORM(window=8), "tova": TOVA(8), "tova-above-window": TOVA(1000)}
 
 
 @pytest.mark.parametrize("name", sorted(WINDOWED))
@@ -153,8 +154,8 @@ def test_a_sliding_window_cache_never_holds_more_than_transformers_own(name):
     assert phases.count("decode") == 8
 
 
-@pytest.mark.parametrize("policy", [SnapKV(1000), SnapKV(30, window=4), CORM(window=8)],
-                         ids=["snapkv-everything", "snapkv-30", "corm"])
+@pytest.mark.parametrize("policy", [SnapKV(1000), SnapKV(30, window=4), CORM(window=8), AdaKV(30, window=4)],
+                         ids=["snapkv-everything", "snapkv-30", "corm", "adakv-30"])
 def test_a_growing_cache_never_holds_more_than_transformers_own(policy):
     """Full attention, policies that let the cache grow while decoding: never more entries than the
     tokens seen, i.e. never more bytes than transformers' DynamicCache after the same tokens."""
@@ -302,13 +303,14 @@ def test_transformers_generate_with_a_budget_above_the_prompt_is_plain_generate(
     torch.testing.assert_close(hf_generate(model, ids, policy, **options), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "snapkv", "h2o", "corm", "infllm"])
+@pytest.mark.parametrize("name", ["streamingllm", "snapkv", "h2o", "corm", "infllm", "tova", "adakv"])
 def test_transformers_generate_follows_the_compressed_cache(name):
     """generate() on a cache compressed to a few entries == yoco's own decode loop on the same cache."""
     model = hf_model("llama")
     ids, mask = padded_batch()
     policy = {"streamingllm": StreamingLLM(12), "snapkv": SnapKV(12, window=4), "h2o": H2O(12),
-              "corm": CORM(12, window=4), "infllm": InfLLM(n_init=4, n_local=16, block_size=8, topk=1)}[name]
+              "corm": CORM(12, window=4), "infllm": InfLLM(n_init=4, n_local=16, block_size=8, topk=1),
+              "tova": TOVA(12), "adakv": AdaKV(12, window=4)}[name]
     out = hf_generate(model, ids, policy, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     lm = HFCompressedLM(model)
     cache = lm.new_cache(2, pad=(mask == 0).sum(-1), compression=policy)

@@ -1,10 +1,12 @@
-"""Budgets and the policies' ranking rules, on hand-made slots and scores."""
+"""Budgets and the policies' ranking rules, on hand-made slots, scores and stores (TOVA against the paper's
+algorithm written out, AdaKV's allocation against a naive one)."""
 
 import pytest
 import torch
+from harness import cpu_step
 
-from yoco.compress import CORM, H2O, BudgetError, PyramidKV, SnapKV, StreamingLLM, make_policy
-from yoco.compress.policies import check_budget, pyramid_limit
+from yoco.compress import CORM, H2O, BudgetError, CompressedKV, PyramidKV, SnapKV, StreamingLLM, make_policy
+from yoco.compress.policies import TOVA, AdaKV, check_budget, policy_for_context, pyramid_limit
 
 
 @pytest.mark.parametrize("budget", [0, -1, -0.5, 0.0, 1.5, "half", True, None])
@@ -62,3 +64,169 @@ def test_rankings():
     corm = CORM(window=3, recent_queries=2)
     last_attended = torch.tensor([[[9, 2, 3, 8, 4, 5, 6, 7, 8, 9]]])
     assert corm.evicted(slots, 9, last_attended).nonzero()[:, 2].tolist() == [1, 2, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------- TOVA
+def hand_made_store(policy, batch_size=1, n_kv_heads=2, dim=8, pad=None):
+    return CompressedKV(policy, layer=0, n_layers=1, batch_size=batch_size, n_kv_heads=n_kv_heads, key_dim=dim,
+                        value_dim=dim, dtype=torch.float32, pad=pad)
+
+
+def kept_slots(store):
+    """Per head, the sorted slots the store holds (one row)."""
+    return [sorted(s for s in store.slots[0, head].tolist() if s >= 0) for head in range(store.slots.shape[1])]
+
+
+def paper_tova(q, k, prompt, cache_size, heads):
+    """The paper's TOVA written out (float64, one row): the prompt's last query keeps its top
+    ``cache_size`` tokens; each new token joins the cache, its query attends the cache and itself, then
+    the token it attended least of those leaves. Yields, per decode step, each K/V head's attended slots."""
+    H, n, d = q.shape[1], k.shape[1], q.shape[-1]
+    group = H // n
+
+    def weights(t, held):  # [n] lists: query t's weight per K/V head on each slot of held[head]
+        out = []
+        for head in range(n):
+            keys = k[0, head, held[head]].double()
+            probs = torch.softmax(q[0, head * group:(head + 1) * group, t].double() @ keys.T * d ** -0.5, -1)
+            out.append(probs.sum(0))
+        if heads == "layer":
+            total = sum(out)
+            out = [total] * n
+        return out
+
+    held = [list(range(prompt))] * n
+    w = weights(prompt - 1, held)
+    held = [sorted(torch.tensor(held[h])[w[h].topk(cache_size).indices].tolist()) for h in range(n)]
+    for t in range(prompt, q.shape[2]):
+        held = [h_slots + [t] for h_slots in held]
+        yield held
+        w = weights(t, held)
+        held = [[s for i, s in enumerate(held[h]) if i != int(w[h].argmin())] for h in range(n)]
+
+
+@pytest.mark.parametrize("heads", ["kv", "layer"])
+def test_tova_evicts_what_the_latest_query_attended_least(heads):
+    # 2 K/V heads of 2 query heads each; a 20-token prompt; budget 7 = the paper's cache_size 6
+    torch.manual_seed(0)
+    prompt, steps, budget = 20, 30, 7
+    q, k = torch.randn(1, 4, prompt + steps, 8), torch.randn(1, 2, prompt + steps, 8)
+    store = hand_made_store(TOVA(budget, heads=heads))
+    store.append(k[:, :, :prompt], k[:, :, :prompt])
+    store.attend(q[:, :, :prompt], cpu_step(0, prompt))
+    store.compress()
+    assert store.entries == budget
+    expected = paper_tova(q, k, prompt, budget - 1, heads)
+    for t in range(prompt, prompt + steps):
+        store.append(k[:, :, t:t + 1], k[:, :, t:t + 1])
+        assert kept_slots(store) == next(expected), f"step {t}"
+        store.attend(q[:, :, t:t + 1], cpu_step(t, 1))
+        assert store.entries == budget  # never grows
+    if heads == "layer":
+        assert kept_slots(store)[0] == kept_slots(store)[1]
+    else:
+        assert kept_slots(store)[0] != kept_slots(store)[1]  # the heads chose for themselves
+
+
+def test_tova_keeps_the_tokens_of_a_several_token_call():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 4, 23, 8), torch.randn(1, 2, 23, 8)
+    store = hand_made_store(TOVA(8))
+    store.append(k[:, :, :20], k[:, :, :20])
+    store.attend(q[:, :, :20], cpu_step(0, 20))
+    store.compress()
+    before = kept_slots(store)
+    score = {s: float(w) for s, w in zip(store.slots[0, 0].tolist(), store.score[0, 0])}  # the last query's weights
+    store.append(k[:, :, 20:23], k[:, :, 20:23])  # three tokens in one call: all three stay
+    least = sorted(before[0], key=score.get)[:3]
+    assert kept_slots(store)[0] == sorted(set(before[0]) - set(least)) + [20, 21, 22]
+    assert store.entries == 8
+
+
+def test_tova_options():
+    assert make_policy("tova", 16).heads == "kv" and make_policy("TOVA", 0.5).budget == 0.5
+    assert policy_for_context("tova:heads=layer", 0.25, 100).heads == "layer"
+    with pytest.raises(BudgetError, match="TOVA heads must be"):
+        TOVA(16, heads="query")
+    with pytest.raises(BudgetError, match="budget is required"):
+        TOVA(None)
+
+
+# ---------------------------------------------------------------------- AdaKV
+def naive_adakv_choice(score, pad, limit, window, alpha):
+    """Per row, per head, the slots Ada-SnapKV keeps (kernel_size 1) written out: each head's window,
+    then its own top floor(alpha * limit) - window others, then the rest of limit x heads by score across
+    every head of the row."""
+    B, h, S = score.shape
+    chosen = []
+    for b in range(B):
+        n = int(limit[b])
+        real = list(range(int(pad[b]), S))
+        recent = real[-window:]
+        guaranteed = max(0, int(alpha * n) - window)
+        rows = []
+        for head in range(h):
+            others = sorted((s for s in real if s not in recent), key=lambda s: -float(score[b, head, s]))
+            rows.append(set(recent) | set(others[:guaranteed]))
+        rest = sorted(((float(score[b, head, s]), head, s) for head in range(h) for s in real if s not in rows[head]),
+                      reverse=True)
+        for _, head, s in rest[:n * h - sum(len(r) for r in rows)]:
+            rows[head].add(s)
+        chosen.append([sorted(r) for r in rows])
+    return chosen
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 1.0])
+def test_adakv_shares_the_layer_budget_across_heads(alpha):
+    torch.manual_seed(2)
+    B, h, S, budget, window = 2, 4, 24, 7, 2  # 0.5 x 7: the floor of 3.5 counts
+    pad = torch.tensor([0, 5])
+    policy = AdaKV(budget, window=window, kernel_size=1, alpha_safeguard=alpha)
+    store = hand_made_store(policy, batch_size=B, n_kv_heads=h, pad=pad)
+    store.append(torch.randn(B, h, S, 8), torch.randn(B, h, S, 8))
+    # heads of very different sharpness: the allocation must move budget between them
+    store.score = torch.rand(B, h, S) ** torch.tensor([1.0, 8.0, 0.5, 3.0])[:, None]
+    limit = policy.limit(store.prompt_tokens(), 0, 1)
+    expected = naive_adakv_choice(store.score, pad, limit, window, alpha)
+    head_limit = policy.head_limits(store, limit)
+    assert head_limit.tolist() == [[len(r) for r in row] for row in expected]
+    assert head_limit.sum(-1).tolist() == [budget * h] * B
+    assert bool((head_limit >= int(alpha * budget)).all()) and bool((head_limit >= window).all())
+    if alpha < 1:
+        assert head_limit.max() > budget  # really uneven
+    else:
+        assert head_limit.tolist() == [[budget] * h] * B  # every head its own budget: SnapKV
+    store.compress()
+    assert store.live().tolist() == head_limit.tolist() and store.entries == int(head_limit.max())
+    for b in range(B):
+        assert [sorted(s for s in store.slots[b, head].tolist() if s >= 0) for head in range(h)] == expected[b]
+
+
+@pytest.mark.parametrize("scores", ["uniform", "same-in-every-head"])
+def test_adakv_with_heads_scoring_alike_is_snapkv(scores):
+    torch.manual_seed(3)
+    B, h, S = 2, 4, 30
+    if scores == "uniform":
+        score = torch.ones(B, h, S)
+    else:
+        score = torch.rand(B, 1, S).expand(B, h, S).clone()
+    keys = torch.randn(B, h, S, 8)
+    chosen = []
+    for policy in (AdaKV(9, window=4), SnapKV(9, window=4)):
+        store = hand_made_store(policy, batch_size=B, n_kv_heads=h, pad=torch.tensor([0, 4]))
+        store.append(keys, keys)
+        store.score = score.clone()
+        store.compress()
+        chosen.append((store.slots.tolist(), store.head_limit.tolist()))
+    assert chosen[0] == chosen[1]
+    assert chosen[0][1] == [[9] * h] * B
+
+
+def test_adakv_options():
+    assert make_policy("adakv", 0.25).alpha_safeguard == 0.2
+    assert policy_for_context("adakv:alpha_safeguard=0.5:window=8", 0.25, 100).alpha_safeguard == 0.5
+    for alpha in (-0.1, 1.5, "high"):
+        with pytest.raises(BudgetError, match="alpha_safeguard"):
+            AdaKV(0.25, alpha_safeguard=alpha)
+    with pytest.raises(BudgetError, match="odd kernel_size"):
+        AdaKV(0.25, kernel_size=2)

@@ -6,6 +6,7 @@ import torch
 from harness import POLICIES, make_model, run
 
 from yoco.compress import CORM, H2O, BudgetError, CompressedKV, PyramidKV, SnapKV, StreamingLLM
+from yoco.compress.policies import TOVA, AdaKV
 from yoco.kernels import slot_mask
 from yoco.layers import rotate_by
 from yoco.engine import decode_step, generate, left_pad, prefill
@@ -30,7 +31,7 @@ def test_a_budget_above_the_prompt_changes_nothing(variant, name):
 def test_bytes_follow_the_budget_per_layer(variant):
     model = make_model(variant)
     ids = torch.randint(1, 200, (2, 80))
-    for policy in (SnapKV(20, window=8), StreamingLLM(0.25), H2O(0.25), PyramidKV(24, window=8, beta=4)):
+    for policy in (SnapKV(20, window=8), StreamingLLM(0.25), H2O(0.25), TOVA(20), PyramidKV(24, window=8, beta=4)):
         cache = model.new_cache(2, compression=policy)
         prefill(model, ids, cache, 32)
         stores = [c for c in cache.layers if isinstance(c, CompressedKV)]
@@ -46,6 +47,27 @@ def test_bytes_follow_the_budget_per_layer(variant):
             assert bool((store.slots >= 0).all())
         if isinstance(policy, PyramidKV) and len(stores) > 1:
             assert stores[0].entries > stores[-1].entries  # the pyramid: fewer entries deeper
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_adakv_bytes_follow_its_allocation_per_layer(variant):
+    """AdaKV: each row holds exactly budget x heads tokens per layer, split unevenly between heads; the
+    dense tensors are allocated for the largest head's share."""
+    model = make_model(variant)
+    ids = torch.randint(1, 200, (2, 80))
+    cache = model.new_cache(2, compression=AdaKV(20, window=8))
+    prefill(model, ids, cache, 32)
+    stores = [c for c in cache.layers if isinstance(c, CompressedKV)]
+    for store in stores:
+        h = store.k.shape[1]
+        assert store.live().sum(-1).tolist() == [20 * h] * 2  # live: the budget, shared by the heads
+        assert store.live().tolist() == store.head_limit.tolist()
+        assert bool((store.head_limit >= 8).all())  # the observation window, in every head
+        per_token = store.k[0, 0, 0].numel() * store.k.element_size() * (1 if store.v is None else 2)
+        assert store.entries == int(store.head_limit.max())
+        assert store.nbytes() == 2 * h * int(store.head_limit.max()) * per_token  # allocated: the largest share
+    if any(store.k.shape[1] > 1 for store in stores):
+        assert any(bool((store.head_limit != 20).any()) for store in stores)  # the allocation is really uneven
 
 
 def test_yoco_compresses_its_one_global_cache():
@@ -86,7 +108,8 @@ def test_left_padded_batch_equals_each_prompt_alone(variant, name):
         torch.testing.assert_close(batch[:, row], alone[:, 0], rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("policy", [StreamingLLM(24), H2O(24), CORM(24, window=8)])
+@pytest.mark.parametrize("policy", [StreamingLLM(24), H2O(24), CORM(24, window=8), TOVA(24),
+                                    TOVA(24, heads="layer")])
 def test_decode_keeps_the_budget(policy):
     model = make_model("transformer")
     ids, _ = left_pad([torch.randint(1, 200, (60,)).tolist()])

@@ -10,8 +10,12 @@ always win; empty and pad entries get -inf, so they never do.
 - ``SnapKV``: the last ``window`` (``observation_window``) prompt queries' attention, summed over each query group, average-
   pooled along keys (``kernel_size``); top-k per head plus the window itself. At prefill only.
 - ``PyramidKV``: SnapKV's selection with a per-layer budget falling linearly with depth.
+- ``AdaKV``: SnapKV's scores with the layer's budget shared by its K/V heads (top scores across heads
+  jointly, each head guaranteed a share). At prefill only.
 - ``H2O``: heavy hitters (attention accumulated over every query so far) + a recent window; keeps
   the budget while decoding.
+- ``TOVA``: the latest query's attention alone: keep what the last prompt query attends most, then
+  evict what the latest query attended least at every decode step.
 - ``CORM``: a rule, not a fixed budget (see the class for the exact rule); ``window`` is its
   ``recent_window``.
 - ``InfLLM``: not a ranking but a context memory: initial tokens + a local window + top-k retrieved
@@ -302,6 +306,98 @@ def pyramid_limit(cap: torch.Tensor, prompt_tokens: torch.Tensor, window: int, b
     return out
 
 
+class AdaKV(SnapKV):
+    """Ada-KV (Feng et al., 2024, arXiv 2407.11550) on SnapKV's scores ("Ada-SnapKV"): the layer's
+    budget is shared by its K/V heads instead of split evenly. A row of limit n keeps n x h entries in
+    all (h K/V heads): the highest SnapKV priorities across every head of the layer jointly, after a
+    safeguard gives each head its own top ``floor(alpha_safeguard x n)`` (0.2, as in the paper and
+    kvpress). The observation window ranks above every score in each head, so every head keeps it (all
+    of it once n >= window). Compresses the prompt only, as SnapKV.
+
+    The tensors stay dense ([B, h, S]): they are sized for the largest head's limit, the other heads'
+    spare entries empty (the tokens decoded next fill them first). So ``nbytes()`` counts h x the
+    largest head limit per row, while the tokens held (``live()``) per row are exactly n x h."""
+
+    name = "adakv"
+
+    def __init__(self, budget, window: int = 32, kernel_size: int = 5, alpha_safeguard: float = 0.2):
+        super().__init__(budget, window, kernel_size)
+        if isinstance(alpha_safeguard, bool) or not isinstance(alpha_safeguard, (int, float)) \
+                or not 0 <= alpha_safeguard <= 1:
+            raise BudgetError(f"AdaKV alpha_safeguard (each head's guaranteed share of the per-head budget) "
+                              f"must be in [0, 1], got {alpha_safeguard!r}")
+        self.alpha_safeguard = float(alpha_safeguard)
+
+    def head_limits(self, store, limit):
+        valid = store.valid()
+        priority = store.priority(store.seen - 1).masked_fill(~valid, float("-inf"))
+        return self.allocate(priority, limit)
+
+    def allocate(self, priority: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        """Entries per row and K/V head [B, h] for ``priority`` [B, h, S] (-inf: not an entry) and rows
+        of ``limit`` [B] entries per head on average."""
+        B, h, S = priority.shape
+        held = (priority > float("-inf")).sum(-1)  # [B, h] entries a head can give
+        total = torch.minimum(limit[:, None], held).sum(-1)  # [B]: n x h, or all a short prompt has
+        guaranteed = torch.minimum((limit.double() * self.alpha_safeguard).floor().long()[:, None], held)
+        ranked = priority.sort(-1, descending=True).values  # each head's priorities, best first
+        rank = torch.arange(S, device=priority.device)
+        ranked = torch.where(rank < guaranteed[..., None], float("inf"), ranked)
+        # rank-major before the stable sort: among equal priorities the heads take turns, so heads
+        # with identical scores get identical limits (SnapKV's even split)
+        order = ranked.transpose(1, 2).reshape(B, S * h).sort(dim=-1, descending=True, stable=True).indices
+        chosen = torch.arange(S * h, device=priority.device) < total[:, None]
+        return torch.zeros_like(held).scatter_add_(1, order % h, chosen.long())
+
+
+class TOVA(Policy):
+    """TOVA (Oren et al., 2024, arXiv 2401.06104, "Transformers are Multi-State RNNs"): a fixed budget
+    chosen by the latest query alone. At the prompt, keep the entries the last prompt query attends
+    most; while decoding, a head at its budget evicts the entry the latest query attended least (the
+    latest token itself a candidate). Per layer and K/V head: the weights of the K/V head's query
+    group summed (and, for YOCO's global cache, summed over the cross-decoder layers reading it);
+    ``heads="layer"`` sums them over all the layer's heads, so every head keeps the same tokens, as the
+    authors' implementation does (it averages over the query heads).
+
+    The one difference from the paper: the budget counts the current token. The paper's cache holds
+    ``cache_size`` tokens between steps; a new token's query attends them and itself, then the least
+    attended of those ``cache_size + 1`` goes. The store never holds more than its budget, so it makes
+    that eviction before writing the next token, with the same query's weights: a budget of n here is
+    the paper's ``cache_size`` n - 1 (the same evictions, the same n tokens attended at every step).
+    A call of several tokens after compression (the paper decodes one per step) evicts by the last
+    scored query's weights among the entries it scored: the call's own tokens stay."""
+
+    name = "tova"
+    observe = "tail"
+    observation_window = 1  # only the latest query's weights count
+    keeps_budget_while_decoding = True
+
+    def __init__(self, budget, heads: str = "kv"):
+        super().__init__(budget)
+        if heads not in ("kv", "layer"):
+            raise BudgetError(f"TOVA heads must be 'kv' (per K/V head) or 'layer' (the same tokens in every head), "
+                              f"got {heads!r}")
+        self.heads = heads
+
+    def observed(self, store, probs, mask, q_slots, *, new_call: bool) -> None:
+        if new_call:  # a new latest query: the previous one's weights no longer count
+            store.score.zero_()
+        weights = probs[..., -1, :].sum(2)  # [B, h, S]: the latest query, over the K/V head's query group
+        if self.heads == "layer":
+            weights = weights.sum(1, keepdim=True).expand_as(weights)
+        store.score += weights
+        store.row_state["scored_query"] = q_slots[-1].repeat(store.k.shape[0])
+
+    def before_write(self, store, newest: int) -> None:
+        scored = store.row_state.get("scored_query")
+        if scored is not None:  # tokens written after the scored query (same call) have no weight from it
+            store.score.masked_fill_(store.slots > scored[:, None, None], float("inf"))
+        super().before_write(store, newest)
+
+    def priority(self, slots, newest, score, limit, pad):
+        return score.double()
+
+
 class H2O(Policy):
     """Heavy-Hitter Oracle (Zhang et al., 2023): each token's attention accumulated over every query
     that saw it (summed over the query heads of its K/V head, and over every layer reading the cache);
@@ -509,11 +605,16 @@ def option_value(text: str):
     return text
 
 
-POLICIES = {cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, H2O, CORM, InfLLM)}
+POLICIES = {cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, AdaKV, H2O, TOVA, CORM, InfLLM)}
+
+# what ``yoco.compress`` exports: every policy class by its own name, so a new policy is added here only
+__all__ = ["POLICIES", "BudgetError", "Policy", "make_policy", "parse_budget", "policy_for_context",
+           *(cls.__name__ for cls in POLICIES.values())]
 
 
 def make_policy(name: str, budget=None, **options) -> Policy:
-    """A policy by name (``streamingllm``, ``snapkv``, ``pyramidkv``, ``h2o``, ``corm``, ``infllm``)."""
+    """A policy by name (``streamingllm``, ``snapkv``, ``pyramidkv``, ``adakv``, ``h2o``, ``tova``, ``corm``,
+    ``infllm``)."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in POLICIES:
         raise BudgetError(f"unknown compression policy {name!r}; choose from {', '.join(sorted(POLICIES))}")
