@@ -230,3 +230,18 @@ def test_adakv_options():
             AdaKV(0.25, alpha_safeguard=alpha)
     with pytest.raises(BudgetError, match="odd kernel_size"):
         AdaKV(0.25, kernel_size=2)
+
+
+@pytest.mark.parametrize("policy", [SnapKV(8, window=4), PyramidKV(8, window=4), AdaKV(8, window=4)])
+def test_snapkv_pools_a_left_padded_row_as_alone(policy):
+    # a row's left padding is no neighbour of its first tokens: their pooled scores (what decides
+    # which prompt tokens are kept) are the row's own, not diluted by the pads' zeros
+    S, pad = 12, 3
+    torch.manual_seed(0)
+    score = torch.rand(1, 2, S)
+    alone = policy.priority(torch.arange(S).expand(1, 2, S), S - 1, score, None, None)
+    slots = torch.arange(S + pad).expand(1, 2, S + pad)
+    padded_score = torch.cat((torch.zeros(1, 2, pad), score), dim=-1)
+    padded = policy.priority(slots, S + pad - 1, padded_score, None, torch.tensor([pad]))
+    older = slice(0, S - 4)  # the entries scored by pooling (the last 4 are the protected window)
+    torch.testing.assert_close(padded[..., pad:][..., older], alone[..., older], rtol=0, atol=1e-6)

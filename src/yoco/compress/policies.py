@@ -254,17 +254,25 @@ class SnapKV(Policy):
             raise BudgetError(f"SnapKV needs window >= 1 and an odd kernel_size, got {window}, {kernel_size}")
         self.observation_window, self.kernel_size = window, kernel_size
 
-    def pooled(self, score: torch.Tensor) -> torch.Tensor:
+    def pooled(self, score: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """``score`` [B, h, S] averaged over each entry's ``kernel_size`` neighbours, counting only the
+        ``real`` ones (a row's left padding is not a neighbour: a padded row pools as it would alone)."""
         B, h, S = score.shape
         if self.kernel_size == 1:
             return score
-        pooled = torch.nn.functional.avg_pool1d(score.reshape(B * h, 1, S).float(), self.kernel_size, stride=1,
-                                                padding=self.kernel_size // 2, count_include_pad=False)
-        return pooled.view(B, h, S)
+        weight = torch.ones_like(score, dtype=torch.float32) if real is None else real.float()
+
+        def pool(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool1d(x.reshape(B * h, 1, S), self.kernel_size, stride=1,
+                                                  padding=self.kernel_size // 2, count_include_pad=False)
+
+        sums, counts = pool(score.float() * weight), pool(weight)  # both divided by the same window size
+        return torch.where(counts > 0, sums / counts.clamp_min(1e-30), 0.0).view(B, h, S)
 
     def priority(self, slots, newest, score, limit, pad):
         recent = slots > newest - self.observation_window
-        return torch.where(recent, PROTECTED + recency(slots), self.pooled(score).double())
+        real = (slots >= 0) if pad is None else (slots >= pad[:, None, None])
+        return torch.where(recent, PROTECTED + recency(slots), self.pooled(score, real).double())
 
 
 class PyramidKV(SnapKV):
