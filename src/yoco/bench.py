@@ -24,6 +24,7 @@ transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -299,8 +300,9 @@ def llama_like(config: ModelConfig, dtype: torch.dtype, seed: int) -> Transforme
 # ---------------------------------------------------------------------- the run
 def positions_needed(context: int, settings: BenchSettings) -> int:
     """Cache slots one measurement uses: the prompt, the timed decode, one step sizing the activations,
-    and the batched decode."""
-    return context + settings.new_tokens + 1 + settings.budget_steps + 1
+    and the batched decode; with ``compile`` one slot more, because a compiled step is specialised on
+    its cache view being part of the buffer, and would recompile at the step that fills it."""
+    return context + settings.new_tokens + 1 + settings.budget_steps + 1 + int(settings.compile)
 
 
 def bench_config(arch: str, settings: BenchSettings) -> ModelConfig:
@@ -403,6 +405,17 @@ def extrapolate(arch: str, context: int, measured: list[dict], settings: BenchSe
     }
 
 
+def room_to_compile(settings: BenchSettings):
+    """With ``compile``, room for every compilation of the decode step the run makes: each architecture
+    compiles it for batch 1 and again for the budget batch, and past torch's default limit of 8 per
+    function the later architectures would silently decode eagerly."""
+    if not settings.compile:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(cache_size_limit=max(8, 4 * len(settings.archs)))
+
+
 def run_bench(settings: BenchSettings, log=print) -> dict:
     from tqdm import tqdm
 
@@ -421,14 +434,15 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     plan = [(c, a) for c in contexts for a in settings.archs]
     results: list[dict] = []
     bar = tqdm(plan, desc="bench", unit="run", dynamic_ncols=True)
-    for context, arch in bar:
-        bar.set_postfix_str(f"{arch} @ {context}")
-        if quadratic_prefill(bench_config(arch, settings)) and context > settings.max_quadratic_context:
-            measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
-            results.append(extrapolate(arch, context, measured, settings))
-            continue
-        results.append(measure(runners[arch], context, settings, machine,
-                               progress=lambda text: bar.set_postfix_str(text)))
+    with room_to_compile(settings):
+        for context, arch in bar:
+            bar.set_postfix_str(f"{arch} @ {context}")
+            if quadratic_prefill(bench_config(arch, settings)) and context > settings.max_quadratic_context:
+                measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
+                results.append(extrapolate(arch, context, measured, settings))
+                continue
+            results.append(measure(runners[arch], context, settings, machine,
+                                   progress=lambda text: bar.set_postfix_str(text)))
     bar.close()
     # Measure again at the end: a busy moment at the start would understate the peak, and start and
     # end far apart say that the run shared the machine. Every prefill is expressed against the better.
