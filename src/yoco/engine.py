@@ -201,7 +201,9 @@ def decode_stepper(model: EngineModel, compile: bool = False):
     (``compile``) the same step captured by ``torch.compile``, gpt-fast style: only the hot decode step
     is compiled, the prefill runs eagerly. ``dynamic=True`` because the cache grows by a slot every
     step: its lengths are symbolic from the first compilation, rather than specialised and recompiled
-    at every step (what remains: one recompilation when a batch of 1 grows, or a ring buffer fills)."""
+    at every step (what remains: a recompilation when a batch of 1 grows, since torch specialises
+    dimensions of size 1, and at the step that fills a preallocated cache's last slot, which the
+    engine's own generation never reaches)."""
     if not compile:
         return sampled_decode_step
     if not model.decode_compiles:

@@ -27,8 +27,8 @@ def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad: torch.Tensor | 
     ``none_if_unmasked``: return None when nothing is masked, so the caller can take SDPA's unmasked
     (fastest) path. Finding that out reads the mask's values, a host synchronisation: the plain
     caches' per-step paths know it from Python ints instead (no padding, slot arithmetic, a ring's
-    fill level), skip the call when nothing is masked and pass False; the compressed stores, whose
-    entries are per row, leave it to this check."""
+    fill level), skip the call when nothing is masked and pass False (the compressed stores always
+    mask, and pass False too)."""
     keys = k_slots if k_slots.dim() == 3 else k_slots[None, None]  # [B or 1, h or 1, S]
     rel = q_slots[:, None] - keys[..., None, :]  # [b, h, T, S]
     allowed = (rel >= 0) & (keys >= 0)[..., None, :]
