@@ -141,6 +141,22 @@ def test_cli_bench_writes_outputs(tmp_path, capsys):
     assert "| yoco-swa | 32 |" in (tmp_path / "b.md").read_text()
 
 
+def test_cli_bench_compile_decodes_every_runner_with_the_compiled_step(monkeypatch, tmp_path):
+    import yoco.bench
+
+    compiled = []  # torch.compile stood in for by a recorder (the real one is tested in test_decode_step.py)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append((fn.__name__, options)) or fn)
+    monkeypatch.setattr(yoco.bench, "measure_matmul_flops", lambda dtype: 100e9)
+    monkeypatch.setattr(yoco.bench, "measure_bandwidth", lambda: 40e9)
+    argv = ["bench", "--preset", "tiny", "--arch", "yoco-swa,hf-llama", "--context", "32", "--new-tokens", "2",
+            "--budget-steps", "1", "--max-budget-batch", "2", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["settings"]["compile"] is False and compiled == []
+    assert main(argv + ["--compile"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["settings"]["compile"] is True
+    assert compiled == [("sampled_decode_step", {"dynamic": True})] * 2
+
+
 def test_prefill_flops_of_the_kv_family():
     base = prefill_flops(get_config("gqa", "40m"), 4096)
     # Cross-layer sharing drops K/V projections of the consuming layers only.

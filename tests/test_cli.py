@@ -23,6 +23,20 @@ def test_generate_text_and_stream(capsys):
     assert len(capsys.readouterr().out.split()) == 3
 
 
+def test_generate_compile_decodes_with_the_compiled_step(monkeypatch, capsys):
+    compiled = []  # torch.compile stood in for by a recorder (the real one is tested in test_decode_step.py)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append((fn.__name__, options)) or fn)
+    argv = ["generate", "--arch", "yoco-swa", "--prompt-ids", "1,2,3", "--max-new-tokens", "5"]
+    assert main(argv) == 0
+    eager = capsys.readouterr().out
+    assert compiled == []
+    assert main(argv + ["--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert compiled == [("sampled_decode_step", {"dynamic": True})]
+    assert main(["generate", "--arch", "block", "--prompt-ids", "1,2,3", "--compile"]) == 2
+    assert "decode it without compile" in capsys.readouterr().err
+
+
 def test_init_then_generate_from_checkpoint(tmp_path, capsys):
     assert main(["init", "--arch", "yoco-swa", "--out", str(tmp_path / "m")]) == 0
     assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--prompt-ids", "5 6", "--max-new-tokens", "2"]) == 0

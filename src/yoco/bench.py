@@ -6,7 +6,8 @@ process run measures:
 - ``prefill_s``: wall time of the prefill, logits for the last position only;
 - ``peak_mem_bytes``: the process's peak resident-memory growth during that prefill;
 - ``cache_bytes``: the bytes the cache holds after prefill (the tensors the engine tracks);
-- ``decode_tok_s``: greedy decode speed for ``new_tokens`` tokens after that prefill (batch 1);
+- ``decode_tok_s``: greedy decode speed for ``new_tokens`` tokens after that prefill (batch 1), the
+  first step a warm-up (with ``compile``, the decode step captured by ``torch.compile``: it compiles);
 - ``budget_batch`` / ``budget_tok_s``: how many sequences of that context fit in a memory budget
   (cache + decode activations per sequence) and the decode tokens/s that batch reaches. The batch is
   made by repeating the prefilled sequence's cache (values do not change attention cost).
@@ -23,6 +24,7 @@ transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -36,7 +38,7 @@ import psutil
 import torch
 
 from .config import NAMES, PRESETS, ModelConfig, get_config
-from .engine import decode_step, prefill
+from .engine import decode_stepper, prefill
 from .errors import YocoError
 from .hf_runner import TransformersLM
 from .models import build_model, cache_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
@@ -66,6 +68,7 @@ class BenchSettings:
     max_quadratic_context: int = 32768  # above this, Transformers are extrapolated, not run
     threads: int = 0  # 0: torch's default
     seed: int = 0
+    compile: bool = False  # decode with the step torch.compile captured (engine.decode_stepper)
     overrides: dict = field(default_factory=dict)  # ModelConfig fields replacing the preset's
 
     def validate(self) -> None:
@@ -242,10 +245,12 @@ def busy_warning(machine: dict) -> str | None:
 class EngineRunner:
     """A model the engine runs (one of this library's, or a transformers one through
     ``hf_runner.TransformersLM``): its prefill, decode steps and cache, for one measurement at a time.
-    ``config`` is the yoco config whose facts (cache bytes, FLOPs) the measurement is set against."""
+    ``config`` is the yoco config whose facts (cache bytes, FLOPs) the measurement is set against;
+    ``compile``: its decode steps run the step ``torch.compile`` captured."""
 
-    def __init__(self, arch: str, config: ModelConfig, model, chunk: int | None):
+    def __init__(self, arch: str, config: ModelConfig, model, chunk: int | None, compile: bool = False):
         self.arch, self.config, self.model, self.chunk = arch, config, model, chunk
+        self.step = decode_stepper(model, compile)
         self.cache = None
 
     @property
@@ -261,7 +266,8 @@ class EngineRunner:
         return prefill(self.model, ids, self.cache, self.chunk)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return decode_step(self.model, tokens, self.cache)
+        """One step of the greedy tokens it decoded (in the vocabulary: unchecked)."""
+        return self.step(self.model, tokens, self.cache)
 
     def cache_bytes(self) -> int:
         return self.cache.nbytes()
@@ -294,8 +300,9 @@ def llama_like(config: ModelConfig, dtype: torch.dtype, seed: int) -> Transforme
 # ---------------------------------------------------------------------- the run
 def positions_needed(context: int, settings: BenchSettings) -> int:
     """Cache slots one measurement uses: the prompt, the timed decode, one step sizing the activations,
-    and the batched decode."""
-    return context + settings.new_tokens + 1 + settings.budget_steps + 1
+    and the batched decode; with ``compile`` one slot more, because a compiled step is specialised on
+    its cache view being part of the buffer, and would recompile at the step that fills it."""
+    return context + settings.new_tokens + 1 + settings.budget_steps + 1 + int(settings.compile)
 
 
 def bench_config(arch: str, settings: BenchSettings) -> ModelConfig:
@@ -311,8 +318,9 @@ def make_runner(arch: str, settings: BenchSettings):
     dtype = resolve_dtype(settings.dtype)
     config = bench_config(arch, settings)
     if arch == "hf-llama":
-        return EngineRunner(arch, config, llama_like(config, dtype, settings.seed), None)
-    return EngineRunner(arch, config, build_model(config, dtype=dtype, seed=settings.seed), settings.prefill_chunk)
+        return EngineRunner(arch, config, llama_like(config, dtype, settings.seed), None, settings.compile)
+    return EngineRunner(arch, config, build_model(config, dtype=dtype, seed=settings.seed), settings.prefill_chunk,
+                        settings.compile)
 
 
 def timed_decode(runner, first: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
@@ -397,6 +405,17 @@ def extrapolate(arch: str, context: int, measured: list[dict], settings: BenchSe
     }
 
 
+def room_to_compile(settings: BenchSettings):
+    """With ``compile``, room for every compilation of the decode step the run makes: each architecture
+    compiles it for batch 1 and again for the budget batch, and past torch's default limit of 8 per
+    function the later architectures would silently decode eagerly."""
+    if not settings.compile:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(cache_size_limit=max(8, 4 * len(settings.archs)))
+
+
 def run_bench(settings: BenchSettings, log=print) -> dict:
     from tqdm import tqdm
 
@@ -415,14 +434,15 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     plan = [(c, a) for c in contexts for a in settings.archs]
     results: list[dict] = []
     bar = tqdm(plan, desc="bench", unit="run", dynamic_ncols=True)
-    for context, arch in bar:
-        bar.set_postfix_str(f"{arch} @ {context}")
-        if quadratic_prefill(bench_config(arch, settings)) and context > settings.max_quadratic_context:
-            measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
-            results.append(extrapolate(arch, context, measured, settings))
-            continue
-        results.append(measure(runners[arch], context, settings, machine,
-                               progress=lambda text: bar.set_postfix_str(text)))
+    with room_to_compile(settings):
+        for context, arch in bar:
+            bar.set_postfix_str(f"{arch} @ {context}")
+            if quadratic_prefill(bench_config(arch, settings)) and context > settings.max_quadratic_context:
+                measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
+                results.append(extrapolate(arch, context, measured, settings))
+                continue
+            results.append(measure(runners[arch], context, settings, machine,
+                                   progress=lambda text: bar.set_postfix_str(text)))
     bar.close()
     # Measure again at the end: a busy moment at the start would understate the peak, and start and
     # end far apart say that the run shared the machine. Every prefill is expressed against the better.

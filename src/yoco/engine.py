@@ -9,7 +9,9 @@ down below: ``model.new_cache``, ``model(ids, cache, num_logits=...)``, ``model.
   ``num_logits=0`` (memory bounded by the chunk, and YOCO skips its cross-decoder); the last prompt
   token then takes the ordinary decode step through every layer and yields the first logits (a
   compression policy plans the calls instead: ``policy.prefill_plan``);
-- decode: one token per row per step;
+- decode: one token per row per step; the engine's own steps feed tokens it sampled (in the
+  vocabulary by construction), so only the prompts are checked, once, and a step reads no tensor
+  value (no host synchronisation): with ``compile=True`` ``torch.compile`` captures it;
 - batches of prompts of different lengths are left-padded; each row keeps its own RoPE positions
   and never attends to its pads, so it gets the tokens it would get alone.
 """
@@ -23,7 +25,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from .models.base import InputError
+from .models.base import InputError, check_token_ids
 
 
 @runtime_checkable
@@ -54,6 +56,9 @@ class EngineModel(Protocol):
     """A causal LM the engine can run."""
 
     config: EngineLimits
+    # Whether torch.compile captures its decode step once for every slot (``decode_stepper``); False
+    # when the step's Python control flow depends on the slot, so that it would recompile every step.
+    decode_compiles: bool
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """Its parameters: the first one's device is where the engine puts the token ids."""
@@ -63,9 +68,11 @@ class EngineModel(Protocol):
         """An empty cache for ``batch_size`` rows: ``capacity`` slots in all (prompt + new tokens) if
         known, ``pad`` each row's left padding, ``compression`` a ``yoco.compress`` policy or None."""
 
-    def __call__(self, ids: torch.Tensor, cache: EngineCache, num_logits: int | None = None) -> torch.Tensor | None:
+    def __call__(self, ids: torch.Tensor, cache: EngineCache, num_logits: int | None = None,
+                 check_ids: bool = True) -> torch.Tensor | None:
         """The next tokens ids [B, T] after those the cache has seen, updating it; logits [B, k, V] of
-        the last ``num_logits`` positions (None: all; 0: None returned)."""
+        the last ``num_logits`` positions (None: all; 0: None returned). ``check_ids=False``: the ids
+        are known to be in the vocabulary, so the model need not read them to check."""
 
 
 @dataclass
@@ -165,19 +172,44 @@ def prefill(model: EngineModel, ids: torch.Tensor, cache: EngineCache, chunk: in
     cross-decoder on them; InfLLM caps the chunk); the cache is then compressed."""
     if chunk < 1:
         raise InputError(f"prefill chunk must be >= 1, got {chunk}")
+    if ids.numel():
+        check_token_ids(ids, model.config.vocab_size)  # once here, not in every call
     T = ids.shape[1]
     policy = cache.compression
     calls = plan_prefill(T, chunk) if policy is None else policy.prefill_plan(T, chunk)
     for call in calls:
-        logits = model(ids[:, call.start:call.end], cache, num_logits=call.num_logits)
+        logits = model(ids[:, call.start:call.end], cache, num_logits=call.num_logits, check_ids=False)
     if policy is not None:
         cache.compress()
     return logits[:, -1]
 
 
-def decode_step(model: EngineModel, tokens: torch.Tensor, cache: EngineCache) -> torch.Tensor:
-    """Feed one token per row [B]; return the next logits [B, V]."""
-    return model(tokens[:, None], cache, num_logits=1)[:, -1]
+def decode_step(model: EngineModel, tokens: torch.Tensor, cache: EngineCache, *, check_ids: bool = True) -> torch.Tensor:
+    """Feed one token per row [B]; return the next logits [B, V]. ``check_ids=False``: the tokens are
+    known to be in the vocabulary (sampled from the model's logits), so the model does not read them to
+    check it; a yoco model's step then makes no host synchronisation."""
+    return model(tokens[:, None], cache, num_logits=1, check_ids=check_ids)[:, -1]
+
+
+def sampled_decode_step(model: EngineModel, tokens: torch.Tensor, cache: EngineCache) -> torch.Tensor:
+    """``decode_step`` of tokens the engine sampled from the model's logits: unchecked (see there)."""
+    return decode_step(model, tokens, cache, check_ids=False)
+
+
+def decode_stepper(model: EngineModel, compile: bool = False):
+    """The step the engine decodes ``model``'s sampled tokens with: ``sampled_decode_step``, or
+    (``compile``) the same step captured by ``torch.compile``, gpt-fast style: only the hot decode step
+    is compiled, the prefill runs eagerly. ``dynamic=True`` because the cache grows by a slot every
+    step: its lengths are symbolic from the first compilation, rather than specialised and recompiled
+    at every step (what remains: a recompilation when a batch of 1 grows, since torch specialises
+    dimensions of size 1, and at the step that fills a preallocated cache's last slot, which the
+    engine's own generation never reaches)."""
+    if not compile:
+        return sampled_decode_step
+    if not model.decode_compiles:
+        raise InputError(f"{type(model).__name__}'s decode step branches in Python on each slot, so torch.compile "
+                         "would recompile it at every step: decode it without compile")
+    return torch.compile(sampled_decode_step, dynamic=True)
 
 
 @dataclass
@@ -187,20 +219,24 @@ class GenerationResult:
     prompt_tokens: int
     cache_bytes: int
     prefill_s: float
-    decode_s: float
+    decode_s: float  # the decode steps' time, those in warmup_steps left out
     stats: dict = field(default_factory=dict)
+    warmup_steps: int = 0  # decode steps not in decode_s: with compile, the first one (it compiles)
 
     @property
     def decode_tok_s(self) -> float:
-        steps = max(len(t) for t in self.tokens) - 1
+        steps = max(len(t) for t in self.tokens) - 1 - self.warmup_steps
         return steps * len(self.tokens) / self.decode_s if self.decode_s > 0 and steps > 0 else float("nan")
 
 
 class Generation:
-    """One batched generation; iterate it to stream tokens, then read ``result()``."""
+    """One batched generation; iterate it to stream tokens, then read ``result()``. ``compile``: decode
+    with the step captured by ``torch.compile`` (``decode_stepper``); its first step, which compiles,
+    is left out of the decode time (``stats["compile_step_s"]``)."""
 
     def __init__(self, model: EngineModel, prompts, max_new_tokens: int = 32, *, sampling: SamplingParams | None = None,
-                 stop_tokens: Sequence[int] = (), prefill_chunk: int = 1024, pad_id: int = 0, compression=None):
+                 stop_tokens: Sequence[int] = (), prefill_chunk: int = 1024, pad_id: int = 0, compression=None,
+                 compile: bool = False):
         self.model = model
         self.prompts = as_prompt_list(prompts)
         for i, p in enumerate(self.prompts):
@@ -215,12 +251,22 @@ class Generation:
         if longest + max_new_tokens > limit:
             raise InputError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
                              f"max_seq_len={limit}")
+        vocab = model.config.vocab_size
+        if not 0 <= pad_id < vocab:
+            # fed to the decode steps for rows that stopped, which do not check their tokens
+            raise InputError(f"pad_id {pad_id} outside the vocabulary 0..{vocab - 1}")
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or SamplingParams()
         self.stop_tokens = set(int(t) for t in stop_tokens)
         self.prefill_chunk = prefill_chunk
         self.pad_id = pad_id
         self._compression = compression  # for building the cache; the cache holds it from then on
+        if compile and compression is not None:
+            raise InputError("compile captures the plain caches' decode step; a compressed cache reads tensor values "
+                             "at every step (what to evict), so decode it without compile")
+        self.compile = compile
+        self.decode = decode_stepper(model, compile)
+        self.compile_step_s: float | None = None  # the first compiled decode step (it compiles)
         self.compressed_bytes: int | None = None
         self.tokens: list[list[int]] = [[] for _ in self.prompts]
         self.finish_reasons = ["length"] * len(self.prompts)
@@ -264,24 +310,33 @@ class Generation:
                 if bool(done.all()) or step == self.max_new_tokens - 1:
                     break
                 feed = next_tokens.masked_fill(done, self.pad_id).to(device)
-                logits = decode_step(model, feed, cache)
-            self.decode_s = time.perf_counter() - t0
+                if self.compile and self.compile_step_s is None:  # this step compiles: timed apart
+                    started = time.perf_counter()
+                    logits = self.decode(model, feed, cache)
+                    self.compile_step_s = time.perf_counter() - started
+                else:
+                    logits = self.decode(model, feed, cache)
+            self.decode_s = time.perf_counter() - t0 - (self.compile_step_s or 0.0)
 
     def result(self) -> GenerationResult:
         stats = {} if self.compressed_bytes is None else {"compressed_prompt_bytes": self.compressed_bytes}
+        if self.compile_step_s is not None:
+            stats["compile_step_s"] = self.compile_step_s
         return GenerationResult(self.tokens, self.finish_reasons, sum(len(p) for p in self.prompts),
                                 self.cache.nbytes() if self.cache is not None else 0, self.prefill_s, self.decode_s,
-                                stats)
+                                stats, warmup_steps=int(self.compile_step_s is not None))
 
 
 def stream(model: EngineModel, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
-           prefill_chunk: int = 1024, pad_id: int = 0, compression=None) -> Generation:
+           prefill_chunk: int = 1024, pad_id: int = 0, compression=None, compile: bool = False) -> Generation:
     """A streaming generation: ``for step in stream(...)`` yields each row's new token per step.
     ``compression``: a ``yoco.compress`` policy applied to the prompt (and, for the policies that keep
-    their budget, at every decode step)."""
+    their budget, at every decode step); ``compile``: decode with the step ``torch.compile`` captured
+    (same tokens; the first step compiles)."""
     return Generation(model, prompts, max_new_tokens, sampling=SamplingParams(temperature, top_k, top_p, seed),
-                      stop_tokens=stop_tokens, prefill_chunk=prefill_chunk, pad_id=pad_id, compression=compression)
+                      stop_tokens=stop_tokens, prefill_chunk=prefill_chunk, pad_id=pad_id, compression=compression,
+                      compile=compile)
 
 
 def generate(model: EngineModel, prompts, max_new_tokens: int = 32, **kwargs) -> GenerationResult:

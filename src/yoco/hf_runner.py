@@ -82,6 +82,8 @@ class TransformersCache(DynamicCache):
 class TransformersLM:
     """A transformers causal LM seen through the engine's model protocol."""
 
+    decode_compiles = True  # transformers' DynamicCache decode compiles once with dynamic shapes
+
     def __init__(self, model):
         config = check_model(model)
         self.model = model.eval()
@@ -102,7 +104,10 @@ class TransformersLM:
         # the policy builds its own transformers cache: the core never imports yoco.compress
         return compression.new_transformers_cache(self.model, batch_size, pad)
 
-    def __call__(self, ids: torch.Tensor, cache, num_logits: int | None = None) -> torch.Tensor | None:
+    def __call__(self, ids: torch.Tensor, cache, num_logits: int | None = None,
+                 check_ids: bool = True) -> torch.Tensor | None:
+        """``check_ids`` is the protocol's (the engine checks the prompts); transformers' embedding
+        refuses an id outside the vocabulary itself."""
         B, T = ids.shape
         start = cache.seen
         if start + T > self.config.max_seq_len:

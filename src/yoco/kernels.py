@@ -25,7 +25,10 @@ def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad: torch.Tensor | 
     [B or 1, 1, T, S]; [B, h, S] (per row and K/V head) gives [B, h, T, S].
 
     ``none_if_unmasked``: return None when nothing is masked, so the caller can take SDPA's unmasked
-    (fastest) path."""
+    (fastest) path. Finding that out reads the mask's values, a host synchronisation: the plain
+    caches' per-step paths know it from Python ints instead (no padding, slot arithmetic, a ring's
+    fill level), skip the call when nothing is masked and pass False (the compressed stores always
+    mask, and pass False too)."""
     keys = k_slots if k_slots.dim() == 3 else k_slots[None, None]  # [B or 1, h or 1, S]
     rel = q_slots[:, None] - keys[..., None, :]  # [b, h, T, S]
     allowed = (rel >= 0) & (keys >= 0)[..., None, :]
@@ -87,9 +90,11 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """
     T, S = q.shape[2], k.shape[2]
     if q.device.type != "cpu" or _FLASH_CPU is None or S == T:
-        q_slots = torch.arange(S - T, S, device=q.device)
-        return attend(q, k, v, slot_mask(q_slots, torch.arange(S, device=q.device), None), causal=S == T,
-                      scale=scale)
+        mask = None  # a single query after every key (its own last) sees them all
+        if T > 1:
+            q_slots = torch.arange(S - T, S, device=q.device)
+            mask = slot_mask(q_slots, torch.arange(S, device=q.device), None, none_if_unmasked=False)
+        return attend(q, k, v, mask, causal=S == T, scale=scale)
     prefix, lse_prefix = _FLASH_CPU(q, k[:, :, : S - T], v[:, :, : S - T], 0.0, False, scale=scale)[:2]
     own, lse_own = _FLASH_CPU(q, k[:, :, S - T:], v[:, :, S - T:], 0.0, True, scale=scale)[:2]
     top = torch.maximum(lse_prefix, lse_own)
@@ -100,10 +105,14 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
                      scale: float | None = None) -> torch.Tensor:
     """Queries at the step's slots against keys at slots 0..S-1 (a cache's, or this call's own when the
-    call starts at slot 0), picking the fastest exact path."""
+    call starts at slot 0), picking the fastest exact path. Which path, and whether anything is masked,
+    follows from the step's ints and whether rows are padded (a padded row always hides its pads from
+    its queries at decode), never from tensor values: no host synchronisation."""
     if step.pad is None:
         if step.start == 0:
             return attend(q, k, v, causal=True, scale=scale)
         if step.length > 1:
             return chunk_attention(q, k, v, scale)
-    return attend(q, k, v, slot_mask(step.slots, torch.arange(k.shape[2], device=q.device), step.pad), scale=scale)
+        return attend(q, k, v, scale=scale)  # one query, keys ending with its own: it sees them all
+    mask = slot_mask(step.slots, torch.arange(k.shape[2], device=q.device), step.pad, none_if_unmasked=False)
+    return attend(q, k, v, mask, scale=scale)

@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-quadratic-context", type=POSITIVE_INT, default=BenchSettings.max_quadratic_context,
                    help="Transformer contexts above this are extrapolated, not run")
     p.add_argument("--threads", type=NATURAL, default=BenchSettings.threads, help="torch threads (0: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the step captured by torch.compile (the warm-up step compiles)")
     add_seed(p)
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG of memory, prefill time and throughput against context here")
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype,
                              new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
                              max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
-                             max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed)
+                             max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed,
+                             compile=args.compile)
     report = run_bench(settings, log=lambda text: print(text, flush=True))
     print()
     print_table(TABLE_HEADERS, table_rows(report))

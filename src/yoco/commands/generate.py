@@ -27,6 +27,9 @@ def add_parser(subparsers) -> None:
                    help="stop token id (repeatable; a trained tokenizer's end of text always stops)")
     p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=1024, help="prompt tokens per prefill call")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the step captured by torch.compile (same tokens; the first step compiles, and "
+                        "is left out of the decode tok/s)")
     p.set_defaults(func=run)
 
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise UsageError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   stop_tokens=args.stop, prefill_chunk=args.prefill_chunk)
+                   stop_tokens=args.stop, prefill_chunk=args.prefill_chunk, compile=args.compile)
 
     def show(tokens: list[int]) -> str:
         return tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))

@@ -31,6 +31,10 @@ update (``after_update``: StreamingLLM moves its sinks), and each K/V head's sha
 
 The same class serves yoco's caches (Transformer family, YOCO's single global K/V, MLA's latent,
 whose keys and values are one tensor) and the transformers integration (``compress/hf.py``).
+
+Unlike the plain caches' decode steps, a store's step reads tensor values into Python (whether a row
+is full, which entries to free, the policy's own checks): host synchronisations, which the engine's
+``compile`` therefore does not try to capture (it refuses a compressed cache).
 """
 
 from __future__ import annotations

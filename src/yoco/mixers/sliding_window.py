@@ -88,7 +88,14 @@ class RingKVCache:
             return call.attend(q, step, scale=scale, expand=expand)
         if scale is not None or expand is not None:
             raise CacheError("sliding-window attention takes plain queries (no scale, no expand)")
-        return attend(q, self.k, self.v, slot_mask(step.slots, self.slots, step.pad, self.window))
+        # Nothing is masked once the ring is full (it holds exactly the query's window) and no row is
+        # padded: known from ints, so the step reads no tensor value (no host synchronisation). A step
+        # torch.compile captures masks always (all visible once full), so that the ring filling up
+        # does not recompile it.
+        mask = None
+        if torch.compiler.is_compiling() or self.length < self.window or step.pad is not None:
+            mask = slot_mask(step.slots, self.slots, step.pad, self.window, none_if_unmasked=False)
+        return attend(q, self.k, self.v, mask)
 
     def recent(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last n (<= W) keys and values, oldest first."""
@@ -128,8 +135,10 @@ def blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         q_slots = torch.arange(q_start + i, q_start + j, device=q.device)
         k_slots = torch.arange(first_key, last_key, device=q.device)
         ks, ke = first_key - k_start, last_key - k_start
-        out[:, :, i:j] = attend(q[:, :, i:j], k[:, :, ks:ke], v[:, :, ks:ke],
-                                slot_mask(q_slots, k_slots, pad, window))
+        mask = None  # a single query sees every key of its block (they start within its window)
+        if j - i > 1 or pad is not None:
+            mask = slot_mask(q_slots, k_slots, pad, window, none_if_unmasked=False)
+        out[:, :, i:j] = attend(q[:, :, i:j], k[:, :, ks:ke], v[:, :, ks:ke], mask)
     return out
 
 

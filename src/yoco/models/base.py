@@ -1,13 +1,16 @@
 """What every yoco language model shares: embeddings, the LM head, input checks, weight init.
 
-A model's ``forward(ids, cache=None, pad=None, num_logits=None)``:
+A model's ``forward(ids, cache=None, pad=None, num_logits=None, check_ids=True)``:
 
 - without a cache it is the full (training) forward over ``ids``;
 - with a cache it processes ``ids`` as the next tokens after the ``cache.seen`` already processed
   and updates the cache (chunked prefill and decode are both this call);
 - ``num_logits`` is how many final positions get logits: None for all, 0 for none (a prefill chunk
   whose logits nobody reads), k for the last k. YOCO also skips its cross-decoder for positions
-  without logits, which is what makes its prefill O(N).
+  without logits, which is what makes its prefill O(N);
+- ``check_ids=False`` skips the check that every id is in the vocabulary, the one check that reads
+  tensor values (a host synchronisation): the engine passes it for the tokens it sampled itself, so
+  that a decode step reads no tensor value anywhere (and ``torch.compile`` can capture it whole).
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ class InputError(YocoError, ValueError):
     """Bad input to a model or the engine; the message names the problem."""
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside the vocabulary 0..vocab_size-1 (reads the ids: a host synchronisation)."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise InputError(f"token id {lo if lo < 0 else hi} outside the vocabulary 0..{vocab_size - 1}")
+
+
 class Block(nn.Module):
     """Pre-norm residual block: ``x += mixer(norm(x), ...); x += ffn(norm(x))``."""
 
@@ -46,6 +56,9 @@ class Block(nn.Module):
 
 
 class CausalLM(nn.Module):
+    # Whether torch.compile captures the decode step once for every slot (the engine's ``compile``).
+    decode_compiles = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -87,8 +100,9 @@ class CausalLM(nn.Module):
         return self.lm_head(self.norm(x))
 
     def begin(self, ids: torch.Tensor, cache: ModelCache | None, pad: torch.Tensor | None,
-              num_logits: int | None) -> Step:
-        """Check the call and place its tokens; raises InputError naming any problem."""
+              num_logits: int | None, check_ids: bool = True) -> Step:
+        """Check the call and place its tokens; raises InputError naming any problem. Every check but
+        the vocabulary's (``check_ids``) reads only shapes, dtypes and ints."""
         if not isinstance(ids, torch.Tensor):
             raise InputError(f"token ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
@@ -100,9 +114,8 @@ class CausalLM(nn.Module):
             raise InputError(f"empty input: token ids have shape {tuple(ids.shape)}")
         if num_logits is not None and not 0 <= num_logits <= T:
             raise InputError(f"num_logits={num_logits} must be within 0..{T} (the tokens in this call)")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise InputError(f"token id {lo if lo < 0 else hi} outside the vocabulary 0..{self.config.vocab_size - 1}")
+        if check_ids:
+            check_token_ids(ids, self.config.vocab_size)
         start = 0
         if cache is not None:
             if pad is not None:

@@ -61,10 +61,16 @@ class BlockIds:
 
 class PhaseGroup:
     """The rows of one phase (``rows``, on the CPU; None: every row of the batch), the ``shift`` of
-    virtual pad slots in front of their frame, and their caches (block KVs, local KVs, BlockIds)."""
+    virtual pad slots in front of their frame, their caches (block KVs, local KVs, BlockIds), and
+    ``pad_blocks``: each row's count of blocks made only of pad slots in that frame (on the CPU; None
+    without padding)."""
 
-    def __init__(self, rows: torch.Tensor | None, shift: int, layers: list | None):
-        self.rows, self.shift, self.layers = rows, shift, layers
+    def __init__(self, rows: torch.Tensor | None, shift: int, layers: list | None,
+                 pad_blocks: torch.Tensor | None = None):
+        self.rows, self.shift, self.layers, self.pad_blocks = rows, shift, layers, pad_blocks
+        # Whether the block decoder masks pad blocks, read here once, so that a step reads no tensor
+        # value (no host synchronisation).
+        self.masks_pad_blocks = pad_blocks is not None and bool(pad_blocks.max() > 0)
 
 
 class PhasedBlockCache:
@@ -99,13 +105,18 @@ class PhasedBlockCache:
             if len(new_rows):
                 index = picked[new_rows]
                 layers = [map_rows(c, lambda t: t.index_select(0, index.to(t.device))) for c in g.layers]
-                groups.append(PhaseGroup(new_rows, g.shift, layers))
+                pad_blocks = None if g.pad_blocks is None else g.pad_blocks[index]
+                groups.append(PhaseGroup(new_rows, g.shift, layers, pad_blocks))
         if len(groups) == 1:
             groups[0].rows = None  # one group again: every row, in order
         return PhasedBlockCache(groups)
 
 
 class BlockTransformer(CausalLM):
+    # A decode step's path depends on the slot's place in its block (the block decoder runs when a block
+    # completes, the local window restarts): torch.compile would specialise and recompile every slot.
+    decode_compiles = False
+
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         b, P, D = config.block_len, config.block_prefix, config.dim
@@ -148,28 +159,31 @@ class BlockTransformer(CausalLM):
                              "compressed by token-eviction policies")
         dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
         b, P = self.block_len, self.block_prefix
-        groups = []
-        for rows, shift in self.phase_groups(pad):
-            rows_in_group = batch_size if rows is None else len(rows)
-            blocks = None if capacity is None else max(1, -(-(capacity + shift) // b))
+        groups = self.phase_groups(pad)
+        for group in groups:
+            rows_in_group = batch_size if group.rows is None else len(group.rows)
+            blocks = None if capacity is None else max(1, -(-(capacity + group.shift) // b))
             layers = [layer.mixer.new_cache(rows_in_group, dtype=dtype, device=device, capacity=blocks)
                       for layer in self.block_layers]
             layers += [layer.mixer.new_cache(rows_in_group, dtype=dtype, device=device, capacity=P + b)
                        for layer in self.token_layers]
             layers.append(BlockIds(rows_in_group, b, device))
-            groups.append(PhaseGroup(rows, shift, layers))
+            group.layers = layers
         return ModelCache([PhasedBlockCache(groups)], batch_size, pad)
 
-    def phase_groups(self, pad: torch.Tensor | None) -> list[tuple[torch.Tensor | None, int]]:
-        """(rows, shift) per phase group: the rows (None: all) whose pads agree modulo b, and the virtual
-        left padding that puts their first real token on a block boundary."""
+    def phase_groups(self, pad: torch.Tensor | None) -> list[PhaseGroup]:
+        """The phase groups of a batch left-padded by ``pad`` (their caches not yet built): the rows (None:
+        all) whose pads agree modulo b, the virtual left padding that puts their first real token on a
+        block boundary, and the blocks of pad slots each row then starts with."""
         if pad is None:
-            return [(None, 0)]
-        shift = (-pad.cpu()) % self.block_len
+            return [PhaseGroup(None, 0, None)]
+        pad = pad.cpu()
+        shift = (-pad) % self.block_len
         phases = shift.unique().tolist()
-        if len(phases) == 1:
-            return [(None, phases[0])]
-        return [((shift == phase).nonzero().flatten(), phase) for phase in phases]
+        members = [None] if len(phases) == 1 else [(shift == phase).nonzero().flatten() for phase in phases]
+        return [PhaseGroup(rows, phase, None, torch.div((pad if rows is None else pad[rows]) + phase, self.block_len,
+                                                        rounding_mode="floor"))
+                for rows, phase in zip(members, phases)]
 
     # ------------------------------------------------------------------ facts from a config
     @staticmethod
@@ -209,20 +223,20 @@ class BlockTransformer(CausalLM):
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,
-                num_logits: int | None = None) -> torch.Tensor | None:
-        step = self.begin(ids, cache, pad, num_logits)
+                num_logits: int | None = None, check_ids: bool = True) -> torch.Tensor | None:
+        step = self.begin(ids, cache, pad, num_logits, check_ids)
         ids = ids.long()
         if cache is None:
-            groups = [PhaseGroup(rows, shift, None) for rows, shift in self.phase_groups(step.pad)]
+            groups = self.phase_groups(step.pad)
         else:
             groups = cache.layers[0].groups
             cache.seen = step.start + ids.shape[1]
         if len(groups) == 1:
-            return self._frame(ids, groups[0].layers, step.start, step.pad, groups[0].shift, num_logits)
+            return self._frame(ids, groups[0], step.start, step.pad, num_logits)
         parts = []  # every group runs (each updates its own caches), then the rows are put back in order
         for g in groups:
             rows = g.rows.to(ids.device)
-            parts.append((rows, self._frame(ids[rows], g.layers, step.start, step.pad[rows], g.shift, num_logits)))
+            parts.append((rows, self._frame(ids[rows], g, step.start, step.pad[rows], num_logits)))
         if parts[0][1] is None:
             return None
         out = parts[0][1].new_empty(ids.shape[0], *parts[0][1].shape[1:])
@@ -230,25 +244,28 @@ class BlockTransformer(CausalLM):
             out[rows] = logits
         return out
 
-    def _frame(self, ids: torch.Tensor, caches: list | None, start: int, pad: torch.Tensor | None, shift: int,
+    def _frame(self, ids: torch.Tensor, group: PhaseGroup, start: int, pad: torch.Tensor | None,
                num_logits: int | None) -> torch.Tensor | None:
-        """One phase group's forward, in its frame: ``shift`` virtual pad slots in front (added to the
-        ids on the group's first call), so that every row's pad is a multiple of b."""
+        """One phase group's forward, in its frame: the group's ``shift`` virtual pad slots in front
+        (added to the ids on the group's first call), so that every row's pad is a multiple of b."""
+        shift = group.shift
         prepended = shift if start == 0 else 0
         if prepended:
             ids = torch.cat([ids.new_zeros(ids.shape[0], prepended), ids], dim=1)
         if shift:
             pad = pad + shift
-        logits = self._aligned_forward(ids, caches, Step(start + shift - prepended, ids.shape[1], pad, ids.device),
-                                       num_logits)
+        block_pad = torch.div(pad, self.block_len, rounding_mode="floor") if group.masks_pad_blocks else None
+        step = Step(start + shift - prepended, ids.shape[1], pad, ids.device)
+        logits = self._aligned_forward(ids, group.layers, step, block_pad, num_logits)
         if prepended and num_logits is None:
             logits = logits[:, prepended:]  # the virtual pad slots' logits
         return logits
 
-    def _aligned_forward(self, ids: torch.Tensor, caches: list | None, step: Step,
+    def _aligned_forward(self, ids: torch.Tensor, caches: list | None, step: Step, block_pad: torch.Tensor | None,
                          num_logits: int | None) -> torch.Tensor | None:
         """The forward of rows whose pads are multiples of b (their blocks start at their first real
-        token), over the slots of ``step``, reading and updating ``caches`` (None: no cache)."""
+        token), over the slots of ``step``, reading and updating ``caches`` (None: no cache);
+        ``block_pad``: each row's blocks of pad slots, None when no row has one."""
         cfg, b, P = self.config, self.block_len, self.block_prefix
         B, T = ids.shape
         s, end = step.start, step.start + T
@@ -263,9 +280,6 @@ class BlockTransformer(CausalLM):
         all_ids = torch.cat([held.ids[:, :filled], ids], dim=1) if filled else ids
 
         # Block decoder over the blocks completed by this call: k0 .. k_end-1.
-        block_pad = None if step.pad is None else torch.div(step.pad, b, rounding_mode="floor")
-        if block_pad is not None and int(block_pad.max()) == 0:
-            block_pad = None
         context = None
         n_done = k_end - k0
         if n_done > 0:
@@ -285,8 +299,8 @@ class BlockTransformer(CausalLM):
         # Which windows the token decoder must run: those holding requested logits, and (cached) the
         # window of the block left incomplete, which the cache must hold.
         keep = T if num_logits is None else num_logits
-        want = torch.arange(end - keep, end)  # slots whose logits are returned
-        windows = sorted({(int(t) + 1) // b for t in want})
+        want_list = list(range(end - keep, end))  # slots whose logits are returned
+        windows = sorted({(t + 1) // b for t in want_list})
         first_fresh = k0 if s == 0 else k0 + 1  # windows whose prefix is not yet in the cache
         parts = []  # token-decoder outputs at the requested slots, in slot order
 
@@ -298,7 +312,6 @@ class BlockTransformer(CausalLM):
                 lo = P - 1 + ts[0] + 1 - k * b - first
                 parts.append(y[:, lo: lo + len(ts)])
 
-        want_list = want.tolist()
         # 1. The cached window of block k0 continues with this call's tokens of that block.
         if s > 0:
             n0 = max(0, min(end, (k0 + 1) * b - 1) - s)

@@ -93,8 +93,8 @@ class Transformer(CausalLM):
         return cls.mixer_class(config).quadratic_prefill(config)
 
     def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,
-                num_logits: int | None = None) -> torch.Tensor | None:
-        step = self.begin(ids, cache, pad, num_logits)
+                num_logits: int | None = None, check_ids: bool = True) -> torch.Tensor | None:
+        step = self.begin(ids, cache, pad, num_logits, check_ids)
         x = self.embed_tokens(ids)
         # K/V (or latents) produced in this call, for the layers that read another layer's.
         share = {} if self.config.window is None else None

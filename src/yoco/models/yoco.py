@@ -89,8 +89,8 @@ class YOCO(CausalLM):
         return cls.self_decoder(config).quadratic_prefill(config) or GlobalKV.quadratic_prefill(config)
 
     def forward(self, ids: torch.Tensor, cache: ModelCache | None = None, pad: torch.Tensor | None = None,
-                num_logits: int | None = None) -> torch.Tensor | None:
-        step = self.begin(ids, cache, pad, num_logits)
+                num_logits: int | None = None, check_ids: bool = True) -> torch.Tensor | None:
+        step = self.begin(ids, cache, pad, num_logits, check_ids)
         x = self.embed_tokens(ids)
         for i, layer in enumerate(self.self_layers):
             x = layer(x, step, cache[i] if cache is not None else None)
