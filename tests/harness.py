@@ -4,7 +4,7 @@ tests/test_test_layout.py; fixtures live in conftest.py):
 - ``ARCH_VARIANTS``, ``make_model(variant)``: the architectures under the equivalence harness, built tiny;
 - ``engine_logits``: the cached path (chunked prefill, teacher-forced decode) every scoring path is
   compared with;
-- ``run``: greedy decode of a yoco model or an ``HFCompressedLM``, every step's logits and the cache;
+- ``run``: greedy decode of a yoco model or an ``TransformersLM``, every step's logits and the cache;
 - ``POLICIES``: the compression policies that take a budget, by name;
 - ``hf_model``: a small randomly initialised transformers Llama, Mistral or Qwen2;
 - ``left_padded``: prompts as transformers takes them, ids and attention mask left-padded with 0;
@@ -62,7 +62,7 @@ def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=Non
 
 
 def run(model, prompts, policy, steps=6, chunk=16):
-    """Greedy decode of a yoco model or an ``HFCompressedLM``; every step's logits [B, V] and the cache."""
+    """Greedy decode of a yoco model or an ``TransformersLM``; every step's logits [B, V] and the cache."""
     ids, pad = left_pad(prompts)
     cache = model.new_cache(len(prompts), pad=pad, compression=policy)
     logits = [prefill(model, ids, cache, chunk)]

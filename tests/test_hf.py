@@ -301,9 +301,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from yoco import YocoForCausalLM, build_model
 from yoco.bench import EngineRunner, llama_like
 from yoco.compress import SnapKV
-from yoco.compress.hf import HFCompressedLM, generate as hf_generate
+from yoco.compress.hf import generate as hf_generate
 from yoco.config import get_config
 from yoco.engine import generate
+from yoco.hf_runner import TransformersLM
 
 core = build_model("yoco-swa", preset="tiny", seed=0)
 model = YocoForCausalLM.from_yoco(core)
@@ -317,8 +318,8 @@ model(input_ids=ids, labels=ids)
 llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2)).eval()
 hf_generate(llama, ids, SnapKV(3), attention_mask=mask, max_new_tokens=3, pad_token_id=0)
-generate(HFCompressedLM(llama), [[5, 6, 7, 8]], 3)
-generate(HFCompressedLM(llama), [[5, 6, 7, 8]], 3, compression=SnapKV(2))
+generate(TransformersLM(llama), [[5, 6, 7, 8]], 3)
+generate(TransformersLM(llama), [[5, 6, 7, 8]], 3, compression=SnapKV(2))
 config = get_config("transformer", "tiny")
 runner = EngineRunner("hf-llama", config, llama_like(config, torch.float32, 0), None)
 runner.decode(runner.prefill(torch.tensor([[1, 2, 3]]), 8).argmax(-1))

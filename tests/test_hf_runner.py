@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import yoco
 from yoco.cache import CacheError, ModelCache
 from yoco.compress import SnapKV
-from yoco.compress.hf import CompressedCache, HFCompressedLM
+from yoco.compress.hf import CompressedCache
 from yoco.engine import EngineCache, EngineModel, decode_step, generate, left_pad, prefill
 from yoco.hf_runner import TransformersCache, TransformersLM
 from yoco.models import build_model
@@ -39,7 +39,6 @@ def test_yoco_models_and_the_transformers_runner_implement_the_protocol():
               lm.new_cache(1, compression=SnapKV(4))]
     assert [type(c) for c in caches] == [ModelCache, ModelCache, TransformersCache, CompressedCache]
     assert all(isinstance(c, EngineCache) for c in caches)
-    assert HFCompressedLM is TransformersLM  # the name it had in yoco.compress.hf
 
 
 def test_an_uncompressed_transformers_cache_refuses_to_compress_and_repeats_its_rows():

@@ -7,18 +7,18 @@ import torch
 from harness import POLICIES, hf_model, left_padded, make_model, run
 
 from yoco.cache import tensor_bytes
-from yoco.compress import CORM, H2O, BudgetError, CompressedKV, InfLLM, PyramidKV, SnapKV, StreamingLLM
-from yoco.compress.hf import CompressedCache, HFCompressedLM
-from yoco.compress.policies import TOVA, AdaKV
+from yoco.compress import CORM, H2O, TOVA, AdaKV, BudgetError, CompressedKV, InfLLM, PyramidKV, SnapKV, StreamingLLM
+from yoco.compress.hf import CompressedCache
 from yoco.compress.hf import generate as hf_generate
 from yoco.engine import decode_step, generate, left_pad, prefill
+from yoco.hf_runner import TransformersLM
 from yoco.models.base import InputError
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_a_budget_above_the_prompt_changes_nothing(kind, name):
-    lm = HFCompressedLM(hf_model(kind))
+    lm = TransformersLM(hf_model(kind))
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (50, 31)]
     reference, _ = run(lm, prompts, None, steps=8)  # transformers' own DynamicCache and SDPA with a padding mask
     compressed, cache = run(lm, prompts, POLICIES[name](1000), steps=8)
@@ -29,14 +29,14 @@ def test_a_budget_above_the_prompt_changes_nothing(kind, name):
 def test_the_model_alone_gives_the_engines_logits():
     model = hf_model()
     ids = torch.randint(1, 300, (1, 30))
-    logits, _ = run(HFCompressedLM(model), [ids[0].tolist()], None, steps=0)
+    logits, _ = run(TransformersLM(model), [ids[0].tolist()], None, steps=0)
     torch.testing.assert_close(logits[0], model(ids).logits[:, -1], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_left_padded_batch_equals_each_prompt_alone(kind, name):
-    lm = HFCompressedLM(hf_model(kind))
+    lm = TransformersLM(hf_model(kind))
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (70, 45)]
     policy = POLICIES[name](0.3) if name != "corm" else CORM(window=8)
     out = generate(lm, prompts, 16, compression=policy)
@@ -46,7 +46,7 @@ def test_left_padded_batch_equals_each_prompt_alone(kind, name):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_streamingllm_positions_equal_running_the_kept_tokens_afresh(kind):
     model = hf_model(kind, layers=1)
-    lm = HFCompressedLM(model)
+    lm = TransformersLM(model)
     ids = torch.randint(1, 300, (1, 40))
     cache = lm.new_cache(1, compression=StreamingLLM(12))
     logits, tokens = prefill(lm, ids, cache, 16), ids[0].tolist()
@@ -60,7 +60,7 @@ def test_streamingllm_positions_equal_running_the_kept_tokens_afresh(kind):
 
 def test_bytes_per_layer_follow_the_budget_and_the_pyramid():
     model = hf_model(layers=4)
-    lm = HFCompressedLM(model)
+    lm = TransformersLM(model)
     ids = torch.randint(1, 300, (1, 200))
     per_token = 2 * 2 * 16 * 4  # K and V, 2 heads of 16, fp32
     cache = lm.new_cache(1, compression=SnapKV(40))
@@ -77,7 +77,7 @@ def test_bytes_per_layer_follow_the_budget_and_the_pyramid():
 
 
 def test_mistral_sliding_window_is_honoured():
-    lm = HFCompressedLM(hf_model("mistral", sliding_window=16))
+    lm = TransformersLM(hf_model("mistral", sliding_window=16))
     prompts = [torch.randint(1, 300, (40,)).tolist()]
     reference, _ = run(lm, prompts, None, steps=8)
     compressed, _ = run(lm, prompts, SnapKV(1000), steps=8)
@@ -131,7 +131,7 @@ def test_a_sliding_window_cache_never_holds_more_than_transformers_own(name):
     window - 1 tokens), plus, while decoding, the current token (written in place, not concatenated
     for the call). A budget above the window reaches that bound exactly and gives transformers' logits."""
     policy = WINDOWED[name]
-    lm = HFCompressedLM(hf_model("mistral", sliding_window=WINDOW))
+    lm = TransformersLM(hf_model("mistral", sliding_window=WINDOW))
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (40, 29)]
     above_window = policy.budget is not None and policy.budget >= WINDOW
     phases = []
@@ -159,7 +159,7 @@ def test_a_sliding_window_cache_never_holds_more_than_transformers_own(name):
 def test_a_growing_cache_never_holds_more_than_transformers_own(policy):
     """Full attention, policies that let the cache grow while decoding: never more entries than the
     tokens seen, i.e. never more bytes than transformers' DynamicCache after the same tokens."""
-    lm = HFCompressedLM(hf_model("llama"))
+    lm = TransformersLM(hf_model("llama"))
     for phase, reference, got, full, compressed in teacher_forced(lm, [torch.randint(1, 300, (40,)).tolist()],
                                                                    policy, steps=20):
         assert all(c <= t for c, t in zip(layer_bytes(compressed), layer_bytes(full)))
@@ -174,7 +174,7 @@ def test_a_sliding_window_model_keeps_full_layers_at_their_budget():
     own logits (it holds the whole prompt on layer 0 and the window on the others)."""
     model = hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
     assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
-    lm = HFCompressedLM(model)
+    lm = TransformersLM(model)
     prompts = [torch.randint(1, 300, (40,)).tolist()]
     for policy in (SnapKV(24, window=4), H2O(24)):
         for phase, reference, got, full, compressed in teacher_forced(lm, prompts, policy):
@@ -198,7 +198,7 @@ def test_streamingllm_on_a_sliding_window_frees_its_sinks_once_out_of_it():
     its entry reused by a new token, whose key must stay its own (not the re-rotated sink's): every
     step equals the model run afresh on the kept tokens (one layer: K/V depend on token and position)."""
     model = hf_model("mistral", layers=1, sliding_window=WINDOW)
-    lm = HFCompressedLM(model)
+    lm = TransformersLM(model)
     cache = lm.new_cache(1, compression=StreamingLLM(8, n_sink=4))
     tokens = torch.randint(1, 300, (10,)).tolist()
     with torch.no_grad():
@@ -237,12 +237,12 @@ def test_each_layer_store_knows_its_window():
                             [None, WINDOW, WINDOW]),
                            (hf_model("qwen2", sliding_window=WINDOW), [None] * 3),  # use_sliding_window=False
                            (hf_model("llama"), [None] * 3)):
-        cache = HFCompressedLM(model).new_cache(1, compression=SnapKV(8))
+        cache = TransformersLM(model).new_cache(1, compression=SnapKV(8))
         assert [layer.store.sliding_window for layer in cache.layers] == windows
 
 
 def test_a_cache_built_for_other_windows_is_refused():
-    lm = HFCompressedLM(hf_model("mistral", sliding_window=WINDOW))
+    lm = TransformersLM(hf_model("mistral", sliding_window=WINDOW))
     cache = lm.new_cache(1, compression=SnapKV(1000))
     cache.layers[1].store.sliding_window = None  # as if read wrongly from the model
     with pytest.raises(InputError, match="layer 1 attends with sliding window 16"):
@@ -256,26 +256,26 @@ def test_infllm_is_refused_on_a_sliding_window_layer_before_holding_anything():
     for model in (hf_model("mistral", sliding_window=WINDOW),
                   hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)):
         with pytest.raises(BudgetError, match="sliding-window layer"):
-            HFCompressedLM(model).new_cache(1, compression=policy)
-    assert HFCompressedLM(hf_model("qwen2")).new_cache(1, compression=policy)  # no window: accepted
+            TransformersLM(model).new_cache(1, compression=policy)
+    assert TransformersLM(hf_model("qwen2")).new_cache(1, compression=policy)  # no window: accepted
 
 
 def test_unsupported_models_and_bad_budgets():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with pytest.raises(InputError, match="supports transformers models of type"):
-        HFCompressedLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
-    lm = HFCompressedLM(hf_model())
+        TransformersLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+    lm = TransformersLM(hf_model())
     with pytest.raises(ValueError, match="budget"):
         lm.new_cache(1, compression=SnapKV(-3))
     scaled = hf_model(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
                                        "original_max_position_embeddings": 256})
     with pytest.raises(InputError, match="plain RoPE"):
-        HFCompressedLM(scaled).new_cache(1, compression=StreamingLLM(16))
+        TransformersLM(scaled).new_cache(1, compression=StreamingLLM(16))
 
 
 def test_beam_reordering_of_a_compressed_cache():
-    lm = HFCompressedLM(hf_model())
+    lm = TransformersLM(hf_model())
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (40, 28)]
     ids, pad = left_pad(prompts)
     cache = lm.new_cache(2, pad=pad, compression=H2O(0.3))
@@ -312,7 +312,7 @@ def test_transformers_generate_follows_the_compressed_cache(name):
               "corm": CORM(12, window=4), "infllm": InfLLM(n_init=4, n_local=16, block_size=8, topk=1),
               "tova": TOVA(12), "adakv": AdaKV(12, window=4)}[name]
     out = hf_generate(model, ids, policy, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    lm = HFCompressedLM(model)
+    lm = TransformersLM(model)
     cache = lm.new_cache(2, pad=(mask == 0).sum(-1), compression=policy)
     lm(ids[:, :-1], cache, num_logits=0)
     cache.compress()

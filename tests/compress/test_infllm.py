@@ -8,10 +8,9 @@ import torch
 from harness import hf_model, make_model, run
 
 from yoco.compress import BudgetError, InfLLM, InfLLMKV, make_policy, policy_for_context
-from yoco.compress.hf import HFCompressedLM
-from yoco.layers import rotate_by
 from yoco.engine import decode_step, generate, left_pad, prefill
-from yoco.layers import RotaryEmbedding, Step
+from yoco.hf_runner import TransformersLM
+from yoco.layers import RotaryEmbedding, Step, rotate_by
 
 VARIANTS = ["transformer", "transformer-mqa", "cla2", "mla", "yoco-swa", "yoco-gret"]
 SMALL = dict(n_init=4, n_local=16, block_size=8)
@@ -37,7 +36,7 @@ def test_true_positions_with_every_block_retrieved_equal_full_attention(variant)
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_true_positions_on_transformers_models_equal_their_own_cache(kind):
-    lm = HFCompressedLM(hf_model(kind))
+    lm = TransformersLM(hf_model(kind))
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (60, 37)]
     reference = run_hf(lm, prompts, None)
     out = run_hf(lm, prompts, InfLLM(**SMALL, topk=64, max_cached_blocks=64, positions="true"))
@@ -136,7 +135,7 @@ def test_left_padded_batch_equals_each_prompt_alone(variant):
 
 
 def test_left_padded_batch_equals_each_prompt_alone_on_llama():
-    lm = HFCompressedLM(hf_model("llama"))
+    lm = TransformersLM(hf_model("llama"))
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (60, 37)]
     policy = InfLLM(**SMALL, topk=2, max_cached_blocks=3)
     batch = run_hf(lm, prompts, policy)
@@ -176,7 +175,7 @@ def test_a_sliding_window_model_and_a_missing_rope_are_refused():
     policy = InfLLM(**SMALL, topk=2)
     with pytest.raises(BudgetError, match="needs the model's RoPE"):
         InfLLMKV(policy, layer=0, n_layers=1, batch_size=1, n_kv_heads=1, key_dim=8, value_dim=8, dtype=torch.float32)
-    lm = HFCompressedLM(hf_model("mistral", sliding_window=24))
+    lm = TransformersLM(hf_model("mistral", sliding_window=24))
     with pytest.raises(BudgetError, match="sliding-window"):
         run_hf(lm, [list(range(1, 40))], policy)
 

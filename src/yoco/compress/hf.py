@@ -36,7 +36,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..cache import KVGeometry, map_rows
 from ..engine import prefill
 from ..hf import YocoCache, YocoForCausalLM, cache_arg, left_pad_counts
-from ..hf_runner import TransformersLM, check_model
+from ..hf_runner import check_model
 from ..layers import RotaryEmbedding, Step, rotate_by
 from ..models.base import InputError
 from .store import CompressedKV
@@ -276,6 +276,3 @@ def generate_on(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
         cache.batch_repeat_interleave(expand)
     return model.generate(input_ids, attention_mask=attention_mask, **cache_arg(cache), **generate_kwargs)
 
-
-# The engine's runner of transformers models lives beside the other integration code; its old name here.
-HFCompressedLM = TransformersLM
