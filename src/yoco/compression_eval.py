@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .compress.policies import policy_for_context
+from .data import DataError
 from .engine import decode_step, prefill
 from .evaluate import passkey_grid
 
@@ -66,7 +67,7 @@ def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tup
     rng = random.Random(seed)
     span = context + ppl_tokens
     if len(haystack) < span + ppl_rows:
-        raise ValueError(f"held-out text has {len(haystack)} tokens; {ppl_rows} rows of {span} need more")
+        raise DataError(f"held-out text has {len(haystack)} tokens; {ppl_rows} rows of {span} need more")
     starts = [rng.randrange(0, len(haystack) - span) for _ in range(ppl_rows)]
     rows = torch.tensor([[int(t) for t in haystack[s:s + span]] for s in starts], dtype=torch.long,
                         device=next(model.parameters()).device)

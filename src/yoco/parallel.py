@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import YocoError
+
 
 @dataclass(frozen=True)
 class World:
@@ -45,6 +47,10 @@ def init_world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), device)
 
 
+class ParallelError(YocoError, ValueError):
+    """A parallel setting that cannot work (an unknown mode, a batch the processes cannot split)."""
+
+
 MODES = ("ddp", "fsdp")
 
 
@@ -56,7 +62,7 @@ def wrap(model: nn.Module, world: World, mode: str = "ddp") -> nn.Module:
     """The module to run forward/backward with. Under FSDP2 the model itself is sharded in place, so
     build the optimizer after this call."""
     if mode not in MODES:
-        raise ValueError(f"unknown parallel mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise ParallelError(f"unknown parallel mode {mode!r}; choose one of {', '.join(MODES)}")
     if world.size == 1:
         return model
     if mode == "fsdp":
@@ -111,7 +117,7 @@ def shard_rows(batch: torch.Tensor, world: World) -> torch.Tensor:
     if world.size == 1:
         return batch
     if batch.shape[0] % world.size:
-        raise ValueError(f"batch size {batch.shape[0]} must be divisible by the {world.size} processes")
+        raise ParallelError(f"batch size {batch.shape[0]} must be divisible by the {world.size} processes")
     share = batch.shape[0] // world.size
     return batch[world.rank * share:(world.rank + 1) * share]
 

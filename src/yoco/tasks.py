@@ -20,6 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from .data import EOS, SPECIAL_TOKENS
+from .errors import YocoError
+
+
+class TaskError(YocoError, ValueError):
+    """A task that cannot be built from what it was given (a context too short for the needle, a
+    haystack too small, a bad depth); the message names it."""
+
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
@@ -51,14 +58,14 @@ def passkey_prompt(encode, haystack: Sequence[int], context: int, depth: float, 
     """A prompt of exactly `context` tokens: haystack tokens with the needle inserted at `depth` of the
     filler, then the question."""
     if not 0 <= depth <= 1:
-        raise ValueError(f"depth must be within [0, 1], got {depth}")
+        raise TaskError(f"depth must be within [0, 1], got {depth}")
     needle, question, _ = passkey_parts(encode, key)
     filler = context - len(needle) - len(question)
     if filler < 0:
-        raise ValueError(f"context {context} is too short for the needle and question "
+        raise TaskError(f"context {context} is too short for the needle and question "
                          f"({len(needle) + len(question)} tokens)")
     if len(haystack) < filler:
-        raise ValueError(f"the haystack has {len(haystack)} tokens, the prompt needs {filler}")
+        raise TaskError(f"the haystack has {len(haystack)} tokens, the prompt needs {filler}")
     at = round(depth * filler)
     ids = [int(t) for t in haystack[:at]] + needle + [int(t) for t in haystack[at:filler]] + question
     return PasskeyPrompt(ids, key, at)
@@ -69,12 +76,12 @@ def mqar_batch(n: int, pairs: int, queries: int, vocab: Sequence[int], seed: int
     """ids [n, 2*pairs + 2*queries] and a target mask: keys k_i and values v_i drawn from disjoint
     halves of `vocab`, then `queries` of the keys each followed by its value (the scored positions)."""
     if pairs < queries:
-        raise ValueError(f"cannot query {queries} keys out of {pairs} pairs")
+        raise TaskError(f"cannot query {queries} keys out of {pairs} pairs")
     g = torch.Generator().manual_seed(seed)
     vocab = torch.as_tensor(list(vocab))
     half = len(vocab) // 2
     if half < pairs:
-        raise ValueError(f"a vocabulary of {len(vocab)} ids cannot hold {pairs} distinct keys")
+        raise TaskError(f"a vocabulary of {len(vocab)} ids cannot hold {pairs} distinct keys")
     rows, masks = [], []
     for _ in range(n):
         keys = vocab[torch.randperm(half, generator=g)[:pairs]]

@@ -94,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
                                 depths=args.depths, trials=args.trials,
                                 ppl_rows=args.ppl_rows, ppl_tokens=args.ppl_tokens, seed=args.seed,
                                 progress=progress)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     finally:
         bar.close()
     table = markdown_table(results)

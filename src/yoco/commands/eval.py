@@ -9,7 +9,7 @@ from ..arguments import DEPTH, POSITIVE_INT, ListOf, TokenCount
 from ..checkpoint import load_model, resolve_checkpoint
 from ..data import SPECIAL_TOKENS, TokenShards, find_shards, is_shard_folder
 from ..report import print_table, write_json
-from ..tasks import MQAR_PAIRS, MQAR_QUERIES, MQAR_SAMPLES, mqar_batch
+from ..tasks import MQAR_PAIRS, MQAR_QUERIES, MQAR_SAMPLES, TaskError, mqar_batch
 from ..tokenizer import tokenizer_for
 from .common import UsageError, add_dtype, add_seed
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     haystack = val.tokens
     try:
         cells = passkey_grid(model, tokenizer, haystack, args.contexts, args.depths, args.trials, args.seed)
-    except ValueError as e:  # a context too short for the needle, a haystack too small, a bad depth
+    except TaskError as e:  # a context too short for the needle, a haystack too small, a bad depth
         raise UsageError(f"passkey: {e}") from None
     report["passkey"] = cells
     print_table(["context", "depth", "accuracy"], [[c["context"], f"{c['depth']:.0%}", f"{c['accuracy']:.0%}"]

@@ -7,7 +7,7 @@ import argparse
 from ..arguments import POSITIVE_INT, SHARE
 from ..config import PRESETS
 from ..study import STUDY_ARCHS, StudySettings
-from .common import UsageError, add_archs, add_curriculum_flags, add_seed, add_training_flags
+from .common import add_archs, add_curriculum_flags, add_seed, add_training_flags
 
 DEFAULTS = StudySettings()
 # --quick: fewer steps per architecture and fewer passkey keys per cell
@@ -49,10 +49,7 @@ def run(args: argparse.Namespace) -> int:
                              window=args.window, retrieval_tasks=tuple(args.retrieval_tasks),
                              short_seq_len=args.short_seq_len, short_steps=args.short_steps,
                              val_batches=args.val_batches)
-    try:
-        results = run_study(settings, args.out)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    results = run_study(settings, args.out)
     print(markdown(results))
     print(f"wrote {args.out}/results.json, results.md, pareto.png, loss_curves.png, retrieval.png")
     return 0

@@ -8,7 +8,7 @@ import argparse
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, SHARE
 from ..config import NAMES, PRESETS
 from ..train import TrainSettings, train
-from .common import UsageError, add_curriculum_flags, add_seed, add_training_flags
+from .common import add_curriculum_flags, add_seed, add_training_flags
 
 DEFAULTS = TrainSettings()
 
@@ -57,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
                              short_seq_len=args.short_seq_len, short_steps=args.short_steps,
                              overrides={} if args.window is None else {"window": args.window},
                              init_from=args.init_from)
-    try:
-        final = train(settings, args.out, resume=args.resume)
-    except ValueError as e:  # bad settings (DataError and ConfigError are ValueErrors too)
-        raise UsageError(str(e)) from None
+    final = train(settings, args.out, resume=args.resume)  # bad settings raise yoco errors: one line, exit 2
     val = "no validation loss" if final.get("val_loss") is None else \
         f"val loss {final['val_loss']:.4f} over {final['val_covers']}"
     print(f"step {final.get('step')}: loss {final.get('loss', float('nan')):.4f}, {val}; checkpoints and "

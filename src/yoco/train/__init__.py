@@ -23,12 +23,17 @@ from ..checkpoint import CheckpointError, latest_checkpoint, load_model, resolve
 from ..config import get_config
 from ..data import (DataError, TokenShards, build_shards, corpus_documents, is_shard_folder, load_tokenizer,
                     train_tokenizer)
+from ..errors import YocoError
 from ..evaluate import covered, lm_loss, validation_loss
 from ..models import CausalLM, build_model
 from ..parallel import (barrier, close, full_state, init_world, load_optimizer_state, mean_over_world, scalar,
                         shard_rows, sharded, wrap)
 from ..report import atomic_write, json_text
 from ..tasks import RETRIEVAL_TASKS, retrieval_rows
+
+
+class SettingsError(YocoError, ValueError):
+    """Training settings that cannot work together; the message names the option."""
 
 
 @dataclass
@@ -74,23 +79,23 @@ class TrainSettings:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
                      "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise SettingsError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.retrieval_mix <= 1:
-            raise ValueError(f"retrieval-mix must be within [0, 1], got {self.retrieval_mix}")
+            raise SettingsError(f"retrieval-mix must be within [0, 1], got {self.retrieval_mix}")
         unknown = [t for t in self.retrieval_tasks if t not in RETRIEVAL_TASKS]
         if unknown or not self.retrieval_tasks:
-            raise ValueError(f"retrieval-tasks must name some of {', '.join(RETRIEVAL_TASKS)}, got "
+            raise SettingsError(f"retrieval-tasks must name some of {', '.join(RETRIEVAL_TASKS)}, got "
                              f"{', '.join(self.retrieval_tasks) or 'none'}")
         if self.short_seq_len is not None:
             if not 1 <= self.short_seq_len < self.seq_len or (self.batch_size * self.seq_len) % self.short_seq_len:
-                raise ValueError(f"short-seq-len must be shorter than seq-len ({self.seq_len}) and divide the "
+                raise SettingsError(f"short-seq-len must be shorter than seq-len ({self.seq_len}) and divide the "
                                  f"{self.batch_size * self.seq_len} tokens of a step, got {self.short_seq_len}")
             if not 1 <= self.short_steps <= self.steps:
-                raise ValueError(f"short-steps must be within [1, steps={self.steps}], got {self.short_steps}")
+                raise SettingsError(f"short-steps must be within [1, steps={self.steps}], got {self.short_steps}")
         elif self.short_steps:
-            raise ValueError("short-steps needs short-seq-len")
+            raise SettingsError("short-steps needs short-seq-len")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0 or self.grad_clip <= 0:
-            raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup >= 0 and grad-clip > 0")
+            raise SettingsError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup >= 0 and grad-clip > 0")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -169,7 +174,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
     get_config(settings.arch, settings.preset, **settings.overrides)  # a bad combination fails before any data work
     world = init_world()
     if world.size > 1 and any(settings.shape(step)[0] % world.size for step in (0, settings.steps - 1)):
-        raise ValueError(f"batch-size {settings.batch_size} (and the short rows' count) must be divisible by the "
+        raise SettingsError(f"batch-size {settings.batch_size} (and the short rows' count) must be divisible by the "
                          f"{world.size} processes")
     progress = progress and world.main
     log = log if world.main else (lambda text: None)
