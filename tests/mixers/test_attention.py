@@ -9,7 +9,8 @@ from harness import cpu_step, naive_attention
 from yoco.cache import CacheError, KVCache
 from yoco.config import get_config
 from yoco.layers import RotaryEmbedding
-from yoco.mixers.attention import CausalSelfAttention, attend, slot_mask
+from yoco.kernels import attend, slot_mask
+from yoco.mixers.attention import CausalSelfAttention
 from yoco.cache import CallKV
 from yoco.mixers.cross_attention import CrossAttention, GlobalKV
 
@@ -252,7 +253,7 @@ def test_cross_attention_prefill_equals_incremental():
 @pytest.mark.parametrize("T,S", [(1, 1), (5, 5), (5, 12), (16, 100), (3, 64)])
 @pytest.mark.parametrize("n_kv", [1, 2, 4])
 def test_chunk_attention_equals_masked_attention(T, S, n_kv):
-    from yoco.mixers.attention import chunk_attention
+    from yoco.kernels import chunk_attention
 
     q, k, v = torch.randn(2, 4, T, 8), torch.randn(2, n_kv, S, 8), torch.randn(2, n_kv, S, 8)
     mask = slot_mask(torch.arange(S - T, S), torch.arange(S), None)

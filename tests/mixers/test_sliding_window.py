@@ -9,7 +9,7 @@ from harness import cpu_step, naive_attention
 from yoco.cache import CacheError
 from yoco.config import get_config
 from yoco.layers import RotaryEmbedding
-from yoco.mixers.attention import slot_mask
+from yoco.kernels import slot_mask
 from yoco.mixers.sliding_window import RingKVCache, SlidingWindowAttention, blocked_window_attention
 
 

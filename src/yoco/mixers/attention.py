@@ -2,7 +2,7 @@
 
 A mixer attends only through its cache's ``attend`` (the ``AttentionCache`` protocol, ``cache.py``):
 a ``KVCache``, a compressed store, or, without a cache, this call's own keys and values (``CallKV``).
-The kernels and the one masking rule live in ``kernels.py`` (re-exported here, where they began).
+The kernels and the one masking rule live in ``kernels.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from torch import nn
 
 from ..cache import CallKV, KVCache, KVGeometry
 from ..config import ModelConfig
-from ..kernels import attend, causal_attention, chunk_attention, slot_mask
 from ..layers import RotaryEmbedding, Step, rotate_by
 
 
@@ -22,6 +21,11 @@ def visible_pairs(n: float, window: int | None = None) -> float:
     if window is None or window >= n:
         return n * (n + 1) / 2
     return window * (window + 1) / 2 + (n - window) * window
+
+
+def kv_bytes_per_position(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one position's keys and values take in a cache of ``n_kv_heads`` x ``head_dim``."""
+    return 2 * config.n_kv_heads * config.head_dim * dtype.itemsize
 
 
 class QKVProjection(nn.Module):
@@ -104,15 +108,15 @@ class CausalSelfAttention(QKVProjection):
     @staticmethod
     def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype, *, produces_kv: bool = True) -> int:
         """Bytes its ``KVCache`` holds per row at ``context`` positions."""
-        return 2 * config.n_kv_heads * config.head_dim * dtype.itemsize * context if produces_kv else 0
+        return kv_bytes_per_position(config, dtype) * context if produces_kv else 0
 
     @staticmethod
-    def prefill_flops(config: ModelConfig, n: float, *, produces_kv: bool = True) -> float:
+    def prefill_flops(config: ModelConfig, n: float, *, produces_kv: bool = True, window: int | None = None) -> float:
         """Useful FLOPs over a prefill of ``n`` positions: q, o (and k, v) projections, and QK^T and AV
-        over the keys each query may see (2 FLOPs per multiply-add)."""
+        over the keys each query may see (at most ``window``; 2 FLOPs per multiply-add)."""
         d, H, dh = config.dim, config.n_heads, config.head_dim
         projections = d * H * dh * 2 + (d * config.n_kv_heads * dh * 2 if produces_kv else 0)
-        return 2 * projections * n + 4 * H * dh * visible_pairs(n)
+        return 2 * projections * n + 4 * H * dh * visible_pairs(n, window)
 
     @staticmethod
     def quadratic_prefill(config: ModelConfig) -> bool:
@@ -125,5 +129,4 @@ def rope_kv_geometry(mixer: nn.Module) -> KVGeometry:
                       rotate=lambda keys, delta: rotate_by(mixer.rotary, keys, delta))
 
 
-__all__ = ["CausalSelfAttention", "QKVProjection", "attend", "causal_attention", "chunk_attention",
-           "rope_kv_geometry", "slot_mask"]
+__all__ = ["CausalSelfAttention", "QKVProjection", "kv_bytes_per_position", "rope_kv_geometry", "visible_pairs"]

@@ -8,7 +8,7 @@ from torch import nn
 from ..cache import CallKV, KVCache, KVGeometry
 from ..config import ModelConfig
 from ..layers import RMSNorm, RotaryEmbedding, Step
-from .attention import rope_kv_geometry, visible_pairs
+from .attention import kv_bytes_per_position, rope_kv_geometry, visible_pairs
 
 
 class GlobalKV(nn.Module):
@@ -48,7 +48,7 @@ class GlobalKV(nn.Module):
     @staticmethod
     def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
         """Bytes the global ``KVCache`` holds per row at ``context`` positions."""
-        return 2 * config.n_kv_heads * config.head_dim * dtype.itemsize * context
+        return kv_bytes_per_position(config, dtype) * context
 
     @staticmethod
     def prefill_flops(config: ModelConfig, n: float) -> float:

@@ -13,7 +13,7 @@ from ..cache import CacheError, tensor_bytes
 from ..config import ModelConfig
 from ..kernels import attend, slot_mask
 from ..layers import RotaryEmbedding, Step
-from .attention import QKVProjection, visible_pairs
+from .attention import CausalSelfAttention, QKVProjection, kv_bytes_per_position
 
 
 def default_block(window: int) -> int:
@@ -21,6 +21,11 @@ def default_block(window: int) -> int:
     # W per query are useful: smaller blocks waste less (256 with W=1024: 80% useful, 35% faster
     # than blocks of W on a 2-core CPU), but below ~64 rows the matmuls get inefficient.
     return max(64, min(window, 256))
+
+
+def refuse_scale_or_expand(scale: float | None, expand) -> None:
+    if scale is not None or expand is not None:
+        raise CacheError("sliding-window attention takes plain queries (no scale, no expand)")
 
 
 class WindowCallKV:
@@ -37,8 +42,7 @@ class WindowCallKV:
         self.k, self.v = k, v
 
     def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None, expand=None) -> torch.Tensor:
-        if scale is not None or expand is not None:
-            raise CacheError("sliding-window attention takes plain queries (no scale, no expand)")
+        refuse_scale_or_expand(scale, expand)
         return blocked_window_attention(q, self.k, self.v, step.start, step.start - self.earlier, self.window,
                                         step.pad, self.block)
 
@@ -86,8 +90,7 @@ class RingKVCache:
         if self.call is not None:
             call, self.call = self.call, None  # held for this call only
             return call.attend(q, step, scale=scale, expand=expand)
-        if scale is not None or expand is not None:
-            raise CacheError("sliding-window attention takes plain queries (no scale, no expand)")
+        refuse_scale_or_expand(scale, expand)
         # Nothing is masked once the ring is full (it holds exactly the query's window) and no row is
         # padded: known from ints, so the step reads no tensor value (no host synchronisation). A step
         # torch.compile captures masks always (all visible once full), so that the ring filling up
@@ -159,19 +162,17 @@ class SlidingWindowAttention(QKVProjection):
         kv = WindowCallKV(self.window, self.block) if cache is None else cache
         kv.append(k, v)
         return self.out(kv.attend(q, step))
+
     # ------------------------------------------------------------------ facts from a config
     @staticmethod
     def cache_bytes_per_row(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
         """Bytes its ``RingKVCache`` holds per row: W positions, whatever the context."""
-        return 2 * config.n_kv_heads * config.head_dim * config.window * dtype.itemsize
+        return kv_bytes_per_position(config, dtype) * config.window
 
     @staticmethod
     def prefill_flops(config: ModelConfig, n: float) -> float:
-        """Useful FLOPs over a prefill of ``n`` positions: q, k, v, o projections, and attention over
-        the at most W keys each query sees."""
-        d, H, dh = config.dim, config.n_heads, config.head_dim
-        projections = d * H * dh * 2 + d * config.n_kv_heads * dh * 2
-        return 2 * projections * n + 4 * H * dh * visible_pairs(n, config.window)
+        """Full attention's, each query seeing at most W keys."""
+        return CausalSelfAttention.prefill_flops(config, n, window=config.window)
 
     @staticmethod
     def quadratic_prefill(config: ModelConfig) -> bool:
