@@ -376,7 +376,7 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
     }
 
 
-def extrapolate(arch: str, context: int, measured: list[dict], settings: BenchSettings) -> dict:
+def extrapolate(arch: str, config: ModelConfig, context: int, measured: list[dict], settings: BenchSettings) -> dict:
     """A Transformer row beyond max_quadratic_context, scaled from its longest measured context:
     prefill by useful FLOPs, decode by bytes read per token (weights + cache), memory by formula."""
     if not measured:
@@ -385,7 +385,6 @@ def extrapolate(arch: str, context: int, measured: list[dict], settings: BenchSe
                          f"was measured for it in this run: add one (e.g. --context 8192,{context})")
     ref = max(measured, key=lambda r: r["context"])
     dtype = resolve_dtype(settings.dtype)
-    config = bench_config(arch, settings)
     n, m = context, ref["context"]
     weights = ref["params"] * dtype.itemsize
     cache = cache_bytes(config, 1, n, dtype)
@@ -437,9 +436,9 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     with room_to_compile(settings):
         for context, arch in bar:
             bar.set_postfix_str(f"{arch} @ {context}")
-            if quadratic_prefill(bench_config(arch, settings)) and context > settings.max_quadratic_context:
+            if quadratic_prefill(runners[arch].config) and context > settings.max_quadratic_context:
                 measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
-                results.append(extrapolate(arch, context, measured, settings))
+                results.append(extrapolate(arch, runners[arch].config, context, measured, settings))
                 continue
             results.append(measure(runners[arch], context, settings, machine,
                                    progress=lambda text: bar.set_postfix_str(text)))

@@ -20,7 +20,7 @@ With ``positions="shared"`` the units, and working tokens outside a query's loca
 one distance ``n_local`` (queries re-rotated to ``n_local``, keys to 0; RoPE scores depend on the
 difference only), as in the paper; with ``"true"``, at their true distances. Units form between calls
 (at ``append``), so a long call attends its own tokens fully; the engine sends the prompt in calls of
-``exc_block_size`` (``policy.prefill_chunk``), as the paper does.
+``exc_block_size`` (its ``prefill_plan``), as the paper does.
 
 Bytes: ``nbytes()`` = working set + resident buffer (what sits on the compute device);
 ``offloaded_bytes()`` = the units on ``offload_device``.

@@ -82,10 +82,10 @@ class Policy:
     keeps_budget_while_decoding = False
     needs_rotary = False  # whether its cache re-rotates keys (it then needs the model's RoPE)
 
+    budget_required = True  # False: the policy's rule works without a budget (CORM, InfLLM)
+
     def __init__(self, budget: float | int | None):
         self.budget = check_budget(budget, required=self.budget_required)
-
-    budget_required = True
 
     # ------------------------------------------------------------------ the engine and the store
     @property
