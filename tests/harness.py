@@ -10,8 +10,11 @@ tests/test_test_layout.py; fixtures live in conftest.py):
 - ``left_padded``: prompts as transformers takes them, ids and attention mask left-padded with 0;
 - ``CPU``, ``cpu_step``: a ``Step`` on the CPU, for calling a token mixer directly;
 - ``rms_norm_reference``: RMSNorm written out in float64, what the norms are checked against;
-- ``naive_attention``: float64 grouped-query attention under a visibility mask, the attention reference.
+- ``naive_attention``: float64 grouped-query attention under a visibility mask, the attention reference;
+- ``serving``: an ASGI app served by uvicorn on 127.0.0.1 on a free port, for the length of a ``with``.
 """
+
+from contextlib import contextmanager
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -116,3 +119,31 @@ def naive_attention(q, k, v, visible=None):
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
+
+
+@contextmanager
+def serving(app, timeout: float = 30.0):
+    """Serve an ASGI app (``yoco.serve.app.create_app``) with uvicorn on 127.0.0.1, on a free port, in a
+    thread of this process; yields its base URL and stops it afterwards (each wait bounded)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

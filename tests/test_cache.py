@@ -5,6 +5,7 @@ import torch
 from harness import make_model
 
 from yoco import CacheError, KVCache, build_model
+from yoco.cache import RowBatch
 from yoco.engine import decode_step, prefill
 from yoco.mixers.retention import RetentionState
 
@@ -112,3 +113,33 @@ def test_repeated_cache_continues_each_row(variant):
             expected = decode_step(model, ids[:, t], cache)
             got = decode_step(model, ids[:, t].repeat_interleave(3), forked)
             torch.testing.assert_close(got, expected.repeat_interleave(3, dim=0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["transformer", "yoco-swa", "yoco-gret", "mla", "mla-q-cla2", "mlkv",
+                                     "transformer-window", "yoco-gret-split3"])
+def test_row_batch_decodes_rows_at_different_positions_as_each_alone(variant):
+    """One call over one-row caches of different lengths (RowBatch) gives each row the logits its own
+    cache gives it alone, and advances every row's cache by one slot."""
+    model = make_model(variant).eval()
+    prompts = [list(range(1, 8)), list(range(20, 45)), [3, 3]]
+    with torch.inference_mode():
+        alone = [model.new_cache(1, capacity=40) for _ in prompts]
+        batched = [model.new_cache(1, capacity=40) for _ in prompts]
+        for p, a, b in zip(prompts, alone, batched):
+            prefill(model, torch.tensor([p]), a, 4)
+            prefill(model, torch.tensor([p]), b, 4)
+        for step in range(3):
+            feed = torch.tensor([[7 + step], [11], [200 - step]])
+            together = model(feed, RowBatch(batched), num_logits=1)[:, -1]
+            each = torch.cat([model(feed[i:i + 1], c, num_logits=1)[:, -1] for i, c in enumerate(alone)])
+            torch.testing.assert_close(together, each, rtol=1e-4, atol=1e-5)
+    assert [c.seen for c in batched] == [len(p) + 3 for p in prompts]
+    assert RowBatch(batched).nbytes() == sum(c.nbytes() for c in alone)
+
+
+def test_row_batch_refuses_caches_of_several_rows():
+    model = make_model("transformer")
+    with pytest.raises(CacheError, match="one-row caches"):
+        RowBatch([model.new_cache(2, capacity=8)])
+    with pytest.raises(CacheError, match="one-row caches"):
+        RowBatch([])

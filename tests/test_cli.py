@@ -138,7 +138,8 @@ def test_text_needs_the_models_own_tokenizer(trained_run, tmp_path, capsys):
 # What each command needs besides the option under test (never run: parsing alone is checked).
 MINIMAL_ARGV = {"demo": [], "bench": [], "kv-table": [], "convert": ["--out", "x"], "train": ["--out", "x"],
                 "eval": ["--checkpoint", "x"], "compress-eval": [], "study": ["--out", "x"],
-                "generate": ["--prompt-ids", "1"], "init": ["--arch", "mha", "--out", "x"]}
+                "generate": ["--prompt-ids", "1"], "init": ["--arch", "mha", "--out", "x"], "serve": ["x"],
+                "bench-serve": []}
 # Options for which 0 means something: seeds, steps of something that may be skipped, greedy decoding,
 # no retrieval rows, a needle at the very start, torch's thread count, token id 0.
 ZERO_IS_MEANINGFUL = {"--seed", "--warmup", "--short-steps", "--temperature", "--retrieval-mix", "--depths",

@@ -278,3 +278,83 @@ class ModelCache:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+# ---------------------------------------------------------------------- sequences decoded together
+class RowsCache:
+    """One layer's ``AttentionCache`` over several sequences decoded in one call: row b is sequence b,
+    whose entries stay in that sequence's own cache (its own kind, length and capacity). ``append`` and
+    ``attend`` go to each row's cache with the row's own step, so rows of any lengths and arrival times
+    share the call's matmuls without being re-padded or copied. ``offsets[b]``: how many slots row b
+    is behind the batch's step (the batch runs at its longest row's slot)."""
+
+    def __init__(self, rows: list, offsets: list[int]):
+        self.rows, self.offsets = rows, offsets
+
+    def append(self, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+        for b, cache in enumerate(self.rows):
+            cache.append(k[b:b + 1]) if v is None else cache.append(k[b:b + 1], v[b:b + 1])
+
+    def attend(self, q: torch.Tensor, step: Step, *, scale: float | None = None,
+               expand: Expand | None = None) -> torch.Tensor:
+        return torch.cat([cache.attend(q[b:b + 1], Step(step.start - offset, step.length, None, step.device),
+                                       scale=scale, expand=expand)
+                          for b, (cache, offset) in enumerate(zip(self.rows, self.offsets))])
+
+    def nbytes(self) -> int:
+        return sum(cache.nbytes() for cache in self.rows)
+
+
+class StackedRows:
+    """One layer's state caches of several sequences decoded in one call (a recurrent state, which its
+    mixer reads and replaces whole): reading a batch field gives the rows' tensors stacked, assigning
+    one gives row b its slice back, so each sequence keeps its own state."""
+
+    def __init__(self, rows: list):
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "batch_fields", rows[0].batch_fields)
+
+    def __getattr__(self, name: str):
+        if name in self.batch_fields:
+            return torch.cat([getattr(row, name) for row in self.rows])
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self.batch_fields:
+            raise AttributeError(f"a stacked state sets its rows' batch fields only, not {name!r}")
+        for b, row in enumerate(self.rows):
+            setattr(row, name, value[b:b + 1])
+
+    def nbytes(self) -> int:
+        return sum(row.nbytes() for row in self.rows)
+
+
+class RowBatch(ModelCache):
+    """Several sequences' ``ModelCache``s (one row each) as one batch for a model call: how a server
+    decodes sequences of different lengths together. The call runs at the longest row's slot and each
+    row counts as left-padded by how far it is behind, so its RoPE positions are its own; its entries
+    stay in its own caches (``RowsCache``, ``StackedRows``), which its queries alone attend. Advancing
+    ``seen`` advances every row's."""
+
+    def __init__(self, caches: list[ModelCache], device=None):
+        if not caches or any(c.batch_size != 1 for c in caches):
+            raise CacheError("a row batch is built from one-row caches (at least one)")
+        self.caches = caches
+        top = max(c.seen for c in caches)
+        offsets = [top - c.seen for c in caches]
+        pad = torch.tensor(offsets, device=device) if any(offsets) else None
+        layers = [RowsCache(rows, offsets) if hasattr(rows[0], "attend") else StackedRows(rows)
+                  for rows in zip(*(c.layers for c in caches))]
+        super().__init__(layers, len(caches), pad)
+        self._seen = top
+
+    @property
+    def seen(self) -> int:
+        return self._seen
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        if hasattr(self, "_seen"):  # (ModelCache.__init__ sets 0 before the rows' count is known)
+            for cache in self.caches:
+                cache.seen += value - self._seen
+            self._seen = value

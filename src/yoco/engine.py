@@ -59,6 +59,10 @@ class EngineModel(Protocol):
     # Whether torch.compile captures its decode step once for every slot (``decode_stepper``); False
     # when the step's Python control flow depends on the slot, so that it would recompile every step.
     decode_compiles: bool
+    # Whether one call can decode rows that sit at different positions, each in its own one-row cache
+    # (``cache.RowBatch``): how a server batches sequences of any lengths and arrival times. False: each
+    # such sequence decodes in a call of its own.
+    decodes_rows_apart: bool
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """Its parameters: the first one's device is where the engine puts the token ids."""
@@ -164,8 +168,10 @@ def plan_prefill(prompt_length: int, chunk: int, tail: int = 1) -> list[PrefillC
     return calls + [PrefillCall(prompt_length - tail, prompt_length, tail)]
 
 
-def prefill(model: EngineModel, ids: torch.Tensor, cache: EngineCache, chunk: int) -> torch.Tensor:
-    """Run the prompt ids [B, T] into the cache; return the last prompt token's logits [B, V].
+def prefill_calls(model: EngineModel, ids: torch.Tensor, cache: EngineCache, chunk: int) -> Iterator[torch.Tensor | None]:
+    """Run the prompt ids [B, T] into the cache one model call at a time: yields None after each call but
+    the last, then the last prompt token's logits [B, V]. A server interleaves these calls with the
+    decode steps of the sequences already running, so a long prompt does not stall them.
 
     With a compression policy the policy plans the calls (``policy.prefill_plan``: e.g. the prompt's
     last queries it scores go through in one final call with their logits, so YOCO runs its
@@ -177,11 +183,21 @@ def prefill(model: EngineModel, ids: torch.Tensor, cache: EngineCache, chunk: in
     T = ids.shape[1]
     policy = cache.compression
     calls = plan_prefill(T, chunk) if policy is None else policy.prefill_plan(T, chunk)
-    for call in calls:
+    for i, call in enumerate(calls):
         logits = model(ids[:, call.start:call.end], cache, num_logits=call.num_logits, check_ids=False)
+        if i < len(calls) - 1:
+            yield None
     if policy is not None:
         cache.compress()
-    return logits[:, -1]
+    yield logits[:, -1]
+
+
+def prefill(model: EngineModel, ids: torch.Tensor, cache: EngineCache, chunk: int) -> torch.Tensor:
+    """Run the prompt ids [B, T] into the cache; return the last prompt token's logits [B, V] (the calls
+    of ``prefill_calls``, all at once)."""
+    for logits in prefill_calls(model, ids, cache, chunk):
+        pass
+    return logits
 
 
 def decode_step(model: EngineModel, tokens: torch.Tensor, cache: EngineCache, *, check_ids: bool = True) -> torch.Tensor:

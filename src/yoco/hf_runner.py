@@ -83,6 +83,7 @@ class TransformersLM:
     """A transformers causal LM seen through the engine's model protocol."""
 
     decode_compiles = True  # transformers' DynamicCache decode compiles once with dynamic shapes
+    decodes_rows_apart = False  # a transformers cache is one batch at one position, not one cache per row
 
     def __init__(self, model):
         config = check_model(model)

@@ -58,6 +58,9 @@ class Block(nn.Module):
 class CausalLM(nn.Module):
     # Whether torch.compile captures the decode step once for every slot (the engine's ``compile``).
     decode_compiles = True
+    # Whether a call decodes one-row caches at different positions together (``cache.RowBatch``): every
+    # mixer reaches its cache through the cache protocol, so each row attends its own.
+    decodes_rows_apart = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -116,6 +116,8 @@ class BlockTransformer(CausalLM):
     # A decode step's path depends on the slot's place in its block (the block decoder runs when a block
     # completes, the local window restarts): torch.compile would specialise and recompile every slot.
     decode_compiles = False
+    # Its cache groups rows by their place in a block (``PhasedBlockCache``), not one cache per row.
+    decodes_rows_apart = False
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
