@@ -1,1 +1,2 @@
-"""``yoco serve``: an OpenAI-compatible server with continuous batching, and its load benchmark."""
+"""Serving: ``yoco serve``'s continuous-batching scheduler and OpenAI-compatible HTTP API, and the load
+benchmark ``yoco bench-serve`` (the ``serve`` extra: FastAPI, uvicorn, the openai client)."""

@@ -6,8 +6,8 @@ the benchmark starts (the peer and ``yoco serve`` alike).
   loads offline;
 - ``hf_serve_command``: the argv of ``transformers serve FOLDER --continuous-batching --device cpu``
   with its paged cache sized to a KV budget (``--cb-num-blocks``);
-- ``start_server`` / ``running_server``: a server subprocess, logged to a file, polled until it
-  answers, stopped within bounded time; ``peak_rss_bytes`` its memory high-water mark.
+- ``start_server`` (a context manager) / ``launch_server``: a server subprocess, logged to a file,
+  polled until it answers, stopped within bounded time; ``peak_rss_bytes`` its memory high-water mark.
 
 What transformers 5.24's server takes (read from its source, checked by running it): the model is
 named in a request by the very string given to ``transformers serve`` (a local path is kept as it
@@ -42,8 +42,15 @@ from ..models import resolve_dtype
 
 # The peer's paged cache page: transformers' default (``ContinuousBatchingConfig.page_size``).
 DEFAULT_BLOCK_SIZE = 256
+# Tokens of one forward of the peer. transformers' default, 8192, was the slowest measured on this CPU:
+# 2 concurrent 2K-token prompts + 32 new tokens (1 GiB KV budget, SDPA) took 7.3-7.9 s at 8192 and
+# 6.6-7.4 s at 4096, one 8K-token prompt 21 s and 15-17 s (2048: 14 s; 1024: 18 s). 16384 does not
+# start: transformers plans an attention mask of max_batch_tokens x (cache tokens + max_batch_tokens)
+# floats, 16384 x 103,680 x 4 B = 6.8 GB at a 1 GiB budget, more than the memory it allows itself.
+DEFAULT_MAX_BATCH_TOKENS = 4096
 
 # The peer never needs the Hub: the model is a local folder, and the CLI's PyPI update check is skipped.
+# The command sets them itself (``env NAME=VALUE ... python``: ``env`` execs, so the pid is the server's).
 HF_SERVE_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
@@ -54,13 +61,14 @@ class ServerError(YocoError, RuntimeError):
 
 # ---------------------------------------------------------------------- the peer's model folder
 def write_llama_folder(folder: str | os.PathLike, tokenizer, *, preset: str = "40m", seed: int = 0,
-                       max_seq_len: int | None = None, text_tokens_only: bool = True) -> Path:
+                       max_seq_len: int | None = None, text_tokens_only: bool = True, **overrides) -> Path:
     """A local transformers folder for ``transformers serve``: ``LlamaForCausalLM`` with the
     dimensions of yoco's ``transformer`` config of `preset` (``yoco.bench.llama_model``: the model
     ``yoco bench`` compares with), random weights from `seed`, fp32, saved with ``save_pretrained``,
     and `tokenizer` (a ``tokenizers.Tokenizer``, or the path of a ``tokenizer.json`` or of a folder
     holding one) as ``tokenizer.json`` + ``tokenizer_config.json``. `max_seq_len` (default: the
-    preset's) is the model's ``max_position_embeddings`` and the tokenizer's ``model_max_length``.
+    preset's) is the model's ``max_position_embeddings`` and the tokenizer's ``model_max_length``;
+    `overrides` replace other fields of the config (``vocab_size``, ``n_layers``...).
     `text_tokens_only` zeroes the output rows of the tokens that are not text on their own
     (``non_text_tokens``): see there why.
 
@@ -70,12 +78,13 @@ def write_llama_folder(folder: str | os.PathLike, tokenizer, *, preset: str = "4
     from ..data import EOS, PAD, load_tokenizer
     from ..tokenizer import save_tokenizer
 
-    overrides = {} if max_seq_len is None else {"max_seq_len": max_seq_len}
+    if max_seq_len is not None:
+        overrides["max_seq_len"] = max_seq_len
     config = get_config("transformer", preset, **overrides)
     if not isinstance(tokenizer, (str, os.PathLike)):
         vocab = tokenizer.get_vocab_size()
         if vocab > config.vocab_size:
-            raise ServerError(f"the tokenizer has {vocab} tokens but the {preset} preset's vocabulary is "
+            raise ServerError(f"the tokenizer has {vocab} tokens but the model's vocabulary ({preset} preset) is "
                               f"{config.vocab_size}: train it with vocab_size <= {config.vocab_size}")
     else:
         tokenizer = load_tokenizer(tokenizer, config.vocab_size, require_eos=False)
@@ -161,13 +170,14 @@ def hf_model_name(folder: str | os.PathLike) -> str:
 
 def hf_serve_command(folder: str | os.PathLike, *, host: str = "127.0.0.1", port: int, kv_budget_bytes: int,
                      block_size: int = DEFAULT_BLOCK_SIZE, attn_implementation: str = "sdpa",
-                     max_batch_tokens: int | None = None, dtype: str | torch.dtype = "fp32",
+                     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, dtype: str | torch.dtype = "fp32",
                      log_level: str = "info") -> list[str]:
     """The argv of transformers' server for the Llama in `folder`, on the CPU with continuous batching:
     ``--cb-num-blocks`` is the most blocks of `block_size` tokens whose K/V (``llama_kv_bytes_per_token``)
     fits `kv_budget_bytes`. `attn_implementation` is what the model loads with (``sdpa``, or ``eager``,
     which continuous batching turns into ``paged|eager``); `max_batch_tokens` caps the tokens of one
-    forward (transformers' default is 8192). Run it with ``HF_SERVE_ENV`` in the environment."""
+    forward (None: transformers' default, 8192). The defaults are the fastest settings measured here
+    (``DEFAULT_MAX_BATCH_TOKENS``). The command runs offline (``HF_SERVE_ENV``)."""
     if block_size < 4:
         raise ServerError(f"block_size={block_size}: transformers' paged cache needs pages of at least 4 tokens")
     if max_batch_tokens is not None and max_batch_tokens < 1:
@@ -177,7 +187,8 @@ def hf_serve_command(folder: str | os.PathLike, *, host: str = "127.0.0.1", port
     if num_blocks < 1:
         raise ServerError(f"a KV budget of {kv_budget_bytes} bytes holds no block of {block_size} tokens "
                           f"({bytes_per_block} bytes for this model in {dtype})")
-    argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", hf_model_name(folder),
+    argv = ["env", *(f"{k}={v}" for k, v in HF_SERVE_ENV.items()),
+            sys.executable, "-m", "transformers.cli.transformers", "serve", hf_model_name(folder),
             "--continuous-batching", "--device", "cpu", "--dtype", str(resolve_dtype(dtype)).removeprefix("torch."),
             "--attn-implementation", attn_implementation,
             "--cb-block-size", str(block_size), "--cb-num-blocks", str(num_blocks),
@@ -203,7 +214,7 @@ class ServerProcess:
     health_url: str
     log_path: Path
     process: subprocess.Popen
-    # VmHWM read just before the server was stopped by ``running_server`` (None until then)
+    # VmHWM read just before the server was stopped by ``start_server`` (None until then)
     peak_rss_at_stop: int | None = field(default=None, init=False)
 
     @property
@@ -224,8 +235,20 @@ class ServerProcess:
         return stop_process(self.process, timeout)
 
 
-def start_server(argv: list[str], health_url: str, timeout: float, *, log_path: str | os.PathLike | None = None,
-                 env: dict[str, str] | None = None, poll_interval: float = 0.25) -> ServerProcess:
+@contextlib.contextmanager
+def start_server(argv: list[str], health_url: str, timeout: float, log_path: str | os.PathLike | None = None, *,
+                 env: dict[str, str] | None = None, stop_timeout: float = 10.0) -> Iterator[ServerProcess]:
+    """``launch_server``, yield it, then read its peak RSS (``peak_rss_at_stop``) and stop it."""
+    server = launch_server(argv, health_url, timeout, log_path, env=env)
+    try:
+        yield server
+    finally:
+        server.peak_rss_at_stop = server.peak_rss_bytes()
+        server.stop(stop_timeout)
+
+
+def launch_server(argv: list[str], health_url: str, timeout: float, log_path: str | os.PathLike | None = None, *,
+                  env: dict[str, str] | None = None, poll_interval: float = 0.25) -> ServerProcess:
     """Start `argv` (stdout and stderr to `log_path`, a new file in a temporary folder by default;
     `env` added to this process's environment) and wait until a GET of `health_url` answers 200.
     A server that exits first, or does not answer within `timeout` seconds (it is then stopped),
@@ -295,18 +318,6 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> int | None
     return process.poll()
 
 
-@contextlib.contextmanager
-def running_server(argv: list[str], health_url: str, timeout: float, *, log_path: str | os.PathLike | None = None,
-                   env: dict[str, str] | None = None, stop_timeout: float = 10.0) -> Iterator[ServerProcess]:
-    """``start_server``, yield it, then read its peak RSS (``peak_rss_at_stop``) and stop it."""
-    server = start_server(argv, health_url, timeout, log_path=log_path, env=env)
-    try:
-        yield server
-    finally:
-        server.peak_rss_at_stop = server.peak_rss_bytes()
-        server.stop(stop_timeout)
-
-
 def peak_rss_bytes(pid: int) -> int | None:
     """The resident-memory high-water mark (``VmHWM``) of process `pid` plus those of its descendants
     (a sum of peaks, so an upper bound when they peak at different times); None where /proc does not
@@ -332,6 +343,6 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "HF_SERVE_ENV", "ServerError", "ServerProcess", "free_port", "hf_model_name",
-           "hf_serve_command", "llama_kv_bytes_per_token", "peak_rss_bytes", "running_server", "start_server",
-           "stop_process", "write_llama_folder"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_BATCH_TOKENS", "HF_SERVE_ENV", "ServerError", "ServerProcess",
+           "free_port", "hf_model_name", "hf_serve_command", "launch_server", "llama_kv_bytes_per_token",
+           "non_text_tokens", "peak_rss_bytes", "start_server", "stop_process", "write_llama_folder"]
