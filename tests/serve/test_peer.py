@@ -15,13 +15,16 @@ from yoco.bench import llama_model
 from yoco.config import get_config
 from yoco.data import EOS, PAD, train_tokenizer
 from yoco.models import cache_bytes
-from yoco.tokenizer import bytes_to_unicode
 from yoco.serve.peer import (
-    DEFAULT_MAX_BATCH_TOKENS, HF_SERVE_ENV, ServerError, free_port, hf_model_name, hf_serve_command, llama_kv_bytes_per_token,
-    launch_server, non_text_tokens, peak_rss_bytes, start_server, stop_process, vm_hwm, write_llama_folder)
+    DEFAULT_MAX_BATCH_TOKENS, HF_SERVE_ENV, ServerError, free_port, hf_cache_blocks, hf_model_name, hf_serve_command,
+    hf_serve_unsupported, launch_server, llama_kv_bytes_per_token, non_text_tokens, peak_rss_bytes, start_server,
+    stop_process, vm_hwm, write_llama_folder)
+from yoco.tokenizer import bytes_to_unicode
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # é\n\nclass C{i}:\n    pass\n" * 4 for i in range(40)]
 TINY = {"preset": "tiny", "vocab_size": 300, "max_seq_len": 512}
+# the peer is transformers 5.24's server; the oldest transformers this project supports has no such server
+needs_hf_serve = pytest.mark.skipif(hf_serve_unsupported() is not None, reason=str(hf_serve_unsupported()))
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +56,23 @@ def test_block_count_is_the_most_blocks_whose_kv_fits_the_budget(tmp_path):
     assert llama_kv_bytes_per_token(folder) == per_token == 12288
     assert llama_kv_bytes_per_token(folder, "bf16") == per_token // 2
 
-    def blocks(**kw):
-        argv = hf_serve_command(folder, port=8123, **kw)
-        return int(argv[argv.index("--cb-num-blocks") + 1]), int(argv[argv.index("--cb-block-size") + 1])
-
-    assert blocks(kv_budget_bytes=1 << 30) == (341, 256)  # 1 GiB / (256 x 12 KiB) = 341.33
+    assert hf_cache_blocks(folder, 1 << 30) == 341  # 1 GiB / (256 x 12 KiB) = 341.33
     exact = 341 * 256 * per_token
-    assert blocks(kv_budget_bytes=exact) == (341, 256)
-    assert blocks(kv_budget_bytes=exact - 1) == (340, 256)
-    assert blocks(kv_budget_bytes=exact, dtype="bf16") == (682, 256)
-    assert blocks(kv_budget_bytes=exact, block_size=64) == (341 * 4, 64)
+    assert hf_cache_blocks(folder, exact) == 341
+    assert hf_cache_blocks(folder, exact - 1) == 340
+    assert hf_cache_blocks(folder, exact, dtype="bf16") == 682
+    assert hf_cache_blocks(folder, exact, block_size=64) == 341 * 4
     with pytest.raises(ServerError, match=r"budget of 3145727 bytes holds no block of 256 tokens \(3145728 bytes"):
-        hf_serve_command(folder, port=8123, kv_budget_bytes=256 * per_token - 1)
+        hf_cache_blocks(folder, 256 * per_token - 1)
+
+
+@needs_hf_serve
+def test_the_argv_asks_for_the_budgets_blocks(tmp_path):
+    folder = llama_config_json(tmp_path / "m")
+    for block_size, dtype, blocks in ((256, "fp32", 341), (64, "fp32", 1365), (256, "bf16", 682)):
+        argv = hf_serve_command(folder, port=8123, kv_budget_bytes=1 << 30, block_size=block_size, dtype=dtype)
+        assert argv[argv.index("--cb-num-blocks") + 1] == str(blocks)
+        assert argv[argv.index("--cb-block-size") + 1] == str(block_size)
 
 
 def test_kv_bytes_per_token_is_yocos_cache_formula_for_the_same_config(llama_folder):
@@ -80,6 +88,7 @@ def test_head_dim_defaults_to_hidden_over_heads(tmp_path):
     assert llama_kv_bytes_per_token(folder) == 2 * 12 * 2 * 24 * 4
 
 
+@needs_hf_serve
 def test_the_argv_serves_the_folder_on_the_cpu_with_continuous_batching(tmp_path):
     folder = llama_config_json(tmp_path / "m")
     argv = hf_serve_command(folder, host="127.0.0.1", port=8123, kv_budget_bytes=1 << 30,
@@ -110,6 +119,14 @@ def test_bad_settings_are_refused(tmp_path):
         hf_serve_command(folder, port=1, kv_budget_bytes=1 << 30, max_batch_tokens=0)
     with pytest.raises(ServerError, match="not a transformers Llama config.json"):
         hf_serve_command(tmp_path / "missing", port=1, kv_budget_bytes=1 << 30)
+
+
+def test_a_transformers_without_the_server_is_refused(tmp_path, monkeypatch):
+    import yoco.serve.peer
+
+    monkeypatch.setattr(yoco.serve.peer, "hf_serve_unsupported", lambda: "transformers 5.4.0 has no --cb-num-blocks")
+    with pytest.raises(ServerError, match="cannot be the peer here: transformers 5.4.0 has no --cb-num-blocks"):
+        hf_serve_command(llama_config_json(tmp_path / "m"), port=1, kv_budget_bytes=1 << 30)
 
 
 # ---------------------------------------------------------------------- the folder
@@ -205,10 +222,9 @@ def test_start_server_waits_for_it_yields_it_and_stops_it(tmp_path):
     argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
     with start_server(argv, f"http://127.0.0.1:{port}/", 30, tmp_path / "log") as server:
         assert server.process.poll() is None
-        peak = server.peak_rss_bytes()
-        assert peak == vm_hwm(server.pid) and peak > 1 << 20
+        assert server.peak_rss_bytes() > 1 << 20  # a Python process: megabytes
     assert server.process.returncode == -15  # SIGTERM sufficed
-    assert server.peak_rss_at_stop >= peak
+    assert server.peak_rss_at_stop > 1 << 20  # read before it stopped
 
 
 def test_a_server_that_ignores_sigterm_is_killed(tmp_path):
@@ -243,6 +259,7 @@ def test_peak_rss_counts_the_children(tmp_path):
 
 
 # ---------------------------------------------------------------------- the real peer
+@needs_hf_serve
 def test_transformers_serve_streams_one_chunk_per_token_of_the_folders_greedy_output(llama_folder, tmp_path):
     from openai import OpenAI
     from transformers import AutoModelForCausalLM, AutoTokenizer

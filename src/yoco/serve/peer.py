@@ -12,7 +12,12 @@ the benchmark starts (the peer and ``yoco serve`` alike).
 What transformers 5.24's server takes (read from its source, checked by running it): the model is
 named in a request by the very string given to ``transformers serve`` (a local path is kept as it
 is; any other ``model`` answers 400 on a pinned server), a ``/v1/completions`` prompt is text only
-(a list of token ids answers 400), and a request field outside OpenAI's schema answers 422.
+(a list of token ids answers 400), and a request field outside OpenAI's schema answers 422
+(``ignore_eos`` among them; ``stream_options`` is accepted and ignored). A stream sends one chunk per
+token that completes whole characters (see ``non_text_tokens``), then a last chunk with an empty
+text, the ``finish_reason`` and ``usage``, whether ``include_usage`` was asked or not. It has
+``/v1/completions``, ``/v1/models`` and ``/health``; ``/v1/chat/completions`` and ``/v1/responses``
+need a chat template (this folder has none: they answer 500), and there is no ``/metrics``.
 """
 
 from __future__ import annotations
@@ -162,6 +167,48 @@ def llama_kv_bytes_per_token(folder: str | os.PathLike, dtype: str | torch.dtype
     return 2 * layers * kv_heads * head_dim * resolve_dtype(dtype).itemsize
 
 
+def hf_cache_blocks(folder: str | os.PathLike, kv_budget_bytes: int, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                    dtype: str | torch.dtype = "fp32") -> int:
+    """The most blocks of `block_size` tokens whose K/V (``llama_kv_bytes_per_token``) fits
+    `kv_budget_bytes`: the peer's ``--cb-num-blocks``."""
+    if block_size < 4:
+        raise ServerError(f"block_size={block_size}: transformers' paged cache needs pages of at least 4 tokens")
+    bytes_per_block = block_size * llama_kv_bytes_per_token(folder, dtype)
+    num_blocks = kv_budget_bytes // bytes_per_block
+    if num_blocks < 1:
+        raise ServerError(f"a KV budget of {kv_budget_bytes} bytes holds no block of {block_size} tokens "
+                          f"({bytes_per_block} bytes for this model in {dtype})")
+    return num_blocks
+
+
+def hf_serve_unsupported() -> str | None:
+    """Why the installed transformers cannot be the peer (None when it can): its server needs
+    ``/v1/completions`` and the ``--cb-*`` options (transformers 5.24 has both; 5.4, this project's
+    oldest, has neither), and FastAPI, uvicorn, pydantic and openai (the ``serve`` extra)."""
+    import importlib.util
+    import inspect
+
+    import transformers
+
+    found = f"transformers {transformers.__version__}"
+    try:
+        from transformers.cli.serve import Serve
+    except ImportError as e:
+        return f"{found} has no `transformers serve` ({e})"
+    options = inspect.signature(Serve.__init__).parameters
+    missing = [name for name in ("continuous_batching", "cb_block_size", "cb_num_blocks", "cb_max_batch_tokens")
+               if name not in options]
+    if missing:
+        return f"{found}'s `transformers serve` has no --{', --'.join(n.replace('_', '-') for n in missing)}"
+    if importlib.util.find_spec("transformers.cli.serving.completion") is None:
+        return f"{found}'s `transformers serve` has no /v1/completions"
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        return f"{found}'s `transformers serve` needs FastAPI, uvicorn, pydantic and openai: install yoco[serve]"
+    return None
+
+
 def hf_model_name(folder: str | os.PathLike) -> str:
     """How requests to the peer name its model: the exact string ``hf_serve_command`` gives
     ``transformers serve`` (the folder's absolute path)."""
@@ -172,21 +219,19 @@ def hf_serve_command(folder: str | os.PathLike, *, host: str = "127.0.0.1", port
                      block_size: int = DEFAULT_BLOCK_SIZE, attn_implementation: str = "sdpa",
                      max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, dtype: str | torch.dtype = "fp32",
                      log_level: str = "info") -> list[str]:
-    """The argv of transformers' server for the Llama in `folder`, on the CPU with continuous batching:
-    ``--cb-num-blocks`` is the most blocks of `block_size` tokens whose K/V (``llama_kv_bytes_per_token``)
-    fits `kv_budget_bytes`. `attn_implementation` is what the model loads with (``sdpa``, or ``eager``,
+    """The argv of transformers' server for the Llama in `folder`, on the CPU with continuous batching,
+    its paged cache the most blocks of `block_size` tokens that fit `kv_budget_bytes`
+    (``hf_cache_blocks``); a transformers that cannot serve it is refused (``hf_serve_unsupported``).
+    `attn_implementation` is what the model loads with (``sdpa``, or ``eager``,
     which continuous batching turns into ``paged|eager``); `max_batch_tokens` caps the tokens of one
     forward (None: transformers' default, 8192). The defaults are the fastest settings measured here
     (``DEFAULT_MAX_BATCH_TOKENS``). The command runs offline (``HF_SERVE_ENV``)."""
-    if block_size < 4:
-        raise ServerError(f"block_size={block_size}: transformers' paged cache needs pages of at least 4 tokens")
     if max_batch_tokens is not None and max_batch_tokens < 1:
         raise ServerError(f"max_batch_tokens={max_batch_tokens} must be at least 1")
-    bytes_per_block = block_size * llama_kv_bytes_per_token(folder, dtype)
-    num_blocks = kv_budget_bytes // bytes_per_block
-    if num_blocks < 1:
-        raise ServerError(f"a KV budget of {kv_budget_bytes} bytes holds no block of {block_size} tokens "
-                          f"({bytes_per_block} bytes for this model in {dtype})")
+    num_blocks = hf_cache_blocks(folder, kv_budget_bytes, block_size=block_size, dtype=dtype)
+    reason = hf_serve_unsupported()
+    if reason is not None:
+        raise ServerError(f"transformers cannot be the peer here: {reason}")
     argv = ["env", *(f"{k}={v}" for k, v in HF_SERVE_ENV.items()),
             sys.executable, "-m", "transformers.cli.transformers", "serve", hf_model_name(folder),
             "--continuous-batching", "--device", "cpu", "--dtype", str(resolve_dtype(dtype)).removeprefix("torch."),
@@ -344,5 +389,6 @@ def vm_hwm(pid: int) -> int | None:
 
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_BATCH_TOKENS", "HF_SERVE_ENV", "ServerError", "ServerProcess",
-           "free_port", "hf_model_name", "hf_serve_command", "launch_server", "llama_kv_bytes_per_token",
-           "non_text_tokens", "peak_rss_bytes", "start_server", "stop_process", "write_llama_folder"]
+           "free_port", "hf_cache_blocks", "hf_model_name", "hf_serve_command", "hf_serve_unsupported",
+           "launch_server", "llama_kv_bytes_per_token", "non_text_tokens", "peak_rss_bytes", "start_server",
+           "stop_process", "write_llama_folder"]
