@@ -279,9 +279,10 @@ class EngineRunner:
         self.cache = None
 
 
-def llama_like(config: ModelConfig, dtype: torch.dtype, seed: int) -> TransformersLM:
-    """transformers' LlamaForCausalLM with the dimensions of a yoco Transformer config, random weights,
-    SDPA attention (its cache: transformers' ``DynamicCache``)."""
+def llama_model(config: ModelConfig, dtype: torch.dtype, seed: int, attn_implementation: str = "sdpa"):
+    """transformers' ``LlamaForCausalLM`` with the dimensions of a yoco Transformer config and random
+    weights (seeded), in eval mode: the Transformer people run today, here and as the serving peer
+    (``yoco.serve.peer``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_config = LlamaConfig(
@@ -289,12 +290,19 @@ def llama_like(config: ModelConfig, dtype: torch.dtype, seed: int) -> Transforme
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
         rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
-        attn_implementation="sdpa")
+        attn_implementation=attn_implementation)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(hf_config).to(dtype).eval()
-    if model.config._attn_implementation != "sdpa":
-        raise BenchError(f"transformers chose {model.config._attn_implementation!r} attention, not sdpa")
-    return TransformersLM(model)
+    if model.config._attn_implementation != attn_implementation:
+        raise BenchError(f"transformers chose {model.config._attn_implementation!r} attention, "
+                         f"not {attn_implementation!r}")
+    return model
+
+
+def llama_like(config: ModelConfig, dtype: torch.dtype, seed: int) -> TransformersLM:
+    """``llama_model`` with SDPA attention, seen through the engine (its cache: transformers'
+    ``DynamicCache``)."""
+    return TransformersLM(llama_model(config, dtype, seed))
 
 
 # ---------------------------------------------------------------------- the run
