@@ -29,7 +29,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--url", help="load a running server at this /v1 URL instead of starting each (one --arch: "
                                  "the model's name)")
     p.add_argument("--preset", default="40m", help="size preset of the models")
-    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=512, help="yoco serve's --prefill-chunk")
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=8192,
+                   help="yoco serve's --prefill-chunk: prompt tokens per iteration (8192, the tokens per forward "
+                        "transformers serve's continuous batching and vLLM's chunked prefill take by default)")
     p.add_argument("--workdir", default="runs/bench-serve", help="model folders, the tokenizer, server logs")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG plot here")

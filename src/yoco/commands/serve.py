@@ -26,8 +26,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-batch", type=POSITIVE_INT, default=256, help="sequences running at once at most")
     p.add_argument("--max-waiting", type=POSITIVE_INT, default=256,
                    help="requests that may wait for room; beyond them the server answers 503")
-    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=512,
-                   help="prompt tokens per prefill call, between the running sequences' decode steps")
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=2048,
+                   help="prompt tokens per prefill call, one call between two decode steps of the running sequences: "
+                        "larger admits new sequences faster, smaller keeps their inter-token latency lower")
     p.add_argument("--compression", help="a yoco.compress policy every sequence's cache uses, name[:option=value] "
                                          "(e.g. snapkv, h2o, infllm)")
     p.add_argument("--compression-budget", type=budget, default=0.25,

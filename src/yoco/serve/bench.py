@@ -39,7 +39,7 @@ class ServeBenchSettings:
     duration: float | None = 600.0
     requests: int | None = None
     preset: str = "40m"
-    prefill_chunk: int = 512
+    prefill_chunk: int = 8192
     max_batch: int = 256
     dtype: str = "fp32"
     seed: int = 0
@@ -110,29 +110,37 @@ def model_folder(arch: str, settings: ServeBenchSettings, tokenizer) -> Path:
 
 
 # ---------------------------------------------------------------------- servers
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(arch: str, folder: Path, port: int, settings: ServeBenchSettings) -> list[str]:
     if arch == HF_SERVE:
         from .peer import hf_serve_command
 
         return hf_serve_command(folder, host="127.0.0.1", port=port,
-                                kv_budget_bytes=int(settings.kv_budget_gib * (1 << 30)))
+                                kv_budget_bytes=int(settings.kv_budget_gib * (1 << 30)), dtype=settings.dtype)
     return [sys.executable, "-m", "yoco.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
             "--kv-budget-gib", str(settings.kv_budget_gib), "--max-batch", str(settings.max_batch),
             "--max-waiting", str(max(256, settings.concurrency)), "--prefill-chunk", str(settings.prefill_chunk),
             "--dtype", settings.dtype, "--name", arch]
 
 
+def prepared_prompts(tokenizer, settings: ServeBenchSettings) -> Iterator[str]:
+    """The run's prompts, all cut and decoded before the clock starts (so that the load generator's
+    tokenizer does not take the server's cores during the run): ``requests`` of them, or three per
+    client for a duration (more than any server here completes); running out ends the run with an error."""
+    from itertools import islice
+
+    count = settings.requests or 3 * settings.concurrency
+    prompts = list(islice(held_out_prompts(tokenizer, settings.context), count))
+
+    def supply() -> Iterator[str]:
+        yield from prompts
+        raise BenchServeError(f"the run used all {count} prepared prompts; give --requests or a shorter --duration")
+
+    return supply()
+
+
 def bench_one(arch: str, settings: ServeBenchSettings, tokenizer, progress=None) -> dict:
     """One server under the load; its row of the results."""
-    prompts = held_out_prompts(tokenizer, settings.context)
+    prompts = prepared_prompts(tokenizer, settings)
     extra = {} if arch == HF_SERVE else {"ignore_eos": True}
     load = dict(concurrency=settings.concurrency, new_tokens=settings.new_tokens, duration=settings.duration,
                 requests=settings.requests, extra_body=extra, progress=progress)
@@ -140,22 +148,21 @@ def bench_one(arch: str, settings: ServeBenchSettings, tokenizer, progress=None)
     if settings.url is not None:
         summary = asyncio.run(run_load(settings.url, arch, prompts, **load))
     else:
-        from .peer import peak_rss_bytes, start_server
+        from .peer import free_port, hf_model_name, start_server
 
         folder = model_folder(arch, settings, tokenizer)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = Path(settings.workdir) / "logs" / f"{arch}-{settings.context}.log"
         argv = server_command(arch, folder, port, settings)
-        name = str(folder.resolve()) if arch == HF_SERVE else arch
-        with start_server(argv, f"{url}/v1/models", settings.startup_timeout, log) as process:
+        name = hf_model_name(folder) if arch == HF_SERVE else arch
+        with start_server(argv, f"{url}/v1/models", settings.startup_timeout, log) as server:
             summary = asyncio.run(run_load(f"{url}/v1", name, prompts, **load))
-            peak_rss = peak_rss_bytes(process.pid)
             if arch != HF_SERVE:
                 server_max = server_metric(url, "yoco_max_running_sequences")
-    row = {"arch": arch, "context": settings.context, "concurrency": settings.concurrency, **asdict(summary),
-           "peak_rss_bytes": peak_rss, "server_max_running": server_max}
-    return row
+        peak_rss = server.peak_rss_at_stop
+    return {"arch": arch, "context": settings.context, "concurrency": settings.concurrency, **asdict(summary),
+            "peak_rss_bytes": peak_rss, "server_max_running": server_max}
 
 
 def server_metric(url: str, name: str) -> int | None:

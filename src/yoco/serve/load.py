@@ -2,8 +2,9 @@
 OpenAI-compatible server, for a fixed wall time or a fixed number of requests.
 
 Each client sends a prompt, reads the stream to its end, and sends the next prompt. Every streamed
-chunk that carries a choice is one token (both yoco serve and transformers serve send one chunk per
-token); its arrival time gives the time to first token and the inter-token latencies. With a fixed
+chunk that carries a token (``carries_a_token``) counts as one: yoco serve sends one chunk per token,
+transformers serve one per token that completes text (the peer's folder gives every greedy token
+whole text, ``peer.write_llama_folder``); its arrival time gives the time to first token and the inter-token latencies. With a fixed
 duration only the tokens that arrive inside it count and the requests still streaming at its end are
 cancelled (not counted as failed), so a slow server does not make the run endless. ``max_concurrent``
 is the most streams that were between their first and their last token at one moment, seen from the
@@ -69,6 +70,13 @@ def summarise(traces: list[RequestTrace], start: float, end: float) -> LoadSumma
                        sorted({t.error for t in failed})[:5])
 
 
+def carries_a_token(choice) -> bool:
+    """Whether a streamed choice is a token: it has text, or (yoco serve) the token's id while its text
+    is held back; transformers serve ends with a chunk of no text that only carries the usage."""
+    text = choice.delta.content if hasattr(choice, "delta") else choice.text
+    return bool(text) or bool(getattr(choice, "token_ids", None))
+
+
 async def _one_request(client, model: str, prompt: str, new_tokens: int, extra_body: dict, chat: bool,
                        trace: RequestTrace) -> None:
     options = dict(model=model, max_tokens=new_tokens, temperature=0.0, stream=True, extra_body=extra_body)
@@ -78,7 +86,7 @@ async def _one_request(client, model: str, prompt: str, new_tokens: int, extra_b
         else:
             stream = await client.completions.create(prompt=prompt, **options)
         async for chunk in stream:
-            if chunk.choices:
+            if chunk.choices and carries_a_token(chunk.choices[0]):
                 trace.token_times.append(time.perf_counter())
         trace.done = time.perf_counter()
     except asyncio.CancelledError:
@@ -126,8 +134,11 @@ async def run_load(url: str, model: str, prompts: Iterator[str], *, concurrency:
     finally:
         for task in tasks:
             task.cancel()  # a stream still open at the deadline: closed, so the server frees it
-        await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
+    failures = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, asyncio.CancelledError)]
+    if failures:
+        raise failures[0]  # the load generator's own failure (e.g. no prompt left), not a request's
     end = time.perf_counter() if deadline is None else min(deadline, time.perf_counter())
     if deadline is None:
         end = max((t.done for t in traces if t.done is not None), default=end)
