@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 import torch
-from harness import make_model, serving
+from harness import POLICIES, make_model, serving
 
 from yoco.cli import main
 from yoco.engine import generate
@@ -36,12 +36,14 @@ def metrics(url):
     return parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
 
 
-@pytest.mark.parametrize("variant", ["transformer", "yoco-swa", "yoco-gret", "mla"])
-def test_concurrent_staggered_requests_equal_generate_alone(variant):
+@pytest.mark.parametrize("variant,policy", [("transformer", None), ("yoco-swa", None), ("yoco-gret", None),
+                                            ("mla", None), ("yoco-swa", "snapkv")])
+def test_concurrent_staggered_requests_equal_generate_alone(variant, policy):
     model = make_model(variant).eval()
     prompts = [list(range(3, 3 + n)) for n in (31, 5, 17, 9, 24)]
     lengths = [40, 12, 25, 8, 30]
-    with server(model) as url:
+    compression = None if policy is None else POLICIES[policy](8)
+    with server(model, compression=compression) as url:
         c = client(url)
 
         def ask(i):
@@ -54,7 +56,7 @@ def test_concurrent_staggered_requests_equal_generate_alone(variant):
         assert metrics(url)["yoco_max_running_sequences"] >= 2
         assert metrics(url)["yoco_cache_bytes"] == 0  # everything freed after the load
     for prompt, n, (tokens, usage) in zip(prompts, lengths, answers):
-        assert tokens == generate(model, [prompt], n).tokens[0]
+        assert tokens == generate(model, [prompt], n, compression=compression).tokens[0]
         assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), n)
 
 

@@ -81,7 +81,6 @@ def held_out_prompts(tokenizer, context: int) -> Iterator[str]:
         while len(buffer) >= context:
             yield tokenizer.decode(buffer[:context])
             buffer = buffer[context:]
-    raise BenchServeError(f"the held-out sources hold no more prompts of {context} tokens")
 
 
 # ---------------------------------------------------------------------- model folders
@@ -124,12 +123,17 @@ def server_command(arch: str, folder: Path, port: int, settings: ServeBenchSetti
 
 def prepared_prompts(tokenizer, settings: ServeBenchSettings) -> Iterator[str]:
     """The run's prompts, all cut and decoded before the clock starts (so that the load generator's
-    tokenizer does not take the server's cores during the run): ``requests`` of them, or three per
-    client for a duration (more than any server here completes); running out ends the run with an error."""
+    tokenizer does not take the server's cores during the run): ``requests`` of them, or for a duration
+    three per client (more than any server here completes), as many as the held-out half holds (about
+    4M tokens); running out ends the run with an error."""
     from itertools import islice
 
     count = settings.requests or 3 * settings.concurrency
     prompts = list(islice(held_out_prompts(tokenizer, settings.context), count))
+    if len(prompts) < min(count, settings.concurrency + 1):
+        raise BenchServeError(f"the held-out sources hold {len(prompts)} prompts of {settings.context} tokens, "
+                              f"fewer than the {settings.concurrency} clients need")
+    count = len(prompts)
 
     def supply() -> Iterator[str]:
         yield from prompts
