@@ -10,7 +10,8 @@ from harness import make_model, serving
 
 from yoco.cli import main
 from yoco.serve.app import create_app
-from yoco.serve.bench import json_safe, markdown_table, ratio_lines
+from yoco.report import json_text
+from yoco.serve.bench import markdown_table, ratio_lines
 from yoco.serve.load import RequestTrace, carries_a_token, run_load, summarise
 from yoco.serve.scheduler import Scheduler
 from yoco.tokenizer import ByteTokenizer
@@ -53,7 +54,7 @@ def test_results_table_ratios_and_json_have_no_nan():
     assert ratio_lines(rows) == ["- yoco-swa vs transformer @ 16384: 8.0x the concurrent sequences, "
                                  "5.0x the output tokens/s"]
     assert "| yoco-swa | 16384 | 64 | 40 | 0 | 20.00 |" in markdown_table(rows)
-    assert json.loads(json.dumps(json_safe({"results": rows}), allow_nan=False))["results"][0]["itl_p99_s"] is None
+    assert json.loads(json_text({"results": rows}))["results"][0]["itl_p99_s"] is None
 
 
 def test_bench_serve_refuses_bad_input_in_one_line(capsys):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from ..arguments import POSITIVE, POSITIVE_INT, TokenCount
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..config import PRESETS
-    from ..report import atomic_write
-    from ..serve.bench import ServeBenchSettings, bench_one, bench_tokenizer, json_safe, markdown_table, plot, ratio_lines
+    from ..report import write_json
+    from ..serve.bench import ServeBenchSettings, bench_one, bench_tokenizer, markdown_table, plot, ratio_lines
 
     archs = tuple(args.arch or DEFAULT_ARCHS)
     if args.preset not in PRESETS:
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.refresh()
 
             rows.append(bench_one(arch, settings, tokenizer, progress))
-    report = {"settings": {k: v for k, v in vars(settings).items()}, "results": rows,
+    report = {"settings": asdict(settings), "results": rows,
               "wall_s": time.perf_counter() - started}
     print(markdown_table(rows))
     for line in ratio_lines(rows):
@@ -78,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if row["errors"]:
             print(f"{row['arch']}: {row['failed']} failed, e.g. {row['errors'][0]}")
     if args.json:
-        text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
+        write_json(report, args.json)
     if args.plot:
         plot(rows, args.plot)
     return 0

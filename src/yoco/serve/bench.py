@@ -11,7 +11,6 @@ tokenizer was trained on), records the server's peak resident memory, and stops 
 from __future__ import annotations
 
 import asyncio
-import math
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,8 +20,6 @@ from ..errors import YocoError
 from .load import run_load
 
 HF_SERVE = "hf-serve"
-RESULT_FIELDS = ("arch", "context", "concurrency", "requests", "failed", "output_tok_s", "requests_s",
-                 "max_concurrent", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "peak_rss_bytes")
 
 
 class BenchServeError(YocoError, RuntimeError):
@@ -53,9 +50,10 @@ def split_sources() -> tuple[list[Path], list[Path]]:
     """The standard library's sources in two halves by a hash of their names: the tokenizer's, the prompts'."""
     from ..data import in_validation, stdlib_sources
 
-    files = stdlib_sources()
-    return ([f for f in files if not in_validation(f.name + str(f.parent.name), 50.0)],
-            [f for f in files if in_validation(f.name + str(f.parent.name), 50.0)])
+    halves: tuple[list[Path], list[Path]] = ([], [])
+    for f in stdlib_sources():
+        halves[in_validation(f.name + str(f.parent.name), 50.0)].append(f)
+    return halves
 
 
 def bench_tokenizer(workdir: Path, vocab_size: int):
@@ -101,7 +99,8 @@ def model_folder(arch: str, settings: ServeBenchSettings, tokenizer) -> Path:
         write_llama_folder(folder, tokenizer, preset=settings.preset, seed=settings.seed, max_seq_len=positions)
         return folder
     config = get_config(arch, settings.preset)
-    config = config.replace(max_seq_len=max(config.max_seq_len, positions)) if config.max_seq_len < positions else config
+    if config.max_seq_len < positions:
+        config = config.replace(max_seq_len=positions)
     model = build_model(config, seed=settings.seed)
     save_tokenizer(tokenizer, folder, config.max_seq_len)
     save_model(model, folder, tokenizer=tokenizer)
@@ -180,17 +179,6 @@ def server_metric(url: str, name: str) -> int | None:
         return None
 
 
-def json_safe(value):
-    """NaN and infinities as null (JSON has neither)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def markdown_table(rows: list[dict]) -> str:
     def f(v, digits=2):
         return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
@@ -222,15 +210,11 @@ def ratio_lines(rows: list[dict], arch: str = "yoco-swa") -> list[str]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+    from ..arguments import token_count_text
+    from ..report import plain_tick_labels, save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..report import atomic_write
-
-    labels = [f"{r['arch']}\n{r['context'] // 1024}K" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    labels = [f"{r['arch']}\n{token_count_text(r['context'])}" for r in rows]
+    fig, axes = subplots(1, 3, figsize=(13, 4.2))
     for ax, key, title in ((axes[0], "output_tok_s", "output tokens/s"),
                            (axes[1], "max_concurrent", "most sequences streaming at once"),
                            (axes[2], "ttft_p50_s", "median time to first token (s)")):
@@ -239,11 +223,10 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xticks(range(len(rows)), labels)
         ax.set_title(title)
         ax.set_ylabel(title)
-        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    plain_tick_labels(fig)
     fig.suptitle(f"yoco bench-serve: {rows[0]['concurrency']} clients, the same KV budget per server")
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-__all__ = ["RESULT_FIELDS", "ServeBenchSettings", "bench_one", "markdown_table", "plot", "ratio_lines"]
+__all__ = ["ServeBenchSettings", "bench_one", "markdown_table", "plot", "ratio_lines"]

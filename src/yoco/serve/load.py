@@ -113,17 +113,18 @@ async def run_load(url: str, model: str, prompts: Iterator[str], *, concurrency:
     traces: list[RequestTrace] = []
     start = time.perf_counter()
     deadline = None if duration is None else start + duration
-    issued = 0
+    issued = ended = 0
 
     async def client_loop() -> None:
-        nonlocal issued
+        nonlocal issued, ended
         while (deadline is None or time.perf_counter() < deadline) and (requests is None or issued < requests):
             issued += 1
             trace = RequestTrace(time.perf_counter())
             traces.append(trace)
             await _one_request(client, model, next(prompts), new_tokens, extra_body or {}, chat, trace)
+            ended += 1
             if progress is not None:
-                progress(sum(t.done is not None for t in traces), time.perf_counter() - start)
+                progress(ended, time.perf_counter() - start)
 
     tasks = [asyncio.create_task(client_loop()) for _ in range(concurrency)]
     try:
