@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..arguments import POSITIVE, POSITIVE_INT, budget
+from ..serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, Scheduler
 from .common import UsageError, add_dtype
 
 GIB = 1 << 30
@@ -23,10 +24,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-budget-gib", type=POSITIVE, default=1.0,
                    help="GiB the live sequences' caches may hold at most; a request is admitted when what it can "
                         "grow to (prompt + max_tokens) fits")
-    p.add_argument("--max-batch", type=POSITIVE_INT, default=256, help="sequences running at once at most")
-    p.add_argument("--max-waiting", type=POSITIVE_INT, default=256,
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=DEFAULT_MAX_BATCH, help="sequences running at once at most")
+    p.add_argument("--max-waiting", type=POSITIVE_INT, default=DEFAULT_MAX_WAITING,
                    help="requests that may wait for room; beyond them the server answers 503")
-    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=2048,
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=DEFAULT_PREFILL_CHUNK,
                    help="prompt tokens per prefill call, one call between two decode steps of the running sequences: "
                         "larger admits new sequences faster, smaller keeps their inter-token latency lower")
     p.add_argument("--compression", help="a yoco.compress policy every sequence's cache uses, name[:option=value] "
@@ -46,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"yoco serve needs the serve extra ({e.name} is missing): pip install 'yoco[serve]'") from None
     from ..checkpoint import load_model, resolve_checkpoint
-    from ..serve.scheduler import Scheduler
     from ..tokenizer import tokenizer_for
 
     folder = resolve_checkpoint(args.model)

@@ -19,7 +19,6 @@ thread: the callback must hand the event over thread-safely).
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
@@ -31,8 +30,14 @@ import torch
 from ..cache import RowBatch
 from ..engine import SamplingParams, prefill_calls, sample
 from ..errors import YocoError
+from ..models.base import InputError, check_token_ids
 from ..report import format_bytes
 from .metrics import ServerMetrics
+
+# The defaults of ``yoco serve``'s --max-batch, --prefill-chunk and --max-waiting.
+DEFAULT_MAX_BATCH = 256
+DEFAULT_PREFILL_CHUNK = 2048
+DEFAULT_MAX_WAITING = 256
 
 
 class RequestError(YocoError, ValueError):
@@ -99,11 +104,9 @@ class TextStream:
 class Sequence:
     """One request inside the scheduler: its cache, its tokens, where it is."""
 
-    _ids = itertools.count()
-
-    def __init__(self, request: Request, reserved: int, tokenizer):
-        self.id = next(Sequence._ids)
+    def __init__(self, request: Request, ids: torch.Tensor, reserved: int, tokenizer):
         self.request = request
+        self.ids = ids  # the prompt [1, T], checked, on the CPU until admitted
         self.reserved = reserved  # bytes of cache it may grow to, held for it from admission to the end
         self.text = TextStream(tokenizer, request.stop)
         self.tokens: list[int] = []
@@ -124,8 +127,9 @@ class Scheduler:
     ``max_waiting``: requests that may wait for room (beyond it ``submit`` raises ``Overloaded``);
     ``compression``: a ``yoco.compress`` policy every sequence's cache uses (None: full caches)."""
 
-    def __init__(self, model, tokenizer, *, kv_budget: int, max_batch: int = 64, prefill_chunk: int = 512,
-                 max_waiting: int = 256, compression=None, metrics: ServerMetrics | None = None):
+    def __init__(self, model, tokenizer, *, kv_budget: int, max_batch: int = DEFAULT_MAX_BATCH,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_waiting: int = DEFAULT_MAX_WAITING, compression=None,
+                 metrics: ServerMetrics | None = None):
         for name, value in (("kv budget", kv_budget), ("max batch", max_batch), ("prefill chunk", prefill_chunk),
                             ("max waiting", max_waiting)):
             if value < 1:
@@ -163,16 +167,17 @@ class Scheduler:
         if n + request.max_tokens > limit:
             raise RequestError(f"prompt of {n} tokens plus max_tokens={request.max_tokens} exceeds the model's "
                                f"max_seq_len={limit}")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in request.prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad} outside the vocabulary 0..{vocab - 1}")
+        ids = torch.tensor([request.prompt], dtype=torch.long)
+        try:
+            check_token_ids(ids, self.model.config.vocab_size)
+        except InputError as e:
+            raise RequestError(f"prompt {e}") from None
         need = self.reservation(n + request.max_tokens)
         if need > self.kv_budget:
             raise RequestError(f"this request needs {format_bytes(need)} of KV cache (prompt {n} + max_tokens "
                                f"{request.max_tokens} positions), more than the server's whole budget of "
                                f"{format_bytes(self.kv_budget)}")
-        sequence = Sequence(request, need, self.tokenizer)
+        sequence = Sequence(request, ids, need, self.tokenizer)
         with self._lock:
             if len(self.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.waiting)} requests are already waiting for cache memory; retry later")
@@ -243,8 +248,7 @@ class Scheduler:
             self.reserved += head.reserved
             capacity = len(head.request.prompt) + head.request.max_tokens
             head.cache = self.model.new_cache(1, capacity=capacity, device=self.device, compression=self.compression)
-            ids = torch.tensor([head.request.prompt], dtype=torch.long, device=self.device)
-            head.prefill = prefill_calls(self.model, ids, head.cache, self.prefill_chunk)
+            head.prefill = prefill_calls(self.model, head.ids.to(self.device), head.cache, self.prefill_chunk)
             self.prefilling.append(head)
 
     def _advance_prefill(self, sequence: Sequence) -> None:
