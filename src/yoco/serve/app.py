@@ -101,6 +101,21 @@ class FieldError(YocoError, ValueError):
         self.field = field
 
 
+class ModelNotFound(YocoError, LookupError):
+    """A request names another model than the one served."""
+
+    field = "model"
+
+
+# The answer to each error a request can raise: HTTP status, OpenAI's error type, headers.
+ERROR_ANSWERS: dict[type, tuple[int, str, dict | None]] = {
+    FieldError: (400, "invalid_request_error", None),
+    RequestError: (400, "invalid_request_error", None),
+    ModelNotFound: (404, "not_found_error", None),
+    Overloaded: (503, "server_overloaded", {"Retry-After": str(RETRY_AFTER_S)}),
+}
+
+
 def error_response(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
                    headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
@@ -132,29 +147,16 @@ def create_app(scheduler: Scheduler, model_name: str, *, chat_template: str | No
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(422, f"{where or 'body'}: {first.get('msg')}", param=where or None)
 
-    @app.exception_handler(FieldError)
-    async def field_error(request, exc: FieldError):
-        return error_response(400, str(exc), param=exc.field)
+    async def request_failed(request, exc: YocoError):
+        status, kind, headers = next(ERROR_ANSWERS[c] for c in type(exc).__mro__ if c in ERROR_ANSWERS)
+        return error_response(status, str(exc), param=getattr(exc, "field", None), kind=kind, headers=headers)
 
-    @app.exception_handler(RequestError)
-    async def request_error(request, exc: RequestError):
-        return error_response(400, str(exc))
-
-    @app.exception_handler(Overloaded)
-    async def overloaded(request, exc: Overloaded):
-        return error_response(503, str(exc), kind="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
+    for error in ERROR_ANSWERS:
+        app.add_exception_handler(error, request_failed)
 
     def check_model(name: str | None) -> None:
         if name not in (None, model_name):
-            raise ModelNotFound(name)
-
-    class ModelNotFound(YocoError, LookupError):
-        pass
-
-    @app.exception_handler(ModelNotFound)
-    async def not_found(request, exc: ModelNotFound):
-        return error_response(404, f"model {str(exc)!r} is not served here (this server serves {model_name!r})",
-                              param="model", kind="not_found_error")
+            raise ModelNotFound(f"model {name!r} is not served here (this server serves {model_name!r})")
 
     def submit(body: SamplingFields, prompt: list[int], max_tokens: int) -> tuple[Any, asyncio.Queue]:
         loop = asyncio.get_running_loop()
