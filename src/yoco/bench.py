@@ -108,6 +108,19 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def vm_hwm(pid: int | str) -> int | None:
+    """The kernel's resident-memory high-water mark (``VmHWM``) of process ``pid`` ("self": this one),
+    in bytes; None where /proc does not tell it (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class PeakRSS:
     """Peak resident-memory growth of this process over a ``with`` block.
 
@@ -143,9 +156,7 @@ class PeakRSS:
 
     def __exit__(self, *exc) -> None:
         if self.kernel:
-            with open("/proc/self/status") as f:
-                hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-            self.peak = max(hwm, self.process.memory_info().rss)
+            self.peak = max(vm_hwm("self") or 0, self.process.memory_info().rss)
         else:
             self._stop.set()
             self._thread.join()

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from yoco.bench import llama_model
+from yoco.bench import vm_hwm
 from yoco.config import get_config
 from yoco.data import EOS, PAD, train_tokenizer
 from yoco.models import cache_bytes
 from yoco.serve.peer import (
     DEFAULT_MAX_BATCH_TOKENS, HF_SERVE_ENV, ServerError, free_port, hf_cache_blocks, hf_model_name, hf_serve_command,
     hf_serve_unsupported, launch_server, llama_kv_bytes_per_token, non_text_tokens, peak_rss_bytes, start_server,
-    stop_process, vm_hwm, write_llama_folder)
+    stop_process, write_llama_folder)
 from yoco.tokenizer import bytes_to_unicode
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # é\n\nclass C{i}:\n    pass\n" * 4 for i in range(40)]

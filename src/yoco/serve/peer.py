@@ -41,6 +41,7 @@ from typing import Iterator
 import psutil
 import torch
 
+from ..bench import vm_hwm
 from ..config import get_config
 from ..errors import YocoError
 from ..models import resolve_dtype
@@ -375,17 +376,6 @@ def peak_rss_bytes(pid: int) -> int | None:
     if peaks[0] is None:
         return None
     return sum(p for p in peaks if p is not None)
-
-
-def vm_hwm(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # the kernel writes kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_MAX_BATCH_TOKENS", "HF_SERVE_ENV", "ServerError", "ServerProcess",
