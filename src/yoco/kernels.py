@@ -80,6 +80,32 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def flash_parts_available(q: torch.Tensor) -> bool:
+    """Whether attention can run as flash-attention parts merged by their log-sum-exp (``merge_parts``)."""
+    return q.device.type == "cpu" and _FLASH_CPU is not None
+
+
+def flash_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unmasked (or top-left causal) flash attention and its log-sum-exp [B, H, T]."""
+    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)[:2]
+    return out, lse
+
+
+def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """The attention over the union of disjoint key sets, from each set's (output, log-sum-exp): each
+    output weighted by its share of the softmax mass (every query must see a key of some part)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    top = torch.stack([lse for _, lse in parts]).amax(0)
+    total = weighted = None
+    for out, lse in parts:
+        w = (lse - top).exp()[..., None]
+        weighted = out.float() * w if weighted is None else weighted + out.float() * w
+        total = w if total is None else total + w
+    return (weighted / total).to(dtype)
+
+
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal attention of a chunk of T queries whose keys k/v [B, n_kv, S, d] end with the chunk's own
     (no padding): the S - T earlier keys are fully visible, the last T causal.
@@ -89,17 +115,14 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     kernel expands to a float mask and reads for every block.
     """
     T, S = q.shape[2], k.shape[2]
-    if q.device.type != "cpu" or _FLASH_CPU is None or S == T:
+    if not flash_parts_available(q) or S == T:
         mask = None  # a single query after every key (its own last) sees them all
         if T > 1:
             q_slots = torch.arange(S - T, S, device=q.device)
             mask = slot_mask(q_slots, torch.arange(S, device=q.device), None, none_if_unmasked=False)
         return attend(q, k, v, mask, causal=S == T, scale=scale)
-    prefix, lse_prefix = _FLASH_CPU(q, k[:, :, : S - T], v[:, :, : S - T], 0.0, False, scale=scale)[:2]
-    own, lse_own = _FLASH_CPU(q, k[:, :, S - T:], v[:, :, S - T:], 0.0, True, scale=scale)[:2]
-    top = torch.maximum(lse_prefix, lse_own)
-    w_prefix, w_own = (lse_prefix - top).exp()[..., None], (lse_own - top).exp()[..., None]
-    return ((prefix.float() * w_prefix + own.float() * w_own) / (w_prefix + w_own)).to(q.dtype)
+    return merge_parts([flash_part(q, k[:, :, : S - T], v[:, :, : S - T], False, scale),
+                        flash_part(q, k[:, :, S - T:], v[:, :, S - T:], True, scale)], q.dtype)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,

@@ -11,8 +11,8 @@ from harness import make_model, serving
 from yoco.cli import main
 from yoco.serve.app import create_app
 from yoco.report import json_text
-from yoco.serve.bench import markdown_table, ratio_lines
-from yoco.serve.load import RequestTrace, carries_a_token, run_load, summarise
+from yoco.serve.bench import markdown_table, plot, ratio_lines
+from yoco.serve.load import RequestTrace, carries_a_token, run_load, summarise, tokens_by_minute
 from yoco.serve.scheduler import Scheduler
 from yoco.tokenizer import ByteTokenizer
 
@@ -26,6 +26,14 @@ def test_summary_of_known_traces():
     assert s.ttft_p50_s == 0.7  # 1.0, 0.7, 0.5
     assert s.itl_p50_s == 1.0  # gaps 0.5, 0.5, 1.0, 1.0 (the failed request has none), 1.5
     assert s.errors == ["APIError: boom"]
+    assert s.output_tokens_by_minute == [7]
+
+
+def test_tokens_by_minute_bins_each_token_once():
+    traces = [RequestTrace(0.0, [0.5, 60.0, 60.5, 119.0]), RequestTrace(10.0, [130.0, 150.0, 200.0])]
+    assert tokens_by_minute(traces, 0.0, 150.0) == [2, 2, 2]  # 60.0 ends minute 1; 200 is after the end
+    assert tokens_by_minute(traces, 60.0, 120.0) == [3]  # 0.5 is before the start
+    assert sum(tokens_by_minute(traces, 0.0, 300.0)) == summarise(traces, 0.0, 300.0).output_tokens
 
 
 def test_a_chunk_counts_as_a_token_when_it_has_text_or_a_token_id():
@@ -55,6 +63,14 @@ def test_results_table_ratios_and_json_have_no_nan():
                                  "5.0x the output tokens/s"]
     assert "| yoco-swa | 16384 | 64 | 40 | 0 | 20.00 |" in markdown_table(rows)
     assert json.loads(json_text({"results": rows}))["results"][0]["itl_p99_s"] is None
+
+
+def test_plot_draws_each_server_and_its_minutes(tmp_path):
+    rows = [{"arch": a, "context": 16384, "concurrency": 64, "output_tok_s": t, "max_concurrent": c,
+             "ttft_p50_s": None, "output_tokens_by_minute": minutes}
+            for a, t, c, minutes in (("yoco-swa", 20.0, 40, [60, 900, 1200]), ("transformer", 4.0, 5, []))]
+    plot(rows, str(tmp_path / "serve.png"))
+    assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_serve_refuses_bad_input_in_one_line(capsys):

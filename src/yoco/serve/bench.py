@@ -214,7 +214,7 @@ def plot(rows: list[dict], path: str) -> None:
     from ..report import plain_tick_labels, save_figure, subplots
 
     labels = [f"{r['arch']}\n{token_count_text(r['context'])}" for r in rows]
-    fig, axes = subplots(1, 3, figsize=(13, 4.2))
+    fig, axes = subplots(1, 4, figsize=(17, 4.2))
     for ax, key, title in ((axes[0], "output_tok_s", "output tokens/s"),
                            (axes[1], "max_concurrent", "most sequences streaming at once"),
                            (axes[2], "ttft_p50_s", "median time to first token (s)")):
@@ -223,6 +223,14 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xticks(range(len(rows)), labels)
         ax.set_title(title)
         ax.set_ylabel(title)
+    ramp = axes[3]  # throughput over the run: the ramp while the first prompts are prefilled, then steady
+    for r, label in zip(rows, labels):
+        minutes = r.get("output_tokens_by_minute") or []
+        ramp.plot(range(1, len(minutes) + 1), [n / 60 for n in minutes], marker="o", label=label.replace("\n", " "))
+    ramp.set_title("output tokens/s, minute by minute")
+    ramp.set_xlabel("minute of the run")
+    ramp.set_ylabel("output tokens/s")
+    ramp.legend(fontsize=8)
     plain_tick_labels(fig)
     fig.suptitle(f"yoco bench-serve: {rows[0]['concurrency']} clients, the same KV budget per server")
     fig.tight_layout()

@@ -14,6 +14,7 @@ clients, the same measure for every server.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class LoadSummary:
     itl_p50_s: float | None
     itl_p99_s: float | None
     errors: list[str]
+    # tokens that arrived in each minute of the run (the last minute may be partial): how throughput
+    # ramps up while the first prompts are prefilled, and where it settles
+    output_tokens_by_minute: list[int] = field(default_factory=list)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -67,7 +71,18 @@ def summarise(traces: list[RequestTrace], start: float, end: float) -> LoadSumma
     return LoadSummary(len(completed), len(failed), tokens, elapsed, tokens / elapsed if elapsed > 0 else 0.0,
                        len(completed) / elapsed if elapsed > 0 else 0.0, most,
                        percentile(ttft, 50), percentile(ttft, 99), percentile(itl, 50), percentile(itl, 99),
-                       sorted({t.error for t in failed})[:5])
+                       sorted({t.error for t in failed})[:5], tokens_by_minute(traces, start, end))
+
+
+def tokens_by_minute(traces: list[RequestTrace], start: float, end: float) -> list[int]:
+    """The tokens that arrived in each minute of [start, end] (a token exactly at a minute's end counts in
+    that minute)."""
+    minutes = [0] * max(1, math.ceil((end - start) / 60))
+    for t in traces:
+        for s in t.token_times:
+            if start <= s <= end:
+                minutes[min(len(minutes) - 1, max(0, math.ceil((s - start) / 60) - 1))] += 1
+    return minutes
 
 
 def carries_a_token(choice) -> bool:
