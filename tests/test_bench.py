@@ -105,10 +105,40 @@ def test_peak_rss_sees_an_allocation():
     (dict(contexts=(-5, 10)), "context lengths"),
     (dict(new_tokens=1), "new-tokens"),
     (dict(budget_bytes=0), "budget"),
+    (dict(kv_bits=(16,)), "unquantized K/V is stored in the model's dtype .fp32: 32 bits., not 16"),
+    (dict(kv_bits=(32, 3)), "kv bits must be one of 2, 4, 8"),
+    (dict(kv_bits=(4,), kv_group=0), "kv group size must be >= 1"),
 ])
 def test_bad_settings(changes, message):
     with pytest.raises(BenchError, match=message):
         tiny_settings(**changes).validate()
+
+
+def test_quantized_rows_beside_the_unquantized_for_the_models_that_quantize():
+    from yoco.bench import kv_bits_rows
+    from yoco.models import build_model
+    from yoco.quantize import KVQuantization
+
+    settings = tiny_settings(archs=("yoco-swa", "transformer", "hf-llama", "block"), contexts=(48,), kv_bits=(32, 4, 2),
+                             kv_group=8, kv_residual=8)
+    logs = []
+    report = run_bench(settings, log=logs.append)
+    rows = {(r["arch"], r["kv_bits"]): r for r in report["results"]}
+    assert set(rows) == {("yoco-swa", 32), ("yoco-swa", 4), ("yoco-swa", 2), ("transformer", 32), ("transformer", 4),
+                         ("transformer", 2), ("hf-llama", 32), ("block", 32)}
+    assert any(line.startswith("hf-llama: no quantized rows (kv_bits quantizes yoco models") for line in logs)
+    assert any(line.startswith("block: no quantized rows (the Block Transformer's caches") for line in logs)
+    for arch in ("yoco-swa", "transformer"):
+        model = build_model(bench_config(arch, settings), dtype=torch.float32)
+        for bits in (4, 2):
+            expected = model.cache_bytes_formula(1, positions_needed(48, settings), torch.float32,
+                                                 kv_bits=KVQuantization(bits, 8, 8))
+            assert rows[(arch, bits)]["cache_bytes"] == expected
+        assert rows[(arch, 2)]["cache_bytes"] < rows[(arch, 4)]["cache_bytes"] < rows[(arch, 32)]["cache_bytes"]
+        assert rows[(arch, 4)]["decode_step_peak_bytes"] is not None
+    lines = kv_bits_rows(report)
+    assert len(lines) == 4 and lines[0].startswith("yoco-swa @ 48, 4-bit K/V vs 32-bit: cache ")
+    assert ratio_rows(report)[0].startswith("yoco-swa vs hf-llama @ 48:")  # unquantized against unquantized
 
 
 def test_budget_too_small_for_one_sequence():
@@ -122,6 +152,7 @@ def test_budget_too_small_for_one_sequence():
     (["bench", "--context", "4x"], "not a token count"),
     (["bench", "--preset", "tiny", "--arch", "transformer", "--context", "32", "--budget-gib", "0.000001"],
      "too small for one"),
+    (["bench", "--kv-bits", "32,5"], "argument --kv-bits: '5': a K/V bit width is one of 32, 16, 8, 4, 2"),
 ])
 def test_cli_bad_flags_exit_2(argv, message, capsys):
     assert main(argv) == 2

@@ -49,6 +49,9 @@ def test_init_then_generate_from_checkpoint(tmp_path, capsys):
     (["generate", "--prompt-ids", "1", "--temperature", "-1"], "temperature"),
     (["generate", "--prompt-ids", "1", "--max-new-tokens", "5000"], "exceeds the model's max_seq_len"),
     (["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt-ids", "1"], "does not exist"),
+    (["generate", "--prompt-ids", "1", "--kv-bits", "3"], "argument --kv-bits: must be 8, 4 or 2 bits, got '3'"),
+    (["generate", "--prompt-ids", "1", "--kv-bits", "4"], "kv group size 32 must divide the value dim 16"),
+    (["generate", "--prompt-ids", "1", "--kv-bits", "4", "--kv-group", "8", "--compile"], "decode it without compile"),
     (["demo", "--preset", "tiny", "--context", "0"], "argument --context: must be a positive integer, got '0'"),
     (["train", "--arch", "yoco-gret", "--window", "8", "--out", "/nonexistent/run"], "yoco-gret has no sliding window"),
     (["train", "--arch", "swa", "--window", "0", "--out", "/nonexistent/run"], "argument --window: must be a positive"),
@@ -143,7 +146,7 @@ MINIMAL_ARGV = {"demo": [], "bench": [], "kv-table": [], "convert": ["--out", "x
 # Options for which 0 means something: seeds, steps of something that may be skipped, greedy decoding,
 # no retrieval rows, a needle at the very start, torch's thread count, token id 0.
 ZERO_IS_MEANINGFUL = {"--seed", "--warmup", "--short-steps", "--temperature", "--retrieval-mix", "--depths",
-                      "--threads", "--stop", "--prompt-ids"}
+                      "--threads", "--stop", "--prompt-ids", "--kv-residual"}
 
 
 def subcommands():

@@ -108,6 +108,13 @@ def test_eval_command(tmp_path, capsys):
     assert report["val_loss"] > 0 and len(report["passkey"]) == 4
     assert all(0 <= c["accuracy"] <= 1 for c in report["passkey"]) and 0 <= report["mqar_accuracy"] <= 1
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["kv_bits"] == 32
+    quantized = argv[:-4] + ["--kv-bits", "8", "--kv-group", "8", "--kv-residual", "16", "--json", str(tmp_path / "q.json")]
+    assert main(quantized) == 0
+    report8 = json.loads((tmp_path / "q.json").read_text())
+    assert report8["kv_bits"] == 8 and len(report8["passkey"]) == 4 and report8["val_loss"] == report["val_loss"]
+    assert main(argv[:-4] + ["--kv-bits", "4"]) == 2
+    assert "kv group size 32 must divide the value dim 16" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")]) == 2
     assert "no held-out token shards" in capsys.readouterr().err
     assert main(argv[:3] + ["--contexts", "40"]) == 2

@@ -75,6 +75,30 @@ def test_cache_seen_through_generate_is_yocos_own(arch):
     assert cache.get_seq_length() == 21 + 4  # the last new token is not fed back
 
 
+@pytest.mark.parametrize("arch", ["transformer", "yoco-swa", "mla"])
+def test_quantized_cache_implementation_is_yocos_own_quantized_cache(arch):
+    from yoco.quantize import KVQuantization
+
+    core = tiny(arch)
+    model = YocoForCausalLM.from_yoco(core)
+    prompts = [list(range(5, 40)), list(range(60, 80))]
+    kv = KVQuantization(4, group=8, residual=4)
+    want = generate(core, prompts, max_new_tokens=9, kv_bits=kv).tokens
+    ids, mask = left_padded(prompts)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
+                         cache_implementation="quantized", cache_config={"backend": "quanto", "nbits": 4,
+                                                                         "q_group_size": 8, "residual_length": 4},
+                         return_dict_in_generate=True)
+    assert out.sequences[:, ids.shape[1]:].tolist() == want
+    cache = output_cache(out)
+    assert cache.nbytes() == core.cache_bytes_formula(2, ids.shape[1] + 9 - 1, torch.float32, kv_bits=kv)
+    with pytest.raises(ValueError, match="axis_key cannot be chosen"):
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="quantized",
+                       cache_config={"axis_key": 1})
+    with pytest.raises(ValueError, match="unknown cache_config keys for a yoco model: bits"):
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="quantized", cache_config={"bits": 4})
+
+
 def test_sampling_beam_search_stop_strings_and_streamer(tmp_path):
     from transformers import TextIteratorStreamer
 

@@ -145,6 +145,20 @@ def budget(text: str) -> float | int | None:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def kv_bit_width(text: str) -> int:
+    """A K/V cache bit width: 8, 4 or 2 (quantized), or 32 / 16 (unquantized, in the model's dtype)."""
+    if text.strip() not in ("32", "16", "8", "4", "2"):
+        raise argparse.ArgumentTypeError(f"a K/V bit width is one of 32, 16, 8, 4, 2, got {text!r}")
+    return int(text)
+
+
+def quantized_bit_width(text: str) -> int:
+    """A quantized K/V cache's bit width: 8, 4 or 2."""
+    if text.strip() not in ("8", "4", "2"):
+        raise argparse.ArgumentTypeError(f"must be 8, 4 or 2 bits, got {text!r}")
+    return int(text)
+
+
 def token_ids(text: str) -> list[int]:
     """Prompt token ids: integers >= 0 separated by commas or spaces."""
     return ListOf(Number(int, "a token id (an integer >= 0)", low=0), "token ids")(text)

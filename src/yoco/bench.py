@@ -42,6 +42,7 @@ from .engine import decode_stepper, prefill
 from .errors import YocoError
 from .hf_runner import TransformersLM
 from .models import build_model, cache_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
+from .quantize import DEFAULT_GROUP, DEFAULT_RESIDUAL, KVQuantization, QuantizationError
 from .report import format_bytes, times
 
 BENCH_ARCHS = ("yoco-swa", "yoco-gret", "transformer", "hf-llama")
@@ -69,6 +70,11 @@ class BenchSettings:
     threads: int = 0  # 0: torch's default
     seed: int = 0
     compile: bool = False  # decode with the step torch.compile captured (engine.decode_stepper)
+    # K/V cache bit widths to measure: 8, 4, 2 quantized (yoco.quantize), or the dtype's own width (32 for
+    # fp32, 16 for bf16) unquantized; empty: unquantized only
+    kv_bits: tuple[int, ...] = ()
+    kv_group: int = DEFAULT_GROUP
+    kv_residual: int = DEFAULT_RESIDUAL
     overrides: dict = field(default_factory=dict)  # ModelConfig fields replacing the preset's
 
     def validate(self) -> None:
@@ -89,6 +95,25 @@ class BenchSettings:
             raise BenchError("new-tokens must be >= 2 (the first decoded token is a warm-up)")
         if self.budget_bytes <= 0:
             raise BenchError(f"memory budget must be positive, got {self.budget_bytes} bytes")
+        own = self.unquantized_bits()
+        for bits in self.kv_bits:
+            if bits in (32, 16) and bits != own:
+                raise BenchError(f"unquantized K/V is stored in the model's dtype ({self.dtype}: {own} bits), "
+                                 f"not {bits}: give --dtype {'bf16' if bits == 16 else 'fp32'} for {bits}-bit K/V")
+            if bits not in (32, 16):
+                try:
+                    KVQuantization(bits, self.kv_group, self.kv_residual)
+                except QuantizationError as e:
+                    raise BenchError(str(e)) from None
+
+    def unquantized_bits(self) -> int:
+        return 8 * resolve_dtype(self.dtype).itemsize
+
+    def widths(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(self.kv_bits)) or (self.unquantized_bits(),)
+
+    def quantization(self, bits: int) -> KVQuantization | None:
+        return None if bits == self.unquantized_bits() else KVQuantization(bits, self.kv_group, self.kv_residual)
 
 
 # ---------------------------------------------------------------------- memory and machine
@@ -268,10 +293,11 @@ class EngineRunner:
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def prefill(self, ids: torch.Tensor, capacity: int) -> torch.Tensor:
-        """The prompt into a fresh cache of ``capacity`` slots: in chunks through the engine, or (chunk
-        None) in one call with logits for the last position, as transformers users run it."""
-        self.cache = self.model.new_cache(ids.shape[0], capacity=capacity)
+    def prefill(self, ids: torch.Tensor, capacity: int, quantization: KVQuantization | None = None) -> torch.Tensor:
+        """The prompt into a fresh cache of ``capacity`` slots (quantized, if asked): in chunks through the
+        engine, or (chunk None) in one call with logits for the last position, as transformers users run it."""
+        options = {} if quantization is None else {"kv_bits": quantization}
+        self.cache = self.model.new_cache(ids.shape[0], capacity=capacity, **options)
         if self.chunk is None:
             return self.model(ids, self.cache, num_logits=1)[:, -1]
         return prefill(self.model, ids, self.cache, self.chunk)
@@ -354,8 +380,19 @@ def timed_decode(runner, first: torch.Tensor, steps: int) -> tuple[float, torch.
     return (steps - 1) * tokens.shape[0] / elapsed, tokens
 
 
-def measure(runner, context: int, settings: BenchSettings, machine: dict, progress=None) -> dict:
+def why_not_quantized(runner, quantization: KVQuantization) -> str | None:
+    """Why the runner's model cannot store its cache quantized (its own message), or None if it can."""
+    try:
+        runner.model.new_cache(1, capacity=2, kv_bits=quantization)
+    except YocoError as e:
+        return str(e)
+    return None
+
+
+def measure(runner, context: int, settings: BenchSettings, machine: dict, progress=None, bits: int | None = None) -> dict:
     dtype = resolve_dtype(settings.dtype)
+    bits = settings.unquantized_bits() if bits is None else bits
+    quantization = settings.quantization(bits)
     generator = torch.Generator().manual_seed(settings.seed + context)
     ids = torch.randint(0, runner.config.vocab_size, (1, context), generator=generator)
     capacity = positions_needed(context, settings)
@@ -363,7 +400,7 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         runner.reset()
         with PeakRSS() as peak:
             t0 = time.perf_counter()
-            logits = runner.prefill(ids, capacity)
+            logits = runner.prefill(ids, capacity, quantization)
             prefill_s = time.perf_counter() - t0
         held = runner.cache_bytes()
         if progress:
@@ -373,7 +410,9 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         # allocates on top of it (scores, MLP activations, a copied cache layer for DynamicCache).
         with PeakRSS() as step_peak:
             runner.decode(last)
-        per_sequence = cache_bytes(runner.config, 1, capacity, dtype) + step_peak.growth
+        formula = cache_bytes(runner.config, 1, capacity, dtype) if quantization is None else \
+            runner.model.cache_bytes_formula(1, capacity, dtype, kv_bits=quantization)
+        per_sequence = formula + step_peak.growth
         budget_batch = settings.budget_bytes // per_sequence
         if budget_batch < 1:
             raise BenchError(f"memory budget of {settings.budget_bytes} bytes is too small for one {runner.arch} "
@@ -386,9 +425,12 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         runner.reset()
     flops = prefill_flops(runner.config, context)
     return {
-        "arch": runner.arch, "context": context, "params": runner.params,
+        "arch": runner.arch, "context": context, "kv_bits": bits, "params": runner.params,
         "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": held,
-        "cache_bytes_per_token": cache_growth_per_token(runner.config, dtype),
+        "cache_bytes_per_token": cache_growth_per_token(runner.config, dtype) if quantization is None else
+        (runner.model.cache_bytes_formula(1, 2 * context, dtype, kv_bits=quantization)
+         - runner.model.cache_bytes_formula(1, context, dtype, kv_bits=quantization)) / context,
+        "decode_step_peak_bytes": step_peak.growth,
         "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
         "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],
         "extrapolated": False,
@@ -411,10 +453,10 @@ def extrapolate(arch: str, config: ModelConfig, context: int, measured: list[dic
     budget_batch = int(min(settings.budget_bytes // cache, settings.max_budget_batch))
     decode_scale = (weights + ref_cache) / (weights + cache)
     return {
-        "arch": arch, "context": n, "params": ref["params"],
+        "arch": arch, "context": n, "kv_bits": settings.unquantized_bits(), "params": ref["params"],
         "prefill_s": ref["prefill_s"] * prefill_flops(config, n) / prefill_flops(config, m),
         "peak_mem_bytes": None, "peak_rss_bytes": None, "cache_bytes": cache,
-        "cache_bytes_per_token": cache_growth_per_token(config, dtype),
+        "cache_bytes_per_token": cache_growth_per_token(config, dtype), "decode_step_peak_bytes": None,
         "decode_tok_s": ref["decode_tok_s"] * decode_scale,
         "budget_batch": budget_batch,
         "budget_tok_s": None,
@@ -449,18 +491,28 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     for arch in settings.archs:
         runners[arch] = make_runner(arch, settings)
     contexts = sorted(set(settings.contexts))
-    plan = [(c, a) for c in contexts for a in settings.archs]
+    unquantized = settings.unquantized_bits()
+    quantized = [b for b in settings.widths() if b != unquantized]
+    refused = {a: why_not_quantized(runners[a], settings.quantization(quantized[0])) for a in settings.archs} \
+        if quantized else {}
+    for arch, reason in refused.items():
+        if reason:
+            log(f"{arch}: no quantized rows ({reason})")
+    plan = [(c, a, b) for c in contexts for a in settings.archs for b in settings.widths()
+            if b == unquantized or not refused[a]]
     results: list[dict] = []
     bar = tqdm(plan, desc="bench", unit="run", dynamic_ncols=True)
     with room_to_compile(settings):
-        for context, arch in bar:
-            bar.set_postfix_str(f"{arch} @ {context}")
+        for context, arch, bits in bar:
+            bar.set_postfix_str(f"{arch} @ {context}" + ("" if bits == unquantized else f", {bits}-bit K/V"))
             if quadratic_prefill(runners[arch].config) and context > settings.max_quadratic_context:
-                measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]]
-                results.append(extrapolate(arch, runners[arch].config, context, measured, settings))
+                if bits == unquantized:  # (quantized rows of a quadratic model past the limit: not run)
+                    measured = [r for r in results if r["arch"] == arch and not r["extrapolated"]
+                                and r["kv_bits"] == unquantized]
+                    results.append(extrapolate(arch, runners[arch].config, context, measured, settings))
                 continue
             results.append(measure(runners[arch], context, settings, machine,
-                                   progress=lambda text: bar.set_postfix_str(text)))
+                                   progress=lambda text: bar.set_postfix_str(text), bits=bits))
     bar.close()
     # Measure again at the end: a busy moment at the start would understate the peak, and start and
     # end far apart say that the run shared the machine. Every prefill is expressed against the better.
@@ -511,7 +563,7 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-TABLE_HEADERS = ["arch", "context", "params", "prefill s", "% peak", "peak mem", "cache", "decode tok/s",
+TABLE_HEADERS = ["arch", "context", "kv bits", "params", "prefill s", "% peak", "peak mem", "cache", "decode tok/s",
                  "budget batch", "budget tok/s"]
 
 
@@ -519,7 +571,7 @@ def table_rows(report: dict) -> list[list[str]]:
     rows = []
     for r in report["results"]:
         star = "*" if r["extrapolated"] else ""
-        rows.append([r["arch"] + star, str(r["context"]), f"{r['params'] / 1e6:.1f}M", _fmt(r["prefill_s"], ".2f"),
+        rows.append([r["arch"] + star, str(r["context"]), str(r.get("kv_bits", "-")), f"{r['params'] / 1e6:.1f}M", _fmt(r["prefill_s"], ".2f"),
                      _fmt(None if r["prefill_peak_fraction"] is None else 100 * r["prefill_peak_fraction"], ".0f"),
                      format_bytes(r["peak_mem_bytes"], 1), format_bytes(r["cache_bytes"], 1), _fmt(r["decode_tok_s"], ".1f"),
                      str(r["budget_batch"]), _fmt(r["budget_tok_s"], ".1f")])
@@ -533,8 +585,10 @@ def markdown_table(report: dict) -> str:
 
 
 def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> list[str]:
-    """Side-by-side ratios of `arch` against `base` at each context both have."""
-    by = {(r["arch"], r["context"]): r for r in report["results"]}
+    """Side-by-side ratios of `arch` against `base` at each context both have (unquantized caches)."""
+    widths = [r.get("kv_bits") for r in report["results"]]
+    plain = max((w for w in widths if w in (32, 16)), default=None)
+    by = {(r["arch"], r["context"]): r for r in report["results"] if r.get("kv_bits") in (plain, None)}
     lines = []
     for context in report["settings"]["contexts"]:
         a, b = by.get((arch, context)), by.get((base, context))
@@ -555,6 +609,21 @@ def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> 
     return lines
 
 
+def kv_bits_rows(report: dict) -> list[str]:
+    """Each quantized row against the same architecture and context unquantized: cache and decode."""
+    results = report["results"]
+    plain = {(r["arch"], r["context"]): r for r in results if r.get("kv_bits") in (32, 16)}
+    lines = []
+    for r in results:
+        base = plain.get((r["arch"], r["context"]))
+        if r.get("kv_bits") in (32, 16, None) or base is None:
+            continue
+        lines.append(f"{r['arch']} @ {r['context']}, {r['kv_bits']}-bit K/V vs {base['kv_bits']}-bit: cache "
+                     f"{times(base['cache_bytes'] / r['cache_bytes'], 'smaller', 'larger')}, decode "
+                     f"{times(r['decode_tok_s'] / base['decode_tok_s'], 'faster', 'slower')}")
+    return lines
+
+
 def bench_figure(report: dict):
     """Memory, prefill time and throughput against context length (log-log), one line per arch."""
     from .report import plain_tick_labels, subplots
@@ -567,13 +636,15 @@ def bench_figure(report: dict):
               ("budget_tok_s", f"tokens/s within a {report['settings']['budget_bytes'] / GIB:.0f} GiB budget", 1.0)]
     fig, grid = subplots(2, 3, figsize=(13, 7.5))
     axes = grid.flatten()
-    archs = list(dict.fromkeys(r["arch"] for r in report["results"]))
+    series = list(dict.fromkeys((r["arch"], r.get("kv_bits")) for r in report["results"]))
+    several_widths = len({bits for _, bits in series}) > 1
     for ax, (key, title, scale) in zip(axes, panels):
-        for arch in archs:
-            rows = sorted((r for r in report["results"] if r["arch"] == arch and r[key] is not None),
-                          key=lambda r: r["context"])
+        for arch, bits in series:
+            rows = sorted((r for r in report["results"] if r["arch"] == arch and r.get("kv_bits") == bits
+                           and r[key] is not None), key=lambda r: r["context"])
             measured = [r for r in rows if not r["extrapolated"]]
-            line, = ax.plot([r["context"] for r in measured], [r[key] * scale for r in measured], "o-", label=arch)
+            label = f"{arch} ({bits}-bit K/V)" if several_widths else arch
+            line, = ax.plot([r["context"] for r in measured], [r[key] * scale for r in measured], "o-", label=label)
             extra = [r for r in rows if r["extrapolated"]]
             if extra:
                 pts = measured[-1:] + extra
@@ -602,5 +673,5 @@ def write_plot(report: dict, path: str | os.PathLike) -> None:
     save_figure(bench_figure(report), path)
 
 
-__all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "bench_figure", "prefill_flops", "run_bench",
+__all__ = ["BENCH_ARCHS", "BenchError", "BenchSettings", "bench_figure", "kv_bits_rows", "prefill_flops", "run_bench",
            "write_plot"]

@@ -1,7 +1,9 @@
 """``yoco compress-eval``: every policy and budget side by side on one model, in one run. It evaluates
 ``yoco.compress`` from outside, beside the other evaluation code: nothing in ``compress/`` needs it.
 
-For each (policy, budget), and for the uncompressed cache as the reference row:
+For each (policy, budget), for the uncompressed cache as the reference row, and, at each asked bit
+width (``kv_bits``; the row's ``kv_bits`` says which, the model's own dtype width for the others), for
+the whole cache quantized and for each prompt-once policy's kept entries quantized:
 
 - ``passkey_acc``: passkey retrieval at ``context`` tokens over the given needle depths (the prompt is
   compressed after prefill, then the key is generated greedily);
@@ -32,21 +34,24 @@ from .engine import decode_step, prefill
 from .evaluate import passkey_grid
 
 
-def cache_nbytes(model, cache, batch_size: int, context: int) -> int:
+def cache_nbytes(model, cache, batch_size: int, context: int, kv_bits=None) -> int:
     """Bytes of a cache after ``context`` prompt tokens. An uncompressed yoco cache is preallocated to
     its capacity, so its prompt-only size comes from the config formula (tested equal to nbytes)."""
     if getattr(cache, "compression", None) is None and hasattr(model, "cache_bytes_formula"):
-        return model.cache_bytes_formula(batch_size, context, next(model.parameters()).dtype)
+        options = {} if kv_bits is None else {"kv_bits": kv_bits}
+        return model.cache_bytes_formula(batch_size, context, next(model.parameters()).dtype, **options)
     return cache.nbytes()
 
 
 @torch.inference_mode()
-def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy) -> dict:
-    """Teacher-forced NLL of rows[:, context:] after compressing rows[:, :context]."""
+def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy, kv_bits=None) -> dict:
+    """Teacher-forced NLL of rows[:, context:] after compressing rows[:, :context] (or with the cache
+    quantized: ``kv_bits``)."""
     B, total = rows.shape
-    cache = model.new_cache(B, capacity=total, compression=policy)
+    options = {} if kv_bits is None else {"kv_bits": kv_bits}
+    cache = model.new_cache(B, capacity=total, compression=policy, **options)
     logits = prefill(model, rows[:, :context], cache, chunk=1024)
-    nbytes = cache_nbytes(model, cache, B, context)
+    nbytes = cache_nbytes(model, cache, B, context, kv_bits)
     offloaded = getattr(cache, "offloaded_bytes", lambda: 0)()
     nll = [F.cross_entropy(logits.float(), rows[:, context], reduction="sum").item()]
     t0 = time.perf_counter()
@@ -62,8 +67,10 @@ def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy) -> dic
 
 def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tuple[str, float | int | None]], *,
                   context: int, depths: Sequence[float], trials: int, ppl_rows: int, ppl_tokens: int, seed: int = 0,
-                  progress=None) -> list[dict]:
-    """One result row per (policy, budget) in ``specs`` (policy "full": no compression)."""
+                  progress=None, kv_bits: Sequence = ()) -> list[dict]:
+    """One result row per (policy, budget) in ``specs`` (policy "full": no compression), then, for each
+    quantization in ``kv_bits`` (``yoco.quantize.KVQuantization``s), one for the whole cache and one per
+    (policy, budget) whose policy compresses the prompt once (SnapKV, PyramidKV, AdaKV)."""
     rng = random.Random(seed)
     span = context + ppl_tokens
     if len(haystack) < span + ppl_rows:
@@ -72,13 +79,21 @@ def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tup
     rows = torch.tensor([[int(t) for t in haystack[s:s + span]] for s in starts], dtype=torch.long,
                         device=next(model.parameters()).device)
     results, full_bytes = [], None
-    for name, budget in specs:
+    own_bits = 8 * next(model.parameters()).dtype.itemsize
+    # quantized rows: the whole cache, and each policy that compresses the prompt once (the others evict
+    # while decoding, and kv_bits does not compose with them)
+    composable = [(n, b) for n, b in specs
+                  if n == "full" or not policy_for_context(n, b, context).keeps_budget_while_decoding]
+    for name, budget, quantization in [(n, b, None) for n, b in specs] + [(n, b, q) for q in kv_bits
+                                                                          for n, b in composable]:
         policy = None if name == "full" else policy_for_context(name, budget, context)
-        measured = perplexity_and_speed(model, rows, context, policy)
-        cells = passkey_grid(model, tokenizer, haystack, [context], depths, trials, seed, compression=policy)
-        if policy is None:
+        measured = perplexity_and_speed(model, rows, context, policy, quantization)
+        cells = passkey_grid(model, tokenizer, haystack, [context], depths, trials, seed, compression=policy,
+                             kv_bits=quantization)
+        if policy is None and quantization is None:
             full_bytes = measured["cache_bytes"]
-        row = {"policy": name, "budget": budget, **measured,
+        row = {"policy": name, "budget": budget, "kv_bits": own_bits if quantization is None else quantization.bits,
+               **measured,
                "passkey_acc": sum(c["accuracy"] for c in cells) / len(cells),
                "passkey_by_depth": {str(c["depth"]): c["accuracy"] for c in cells}}
         results.append(row)
@@ -93,12 +108,13 @@ def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tup
 def markdown_table(results: list[dict]) -> str:
     from .report import format_bytes
 
-    lines = ["| policy | budget | cache | of full | offloaded | passkey | ppl | decode tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | budget | kv bits | cache | of full | offloaded | passkey | ppl | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         budget = "-" if r["budget"] is None else str(r["budget"])
         offloaded = format_bytes(r["offloaded_bytes"]) if r.get("offloaded_bytes") else "-"
-        lines.append(f"| {r['policy']} | {budget} | {format_bytes(r['cache_bytes'])} | {r['cache_ratio']:.1%} | "
+        lines.append(f"| {r['policy']} | {budget} | {r.get('kv_bits', '-')} | {format_bytes(r['cache_bytes'])} | "
+                     f"{r['cache_ratio']:.1%} | "
                      f"{offloaded} | {r['passkey_acc']:.0%} | {r['ppl']:.2f} | {r['decode_tok_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -108,8 +124,14 @@ def results_figure(results: list[dict], title: str):
     from .report import plain_tick_labels, subplots
 
     fig, (acc, ppl) = subplots(1, 2, figsize=(10, 4))
-    for name in dict.fromkeys(r["policy"] for r in results):
-        mine = sorted((r for r in results if r["policy"] == name), key=lambda r: r["cache_ratio"])
+
+    def series(r):  # a policy, the whole cache quantized at a width, or a policy's kept entries quantized
+        if r.get("kv_bits") not in (2, 4, 8):
+            return r["policy"]
+        return f"{r['kv_bits']}-bit K/V" if r["policy"] == "full" else f"{r['policy']}, {r['kv_bits']}-bit"
+
+    for name in dict.fromkeys(series(r) for r in results):
+        mine = sorted((r for r in results if series(r) == name), key=lambda r: r["cache_ratio"])
         x = [r["cache_ratio"] for r in mine]
         style = dict(marker="*", markersize=12, linestyle="none", color="black") if name == "full" else dict(marker="o")
         acc.plot(x, [r["passkey_acc"] for r in mine], label=name, **style)

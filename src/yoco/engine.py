@@ -68,9 +68,10 @@ class EngineModel(Protocol):
         """Its parameters: the first one's device is where the engine puts the token ids."""
 
     def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
-                  device=None, compression=None) -> EngineCache:
+                  device=None, compression=None, kv_bits=None) -> EngineCache:
         """An empty cache for ``batch_size`` rows: ``capacity`` slots in all (prompt + new tokens) if
-        known, ``pad`` each row's left padding, ``compression`` a ``yoco.compress`` policy or None."""
+        known, ``pad`` each row's left padding, ``compression`` a ``yoco.compress`` policy or None,
+        ``kv_bits`` the growing K/V caches quantized (``yoco.quantize``) or None."""
 
     def __call__(self, ids: torch.Tensor, cache: EngineCache, num_logits: int | None = None,
                  check_ids: bool = True) -> torch.Tensor | None:
@@ -252,7 +253,7 @@ class Generation:
 
     def __init__(self, model: EngineModel, prompts, max_new_tokens: int = 32, *, sampling: SamplingParams | None = None,
                  stop_tokens: Sequence[int] = (), prefill_chunk: int = 1024, pad_id: int = 0, compression=None,
-                 compile: bool = False):
+                 compile: bool = False, kv_bits=None):
         self.model = model
         self.prompts = as_prompt_list(prompts)
         for i, p in enumerate(self.prompts):
@@ -280,6 +281,10 @@ class Generation:
         if compile and compression is not None:
             raise InputError("compile captures the plain caches' decode step; a compressed cache reads tensor values "
                              "at every step (what to evict), so decode it without compile")
+        if compile and kv_bits is not None:
+            raise InputError("compile captures the plain caches' decode step; a quantized cache folds its rows' "
+                             "residuals as they grow, so decode it without compile")
+        self._cache_options = {} if kv_bits is None else {"kv_bits": kv_bits}
         self.compile = compile
         self.decode = decode_stepper(model, compile)
         self.compile_step_s: float | None = None  # the first compiled decode step (it compiles)
@@ -303,7 +308,7 @@ class Generation:
         with torch.inference_mode():
             t0 = time.perf_counter()
             self.cache = cache = model.new_cache(B, capacity=ids.shape[1] + self.max_new_tokens, pad=pad, device=device,
-                                                 compression=self._compression)
+                                                 compression=self._compression, **self._cache_options)
             logits = prefill(model, ids, cache, self.prefill_chunk)
             if cache.compression is not None:
                 self.compressed_bytes = cache.nbytes()
@@ -345,14 +350,16 @@ class Generation:
 
 def stream(model: EngineModel, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
-           prefill_chunk: int = 1024, pad_id: int = 0, compression=None, compile: bool = False) -> Generation:
+           prefill_chunk: int = 1024, pad_id: int = 0, compression=None, compile: bool = False,
+           kv_bits=None) -> Generation:
     """A streaming generation: ``for step in stream(...)`` yields each row's new token per step.
     ``compression``: a ``yoco.compress`` policy applied to the prompt (and, for the policies that keep
     their budget, at every decode step); ``compile``: decode with the step ``torch.compile`` captured
-    (same tokens; the first step compiles)."""
+    (same tokens; the first step compiles); ``kv_bits``: 8, 4 or 2 (or a ``yoco.quantize.KVQuantization``)
+    stores the growing K/V caches quantized as KIVI does."""
     return Generation(model, prompts, max_new_tokens, sampling=SamplingParams(temperature, top_k, top_p, seed),
                       stop_tokens=stop_tokens, prefill_chunk=prefill_chunk, pad_id=pad_id, compression=compression,
-                      compile=compile)
+                      compile=compile, kv_bits=kv_bits)
 
 
 def generate(model: EngineModel, prompts, max_new_tokens: int = 32, **kwargs) -> GenerationResult:

@@ -66,9 +66,11 @@ def covered(result: dict) -> str:
 # ---------------------------------------------------------------------- passkey
 def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: Sequence[int],
                  depths: Sequence[float], trials: int = 3, seed: int = 0, prefill_chunk: int = 1024,
-                 compression=None) -> list[dict]:
+                 compression=None, kv_bits=None) -> list[dict]:
     """Accuracy for every (context, depth) cell; each trial uses a different key and haystack offset
-    (and, with a ``yoco.compress`` policy, the prompt's cache compressed after prefill)."""
+    (and, with a ``yoco.compress`` policy, the prompt's cache compressed after prefill; with ``kv_bits``
+    the cache quantized)."""
+    options = {} if kv_bits is None else {"kv_bits": kv_bits}
     rng = random.Random(seed)
     cells = []
     for context in contexts:
@@ -80,7 +82,7 @@ def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: 
                 prompt = passkey_prompt(tokenizer.encode, haystack[start:], context, depth, key)
                 want = tokenizer.encode(" " + key)
                 out = generate(model, [prompt.ids], max_new_tokens=len(want), prefill_chunk=prefill_chunk,
-                               compression=compression)
+                               compression=compression, **options)
                 hits += tokenizer.decode(out.tokens[0]).strip().startswith(key)
             cells.append({"context": context, "depth": depth, "accuracy": hits / trials, "trials": trials})
     return cells

@@ -32,6 +32,7 @@ from .config import ModelConfig
 from .layers import RotaryEmbedding, Step
 from .models import CausalLM, build_model
 from .models.base import InputError
+from .quantize import KVQuantization
 
 MODEL_TYPE = "yoco"
 # transformers 5.24 renamed the cache argument of ``forward`` / ``generate`` and the output field from
@@ -85,6 +86,25 @@ YocoConfig = type("YocoConfig", (_YocoConfigMethods, PreTrainedConfig), _config_
 YocoConfig.__doc__ = "transformers configuration of any yoco architecture: ModelConfig's fields."
 
 
+def quantization_from_cache_config(cache_config: dict | None) -> KVQuantization:
+    """``generate(..., cache_implementation="quantized", cache_config={...})`` for a yoco model: transformers'
+    ``QuantizedCache`` keys ``nbits``, ``q_group_size`` and ``residual_length`` (yoco's defaults 4, 32 and
+    128) give yoco's own quantized cache (KIVI in plain PyTorch, ``yoco.quantize``), whatever ``backend``
+    names; its axes are KIVI's (keys per channel, values per token), so other axes are refused."""
+    config = dict(cache_config or {})
+    config.pop("backend", None)
+    config.pop("config", None)
+    for key in ("axis_key", "axis_value"):
+        if config.pop(key, None) is not None:
+            raise ValueError(f"yoco's quantized cache quantizes keys per channel and values per token (KIVI); "
+                             f"{key} cannot be chosen")
+    nbits, group, residual = config.pop("nbits", 4), config.pop("q_group_size", 32), config.pop("residual_length", 128)
+    if config:
+        raise ValueError(f"unknown cache_config keys for a yoco model: {', '.join(sorted(config))} (it takes nbits, "
+                         f"q_group_size, residual_length)")
+    return KVQuantization(nbits, group, residual)
+
+
 class YocoCache(Cache):
     """yoco's own inference cache behind the transformers ``Cache`` interface. The ``ModelCache`` is
     built at the first forward, when the batch and its left padding are known; ``capacity`` (prompt
@@ -94,19 +114,21 @@ class YocoCache(Cache):
 
     is_compileable = False
 
-    def __init__(self, model: CausalLM, capacity: int | None = None, compression=None):
+    def __init__(self, model: CausalLM, capacity: int | None = None, compression=None, kv_bits=None):
         super().__init__(layers=[])
         self.model_ref = [model]  # a list, so the cache does not become part of anything's state
         self.capacity = capacity
         self.compression = compression
+        self.kv_bits = kv_bits  # yoco.quantize: its growing K/V caches quantized
         self.inner: ModelCache | None = None
 
     def start(self, batch_size: int, pad: torch.Tensor | None, length: int, device) -> None:
         model = self.model_ref[0]
         capacity = None if self.capacity is None else min(self.capacity, model.config.max_seq_len)
         capacity = None if capacity is not None and capacity < length else capacity
+        options = {} if self.kv_bits is None else {"kv_bits": self.kv_bits}
         self.inner = model.new_cache(batch_size, capacity=capacity, pad=pad, device=device,
-                                     compression=self.compression)
+                                     compression=self.compression, **options)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.inner is None else self.inner.seen
@@ -217,7 +239,13 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
         if model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False:
-            model_kwargs[CACHE_ARG] = YocoCache(self.model, capacity=max_cache_length)
+            kv_bits = None
+            if generation_config.cache_implementation == "quantized":
+                kv_bits = quantization_from_cache_config(generation_config.cache_config)
+            elif generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(f"yoco models build their own cache: cache_implementation "
+                                 f"{generation_config.cache_implementation!r} is not one of None, 'dynamic', 'quantized'")
+            model_kwargs[CACHE_ARG] = YocoCache(self.model, capacity=max_cache_length, kv_bits=kv_bits)
         else:
             super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                                   max_cache_length, *args, **kwargs)

@@ -94,8 +94,11 @@ class TransformersLM:
         return self.model.parameters()
 
     def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
-                  dtype=None, device=None, compression=None):
+                  dtype=None, device=None, compression=None, kv_bits=None):
         """An empty cache (a ``DynamicCache`` grows as it goes: ``capacity`` is not needed)."""
+        if kv_bits is not None:
+            raise InputError("kv_bits quantizes yoco models' caches; a transformers model quantizes its own "
+                             "(generate(..., cache_implementation=\"quantized\"))")
         device = device or next(self.model.parameters()).device
         if pad is not None:
             pad = torch.as_tensor(pad, dtype=torch.long, device=device)

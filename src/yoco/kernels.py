@@ -92,6 +92,42 @@ def flash_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     return out, lse
 
 
+def attention_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                   causal: bool = False, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, H, T, d] over k/v [B, n_kv, S, d] (n_kv dividing H) and its log-sum-exp
+    [B, H, T], for merging with other parts (``merge_parts``). ``allowed`` [B, 1, T, S] (True = may
+    attend; None: everything, or top-left ``causal``). A query that may see none of these keys gets
+    output 0 and log-sum-exp -inf (it weighs nothing in the merge)."""
+    if allowed is not None and causal:
+        raise ValueError("give a mask or causal, not both")
+    B, H, T, d = q.shape
+    n_kv = k.shape[1]
+    if allowed is not None and allowed.shape[1] not in (1, H):
+        # a mask per K/V head (entries differ per head): fold each group's query heads into the query
+        # length so the mask needs no copy per query head (as ``grouped_attention``)
+        G = H // n_kv
+        allowed = allowed[:, :, None].expand(B, n_kv, G, T, allowed.shape[-1]).reshape(B, n_kv, G * T, -1)
+        out, lse = attention_part(q.reshape(B, n_kv, G * T, d), k, v, allowed, scale=scale)
+        return out.reshape(B, H, T, out.shape[-1]), lse.reshape(B, H, T)
+    if flash_parts_available(q):
+        if allowed is None:
+            return flash_part(q, k, v, causal, scale)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
+        # (the kernel gives a query that sees nothing log-sum-exp 0, not -inf)
+        return out, lse.masked_fill(~allowed.any(-1), float("-inf"))
+    group = H // n_kv
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
+    if causal:
+        allowed = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = scores.logsumexp(-1)
+    weights = (scores - lse[..., None]).exp().nan_to_num(0.0)
+    return (weights @ v.float()).to(q.dtype), lse
+
+
 def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
     """The attention over the union of disjoint key sets, from each set's (output, log-sum-exp): each
     output weighted by its share of the softmax mass (every query must see a key of some part)."""

@@ -48,6 +48,24 @@ def test_compress_eval_runs_tova_and_adakv(checkpoint, tmp_path):
     assert all(r["cache_bytes"] < rows[0]["cache_bytes"] and r["ppl"] > 1 for r in rows[1:])
 
 
+def test_compress_eval_has_a_row_per_kv_bit_width(checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["compress-eval", "--model", str(checkpoint), "--policy", "snapkv,h2o", "--budget", "0.25", "--context",
+            "160", "--depths", "0", "--trials", "1", "--ppl-rows", "2", "--ppl-tokens", "6", "--kv-bits", "32,8,2",
+            "--kv-group", "8", "--kv-residual", "16", "--json", str(out), "--plot", str(tmp_path / "r.png")]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["policy"], r["kv_bits"]) for r in rows] == [("full", 32), ("snapkv", 32), ("h2o", 32), ("full", 8),
+                                                           ("snapkv", 8), ("full", 2), ("snapkv", 2)]
+    full, snap, _, eight, snap8, two, snap2 = rows
+    assert snap2["cache_bytes"] < snap8["cache_bytes"] < snap["cache_bytes"]
+    assert two["cache_bytes"] < eight["cache_bytes"] < full["cache_bytes"] == eight["full_cache_bytes"]
+    assert abs(eight["ppl"] / full["ppl"] - 1) < 0.01  # 8 bits: perplexity within 1%
+    assert "| full | - | 8 |" in capsys.readouterr().out
+    assert main(argv[:-4] + ["--kv-group", "32"]) == 2  # the tiny model's heads are 16 wide
+    assert "kv group size 32 must divide the value dim 16" in capsys.readouterr().err
+
+
 def test_compress_eval_errors(checkpoint, tmp_path, capsys):
     assert main(["compress-eval", "--model", str(tmp_path / "none")]) == 2
     assert "no trained model" in capsys.readouterr().err

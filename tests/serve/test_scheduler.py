@@ -57,6 +57,35 @@ def test_compressed_sequences_decode_as_alone(policy):
         assert got == generate(model, [prompt], n, compression=make(8)).tokens[0]
 
 
+@pytest.mark.parametrize("variant", ["transformer", "yoco-swa", "mla"])
+def test_quantized_sequences_decode_as_alone_and_reserve_their_quantized_bytes(variant):
+    from yoco.quantize import KVQuantization
+
+    model = make_model(variant).eval()
+    kv = KVQuantization(4, group=8, residual=4)  # the prompts fold into codes while they are prefilled
+    arrivals = {0: [(PROMPTS[1], 12, SamplingParams())], 2: [(PROMPTS[4], 9, SamplingParams())],
+                5: [(PROMPTS[3], 10, SamplingParams())]}
+    tokens, _, scheduler = run_staggered(model, arrivals, kv_bits=kv)
+    for (prompt, n, _), got in zip([a[0] for a in arrivals.values()], tokens):
+        # (the same prefill chunks: a call's own entries are attended in full precision)
+        assert got == generate(model, [prompt], n, kv_bits=kv, prefill_chunk=5).tokens[0]
+    assert scheduler.reservation(100) == model.cache_bytes_formula(1, 100, torch.float32, kv_bits=kv)
+    assert scheduler.reservation(100) < model.cache_bytes_formula(1, 100, torch.float32)
+
+
+def test_compressed_then_quantized_sequences_decode_as_alone():
+    from yoco.quantize import KVQuantization
+
+    model = make_model("yoco-swa").eval()
+    kv, snap = KVQuantization(4, group=8, residual=4), POLICIES["snapkv"]
+    arrivals = {0: [(PROMPTS[1], 8, SamplingParams())], 2: [(PROMPTS[4], 6, SamplingParams())]}
+    tokens, _, scheduler = run_staggered(model, arrivals, compression=snap(8), kv_bits=kv)
+    for (prompt, n, _), got in zip([a[0] for a in arrivals.values()], tokens):
+        assert got == generate(model, [prompt], n, compression=snap(8), kv_bits=kv, prefill_chunk=5).tokens[0]
+    # the prompt is held in full precision until it is compressed: that is what a sequence reserves
+    assert scheduler.reservation(100) == model.cache_bytes_formula(1, 100, torch.float32)
+
+
 def test_seeded_sampling_is_reproducible_and_equals_generate():
     model = make_model("yoco-swa").eval()
     sampling = SamplingParams(temperature=1.0, top_k=50, seed=7)

@@ -6,10 +6,10 @@ import argparse
 
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, Number, TokenCount, token_count_text
 from ..bench import (BENCH_ARCHS, DEFAULT_CONTEXTS, GIB, QUICK_CONTEXTS, TABLE_HEADERS, BenchSettings, busy_warning,
-                     machine_line, markdown_table, ratio_rows, run_bench, table_rows, write_plot)
+                     kv_bits_rows, machine_line, markdown_table, ratio_rows, run_bench, table_rows, write_plot)
 from ..config import NAMES, PRESETS
 from ..report import print_table, write_json, write_markdown
-from .common import add_archs, add_dtype, add_seed
+from .common import add_archs, add_dtype, add_kv_quantization, add_seed
 
 # --quick: fewer contexts (QUICK_CONTEXTS) and fewer timed steps
 QUICK_NEW_TOKENS = 12
@@ -47,6 +47,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with the step captured by torch.compile (the warm-up step compiles)")
     add_seed(p)
+    add_kv_quantization(p, many=True)
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG of memory, prefill time and throughput against context here")
     p.add_argument("--markdown", help="write the table and the ratios as Markdown here")
@@ -62,14 +63,15 @@ def run(args: argparse.Namespace) -> int:
                              new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
                              max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
                              max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed,
-                             compile=args.compile)
+                             compile=args.compile, kv_bits=tuple(args.kv_bits or ()), kv_group=args.kv_group,
+                             kv_residual=args.kv_residual)
     report = run_bench(settings, log=lambda text: print(text, flush=True))
     print()
     print_table(TABLE_HEADERS, table_rows(report))
     if any(r["extrapolated"] for r in report["results"]):
         print("* extrapolated from the longest measured context (not run): prefill by useful FLOPs, decode by "
               "bytes read per token, cache by formula")
-    for line in ratio_rows(report):
+    for line in ratio_rows(report) + kv_bits_rows(report):
         print(line)
     print(f"machine: {machine_line(report['machine'])}; whole run {report['wall_s']:.0f} s")
     warning = busy_warning(report["machine"])
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         write_plot(report, args.plot)
         print(f"wrote {args.plot}")
     if args.markdown:
-        notes = ratio_rows(report) + ([warning] if warning else [])
+        notes = ratio_rows(report) + kv_bits_rows(report) + ([warning] if warning else [])
         write_markdown(markdown_table(report) + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", args.markdown)
         print(f"wrote {args.markdown}")
     return 0

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..arguments import NATURAL, POSITIVE_INT, names
+from ..arguments import NATURAL, POSITIVE_INT, ListOf, kv_bit_width, names, quantized_bit_width
 from ..checkpoint import load_model, resolve_checkpoint
 from ..config import NAMES, PRESETS
 from ..errors import YocoError
 from ..models import CausalLM, build_model
+from ..quantize import DEFAULT_GROUP, DEFAULT_RESIDUAL, KVQuantization
 from ..tasks import RETRIEVAL_TASKS
 
 
@@ -35,6 +36,31 @@ def load_from_args(args: argparse.Namespace) -> CausalLM:
         args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
         return load_model(args.checkpoint, dtype=args.dtype)
     return build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
+
+
+def add_kv_quantization(p: argparse.ArgumentParser, many: bool = False) -> None:
+    """``--kv-bits`` (one width, or with ``many`` a list in which 32 and 16 mean unquantized), and the
+    group size and full-precision residual of the quantized K/V caches (``yoco.quantize``)."""
+    if many:
+        p.add_argument("--kv-bits", type=ListOf(kv_bit_width, "bit widths"), action="extend",
+                       help="K/V cache bit widths to compare, e.g. 32,8,4,2 (32 or 16: unquantized, in the "
+                            "--dtype; default: unquantized only)")
+    else:
+        p.add_argument("--kv-bits", type=quantized_bit_width,
+                       help="store the growing K/V caches in this many bits (KIVI: keys per channel, values per "
+                            "token; default: unquantized)")
+    p.add_argument("--kv-group", type=POSITIVE_INT, default=DEFAULT_GROUP,
+                   help="tokens (keys) or channels (values) per scale and zero point of a quantized cache")
+    p.add_argument("--kv-residual", type=NATURAL, default=DEFAULT_RESIDUAL,
+                   help="most recent tokens a quantized cache keeps in full precision")
+
+
+def kv_quantization(args: argparse.Namespace, bits: int | None = None) -> KVQuantization | None:
+    """The quantization the options ask for (``bits`` overrides ``--kv-bits``); None for unquantized."""
+    bits = args.kv_bits if bits is None else bits
+    if bits is None or bits in (32, 16):
+        return None
+    return KVQuantization(bits, args.kv_group, args.kv_residual)
 
 
 def add_dtype(p: argparse.ArgumentParser) -> None:

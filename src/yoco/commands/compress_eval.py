@@ -13,7 +13,7 @@ from ..data import TokenShards, find_shards, is_shard_folder
 from ..models import CausalLM
 from ..report import write_json, write_markdown
 from ..tokenizer import tokenizer_for
-from .common import UsageError, add_dtype, add_seed
+from .common import UsageError, add_dtype, add_kv_quantization, add_seed, kv_quantization
 
 DEFAULT_MODEL = "runs/study-retrieval/yoco-swa/checkpoint-2200"
 DEFAULT_POLICIES = "streamingllm,snapkv,pyramidkv,h2o,corm,infllm"
@@ -44,6 +44,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ppl-rows", type=POSITIVE_INT, default=4,
                    help="held-out rows decoded together for perplexity and speed")
     p.add_argument("--ppl-tokens", type=POSITIVE_INT, default=64, help="tokens scored after each row's prefix")
+    add_kv_quantization(p, many=True)
     add_dtype(p)
     add_seed(p)
     p.add_argument("--json", help="write the results as JSON here (and a Markdown table beside it)")
@@ -81,19 +82,23 @@ def run(args: argparse.Namespace) -> int:
     if len(val) < args.context + args.ppl_tokens + args.ppl_rows:
         val = TokenShards(data, "train")
     specs = [("full", None)] + [(p, b) for p in policies for b in args.budget]
+    quantizations = [q for q in (kv_quantization(args, bits) for bits in dict.fromkeys(args.kv_bits or ())) if q]
+    if quantizations:
+        model.new_cache(1, capacity=2, kv_bits=quantizations[0])  # a model it cannot quantize fails first
     for name, amount in specs[1:]:
         policy_for_context(name, amount, args.context)  # a bad combination (a budget-less SnapKV, ...) fails first
-    bar = tqdm(total=len(specs), desc="compress-eval", unit="run", dynamic_ncols=True, file=sys.stderr)
+    composable = [n for n, b in specs if n == "full" or not policy_for_context(n, b, args.context).keeps_budget_while_decoding]
+    bar = tqdm(total=len(specs) + len(quantizations) * len(composable), desc="compress-eval", unit="run", dynamic_ncols=True, file=sys.stderr)
 
     def progress(row):
-        bar.set_postfix_str(f"{row['policy']} {row['budget']}")
+        bar.set_postfix_str(f"{row['policy']} {row['budget']} {row['kv_bits']}-bit")
         bar.update()
 
     try:
         results = compress_eval(model, tokenizer, val.tokens, specs, context=args.context,
                                 depths=args.depths, trials=args.trials,
                                 ppl_rows=args.ppl_rows, ppl_tokens=args.ppl_tokens, seed=args.seed,
-                                progress=progress)
+                                progress=progress, kv_bits=quantizations)
     finally:
         bar.close()
     table = markdown_table(results)

@@ -11,7 +11,7 @@ from ..data import SPECIAL_TOKENS, TokenShards, find_shards, is_shard_folder
 from ..report import print_table, write_json
 from ..tasks import MQAR_PAIRS, MQAR_QUERIES, MQAR_SAMPLES, TaskError, mqar_batch
 from ..tokenizer import tokenizer_for
-from .common import UsageError, add_dtype, add_seed
+from .common import UsageError, add_dtype, add_kv_quantization, add_seed, kv_quantization
 
 
 def add_parser(subparsers) -> None:
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mqar-samples", type=POSITIVE_INT, default=MQAR_SAMPLES, help="MQAR sequences")
     p.add_argument("--mqar-pairs", type=POSITIVE_INT, default=MQAR_PAIRS, help="key-value pairs per MQAR sequence")
     p.add_argument("--mqar-queries", type=POSITIVE_INT, default=MQAR_QUERIES, help="keys queried per MQAR sequence")
+    add_kv_quantization(p)  # (the passkey's generation; the loss and MQAR are full forwards, with no cache)
     add_dtype(p)
     add_seed(p)
     p.add_argument("--json", help="write the results as JSON here")
@@ -51,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: the validation split holds {len(val)} tokens, fewer than one row of {args.seq_len} + 1; "
               "scoring the training split instead")
         val = TokenShards(data, "train")
-    report = {"checkpoint": str(args.checkpoint), "arch": model.config.arch}
+    quantization = kv_quantization(args)
+    if quantization is not None:
+        model.new_cache(1, capacity=2, kv_bits=quantization)  # a setting the model cannot use fails first
+    report = {"checkpoint": str(args.checkpoint), "arch": model.config.arch,
+              "kv_bits": 8 * next(model.parameters()).dtype.itemsize if quantization is None else quantization.bits}
     report.update(validation_loss(model, val, args.batch_size, args.seq_len, args.batches))
     if report["val_loss"] is None:  # even the training split (scored instead) holds no row
         raise UsageError(f"{covered(report)} of --seq-len + 1 = {args.seq_len + 1} at {str(data)!r}: pass a shorter "
@@ -60,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
           f"{covered(report)} ({report['batches']} batches of {args.batch_size} x {args.seq_len})")
     haystack = val.tokens
     try:
-        cells = passkey_grid(model, tokenizer, haystack, args.contexts, args.depths, args.trials, args.seed)
+        cells = passkey_grid(model, tokenizer, haystack, args.contexts, args.depths, args.trials, args.seed,
+                             kv_bits=quantization)
     except TaskError as e:  # a context too short for the needle, a haystack too small, a bad depth
         raise UsageError(f"passkey: {e}") from None
     report["passkey"] = cells

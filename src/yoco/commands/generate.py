@@ -9,7 +9,7 @@ from ..arguments import NATURAL, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, token_
 from ..engine import generate, stream
 from ..report import format_bytes
 from ..tokenizer import tokenizer_for
-from .common import UsageError, add_model_args, load_from_args
+from .common import UsageError, add_kv_quantization, add_model_args, kv_quantization, load_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with the step captured by torch.compile (same tokens; the first step compiles, and "
                         "is left out of the decode tok/s)")
+    add_kv_quantization(p)
     p.set_defaults(func=run)
 
 
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise UsageError("the prompt is empty: give --prompt TEXT or --prompt-ids 1,2,3")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   stop_tokens=args.stop, prefill_chunk=args.prefill_chunk, compile=args.compile)
+                   stop_tokens=args.stop, prefill_chunk=args.prefill_chunk, compile=args.compile,
+                   kv_bits=kv_quantization(args))
 
     def show(tokens: list[int]) -> str:
         return tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..arguments import POSITIVE, POSITIVE_INT, budget
 from ..serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, Scheduler
-from .common import UsageError, add_dtype
+from .common import UsageError, add_dtype, add_kv_quantization, kv_quantization
 
 GIB = 1 << 30
 
@@ -35,6 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compression-budget", type=budget, default=0.25,
                    help="the policy's budget: a ratio of each prompt in (0, 1], a token count, or none")
     p.add_argument("--name", help="the model's name in the API (default: the folder's name)")
+    add_kv_quantization(p)
     add_dtype(p)
     p.set_defaults(func=run)
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     compression = compression_policy(args.compression, args.compression_budget) if args.compression else None
     kv_budget = int(args.kv_budget_gib * GIB)
     scheduler = Scheduler(model, tokenizer, kv_budget=kv_budget, max_batch=args.max_batch,
-                          prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, compression=compression)
+                          prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, compression=compression,
+                          kv_bits=kv_quantization(args))
     name = args.name or Path(args.model).resolve().name
     template, special = chat_template(folder)
     app = create_app(scheduler, name, chat_template=template, special_tokens=special)

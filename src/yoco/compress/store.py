@@ -43,9 +43,10 @@ import copy
 
 import torch
 
-from ..cache import Expand, tensor_bytes
+from ..cache import Expand, KVGeometry, tensor_bytes
 from ..kernels import causal_attention, grouped_attention, slot_mask
 from ..layers import Step
+from ..quantize import QuantizedKV
 from .errors import BudgetError
 
 # Queries scored per block when a policy observes every query (bounds the [T, S] score memory).
@@ -71,7 +72,7 @@ class CompressedKV:
 
     def __init__(self, policy, *, layer: int, n_layers: int, batch_size: int, n_kv_heads: int,
                  key_dim: int, value_dim: int, dtype: torch.dtype, device=None, pad: torch.Tensor | None = None,
-                 rotate=None, values_are_keys: bool = False, sliding_window: int | None = None):
+                 rotate=None, values_are_keys: bool = False, sliding_window: int | None = None, quantization=None):
         if policy.needs_rotary and rotate is None:
             raise BudgetError(f"{type(policy).__name__} re-rotates cached keys and needs the model's RoPE for it")
         if sliding_window is not None and sliding_window < 1:
@@ -93,6 +94,17 @@ class CompressedKV:
         self.seen = 0
         self.compressed = False
         self.observed_call = -1  # start slot of the latest call whose queries were observed
+        # With a ``yoco.quantize.KVQuantization`` the kept entries are quantized at ``compress()`` and
+        # the store's entries live on in that quantized cache (only for policies that keep no budget
+        # while decoding: nothing is evicted from it afterwards).
+        self.quantization = quantization
+        self.quantized = None
+        self.geometry = KVGeometry(n_kv_heads, key_dim, value_dim, rotate, values_are_keys, sliding_window)
+        if quantization is not None:
+            if policy.keeps_budget_while_decoding:
+                raise BudgetError(f"{type(policy).__name__} evicts while decoding; only the policies that compress "
+                                  f"the prompt once (SnapKV, PyramidKV, AdaKV) quantize what they keep")
+            quantization.check(self.geometry)
 
     @property
     def batch_fields(self) -> tuple[str, ...]:
@@ -105,6 +117,7 @@ class CompressedKV:
         for name in self.batch_fields:
             setattr(clone, name, rows(getattr(self, name)))
         clone.row_state = {name: rows(t) for name, t in self.row_state.items()}
+        clone.quantized = None if self.quantized is None else self.quantized.with_rows(rows)
         return clone
 
     def _entry_tensors(self) -> tuple[str, ...]:
@@ -113,12 +126,16 @@ class CompressedKV:
 
     # ------------------------------------------------------------------ sizes
     def nbytes(self) -> int:
-        """Bytes of the cached keys and values (what the budget shrinks)."""
-        return tensor_bytes(self.k) + (tensor_bytes(self.v) if self.v is not None else 0)
+        """Bytes of the cached keys and values (what the budget shrinks), quantized once compressed if
+        the store quantizes."""
+        quantized = 0 if self.quantized is None else self.quantized.nbytes()
+        return tensor_bytes(self.k) + (tensor_bytes(self.v) if self.v is not None else 0) + quantized
 
     def index_bytes(self) -> int:
         """Bookkeeping beside the K/V: slots, the policy's per-entry and per-row state."""
-        return tensor_bytes(self.slots, *(getattr(self, n) for n in self.entry_state), *self.row_state.values())
+        quantized = 0 if self.quantized is None else self.quantized.index_bytes()
+        return tensor_bytes(self.slots, *(getattr(self, n) for n in self.entry_state), *self.row_state.values()) \
+            + quantized
 
     @property
     def entries(self) -> int:
@@ -138,6 +155,10 @@ class CompressedKV:
     def append(self, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
         """Write the keys/values [B, h, T, d] of the next T slots (evicting first once compressed)."""
         T = k.shape[2]
+        if self.quantized is not None:
+            self.quantized.append(k, v)
+            self.seen += T
+            return
         if not self.compressed:
             B, h = self.k.shape[:2]
             new_slots = torch.arange(self.seen, self.seen + T, device=k.device).expand(B, h, T)
@@ -260,6 +281,11 @@ class CompressedKV:
         self.slots = slots
         self.compressed = True
         policy.after_update(self)
+        if self.quantization is not None:  # the kept entries, quantized; the full-precision ones are freed
+            self.quantized = QuantizedKV.from_entries(self.geometry, self.quantization, self.k, self.v, self.slots,
+                                                      self.seen)
+            for name in self._entry_tensors():
+                setattr(self, name, getattr(self, name)[:, :, :0].clone())
 
     # ------------------------------------------------------------------ attention
     def keys_values(self, expand: Expand | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,6 +298,8 @@ class CompressedKV:
                expand: Expand | None = None) -> torch.Tensor:
         """Queries q [B, H, T, d] at the step's slots against every entry; [B, H, T, d_v]. Also lets the
         policy observe these queries' attention (every layer reading this cache adds to it)."""
+        if self.quantized is not None:  # (its policy observes nothing once the prompt is compressed)
+            return self.quantized.attend(q, step, scale=scale, expand=expand)
         d = q.shape[-1]
         keys, values = self.keys_values(expand)
         observing = self.policy.observes(self.compressed)

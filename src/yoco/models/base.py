@@ -24,6 +24,7 @@ from ..cache import ModelCache
 from ..config import ModelConfig
 from ..errors import YocoError
 from ..layers import RMSNorm, Step, SwiGLU
+from ..quantize import QuantizedKV, as_quantization
 
 # Projections that write into the residual stream get a depth-scaled init (GPT-2 / Megatron).
 RESIDUAL_OUTPUTS = ("o_proj", "out_proj", "down_proj")
@@ -144,24 +145,38 @@ class CausalLM(nn.Module):
 
     # ------------------------------------------------------------------ caches
     def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
-                  dtype: torch.dtype | None = None, device=None, compression=None) -> ModelCache:
+                  dtype: torch.dtype | None = None, device=None, compression=None, kv_bits=None) -> ModelCache:
         """An empty inference cache. ``capacity`` is the total slots (prompt + new tokens) if known:
         caches that grow with context are then allocated once at that size. ``compression`` (a
         ``yoco.compress`` policy) makes every growing K/V cache a compressed one (YOCO: its global K/V;
         the Transformer family: each producing layer's K/V or MLA latent): each such mixer describes
-        what it caches (``kv_geometry()``) and the policy builds the store for it (``new_store``)."""
+        what it caches (``kv_geometry()``) and the policy builds the store for it (``new_store``).
+        ``kv_bits`` (2, 4, 8 or a ``yoco.quantize.KVQuantization``) stores those same caches quantized
+        (``QuantizedKV``); fixed-size caches (sliding-window rings, retention states) stay as they are."""
         dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
+        quantization = as_quantization(kv_bits)
         owners = self.cache_owners()
-        if compression is None:
+        if compression is None and quantization is None:
             layers = [m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity) for m in owners]
             return ModelCache(layers, batch_size, pad)
         targets = [i for i, m in enumerate(owners) if hasattr(m, "kv_geometry")]
         if not targets:
-            raise InputError(f"{self.config.arch} with these settings has no growing K/V cache to compress "
+            what = "compress" if compression is not None else "quantize"
+            raise InputError(f"{self.config.arch} with these settings has no growing K/V cache to {what} "
                              f"(its caches are {', '.join(sorted({type(m).__name__ for m in owners}))})")
+        if quantization is not None and compression is None:
+            layers = [QuantizedKV(m.kv_geometry(), quantization, batch_size, dtype=dtype, device=device,
+                                  capacity=capacity, pad=pad) if i in targets
+                      else m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity)
+                      for i, m in enumerate(owners)]
+            return ModelCache(layers, batch_size, pad)
+        if quantization is not None and compression.keeps_budget_while_decoding:
+            raise InputError(f"{type(compression).__name__} evicts while decoding; kv_bits composes with the policies "
+                             f"that compress the prompt once (SnapKV, PyramidKV, AdaKV), which quantize what they keep")
+        options = {} if quantization is None else {"quantization": quantization}
         layers = [compression.new_store(m.kv_geometry(), layer=targets.index(i), n_layers=len(targets),
-                                        batch_size=batch_size, dtype=dtype, device=device, pad=pad) if i in targets
-                  else m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity)
+                                        batch_size=batch_size, dtype=dtype, device=device, pad=pad, **options)
+                  if i in targets else m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity)
                   for i, m in enumerate(owners)]
         return ModelCache(layers, batch_size, pad, compression)
 
@@ -187,9 +202,15 @@ class CausalLM(nn.Module):
         ``output_hidden_states``)."""
         raise InputError(f"{self.config.arch} has no hidden state per token and layer")
 
-    def cache_bytes_formula(self, batch_size: int, context: int, dtype: torch.dtype) -> int:
-        """What ``new_cache(batch_size, capacity=context).nbytes()`` must be, from the config alone."""
-        return self.cache_bytes_for(self.config, batch_size, context, dtype)
+    def cache_bytes_formula(self, batch_size: int, context: int, dtype: torch.dtype, kv_bits=None) -> int:
+        """What ``new_cache(batch_size, capacity=context, kv_bits=kv_bits).nbytes()`` must be, from the
+        config (and, quantized, each growing cache's geometry and the quantization's own formula)."""
+        quantization = as_quantization(kv_bits)
+        if quantization is None:
+            return self.cache_bytes_for(self.config, batch_size, context, dtype)
+        return batch_size * sum(QuantizedKV.bytes_per_row(m.kv_geometry(), quantization, context, dtype)
+                                if hasattr(m, "kv_geometry") else type(m).cache_bytes_per_row(self.config, context, dtype)
+                                for m in self.cache_owners())
 
     # ------------------------------------------------------------------ facts from a config
     # Each architecture composes these from its mixers' own (``cache_bytes_per_row``, ``prefill_flops``,

@@ -155,10 +155,13 @@ class BlockTransformer(CausalLM):
         return [layer.mixer for layer in self.block_layers] + [layer.mixer for layer in self.token_layers]
 
     def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
-                  dtype: torch.dtype | None = None, device=None, compression=None) -> ModelCache:
+                  dtype: torch.dtype | None = None, device=None, compression=None, kv_bits=None) -> ModelCache:
         if compression is not None:
             raise InputError("the Block Transformer's caches (block embeddings, a bounded local cache) are not "
                              "compressed by token-eviction policies")
+        if kv_bits is not None:
+            raise InputError("the Block Transformer's caches (block embeddings, a bounded local cache) are not "
+                             "quantized (kv_bits)")
         dtype, device, pad = self.cache_context(batch_size, capacity, pad, dtype, device)
         b, P = self.block_len, self.block_prefix
         groups = self.phase_groups(pad)

@@ -125,11 +125,13 @@ class Scheduler:
 
     ``kv_budget``: bytes the live caches may hold at most; ``max_batch``: sequences active at once;
     ``max_waiting``: requests that may wait for room (beyond it ``submit`` raises ``Overloaded``);
-    ``compression``: a ``yoco.compress`` policy every sequence's cache uses (None: full caches)."""
+    ``compression``: a ``yoco.compress`` policy every sequence's cache uses (None: full caches);
+    ``kv_bits``: every sequence's growing K/V caches quantized (``yoco.quantize``; the budget counts
+    their quantized bytes)."""
 
     def __init__(self, model, tokenizer, *, kv_budget: int, max_batch: int = DEFAULT_MAX_BATCH,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_waiting: int = DEFAULT_MAX_WAITING, compression=None,
-                 metrics: ServerMetrics | None = None):
+                 kv_bits=None, metrics: ServerMetrics | None = None):
         for name, value in (("kv budget", kv_budget), ("max batch", max_batch), ("prefill chunk", prefill_chunk),
                             ("max waiting", max_waiting)):
             if value < 1:
@@ -137,6 +139,9 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.kv_budget, self.max_batch, self.prefill_chunk = kv_budget, max_batch, prefill_chunk
         self.max_waiting, self.compression = max_waiting, compression
+        self.cache_options = {} if kv_bits is None else {"kv_bits": kv_bits}
+        if kv_bits is not None:
+            model.new_cache(1, capacity=2, kv_bits=kv_bits)  # refuses a model or setting it cannot quantize now
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.metrics = metrics or ServerMetrics()
@@ -152,8 +157,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the server's side
     def reservation(self, positions: int) -> int:
-        """Cache bytes of one sequence of ``positions`` slots (what its one-row cache allocates)."""
-        return self.model.cache_bytes_formula(1, positions, self.dtype)
+        """Cache bytes of one sequence of ``positions`` slots (what its one-row cache allocates; with a
+        compression policy what it holds before the prompt is compressed, in full precision even when
+        the kept entries are then quantized)."""
+        options = self.cache_options if self.compression is None else {}
+        return self.model.cache_bytes_formula(1, positions, self.dtype, **options)
 
     def submit(self, request: Request) -> Sequence:
         """Queue a request; raises ``RequestError`` for one that could never run, ``Overloaded`` when
@@ -247,7 +255,8 @@ class Scheduler:
                 self.waiting.popleft()
             self.reserved += head.reserved
             capacity = len(head.request.prompt) + head.request.max_tokens
-            head.cache = self.model.new_cache(1, capacity=capacity, device=self.device, compression=self.compression)
+            head.cache = self.model.new_cache(1, capacity=capacity, device=self.device, compression=self.compression,
+                                              **self.cache_options)
             head.prefill = prefill_calls(self.model, head.ids.to(self.device), head.cache, self.prefill_chunk)
             self.prefilling.append(head)
 
