@@ -296,8 +296,7 @@ class EngineRunner:
     def prefill(self, ids: torch.Tensor, capacity: int, quantization: KVQuantization | None = None) -> torch.Tensor:
         """The prompt into a fresh cache of ``capacity`` slots (quantized, if asked): in chunks through the
         engine, or (chunk None) in one call with logits for the last position, as transformers users run it."""
-        options = {} if quantization is None else {"kv_bits": quantization}
-        self.cache = self.model.new_cache(ids.shape[0], capacity=capacity, **options)
+        self.cache = self.model.new_cache(ids.shape[0], capacity=capacity, kv_bits=quantization)
         if self.chunk is None:
             return self.model(ids, self.cache, num_logits=1)[:, -1]
         return prefill(self.model, ids, self.cache, self.chunk)

@@ -38,8 +38,7 @@ def cache_nbytes(model, cache, batch_size: int, context: int, kv_bits=None) -> i
     """Bytes of a cache after ``context`` prompt tokens. An uncompressed yoco cache is preallocated to
     its capacity, so its prompt-only size comes from the config formula (tested equal to nbytes)."""
     if getattr(cache, "compression", None) is None and hasattr(model, "cache_bytes_formula"):
-        options = {} if kv_bits is None else {"kv_bits": kv_bits}
-        return model.cache_bytes_formula(batch_size, context, next(model.parameters()).dtype, **options)
+        return model.cache_bytes_formula(batch_size, context, next(model.parameters()).dtype, kv_bits=kv_bits)
     return cache.nbytes()
 
 
@@ -48,8 +47,7 @@ def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy, kv_bit
     """Teacher-forced NLL of rows[:, context:] after compressing rows[:, :context] (or with the cache
     quantized: ``kv_bits``)."""
     B, total = rows.shape
-    options = {} if kv_bits is None else {"kv_bits": kv_bits}
-    cache = model.new_cache(B, capacity=total, compression=policy, **options)
+    cache = model.new_cache(B, capacity=total, compression=policy, kv_bits=kv_bits)
     logits = prefill(model, rows[:, :context], cache, chunk=1024)
     nbytes = cache_nbytes(model, cache, B, context, kv_bits)
     offloaded = getattr(cache, "offloaded_bytes", lambda: 0)()

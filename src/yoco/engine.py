@@ -284,7 +284,7 @@ class Generation:
         if compile and kv_bits is not None:
             raise InputError("compile captures the plain caches' decode step; a quantized cache folds its rows' "
                              "residuals as they grow, so decode it without compile")
-        self._cache_options = {} if kv_bits is None else {"kv_bits": kv_bits}
+        self.kv_bits = kv_bits
         self.compile = compile
         self.decode = decode_stepper(model, compile)
         self.compile_step_s: float | None = None  # the first compiled decode step (it compiles)
@@ -308,7 +308,7 @@ class Generation:
         with torch.inference_mode():
             t0 = time.perf_counter()
             self.cache = cache = model.new_cache(B, capacity=ids.shape[1] + self.max_new_tokens, pad=pad, device=device,
-                                                 compression=self._compression, **self._cache_options)
+                                                 compression=self._compression, kv_bits=self.kv_bits)
             logits = prefill(model, ids, cache, self.prefill_chunk)
             if cache.compression is not None:
                 self.compressed_bytes = cache.nbytes()

@@ -70,7 +70,6 @@ def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: 
     """Accuracy for every (context, depth) cell; each trial uses a different key and haystack offset
     (and, with a ``yoco.compress`` policy, the prompt's cache compressed after prefill; with ``kv_bits``
     the cache quantized)."""
-    options = {} if kv_bits is None else {"kv_bits": kv_bits}
     rng = random.Random(seed)
     cells = []
     for context in contexts:
@@ -82,7 +81,7 @@ def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: 
                 prompt = passkey_prompt(tokenizer.encode, haystack[start:], context, depth, key)
                 want = tokenizer.encode(" " + key)
                 out = generate(model, [prompt.ids], max_new_tokens=len(want), prefill_chunk=prefill_chunk,
-                               compression=compression, **options)
+                               compression=compression, kv_bits=kv_bits)
                 hits += tokenizer.decode(out.tokens[0]).strip().startswith(key)
             cells.append({"context": context, "depth": depth, "accuracy": hits / trials, "trials": trials})
     return cells

@@ -126,9 +126,8 @@ class YocoCache(Cache):
         model = self.model_ref[0]
         capacity = None if self.capacity is None else min(self.capacity, model.config.max_seq_len)
         capacity = None if capacity is not None and capacity < length else capacity
-        options = {} if self.kv_bits is None else {"kv_bits": self.kv_bits}
         self.inner = model.new_cache(batch_size, capacity=capacity, pad=pad, device=device,
-                                     compression=self.compression, **options)
+                                     compression=self.compression, kv_bits=self.kv_bits)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.inner is None else self.inner.seen

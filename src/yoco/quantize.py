@@ -291,16 +291,14 @@ class QuantizedKV:
         n = end - start
         k = None
         if keys:
+            # the key groups covering start..end-1, each group's scale and zero point broadcast over its G
+            # tokens (the buffers hold whole groups), then cut to the positions asked for
             g0, g1 = start // G, -(-end // G)
-            codes = unpack(self.k_codes[:, :, start:end], bits)  # [B, h, n, dk]
-            if start % G == 0 and end % G == 0:  # whole groups: each group's scale broadcast over its tokens
-                dk = codes.shape[-1]
-                k = dequantize(codes.reshape(B, h, n // G, G, dk), self.k_scale[:, :, g0:g1, None],
-                               self.k_zero[:, :, g0:g1, None], self.dtype).reshape(B, h, n, dk)
-            else:
-                scale = self.k_scale[:, :, g0:g1].repeat_interleave(G, dim=2)[:, :, start - g0 * G:][:, :, :n]
-                zero = self.k_zero[:, :, g0:g1].repeat_interleave(G, dim=2)[:, :, start - g0 * G:][:, :, :n]
-                k = dequantize(codes, scale, zero, self.dtype)
+            codes = unpack(self.k_codes[:, :, g0 * G:g1 * G], bits)
+            dk = codes.shape[-1]
+            k = dequantize(codes.reshape(B, h, g1 - g0, G, dk), self.k_scale[:, :, g0:g1, None],
+                           self.k_zero[:, :, g0:g1, None], self.dtype).reshape(B, h, (g1 - g0) * G, dk)
+            k = k[:, :, start - g0 * G:][:, :, :n]
         if self.geometry.values_are_keys or not values:
             return k, None
         dv = self.geometry.value_dim

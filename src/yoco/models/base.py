@@ -164,19 +164,22 @@ class CausalLM(nn.Module):
             what = "compress" if compression is not None else "quantize"
             raise InputError(f"{self.config.arch} with these settings has no growing K/V cache to {what} "
                              f"(its caches are {', '.join(sorted({type(m).__name__ for m in owners}))})")
-        if quantization is not None and compression is None:
-            layers = [QuantizedKV(m.kv_geometry(), quantization, batch_size, dtype=dtype, device=device,
-                                  capacity=capacity, pad=pad) if i in targets
-                      else m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity)
-                      for i, m in enumerate(owners)]
-            return ModelCache(layers, batch_size, pad)
-        if quantization is not None and compression.keeps_budget_while_decoding:
+        if compression is not None and quantization is not None and compression.keeps_budget_while_decoding:
             raise InputError(f"{type(compression).__name__} evicts while decoding; kv_bits composes with the policies "
                              f"that compress the prompt once (SnapKV, PyramidKV, AdaKV), which quantize what they keep")
-        options = {} if quantization is None else {"quantization": quantization}
-        layers = [compression.new_store(m.kv_geometry(), layer=targets.index(i), n_layers=len(targets),
-                                        batch_size=batch_size, dtype=dtype, device=device, pad=pad, **options)
-                  if i in targets else m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity)
+
+        def store(i: int, geometry):
+            """The growing cache of owner i: the policy's store (quantizing what it keeps, if asked), or
+            the quantized cache."""
+            if compression is None:
+                return QuantizedKV(geometry, quantization, batch_size, dtype=dtype, device=device, capacity=capacity,
+                                   pad=pad)
+            options = {} if quantization is None else {"quantization": quantization}  # (InfLLM's store takes none)
+            return compression.new_store(geometry, layer=targets.index(i), n_layers=len(targets), batch_size=batch_size,
+                                         dtype=dtype, device=device, pad=pad, **options)
+
+        layers = [store(i, m.kv_geometry()) if i in targets
+                  else m.new_cache(batch_size, dtype=dtype, device=device, capacity=capacity)
                   for i, m in enumerate(owners)]
         return ModelCache(layers, batch_size, pad, compression)
 

@@ -139,7 +139,7 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.kv_budget, self.max_batch, self.prefill_chunk = kv_budget, max_batch, prefill_chunk
         self.max_waiting, self.compression = max_waiting, compression
-        self.cache_options = {} if kv_bits is None else {"kv_bits": kv_bits}
+        self.kv_bits = kv_bits
         if kv_bits is not None:
             model.new_cache(1, capacity=2, kv_bits=kv_bits)  # refuses a model or setting it cannot quantize now
         self.device = next(model.parameters()).device
@@ -160,8 +160,8 @@ class Scheduler:
         """Cache bytes of one sequence of ``positions`` slots (what its one-row cache allocates; with a
         compression policy what it holds before the prompt is compressed, in full precision even when
         the kept entries are then quantized)."""
-        options = self.cache_options if self.compression is None else {}
-        return self.model.cache_bytes_formula(1, positions, self.dtype, **options)
+        return self.model.cache_bytes_formula(1, positions, self.dtype,
+                                              kv_bits=self.kv_bits if self.compression is None else None)
 
     def submit(self, request: Request) -> Sequence:
         """Queue a request; raises ``RequestError`` for one that could never run, ``Overloaded`` when
@@ -256,7 +256,7 @@ class Scheduler:
             self.reserved += head.reserved
             capacity = len(head.request.prompt) + head.request.max_tokens
             head.cache = self.model.new_cache(1, capacity=capacity, device=self.device, compression=self.compression,
-                                              **self.cache_options)
+                                              kv_bits=self.kv_bits)
             head.prefill = prefill_calls(self.model, head.ids.to(self.device), head.cache, self.prefill_chunk)
             self.prefilling.append(head)
 
