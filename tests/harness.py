@@ -52,11 +52,12 @@ def make_model(variant: str, **extra):
     return build_model(arch, preset="tiny", seed=0, **{**overrides, **extra})
 
 
-def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=None, compression=None) -> torch.Tensor:
+def engine_logits(model, ids: torch.Tensor, prompt_len: int, chunk: int, pad=None, compression=None,
+                  kv_bits=None) -> torch.Tensor:
     """Logits at positions prompt_len-1 .. T-1 of ids [B, T] the way generation computes them: chunked
     prefill of the prompt, then one cached decode step per token (teacher-forced; the cache compressed
-    by ``compression`` after the prompt, if given)."""
-    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad, compression=compression)
+    by ``compression`` after the prompt, and quantized by ``kv_bits``, if given)."""
+    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad, compression=compression, kv_bits=kv_bits)
     with torch.no_grad():
         out = [prefill(model, ids[:, :prompt_len], cache, chunk)]
         for t in range(prompt_len, ids.shape[1]):

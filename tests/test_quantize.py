@@ -53,8 +53,10 @@ def test_bad_settings_are_refused_with_a_message():
             KVQuantization(*bad)
     with pytest.raises(QuantizationError, match="group size 32 must divide the value dim 16"):
         KVQuantization(4).check(KVGeometry(2, 16, 16))
-    with pytest.raises(QuantizationError, match="the key dim 6 is not a multiple of 4"):
-        KVQuantization(2, group=2).check(KVGeometry(2, 6, 8))
+    with pytest.raises(QuantizationError, match="the kv group size 2 is not a multiple of 4"):
+        KVQuantization(2, group=2).check(KVGeometry(2, 8, 8))
+    with pytest.raises(QuantizationError, match="the value dim 6 is not a multiple of 4"):
+        KVQuantization(2, group=4).check(KVGeometry(2, 8, 6))
     with pytest.raises(QuantizationError, match="kv_bits must be an int"):
         as_quantization("4")
     assert as_quantization(4) == KVQuantization(4, 32, 128) and as_quantization(None) is None
@@ -173,22 +175,10 @@ def test_eight_bit_logits_are_close_to_full_precision_and_two_bit_further(varian
     full = engine_logits(model, ids, 70, chunk=32)
     errors = {}
     for bits in BITS:
-        cache_logits = engine_logits_quantized(model, ids, 70, 32, KVQuantization(bits, **TINY))
+        cache_logits = engine_logits(model, ids, 70, 32, kv_bits=KVQuantization(bits, **TINY))
         errors[bits] = (cache_logits - full).abs().max().item()
     scale = full.std().item()
     assert errors[8] < 1e-3 * scale and errors[8] < errors[2], errors
-
-
-def engine_logits_quantized(model, ids, prompt_len, chunk, quantization, pad=None, compression=None):
-    from yoco.engine import decode_step, prefill
-
-    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1], pad=pad, kv_bits=quantization,
-                            compression=compression)
-    with torch.no_grad():
-        out = [prefill(model, ids[:, :prompt_len], cache, chunk)]
-        for t in range(prompt_len, ids.shape[1]):
-            out.append(decode_step(model, ids[:, t], cache))
-    return torch.stack(out, dim=1)
 
 
 @pytest.mark.parametrize("variant", ["transformer", "yoco-swa", "mla", "mla-decompressed"])
@@ -207,10 +197,10 @@ def test_left_padded_batch_equals_each_row_alone(variant, two_pass, monkeypatch)
     quantization = KVQuantization(4, **TINY)
     ids, pad = left_pad(prompts)
     follow = torch.randint(0, model.config.vocab_size, (2, 30), generator=g)
-    batch = engine_logits_quantized(model, torch.cat((ids, follow), 1), ids.shape[1], 16, quantization, pad=pad)
+    batch = engine_logits(model, torch.cat((ids, follow), 1), ids.shape[1], 16, pad=pad, kv_bits=quantization)
     for row, prompt in enumerate(prompts):
         alone_ids = torch.cat((torch.tensor([prompt]), follow[row:row + 1]), 1)
-        alone = engine_logits_quantized(model, alone_ids, len(prompt), 16, quantization)
+        alone = engine_logits(model, alone_ids, len(prompt), 16, kv_bits=quantization)
         torch.testing.assert_close(batch[row], alone[0], atol=1e-4, rtol=1e-4)
 
 
@@ -268,11 +258,11 @@ def test_snapkv_then_quantized_padded_batch_equals_rows_alone_and_eight_bits_sta
     snap = POLICIES["snapkv"]
     for bits in (8, 4):
         quantization = KVQuantization(bits, group=8, residual=4)
-        batch = engine_logits_quantized(model, torch.cat((ids, follow), 1), ids.shape[1], 16, quantization, pad=pad,
+        batch = engine_logits(model, torch.cat((ids, follow), 1), ids.shape[1], 16, pad=pad, kv_bits=quantization,
                                         compression=snap(24))
         for row, prompt in enumerate(prompts):
             alone_ids = torch.cat((torch.tensor([prompt]), follow[row:row + 1]), 1)
-            alone = engine_logits_quantized(model, alone_ids, len(prompt), 16, quantization, compression=snap(24))
+            alone = engine_logits(model, alone_ids, len(prompt), 16, compression=snap(24), kv_bits=quantization)
             torch.testing.assert_close(batch[row], alone[0], atol=1e-4, rtol=1e-4)
             if bits == 8:
                 plain = engine_logits(model, alone_ids, len(prompt), 16, compression=snap(24))

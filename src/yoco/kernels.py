@@ -88,8 +88,14 @@ def flash_parts_available(q: torch.Tensor) -> bool:
 def flash_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One unmasked (or top-left causal) flash attention and its log-sum-exp [B, H, T]."""
-    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)[:2]
+    out, lse = _FLASH_CPU(*_rows_dense(q, k, v), 0.0, causal, scale=scale)[:2]
     return out, lse
+
+
+def _rows_dense(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The private CPU flash kernel reads each row as if its last dim were contiguous (torch 2.13: a
+    transposed key gives wrong results, not an error); SDPA makes them so before calling it, and so do we."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
 def attention_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
@@ -113,7 +119,7 @@ def attention_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: t
         if allowed is None:
             return flash_part(q, k, v, causal, scale)
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
+        out, lse = _FLASH_CPU(*_rows_dense(q, k, v), 0.0, False, attn_mask=bias, scale=scale)[:2]
         # (the kernel gives a query that sees nothing log-sum-exp 0, not -inf)
         return out, lse.masked_fill(~allowed.any(-1), float("-inf"))
     group = H // n_kv

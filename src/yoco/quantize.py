@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .cache import CacheError, Expand, KVGeometry, tensor_bytes
 from .errors import YocoError
 from .kernels import attention_part, merge_parts, slot_mask
@@ -39,6 +40,7 @@ READ_BLOCK = 4096  # positions dequantized at a time when queries read the quant
 # Few queries (decode) read the quantized part in two passes holding every position's score; more
 # (a prefill chunk) read it block by block, merging the blocks' attentions by log-sum-exp.
 SCORES_BYTES = 64 << 20
+NATIVE_QUERIES = 64  # the most queries per K/V head the native decode kernel takes (its limit, MAX_M)
 
 
 class QuantizationError(YocoError, ValueError):
@@ -63,15 +65,18 @@ class KVQuantization:
             raise QuantizationError(f"kv residual must be >= 0 tokens, got {self.residual}")
 
     def check(self, geometry: KVGeometry) -> None:
-        """Refuse a geometry these settings cannot pack: packed rows need whole bytes, and values are
-        grouped along their channels. (Sliding windows keep their fixed ring; they are not quantized.)"""
+        """Refuse a geometry these settings cannot pack: packed runs need whole bytes (keys are packed
+        along a group's tokens, values along a token's channels), and values are grouped along their
+        channels. (Sliding windows keep their fixed ring; they are not quantized.)"""
         if geometry.sliding_window is not None:
             raise QuantizationError("a sliding-window cache is not quantized (its ring is fixed-size)")
         per_byte = 8 // self.bits
-        for name, dim in (("key", geometry.key_dim), ("value", None if geometry.values_are_keys else geometry.value_dim)):
-            if dim is not None and dim % per_byte:
-                raise QuantizationError(f"{self.bits}-bit codes pack {per_byte} to a byte: the {name} dim {dim} is not a "
-                                 f"multiple of {per_byte}")
+        if self.group % per_byte:
+            raise QuantizationError(f"{self.bits}-bit codes pack {per_byte} to a byte along a group's tokens: the kv "
+                                    f"group size {self.group} is not a multiple of {per_byte}")
+        if not geometry.values_are_keys and geometry.value_dim % per_byte:
+            raise QuantizationError(f"{self.bits}-bit codes pack {per_byte} to a byte: the value dim "
+                                    f"{geometry.value_dim} is not a multiple of {per_byte}")
         if not geometry.values_are_keys and geometry.value_dim % self.group:
             raise QuantizationError(f"kv group size {self.group} must divide the value dim {geometry.value_dim} "
                              f"(values are quantized in groups of channels)")
@@ -105,14 +110,16 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dty
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., n] of ``bits`` each -> [..., n * bits / 8], the first code in the low bits."""
+    """uint8 codes [..., n] of ``bits`` each -> [..., m = n * bits / 8], planar: byte j holds codes
+    j, j + m, j + 2m, ..., the first in the low bits (so a vector of consecutive bytes unpacks into
+    consecutive codes with one shift: the native kernel's layout)."""
     per = 8 // bits
     if per == 1:
         return codes
-    grouped = codes.reshape(*codes.shape[:-1], -1, per)
-    packed = grouped[..., 0].clone()
+    planes = codes.reshape(*codes.shape[:-1], per, -1)
+    packed = planes[..., 0, :].clone()
     for i in range(1, per):
-        packed |= grouped[..., i] << (bits * i)
+        packed |= planes[..., i, :] << (bits * i)
     return packed
 
 
@@ -122,8 +129,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if per == 1:
         return packed
     mask = 2 ** bits - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
+    planes = [(packed >> (bits * i)) & mask for i in range(per)]
+    return torch.stack(planes, dim=-2).reshape(*packed.shape[:-1], -1)
 
 
 # ---------------------------------------------------------------------- the cache kind
@@ -169,7 +176,8 @@ class QuantizedKV:
     def _shapes(self, slots: int) -> dict[str, tuple]:
         B, h, G, b = self.batch_size, self.geometry.n_kv_heads, self.q.group, self.q.bits
         dk, dv = self.geometry.key_dim, self.geometry.value_dim
-        shapes = {"k_codes": ((B, h, slots, dk * b // 8), torch.uint8),
+        # keys: each channel's codes of a group's G tokens packed together (the kernel reads them as vectors)
+        shapes = {"k_codes": ((B, h, slots // G, dk, G * b // 8), torch.uint8),
                   "k_scale": ((B, h, slots // G, dk), SCALE_DTYPE), "k_zero": ((B, h, slots // G, dk), SCALE_DTYPE)}
         if not self.geometry.values_are_keys:
             shapes |= {"v_codes": ((B, h, slots, dv * b // 8), torch.uint8),
@@ -271,7 +279,7 @@ class QuantizedKV:
         G, bits = self.q.group, self.q.bits
         h, n, dk = k.shape
         codes, scale, zero = quantize(k.reshape(h, n // G, G, dk), bits, dim=2)  # per channel over G tokens
-        self.k_codes[b, :, start:start + n] = pack(codes.reshape(h, n, dk), bits)
+        self.k_codes[b, :, start // G:(start + n) // G] = pack(codes.transpose(2, 3), bits)
         self.k_scale[b, :, start // G:(start + n) // G] = scale[:, :, 0]
         self.k_zero[b, :, start // G:(start + n) // G] = zero[:, :, 0]
         if v is not None:
@@ -294,9 +302,9 @@ class QuantizedKV:
             # the key groups covering start..end-1, each group's scale and zero point broadcast over its G
             # tokens (the buffers hold whole groups), then cut to the positions asked for
             g0, g1 = start // G, -(-end // G)
-            codes = unpack(self.k_codes[:, :, g0 * G:g1 * G], bits)
+            codes = unpack(self.k_codes[:, :, g0:g1], bits).transpose(3, 4).contiguous()  # [B, h, groups, G, dk]
             dk = codes.shape[-1]
-            k = dequantize(codes.reshape(B, h, g1 - g0, G, dk), self.k_scale[:, :, g0:g1, None],
+            k = dequantize(codes, self.k_scale[:, :, g0:g1, None],
                            self.k_zero[:, :, g0:g1, None], self.dtype).reshape(B, h, (g1 - g0) * G, dk)
             k = k[:, :, start - g0 * G:][:, :, :n]
         if self.geometry.values_are_keys or not values:
@@ -344,14 +352,18 @@ class QuantizedKV:
             parts.append(attention_part(q, keys, values, mask, scale=scale))
 
         n = max(quantized)
-        slots = self.position_slots(self.entry_slots, 0, n, quantized, torch.zeros(self.batch_size, dtype=torch.long))
-        if n and expand is None and q.shape[0] * q.shape[1] * q.shape[2] * n * 4 <= SCORES_BYTES:
-            parts.append(self._attend_codes(q, n, slots, quantized, step, scale))
-        else:
-            for start in range(0, n, READ_BLOCK):
-                end = min(n, start + READ_BLOCK)
-                keys, values = self.dequantized(start, end)
-                part(keys, values, slots[..., start:end], [max(0, min(end, c) - start) for c in quantized])
+        fused = self._attend_native(q, quantized, scale) if n and expand is None else None
+        if fused is not None:
+            parts.append(fused)
+        elif n:
+            slots = self.position_slots(self.entry_slots, 0, n, quantized, torch.zeros(self.batch_size, dtype=torch.long))
+            if expand is None and q.shape[0] * q.shape[1] * q.shape[2] * n * 4 <= SCORES_BYTES:
+                parts.append(self._attend_codes(q, n, slots, quantized, step, scale))
+            else:
+                for start in range(0, n, READ_BLOCK):
+                    end = min(n, start + READ_BLOCK)
+                    keys, values = self.dequantized(start, end)
+                    part(keys, values, slots[..., start:end], [max(0, min(end, c) - start) for c in quantized])
         if max(held):
             n = max(held)
             slots = self.position_slots(self.residual_slots, 0, n, held, torch.tensor(self.quantized))
@@ -359,6 +371,43 @@ class QuantizedKV:
         keys, values = (call_k, call_v) if expand is None else expand(call_k)
         parts.append(call_part(q, keys, keys if values is None else values, step, first, scale))
         return merge_parts(parts, q.dtype)
+
+    def _attend_native(self, q: torch.Tensor, counts: list[int],
+                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Attention (and log-sum-exp) of few queries over each row's first ``counts[b]`` quantized
+        positions by the native kernel (``csrc/quantized_attention.c``: codes unpacked a row at a time,
+        scales folded into the queries and weights, online softmax, both cores), or None where it does
+        not apply: not on the CPU, latent rows, a policy's per-head entries, many queries (a prefill
+        chunk: the blockwise matmuls are faster there), or no kernel built."""
+        B, H, T, d = q.shape
+        h = self.geometry.n_kv_heads
+        M = (H // h) * T
+        if (q.device.type != "cpu" or self.geometry.values_are_keys or self.entry_slots is not None
+                or M > NATIVE_QUERIES or self.q.group % (8 // self.q.bits)):
+            return None
+        buffers = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
+        if any(t.stride()[2:] != t[:1, :1].contiguous().stride()[2:] for t in buffers) \
+                or self.k_scale.stride() != self.k_zero.stride() or self.v_scale.stride() != self.v_zero.stride():
+            return None
+        lib = native.library()
+        if lib is None:
+            return None
+        grouped = (q.reshape(B, h, M, d).to(SCALE_DTYPE) * (d ** -0.5 if scale is None else scale)).contiguous()
+        dv = self.geometry.value_dim
+        out = torch.empty(B, h, M, dv, dtype=SCALE_DTYPE)
+        lse = torch.empty(B, h, M, dtype=SCALE_DTYPE)
+        rows = torch.tensor(counts, dtype=torch.long)
+        status = lib.yoco_quantized_attention(
+            grouped.data_ptr(), grouped.stride(0), grouped.stride(1),
+            self.k_codes.data_ptr(), self.k_codes.stride(0), self.k_codes.stride(1),
+            self.k_scale.data_ptr(), self.k_zero.data_ptr(), self.k_scale.stride(0), self.k_scale.stride(1),
+            self.v_codes.data_ptr(), self.v_codes.stride(0), self.v_codes.stride(1),
+            self.v_scale.data_ptr(), self.v_zero.data_ptr(), self.v_scale.stride(0), self.v_scale.stride(1),
+            rows.data_ptr(), B, h, M, d, dv, self.q.bits, self.q.group, torch.get_num_threads(),
+            out.data_ptr(), lse.data_ptr())
+        if status:
+            return None
+        return out.reshape(B, H, T, dv).to(q.dtype), lse.reshape(B, H, T)
 
     def _attend_codes(self, q: torch.Tensor, n: int, slots: torch.Tensor, counts: list[int], step: Step,
                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -259,3 +259,20 @@ def test_chunk_attention_equals_masked_attention(T, S, n_kv):
     mask = slot_mask(torch.arange(S - T, S), torch.arange(S), None)
     expected = attend(q, k, v, mask, causal=mask is None)
     torch.testing.assert_close(chunk_attention(q, k, v), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_parts_of_keys_whose_rows_are_not_contiguous():
+    # torch's private CPU flash kernel misreads a key whose last dim is strided (a transposed view gives
+    # wrong numbers, not an error); attention_part hands it rows it can read, masked or not
+    from yoco.kernels import attention_part
+
+    q = _rand(1, 4, 3, 8, seed=1)
+    k = _rand(1, 2, 8, 6, seed=2).transpose(2, 3)  # [1, 2, 6, 8], stride 1 along the positions
+    v = _rand(1, 2, 6, 8, seed=3)
+    assert k.stride(-1) != 1
+    allowed = torch.ones(1, 1, 3, 6, dtype=torch.bool)
+    allowed[..., 4:] = False
+    for mask in (None, allowed):
+        out, _ = attention_part(q, k, v, mask)
+        torch.testing.assert_close(out, naive_attention(q, k.contiguous(), v, None if mask is None else mask[0, 0]).float(),
+                                   atol=1e-5, rtol=1e-5)

@@ -1,0 +1,134 @@
+"""The native quantized-attention kernel (yoco/native.py, csrc/quantized_attention.c): it equals the
+PyTorch path it stands beside, for every shape it takes, and everything around it falls back cleanly."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from harness import engine_logits, make_model
+
+from yoco import native
+from yoco.cache import KVGeometry
+from yoco.layers import Step
+from yoco.quantize import KVQuantization, QuantizedKV
+
+needs_kernel = pytest.mark.skipif(native.library() is None, reason="no C compiler here: the native kernel is not built")
+
+
+def _filled(bits, B, h, d, lengths, group, residual=16, seed=0):
+    """A quantized cache whose rows hold ``lengths`` real tokens (left-padded to the longest), then one
+    more call of one token; and each row's quantized positions the next attend reads."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    pad = torch.tensor([T - n for n in lengths])
+    cache = QuantizedKV(KVGeometry(h, d, d), KVQuantization(bits, group=group, residual=residual), B,
+                        dtype=torch.float32, pad=pad)
+    cache.append(torch.randn(B, h, T, d, generator=g), torch.randn(B, h, T, d, generator=g))
+    cache.append(torch.randn(B, h, 1, d, generator=g), torch.randn(B, h, 1, d, generator=g))
+    return cache, pad, [min(n, m) for n, m in zip(cache.quantized, cache.before)]
+
+
+SHAPES = [  # B, h, query heads, dims, each row's tokens, group: specialised and generic shapes
+    (1, 2, 8, 64, [3000], 32),  # the 40m preset's decode (4 queries per K/V head, 64 wide)
+    (2, 2, 4, 64, [2500, 700], 32),  # rows of unequal length, and a short last group
+    (1, 2, 16, 128, [1800], 32),
+    (2, 1, 3, 192, [1300, 1299], 32),  # the generic path: 3 queries, 192 wide
+    (1, 2, 4, 32, [999], 32),  # 2-bit planes of 8 bytes
+    (1, 1, 2, 128, [1500], 64),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,shape", list(itertools.product((8, 4, 2), SHAPES)))
+def test_the_kernel_equals_the_pytorch_path(bits, shape):
+    B, h, H, d, lengths, group = shape
+    cache, pad, counts = _filled(bits, B, h, d, lengths, group)
+    q = torch.randn(B, H, 1, d, generator=torch.Generator().manual_seed(9))
+    got = cache._attend_native(q, counts, None)
+    assert got is not None, "the kernel declined a shape it takes"
+    n = max(counts)
+    slots = cache.position_slots(None, 0, n, counts, torch.zeros(B, dtype=torch.long))
+    want = cache._attend_codes(q, n, slots, counts, Step(max(lengths), 1, pad, torch.device("cpu")), None)
+    torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=1e-6)
+
+
+@needs_kernel
+def test_a_row_with_nothing_quantized_weighs_nothing_and_a_custom_scale_is_used():
+    cache, pad, counts = _filled(4, 2, 2, 64, [2000, 40], 32, residual=64)
+    assert counts[1] == 0 < counts[0]
+    q = torch.randn(2, 8, 1, 64, generator=torch.Generator().manual_seed(3))
+    out, lse = cache._attend_native(q, counts, 0.3)
+    assert torch.isneginf(lse[1]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+    n = max(counts)
+    slots = cache.position_slots(None, 0, n, counts, torch.zeros(2, dtype=torch.long))
+    want = cache._attend_codes(q, n, slots, counts, Step(2000, 1, pad, torch.device("cpu")), 0.3)
+    torch.testing.assert_close(out[0], want[0][0], atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_shapes_it_does_not_take_go_the_pytorch_way():
+    cache, _, counts = _filled(2, 1, 2, 16, [500], 8)  # groups of 8 tokens: fewer than a vector
+    assert cache._attend_native(torch.randn(1, 4, 1, 16), counts, None) is None
+    cache, _, counts = _filled(4, 1, 2, 48, [500], 16)  # 48 channels pack into 24 bytes: not whole vectors
+    assert cache._attend_native(torch.randn(1, 2, 1, 48), counts, None) is None
+    cache, _, counts = _filled(4, 1, 2, 64, [500], 32)
+    assert cache._attend_native(torch.randn(1, 2, 80, 64), counts, None) is None  # a prefill chunk: 80 queries a head
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", ["transformer", "yoco-swa"])
+def test_decoding_through_the_kernel_equals_decoding_without_it(variant, monkeypatch):
+    model = make_model(variant)  # the tiny preset's 16-wide heads: groups of 16, 8 and 4 bits are taken
+    ids = torch.randint(0, model.config.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
+    fused = []
+    attend_native = QuantizedKV._attend_native
+
+    def counted(self, *args):
+        out = attend_native(self, *args)
+        fused.append(out is not None)
+        return out
+
+    monkeypatch.setattr(QuantizedKV, "_attend_native", counted)
+    logits = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("YOCO_NATIVE", setting)
+        logits[setting] = {bits: engine_logits(model, ids, 120, 32, kv_bits=KVQuantization(bits, group=16, residual=16))
+                           for bits in (8, 4)}
+        if setting == "1":
+            assert any(fused), "the kernel was never used"
+            fused.clear()
+    assert not any(fused)
+    for bits in (8, 4):
+        torch.testing.assert_close(logits["1"][bits], logits["0"][bits], atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("YOCO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="native kernels are not available"):
+        assert native.library() is None
+    assert native.library() is None  # tried once: no second warning, no second build
+    assert not any(tmp_path.rglob("*.partial")), "a failed build left its partial file behind"
+    cache, _, counts = _filled(4, 1, 2, 64, [600], 32)
+    assert cache._attend_native(torch.randn(1, 8, 1, 64), counts, None) is None
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setenv("YOCO_NATIVE", "0")
+    assert native.library() is None
+
+
+@needs_kernel
+def test_the_library_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("YOCO_CACHE_DIR", str(tmp_path))
+    first = native.build()
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    source = tmp_path / "other.c"
+    source.write_text(native.SOURCE.read_text() + "\n/* another text */\n")
+    assert native.build(source) != first
