@@ -73,3 +73,34 @@ def module_level_imports(path: Path) -> list[str]:
 def test_the_engine_side_does_not_import_compress(module):
     imports = module_level_imports(SOURCE / module)
     assert imports and not [name for name in imports if "compress" in name]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_transformers_own_quantized_cache_runs_as_the_peer_or_is_refused_with_its_reason(bits):
+    from yoco.hf_runner import QUANTIZED_BACKENDS, TransformersQuantizedCache
+    from yoco.models.base import InputError
+    from yoco.quantize import KVQuantization
+
+    lm = TransformersLM(llama())
+    quantization = KVQuantization(bits, group=16, residual=8)  # 16-wide heads
+    try:
+        cache = lm.new_cache(1, kv_bits=quantization)
+    except InputError as error:  # its backend is not installed here, or not in this transformers
+        assert f"QuantizedCache ({QUANTIZED_BACKENDS[bits]} backend, {bits} bits) is not available" in str(error)
+        return
+    assert isinstance(cache, TransformersQuantizedCache) and cache.backend == QUANTIZED_BACKENDS[bits]
+    ids = torch.randint(1, 300, (1, 60), generator=torch.Generator().manual_seed(1))
+    plain = lm.new_cache(1)
+    full = [prefill(lm, ids[:, :40], plain, 8)] + [decode_step(lm, ids[:, t], plain) for t in range(40, 60)]
+    got = [prefill(lm, ids[:, :40], cache, 8)] + [decode_step(lm, ids[:, t], cache) for t in range(40, 60)]
+    error = (torch.stack(got) - torch.stack(full)).abs().max().item()
+    assert 0 < error < 0.5 * torch.stack(full).std().item()  # quantized, and still the same model
+    assert 0 < cache.nbytes() < plain.nbytes()
+    token = got[-1].argmax(-1)
+    alone = decode_step(lm, token, cache)
+    twin = lm.new_cache(1, kv_bits=quantization)  # the same history, then each row twice
+    prefill(lm, ids[:, :40], twin, 8)
+    for t in range(40, 60):
+        decode_step(lm, ids[:, t], twin)
+    both = decode_step(lm, token.repeat_interleave(2), twin.repeat(2))
+    torch.testing.assert_close(both, alone.expand(2, -1), atol=0.05 * alone.std().item(), rtol=0)

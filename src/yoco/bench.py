@@ -409,8 +409,10 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         # allocates on top of it (scores, MLP activations, a copied cache layer for DynamicCache).
         with PeakRSS() as step_peak:
             runner.decode(last)
+        # (transformers' QuantizedCache states no formula: what it holds after the prompt stands for it)
         formula = cache_bytes(runner.config, 1, capacity, dtype) if quantization is None else \
-            runner.model.cache_bytes_formula(1, capacity, dtype, kv_bits=quantization)
+            runner.model.cache_bytes_formula(1, capacity, dtype, kv_bits=quantization) \
+            if hasattr(runner.model, "cache_bytes_formula") else held
         per_sequence = formula + step_peak.growth
         budget_batch = settings.budget_bytes // per_sequence
         if budget_batch < 1:
@@ -428,7 +430,8 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": held,
         "cache_bytes_per_token": cache_growth_per_token(runner.config, dtype) if quantization is None else
         (runner.model.cache_bytes_formula(1, 2 * context, dtype, kv_bits=quantization)
-         - runner.model.cache_bytes_formula(1, context, dtype, kv_bits=quantization)) / context,
+         - runner.model.cache_bytes_formula(1, context, dtype, kv_bits=quantization)) / context
+        if hasattr(runner.model, "cache_bytes_formula") else held / context,
         "decode_step_peak_bytes": step_peak.growth,
         "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
         "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],
@@ -492,13 +495,17 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     contexts = sorted(set(settings.contexts))
     unquantized = settings.unquantized_bits()
     quantized = [b for b in settings.widths() if b != unquantized]
-    refused = {a: why_not_quantized(runners[a], settings.quantization(quantized[0])) for a in settings.archs} \
-        if quantized else {}
-    for arch, reason in refused.items():
-        if reason:
-            log(f"{arch}: no quantized rows ({reason})")
+    refused = {(a, b): why_not_quantized(runners[a], settings.quantization(b)) for a in settings.archs for b in quantized}
+    for arch in settings.archs:
+        reasons = [refused[arch, b] for b in quantized]
+        if reasons and all(reasons) and len(set(reasons)) == 1:
+            log(f"{arch}: no quantized rows ({reasons[0]})")
+        else:
+            for bits, reason in zip(quantized, reasons):
+                if reason:
+                    log(f"{arch}: no {bits}-bit rows ({reason})")
     plan = [(c, a, b) for c in contexts for a in settings.archs for b in settings.widths()
-            if b == unquantized or not refused[a]]
+            if b == unquantized or not refused[a, b]]
     results: list[dict] = []
     bar = tqdm(plan, desc="bench", unit="run", dynamic_ncols=True)
     with room_to_compile(settings):
