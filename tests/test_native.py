@@ -76,6 +76,11 @@ def test_shapes_it_does_not_take_go_the_pytorch_way():
     assert cache._attend_native(torch.randn(1, 2, 1, 48), counts, None) is None
     cache, _, counts = _filled(4, 1, 2, 64, [500], 32)
     assert cache._attend_native(torch.randn(1, 2, 80, 64), counts, None) is None  # a prefill chunk: 80 queries a head
+    dense = cache.v_scale
+    cache.v_scale = cache.v_zero = dense.transpose(2, 3).contiguous().transpose(2, 3)  # its rows not dense
+    assert cache._attend_native(torch.randn(1, 2, 1, 64), counts, None) is None
+    cache.v_scale = cache.v_zero = dense.expand(3, -1, -1, -1)[:1]  # a repeated row: stride 0, still dense
+    assert cache._attend_native(torch.randn(1, 2, 1, 64), counts, None) is not None
 
 
 @needs_kernel

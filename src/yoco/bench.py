@@ -410,9 +410,9 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         with PeakRSS() as step_peak:
             runner.decode(last)
         # (transformers' QuantizedCache states no formula: what it holds after the prompt stands for it)
+        quantized_bytes = getattr(runner.model, "cache_bytes_formula", None)
         formula = cache_bytes(runner.config, 1, capacity, dtype) if quantization is None else \
-            runner.model.cache_bytes_formula(1, capacity, dtype, kv_bits=quantization) \
-            if hasattr(runner.model, "cache_bytes_formula") else held
+            quantized_bytes(1, capacity, dtype, kv_bits=quantization) if quantized_bytes else held
         per_sequence = formula + step_peak.growth
         budget_batch = settings.budget_bytes // per_sequence
         if budget_batch < 1:
@@ -429,9 +429,8 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         "arch": runner.arch, "context": context, "kv_bits": bits, "params": runner.params,
         "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": held,
         "cache_bytes_per_token": cache_growth_per_token(runner.config, dtype) if quantization is None else
-        (runner.model.cache_bytes_formula(1, 2 * context, dtype, kv_bits=quantization)
-         - runner.model.cache_bytes_formula(1, context, dtype, kv_bits=quantization)) / context
-        if hasattr(runner.model, "cache_bytes_formula") else held / context,
+        (quantized_bytes(1, 2 * context, dtype, kv_bits=quantization)
+         - quantized_bytes(1, context, dtype, kv_bits=quantization)) / context if quantized_bytes else held / context,
         "decode_step_peak_bytes": step_peak.growth,
         "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
         "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],

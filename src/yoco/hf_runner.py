@@ -139,7 +139,7 @@ def stored_bytes(value) -> int:
         if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor:
             names, _ = value.__tensor_flatten__()
             return sum(stored_bytes(getattr(value, name)) for name in names)
-        return value.numel() * value.element_size()
+        return tensor_bytes(value)
     if isinstance(value, (tuple, list)):
         return sum(stored_bytes(v) for v in value)
     if isinstance(value, dict):

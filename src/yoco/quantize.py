@@ -375,18 +375,19 @@ class QuantizedKV:
     def _attend_native(self, q: torch.Tensor, counts: list[int],
                        scale: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Attention (and log-sum-exp) of few queries over each row's first ``counts[b]`` quantized
-        positions by the native kernel (``csrc/quantized_attention.c``: codes unpacked a row at a time,
-        scales folded into the queries and weights, online softmax, both cores), or None where it does
-        not apply: not on the CPU, latent rows, a policy's per-head entries, many queries (a prefill
-        chunk: the blockwise matmuls are faster there), or no kernel built."""
+        positions by the native kernel (``csrc/quantized_attention.c``: codes unpacked into vectors, key
+        scales folded into the queries, online softmax, both cores), or None where it does not apply: not
+        on the CPU, latent rows, a policy's per-head entries, many queries (a prefill chunk: the blockwise
+        matmuls are faster there), buffers whose rows are not dense, or shapes the kernel declines."""
         B, H, T, d = q.shape
         h = self.geometry.n_kv_heads
         M = (H // h) * T
         if (q.device.type != "cpu" or self.geometry.values_are_keys or self.entry_slots is not None
-                or M > NATIVE_QUERIES or self.q.group % (8 // self.q.bits)):
+                or M > NATIVE_QUERIES):
             return None
         buffers = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
-        if any(t.stride()[2:] != t[:1, :1].contiguous().stride()[2:] for t in buffers) \
+        # the kernel takes a stride per row and K/V head; what is inside each must be dense
+        if not all(_dense_after_head(t) for t in buffers) \
                 or self.k_scale.stride() != self.k_zero.stride() or self.v_scale.stride() != self.v_zero.stride():
             return None
         lib = native.library()
@@ -467,6 +468,16 @@ class QuantizedKV:
         scales = 2 * SCALE_DTYPE.itemsize * ((slots // G) * geometry.key_dim
                                              + (0 if geometry.values_are_keys else slots * geometry.value_dim // G))
         return geometry.n_kv_heads * (codes + held * sum(dims) * dtype.itemsize) + geometry.n_kv_heads * scales
+
+
+def _dense_after_head(t: torch.Tensor) -> bool:
+    """Whether the dims after [B, h] of ``t`` are laid out densely, in order (strides alone, no copy)."""
+    expected = 1
+    for size, stride in reversed(list(zip(t.shape[2:], t.stride()[2:]))):
+        if size > 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def call_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, first: int,

@@ -119,7 +119,7 @@ static inline float hsum(f32x16 v) { float s = 0.0f; for (int i = 0; i < L; i++)
 static inline __attribute__((always_inline)) void unit_body(Job *job, int64_t unit, const int64_t M, const int64_t dk,
                                                             const int64_t dv, const int64_t G, const int64_t bits) {
     const int64_t chunks = job->chunks, per = 8 / bits;
-    const int64_t kP = G / per, vP = dv / per, vbytes = dv / per, vgroups = dv / G, TV = G / L, DV = dv / L;
+    const int64_t kP = G / per, vP = dv / per, vgroups = dv / G, TV = G / L, DV = dv / L; /* P: bytes a plane */
     const int64_t bh = unit / chunks, b = bh / job->h, head = bh % job->h;
     const int64_t t0 = (unit % chunks) * job->chunk;
     int64_t t1 = t0 + job->chunk;
@@ -193,7 +193,7 @@ static inline __attribute__((always_inline)) void unit_body(Job *job, int64_t un
         /* values: each token's row dequantized into registers once, added into every query's sum */
         for (int64_t t = 0; t < n; t++) {
             const int64_t s = s0 + t;
-            const uint8_t *row = vc + s * vbytes;
+            const uint8_t *row = vc + s * vP;
             const float *vscale = vs + s * vgroups, *vzero = vz + s * vgroups;
             for (int64_t c = 0; c < DV; c++) {
                 const int64_t grp = c * L / G;
