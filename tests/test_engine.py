@@ -5,7 +5,7 @@ import torch
 from harness import make_model
 
 from yoco import InputError, generate, stream
-from yoco.engine import SamplingParams, sample
+from yoco.engine import PrefillCall, SamplingParams, plan_prefill, sample
 
 
 def test_greedy_is_argmax_and_top_k_1_is_greedy():
@@ -114,3 +114,14 @@ def test_bad_model_calls_raise():
         model(torch.ones(1, 3, dtype=torch.long), cache)
     with pytest.raises(InputError, match="max_new_tokens"):
         generate(model, [[1]], 0)
+
+
+def test_a_prefill_plan_asks_its_last_chunk_for_the_logits():
+    # without a tail the last chunk gives the first token: no extra call (a server iteration) for it
+    assert plan_prefill(16384, 8192) == [PrefillCall(0, 8192, 0), PrefillCall(8192, 16384, 1)]
+    assert plan_prefill(9, 4) == [PrefillCall(0, 4, 0), PrefillCall(4, 8, 0), PrefillCall(8, 9, 1)]
+    assert plan_prefill(3, 8) == [PrefillCall(0, 3, 1)]
+    assert plan_prefill(0, 8) == [PrefillCall(0, 0, 0)]
+    # a policy's tail of scored queries goes in a call of its own
+    assert plan_prefill(10, 4, tail=3) == [PrefillCall(0, 4, 0), PrefillCall(4, 7, 0), PrefillCall(7, 10, 3)]
+    assert plan_prefill(2, 4, tail=5) == [PrefillCall(0, 2, 2)]

@@ -1,5 +1,6 @@
-"""The native quantized-attention kernel (yoco/native.py, csrc/quantized_attention.c): it equals the
-PyTorch path it stands beside, for every shape it takes, and everything around it falls back cleanly."""
+"""The native decode-attention kernels (yoco/native.py, csrc/decode_attention.c), over float32 and over
+quantized keys and values: each equals the PyTorch path it stands beside, for every shape it takes, and
+everything around them falls back cleanly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from harness import engine_logits, make_model
 
-from yoco import native
+from yoco import kernels, native
 from yoco.cache import KVGeometry
 from yoco.layers import Step
 from yoco.quantize import KVQuantization, QuantizedKV
@@ -83,31 +84,102 @@ def test_shapes_it_does_not_take_go_the_pytorch_way():
     assert cache._attend_native(torch.randn(1, 2, 1, 64), counts, None) is not None
 
 
+def _with_and_without(kernel_owner, kernel_name, run, monkeypatch):
+    """``run()`` with the native kernels (which must then be used, by ``kernel_owner.kernel_name``
+    answering) and without them (``YOCO_NATIVE=0``: never used); both results."""
+    fused = []
+    kernel = getattr(kernel_owner, kernel_name)
+
+    def counted(*args):
+        out = kernel(*args)
+        fused.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernel_owner, kernel_name, counted)
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("YOCO_NATIVE", setting)
+        results[setting] = run()
+        if setting == "1":
+            assert any(fused), "the kernel was never used"
+            fused.clear()
+    assert not any(fused)
+    return results["1"], results["0"]
+
+
 @needs_kernel
 @pytest.mark.parametrize("variant", ["transformer", "yoco-swa"])
 def test_decoding_through_the_kernel_equals_decoding_without_it(variant, monkeypatch):
     model = make_model(variant)  # the tiny preset's 16-wide heads: groups of 16, 8 and 4 bits are taken
     ids = torch.randint(0, model.config.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
-    fused = []
-    attend_native = QuantizedKV._attend_native
-
-    def counted(self, *args):
-        out = attend_native(self, *args)
-        fused.append(out is not None)
-        return out
-
-    monkeypatch.setattr(QuantizedKV, "_attend_native", counted)
-    logits = {}
-    for setting in ("1", "0"):
-        monkeypatch.setenv("YOCO_NATIVE", setting)
-        logits[setting] = {bits: engine_logits(model, ids, 120, 32, kv_bits=KVQuantization(bits, group=16, residual=16))
-                           for bits in (8, 4)}
-        if setting == "1":
-            assert any(fused), "the kernel was never used"
-            fused.clear()
-    assert not any(fused)
+    fused, unfused = _with_and_without(
+        QuantizedKV, "_attend_native",
+        lambda: {bits: engine_logits(model, ids, 120, 32, kv_bits=KVQuantization(bits, group=16, residual=16))
+                 for bits in (8, 4)}, monkeypatch)
     for bits in (8, 4):
-        torch.testing.assert_close(logits["1"][bits], logits["0"][bits], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused[bits], unfused[bits], atol=1e-4, rtol=1e-4)
+
+
+DENSE_SHAPES = [  # B, h, query heads, queries, dims, positions: specialised and generic shapes
+    (1, 2, 8, 1, 64, 16384),  # the 40m preset's decode over a long cache (split over both cores)
+    (3, 2, 4, 1, 32, 1000),  # the small preset's
+    (2, 2, 8, 2, 64, 37),  # two queries a head, a short last block
+    (1, 8, 8, 1, 128, 1),
+    (2, 1, 6, 1, 48, 300),  # the generic path: 6 queries, 48 wide
+    (1, 2, 4, 1, 16, 5),  # the tiny preset's
+]
+
+
+def _dense_reference(q, k, v, scale):
+    """Attention and log-sum-exp by the formula, in float64."""
+    B, H, T, d = q.shape
+    group = H // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = q.double() @ k.transpose(-1, -2) * (d ** -0.5 if scale is None else scale)
+    return (scores.softmax(-1) @ v).float(), scores.logsumexp(-1).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_the_dense_kernel_equals_the_formula(shape, scale):
+    B, h, H, T, d, S = shape
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(B, H, T, d, generator=g)
+    # keys and values as a cache holds them: the first S slots of a larger buffer, one per head
+    k = torch.randn(B, h, S + 7, d, generator=g)[:, :, :S]
+    v = torch.randn(B, h, S + 7, d, generator=g)[:, :, :S]
+    got = kernels.native_decode_attention(q, k, v, scale)
+    assert got is not None, "the kernel declined a shape it takes"
+    want = _dense_reference(q, k, v, scale)
+    torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=1e-6)
+    if T == 1:  # and attend() takes it for a decode step
+        torch.testing.assert_close(kernels.attend(q, k, v, scale=scale), want[0], atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_what_the_dense_kernel_does_not_take_goes_the_pytorch_way():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 50, 64)
+    assert kernels.native_decode_attention(q, k, k) is not None
+    assert kernels.native_decode_attention(q.bfloat16(), k.bfloat16(), k.bfloat16()) is None  # float32 only
+    assert kernels.native_decode_attention(torch.randn(1, 4, 40, 64), k, k) is None  # 80 queries a head
+    assert kernels.native_decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), k) is None
+    assert kernels.native_decode_attention(q[..., :40], k[..., :40], k[..., :40]) is None  # 40 wide
+    wanted = q.clone().requires_grad_()
+    assert kernels.native_decode_attention(wanted, k, k) is None  # gradients: PyTorch's autograd path
+    with torch.no_grad():
+        assert kernels.native_decode_attention(wanted, k, k) is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", ["transformer", "yoco-swa", "yoco-gret"])
+def test_decoding_through_the_dense_kernel_equals_decoding_without_it(variant, monkeypatch):
+    model = make_model(variant)
+    ids = torch.randint(0, model.config.vocab_size, (2, 90), generator=torch.Generator().manual_seed(6))
+    fused, unfused = _with_and_without(kernels, "native_decode_attention", lambda: engine_logits(model, ids, 60, 30),
+                                       monkeypatch)
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
 
 
 def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(tmp_path, monkeypatch):
@@ -121,6 +193,8 @@ def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(tmp_path, monkeyp
     assert not any(tmp_path.rglob("*.partial")), "a failed build left its partial file behind"
     cache, _, counts = _filled(4, 1, 2, 64, [600], 32)
     assert cache._attend_native(torch.randn(1, 8, 1, 64), counts, None) is None
+    k = torch.randn(1, 2, 30, 64)
+    assert kernels.native_decode_attention(torch.randn(1, 8, 1, 64), k, k) is None
 
 
 def test_disabled_by_the_environment(monkeypatch):

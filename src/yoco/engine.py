@@ -160,9 +160,15 @@ class PrefillCall(NamedTuple):
     num_logits: int
 
 
-def plan_prefill(prompt_length: int, chunk: int, tail: int = 1) -> list[PrefillCall]:
-    """The calls that run a prompt: chunks of at most ``chunk`` tokens without logits, then the last
-    ``tail`` tokens (at least 1, at most the prompt) in one call with their logits."""
+def plan_prefill(prompt_length: int, chunk: int, tail: int | None = None) -> list[PrefillCall]:
+    """The calls that run a prompt: chunks of at most ``chunk`` tokens, the last with its last token's
+    logits (a server then starts a stream one iteration sooner); or, given a ``tail`` (a compression
+    policy's scored queries), chunks without logits and then the last ``tail`` tokens (at least 1, at
+    most the prompt) in one call with their logits."""
+    if tail is None:
+        starts = range(0, prompt_length, chunk) or [0]
+        return [PrefillCall(start, min(start + chunk, prompt_length), int(start + chunk >= prompt_length > 0))
+                for start in starts]
     tail = min(prompt_length, max(1, tail))
     calls = [PrefillCall(start, min(start + chunk, prompt_length - tail), 0)
              for start in range(0, prompt_length - tail, chunk)]

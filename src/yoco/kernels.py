@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .layers import Step
 
 
@@ -51,6 +52,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     SDPA's 1/sqrt(d)."""
     B, H, T, d = q.shape
     n_kv = k.shape[1]
+    if T == 1 and mask is None:
+        fused = native_decode_attention(q, k, v, scale)
+        if fused is not None:
+            return fused[0]
     if T == 1 and H != n_kv:
         # Decode: fold each group's query heads into the query length so every K/V head is read once
         # for its whole group (about 2x faster than enable_gqa on CPU); a [B, 1, 1, S] mask broadcasts.
@@ -58,6 +63,44 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return o.reshape(B, H, 1, v.shape[-1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           enable_gqa=H != n_kv, scale=scale)
+
+
+# At most this many queries per K/V head go to the native decode kernel (a decode step's group of query
+# heads; a prefill chunk's many queries are faster as PyTorch's blockwise matmuls).
+NATIVE_QUERIES = 64
+
+
+def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Unmasked attention (and its log-sum-exp [B, H, T]) of few queries q [B, H, T, d] over float32
+    k/v [B, n_kv, S, d] by the native kernel (``csrc/decode_attention.c``: online softmax, the keys split
+    over both cores and merged by log-sum-exp, as Flash-Decoding does), or None where it does not apply:
+    not float32 on the CPU, gradients wanted, inside torch.compile, many queries, positions whose rows
+    are not dense, or shapes the kernel declines (the caller then takes PyTorch's path)."""
+    B, H, T, d = q.shape
+    h, S = k.shape[1], k.shape[2]
+    M = (H // h) * T
+    if (q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32) or M > NATIVE_QUERIES
+            or S == 0 or torch.compiler.is_compiling() or (torch.is_grad_enabled() and
+                                                           (q.requires_grad or k.requires_grad or v.requires_grad))
+            or k.stride(-1) != 1 or v.stride(-1) != 1):
+        return None
+    lib = native.library()
+    if lib is None:
+        return None
+    grouped = (q.reshape(B, h, M, d) * (d ** -0.5 if scale is None else scale)).contiguous()
+    dv = v.shape[-1]
+    out = torch.empty(B, h, M, dv, dtype=torch.float32)
+    lse = torch.empty(B, h, M, dtype=torch.float32)
+    counts = torch.full((B,), S, dtype=torch.long)
+    status = lib.yoco_dense_attention(grouped.data_ptr(), grouped.stride(0), grouped.stride(1),
+                                      k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+                                      v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+                                      counts.data_ptr(), B, h, M, d, dv, torch.get_num_threads(),
+                                      out.data_ptr(), lse.data_ptr())
+    if status:
+        return None
+    return out.reshape(B, H, T, dv), lse.reshape(B, H, T)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "quantized_attention.c"
+SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-shared")
 # OpenMP: libgomp.so.1 is the one PyTorch loaded (its wheel ships it), so the kernels share its threads;
 # a compiler without OpenMP builds them single-threaded instead.
@@ -28,6 +28,10 @@ THREADS = ("-fopenmp",)
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
+    # q, q strides; k, its strides (row, head, position); the same for v; counts; B, h, M, dk, dv,
+    # threads; out, lse
+    "yoco_dense_attention": [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64,
+                             _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR],
     # q, q strides; k codes, strides, k scale, k zero, their strides; the same for values; counts;
     # B, h, M, dk, dv, bits, G, threads; out, lse
     "yoco_quantized_attention": [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64,

@@ -29,7 +29,7 @@ import torch
 from . import native
 from .cache import CacheError, Expand, KVGeometry, tensor_bytes
 from .errors import YocoError
-from .kernels import attention_part, merge_parts, slot_mask
+from .kernels import NATIVE_QUERIES, attention_part, merge_parts, slot_mask
 from .layers import Step
 
 KV_BITS = (2, 4, 8)
@@ -40,7 +40,6 @@ READ_BLOCK = 4096  # positions dequantized at a time when queries read the quant
 # Few queries (decode) read the quantized part in two passes holding every position's score; more
 # (a prefill chunk) read it block by block, merging the blocks' attentions by log-sum-exp.
 SCORES_BYTES = 64 << 20
-NATIVE_QUERIES = 64  # the most queries per K/V head the native decode kernel takes (its limit, MAX_M)
 
 
 class QuantizationError(YocoError, ValueError):
