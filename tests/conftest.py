@@ -24,6 +24,15 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A folder of 40 small Python files: a corpus to train a tokenizer and a tiny model on."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        (folder / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" * 8)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A training run folder (tiny yoco-swa, its own 300-id BPE tokenizer, 2 steps) with ``latest``,
     ``data/`` and one checkpoint: what `yoco train` leaves for the commands that read a model."""

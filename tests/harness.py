@@ -44,6 +44,15 @@ ARCH_VARIANTS = {
     "yoco-gret": ("yoco-gret", {}),
     "yoco-gret-split3": ("yoco-gret", {"n_self_layers": 3}),
     "block": ("block", {}),
+    # How the global attention sees positions (tiny scales, so that each option changes the logits within
+    # a test's few hundred tokens): NoPE with Llama 4's temperature, the log-n temperature, and the
+    # training-free RoPE extensions.
+    "yoco-swa-nope": ("yoco-swa", {"global_position": "nope", "attn_temperature": "llama4", "attn_floor_scale": 8}),
+    "yoco-gret-log": ("yoco-gret", {"attn_temperature": "log", "attn_train_len": 16}),
+    "yoco-swa-yarn": ("yoco-swa", {"rope_extension": "yarn", "rope_factor": 4.0, "rope_original_len": 32}),
+    "transformer-nope": ("transformer", {"global_position": "nope", "attn_temperature": "log", "attn_train_len": 8}),
+    "transformer-ntk": ("transformer", {"rope_extension": "ntk", "rope_factor": 8.0}),
+    "transformer-pi": ("transformer", {"rope_extension": "pi", "rope_factor": 2.0}),
 }
 
 

@@ -110,6 +110,24 @@ INVALID = [
     (dict(arch="transformer", retention_heads=2), "retention_heads"),
     (dict(rope_theta=0.0), "rope_theta"),
     (dict(norm_eps=0.0), "norm_eps"),
+    # how the global attention sees positions
+    (dict(global_position="alibi"), "global_position"),
+    (dict(rope_extension="linear", rope_factor=2.0), "rope_extension"),
+    (dict(rope_extension="pi"), "rope_factor"),  # a factor of 1 extends nothing
+    (dict(rope_extension="ntk", rope_factor=0.5), "rope_factor"),
+    (dict(rope_factor=4.0), "rope_factor"),  # without an extension
+    (dict(rope_extension="yarn", rope_factor=4.0), "rope_original_len"),
+    (dict(rope_extension="yarn", rope_factor=4.0, rope_original_len=64, yarn_beta_slow=40.0), "yarn_beta_slow"),
+    (dict(rope_extension="pi", rope_factor=2.0, rope_original_len=64), "rope_original_len"),
+    (dict(global_position="nope", rope_extension="pi", rope_factor=2.0), "rope_extension"),
+    (dict(attn_temperature="sqrt"), "attn_temperature"),
+    (dict(attn_temperature="log"), "attn_train_len"),
+    (dict(attn_temperature="log", attn_train_len=1), "attn_train_len"),
+    (dict(attn_train_len=1024), "attn_train_len"),  # without the log temperature
+    (dict(attn_temperature="llama4", attn_scale=0.0), "attn_scale"),
+    (dict(attn_temperature="llama4", attn_floor_scale=0), "attn_floor_scale"),
+    (dict(attention="mla", global_position="nope"), "global_position"),
+    (dict(arch="block", attn_temperature="llama4"), "attn_temperature"),
 ]
 
 

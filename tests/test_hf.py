@@ -180,6 +180,33 @@ def test_labels_give_the_mean_next_token_loss():
     assert output_cache(out) is None  # a plain forward builds no cache
 
 
+@pytest.mark.parametrize("arch", ["yoco-swa", "transformer"])
+def test_transformers_activation_checkpointing_checkpoints_yocos_blocks(arch):
+    """transformers' switch (5.x: ``activation_checkpointing_enable``, before it
+    ``gradient_checkpointing_enable``) turns on every block's checkpointing; the gradients are the same,
+    and the switch back turns it off."""
+    from yoco.models.base import Block
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def grads(model):
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, model = YocoForCausalLM.from_yoco(tiny(arch)).train(), YocoForCausalLM.from_yoco(tiny(arch)).train()
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    (model.activation_checkpointing_enable if new_api else model.gradient_checkpointing_enable)()
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert blocks and all(b.gradient_checkpointing for b in blocks)
+    want, got = grads(plain), grads(model)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+    (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+    assert not any(b.gradient_checkpointing for b in blocks)
+
+
 def test_bad_input_is_named():
     model = YocoForCausalLM.from_yoco(tiny("transformer"))
     with pytest.raises(InputError, match="left padding"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from harness import rms_norm_reference
 
-from yoco.layers import RMSNorm, RotaryEmbedding, Step, SwiGLU
+from yoco.layers import NoRotation, QueryTemperature, RMSNorm, RopeExtension, RotaryEmbedding, Step, SwiGLU, rotate_by
 
 
 # ---------------------------------------------------------------------- RMSNorm
@@ -249,3 +249,90 @@ def test_step_slots_positions_and_pad_mask():
     last = p.last(1)
     assert (last.start, last.length) == (3, 1)
     assert last.positions.tolist() == [[3], [1]]
+
+
+# ---------------------------------------------------------------------- position options of the global attention
+def _frequencies(freqs="standard", extension=None, d=32, theta=10000.0):
+    return RotaryEmbedding(d, theta, freqs, extension=extension).inv_freq.double()
+
+
+@pytest.mark.parametrize("freqs", ["standard", "linspace"])
+def test_position_interpolation_divides_every_frequency(freqs):
+    torch.testing.assert_close(_frequencies(freqs, RopeExtension("pi", 4.0)), _frequencies(freqs) / 4, rtol=1e-6, atol=0)
+
+
+def test_ntk_aware_raises_the_base_as_the_formula_says():
+    d, s = 32, 8.0
+    # the standard frequencies: theta' = theta * s^(d / (d - 2))
+    torch.testing.assert_close(_frequencies("standard", RopeExtension("ntk", s), d),
+                               _frequencies("standard", None, d, 10000.0 * s ** (d / (d - 2))), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("freqs", ["standard", "linspace"])
+def test_ntk_aware_keeps_the_fastest_frequency_and_divides_the_slowest(freqs):
+    plain, ntk = _frequencies(freqs), _frequencies(freqs, RopeExtension("ntk", 8.0))
+    assert ntk[0] == plain[0]
+    torch.testing.assert_close(ntk[-1], plain[-1] / 8, rtol=1e-6, atol=0)
+    assert bool((ntk <= plain).all())
+
+
+def test_yarn_keeps_fast_frequencies_interpolates_slow_ones_and_ramps_between():
+    L, s = 1024, 16.0
+    plain, yarn = _frequencies("standard", d=64), _frequencies("standard", RopeExtension("yarn", s, L), d=64)
+    turns = L * plain / (2 * math.pi)
+    fast, slow = turns > 32, turns < 1
+    assert fast.any() and slow.any() and (~fast & ~slow).any()
+    torch.testing.assert_close(yarn[fast], plain[fast], rtol=1e-6, atol=0)
+    torch.testing.assert_close(yarn[slow], plain[slow] / s, rtol=1e-6, atol=0)
+    between = ~fast & ~slow
+    kept = (turns[between] - 1) / 31
+    torch.testing.assert_close(yarn[between], plain[between] / s * (1 - kept) + plain[between] * kept, rtol=1e-5, atol=0)
+
+
+def test_yarn_scales_the_logits_by_its_attention_factor_squared():
+    rotary = RotaryEmbedding(16, extension=RopeExtension("yarn", 16.0, 64))
+    factor = 0.1 * math.log(16.0) + 1
+    assert rotary.extension.attention_factor == pytest.approx(factor)
+    x = torch.randn(1, 5, 2, 16)
+    step = Step(3, 5, None, torch.device("cpu"))
+    q, k = rotary.queries(x, step), rotary.keys(x, step)
+    torch.testing.assert_close(q.norm(dim=-1), x.norm(dim=-1) * factor, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k, q)
+    # re-rotating cached keys (a compressed cache moving them) turns them, never scales them again
+    moved = rotate_by(rotary, k.transpose(1, 2), torch.tensor([7]))
+    torch.testing.assert_close(moved.norm(dim=-1), k.transpose(1, 2).norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_the_llama4_temperature_by_hand():
+    t = QueryTemperature("llama4", scale=0.1, floor_scale=8)
+    got = t.factor(torch.tensor([0, 6, 7, 15, 23, 63]))
+    # 1 + 0.1 * log(floor((p + 1) / 8) + 1)
+    want = [1.0, 1.0, 1 + 0.1 * math.log(2), 1 + 0.1 * math.log(3), 1 + 0.1 * math.log(4), 1 + 0.1 * math.log(9)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+
+
+def test_the_log_temperature_by_hand():
+    t = QueryTemperature("log", train_len=16)
+    got = t.factor(torch.tensor([0, 15, 255, 4095]))  # n = p + 1: 1, 16, 256, 4096
+    torch.testing.assert_close(got, torch.tensor([1.0, 1.0, 2.0, 3.0], dtype=torch.float64))
+
+
+def test_query_temperature_multiplies_queries_only_per_position_and_row():
+    rotary = RotaryEmbedding(8, temperature=QueryTemperature("log", train_len=4))
+    x = torch.randn(2, 3, 1, 8)
+    step = Step(14, 3, torch.tensor([0, 12]), torch.device("cpu"))  # row 1 left-padded: positions 2..4
+    q, k = rotary.queries(x, step), rotary.keys(x, step)
+    factors = QueryTemperature("log", train_len=4).factor(step.positions).float()  # [2, 3]
+    torch.testing.assert_close(q, k * factors[..., None, None])
+    assert factors[1, 0] == 1.0 and factors[0, 2] > 1.0
+
+
+def test_nope_rotates_nothing_and_keeps_its_temperature():
+    nope = NoRotation(8, temperature=QueryTemperature("llama4", floor_scale=2))
+    x = torch.randn(1, 4, 2, 8)
+    step = Step(5, 4, None, torch.device("cpu"))
+    assert torch.equal(nope.keys(x, step), x)
+    factors = nope.temperature.factor(step.positions).float()
+    torch.testing.assert_close(nope.queries(x, step), x * factors[:, None, None])
+    keys = x.transpose(1, 2)
+    assert torch.equal(rotate_by(nope, keys, torch.tensor([3])), keys)

@@ -10,14 +10,6 @@ from yoco.checkpoint import CheckpointError
 from yoco.train import TrainSettings, latest_checkpoint, lr_factor, train
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(40):
-        (folder / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" * 8)
-    return str(folder)
-
-
 def settings(corpus, **changes):
     values = dict(arch="yoco-swa", preset="tiny", corpus=[corpus], vocab_size=300, steps=6, batch_size=2,
                   seq_len=32, lr=3e-3, warmup=2, eval_every=3, eval_batches=2, save_every=3, log_every=1,
@@ -61,6 +53,24 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
+
+
+def test_activation_checkpointing_trains_the_same_run(corpus, tmp_path, monkeypatch):
+    train(settings(corpus, steps=3), tmp_path / "plain", progress=False, log=lambda s: None)
+    train(settings(corpus, steps=3, activation_checkpointing=True), tmp_path / "checkpointed", progress=False,
+          log=lambda s: None)
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "checkpointed")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    # the command's flag reaches the settings
+    import yoco.commands.train as command
+    from yoco.cli import main
+
+    seen = []
+    monkeypatch.setattr(command, "train", lambda s, out, resume: seen.append(s) or {})
+    assert main(["train", "--out", str(tmp_path / "x"), "--activation-checkpointing"]) == 0
+    assert seen[0].activation_checkpointing is True
 
 
 def test_resume_with_another_architecture_is_refused(corpus, tmp_path):

@@ -22,6 +22,12 @@ ARCHITECTURES = ("transformer", "yoco-swa", "yoco-gret", "block")
 ATTENTIONS = ("gqa", "mla")
 ROPE_FREQS = ("standard", "linspace")
 ROPE_PAIRS = ("half", "interleaved")
+GLOBAL_POSITIONS = ("rope", "nope")
+ROPE_EXTENSIONS = ("pi", "ntk", "yarn")
+ATTN_TEMPERATURES = ("llama4", "log")
+# The fields that say how the global attention sees positions (and hold no weights).
+POSITION_FIELDS = ("global_position", "rope_extension", "rope_factor", "rope_original_len", "yarn_beta_fast",
+                   "yarn_beta_slow", "attn_temperature", "attn_scale", "attn_floor_scale", "attn_train_len")
 
 
 class ConfigError(YocoError, ValueError):
@@ -56,6 +62,26 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_freqs: str = "standard"
     rope_pairs: str = "half"
+    # How the global attention sees positions (YOCO's global K/V and cross-decoder queries; every layer
+    # of the Transformer): "rope", or "nope" (no rotation: a YOCO self-decoder keeps its RoPE, so the
+    # model still knows order, as in SWAN-GPT and Llama 4's interleaved NoPE layers).
+    global_position: str = "rope"
+    # Training-free RoPE extension of the global attention: "pi" (positions divided by rope_factor),
+    # "ntk" (NTK-aware: theta raised so the slowest frequency is divided by rope_factor) or "yarn"
+    # (per-frequency interpolation by how often it turns within rope_original_len, and logits scaled
+    # by (0.1 ln rope_factor + 1)^2).
+    rope_extension: str | None = None
+    rope_factor: float = 1.0
+    rope_original_len: int | None = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    # Length-dependent attention temperature of the global queries: "llama4" multiplies them by
+    # 1 + attn_scale * log(floor((pos + 1) / attn_floor_scale) + 1); "log" by
+    # max(1, log(pos + 1) / log(attn_train_len)).
+    attn_temperature: str | None = None
+    attn_scale: float = 0.1
+    attn_floor_scale: int = 8192
+    attn_train_len: int | None = None
     # Sliding window (positions each query sees, itself included). Used by yoco-swa's self-decoder
     # and, when set for `transformer`, by every layer (the "window only" control).
     window: int | None = None
@@ -146,6 +172,7 @@ class ModelConfig:
             raise bad("rope_pairs", f"choose one of {', '.join(ROPE_PAIRS)}")
         if not self.rope_theta > 0:
             raise bad("rope_theta", "must be positive")
+        self.validate_positions(bad)
         if not self.norm_eps > 0:
             raise bad("norm_eps", "must be positive")
         if self.window is not None and self.window < 1:
@@ -203,6 +230,48 @@ class ModelConfig:
             raise bad("block_layers", f"only the Block Transformer has a block decoder, not {self.arch}")
         if self.arch == "yoco-gret" and (self.dim // self.n_retention_heads) % 2:
             raise bad("retention_heads", "retention head dim must be even for RoPE")
+
+    def validate_positions(self, bad) -> None:
+        if self.global_position not in GLOBAL_POSITIONS:
+            raise bad("global_position", f"choose one of {', '.join(GLOBAL_POSITIONS)}")
+        if self.rope_extension is not None:
+            if self.rope_extension not in ROPE_EXTENSIONS:
+                raise bad("rope_extension", f"choose one of {', '.join(ROPE_EXTENSIONS)}, or null")
+            if self.global_position == "nope":
+                raise bad("rope_extension", "extends RoPE, and global_position='nope' has none")
+            if not self.rope_factor > 1:
+                raise bad("rope_factor", "a RoPE extension needs a factor above 1")
+        elif self.rope_factor != 1:
+            raise bad("rope_factor", "is used by rope_extension only (set rope_extension, or leave it 1)")
+        if self.rope_extension == "yarn":
+            if self.rope_original_len is None or self.rope_original_len < 1:
+                raise bad("rope_original_len", "YaRN needs the training length (a positive integer)")
+            if not 0 < self.yarn_beta_slow < self.yarn_beta_fast:
+                raise bad("yarn_beta_slow", f"must satisfy 0 < yarn_beta_slow < yarn_beta_fast={self.yarn_beta_fast}")
+        elif self.rope_original_len is not None:
+            raise bad("rope_original_len", "is used by rope_extension='yarn' only")
+        if self.attn_temperature is not None:
+            if self.attn_temperature not in ATTN_TEMPERATURES:
+                raise bad("attn_temperature", f"choose one of {', '.join(ATTN_TEMPERATURES)}, or null")
+            if self.attn_temperature == "llama4":
+                if not self.attn_scale > 0:
+                    raise bad("attn_scale", "must be positive")
+                if self.attn_floor_scale < 1:
+                    raise bad("attn_floor_scale", "must be a positive integer")
+            if self.attn_temperature == "log" and (self.attn_train_len is None or self.attn_train_len < 2):
+                raise bad("attn_train_len", "the log temperature needs the training length (an integer >= 2)")
+        elif self.attn_train_len is not None:
+            raise bad("attn_train_len", "is used by attn_temperature='log' only")
+        if self.positions_changed and (self.attention == "mla" or self.arch == "block"):
+            raise bad("global_position" if self.global_position != "rope" else
+                      "rope_extension" if self.rope_extension else "attn_temperature",
+                      f"position options are for YOCO's global attention and the GQA Transformer, not "
+                      f"{'MLA' if self.attention == 'mla' else 'the Block Transformer'}")
+
+    @property
+    def positions_changed(self) -> bool:
+        """Whether the global attention's positions differ from plain RoPE."""
+        return self.global_position != "rope" or self.rope_extension is not None or self.attn_temperature is not None
 
     def check_types(self) -> None:
         """Every field holds a value of its declared type, named when it does not: a config.json with
@@ -306,4 +375,5 @@ def get_config(arch: str, preset: str = "tiny", **overrides: Any) -> ModelConfig
     return ModelConfig(**values)
 
 
-__all__ = ["ARCHITECTURES", "ConfigError", "ModelConfig", "NAMES", "PRESETS", "VARIANTS", "get_config"]
+__all__ = ["ARCHITECTURES", "ConfigError", "ModelConfig", "NAMES", "POSITION_FIELDS", "PRESETS", "VARIANTS",
+           "get_config"]

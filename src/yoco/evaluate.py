@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Sequence
 
 import torch
@@ -64,26 +65,55 @@ def covered(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------- passkey
+def haystack_for(tokens: Sequence[int], context: int) -> tuple[Sequence[int], int]:
+    """Held-out tokens enough for a prompt of ``context`` tokens, and how many times they were repeated
+    to get there (1: not at all): a split shorter than a long context is repeated end to end."""
+    need = context + 1
+    if len(tokens) >= need:
+        return tokens, 1
+    if not len(tokens):
+        return tokens, 1
+    times = -(-need // len(tokens))
+    return list(tokens) * times, times
+
+
 def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: Sequence[int],
                  depths: Sequence[float], trials: int = 3, seed: int = 0, prefill_chunk: int = 1024,
-                 compression=None, kv_bits=None) -> list[dict]:
+                 compression=None, kv_bits=None, progress: bool = False) -> list[dict]:
     """Accuracy for every (context, depth) cell; each trial uses a different key and haystack offset
     (and, with a ``yoco.compress`` policy, the prompt's cache compressed after prefill; with ``kv_bits``
-    the cache quantized)."""
+    the cache quantized). Each cell also records its time, the process's peak resident memory while it
+    ran, and how often the haystack was repeated to fill its context (1: not at all). YOCO runs its
+    cross-decoder on the question's last token only (the prefill's last chunk asks for one logit), so a
+    long prompt costs its self-decoder and the global K/V: O(N)."""
+    from tqdm.auto import tqdm
+
+    from .bench import PeakRSS
+
     rng = random.Random(seed)
     cells = []
+    bar = tqdm(total=len(contexts) * len(depths) * trials, desc="passkey", unit="prompt", disable=not progress,
+               dynamic_ncols=True)
     for context in contexts:
+        tokens, repeated = haystack_for(haystack, context)
         for depth in depths:
             hits = 0
-            for _ in range(trials):
-                key = passkey_key(rng)
-                start = rng.randrange(0, max(1, len(haystack) - context))
-                prompt = passkey_prompt(tokenizer.encode, haystack[start:], context, depth, key)
-                want = tokenizer.encode(" " + key)
-                out = generate(model, [prompt.ids], max_new_tokens=len(want), prefill_chunk=prefill_chunk,
-                               compression=compression, kv_bits=kv_bits)
-                hits += tokenizer.decode(out.tokens[0]).strip().startswith(key)
-            cells.append({"context": context, "depth": depth, "accuracy": hits / trials, "trials": trials})
+            began = time.perf_counter()
+            with PeakRSS() as peak:
+                for _ in range(trials):
+                    key = passkey_key(rng)
+                    start = rng.randrange(0, max(1, len(tokens) - context))
+                    prompt = passkey_prompt(tokenizer.encode, tokens[start:], context, depth, key)
+                    want = tokenizer.encode(" " + key)
+                    out = generate(model, [prompt.ids], max_new_tokens=len(want), prefill_chunk=prefill_chunk,
+                                   compression=compression, kv_bits=kv_bits)
+                    hits += tokenizer.decode(out.tokens[0]).strip().startswith(key)
+                    bar.set_postfix(context=context, depth=depth)
+                    bar.update()
+            cells.append({"context": context, "depth": depth, "accuracy": hits / trials, "trials": trials,
+                          "seconds": time.perf_counter() - began, "peak_rss_bytes": peak.peak,
+                          "haystack_repeated": repeated})
+    bar.close()
     return cells
 
 
@@ -129,4 +159,4 @@ def mqar_accuracy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor) -> flo
     return (predicted[scored] == target[scored]).float().mean().item()
 
 
-__all__ = ["covered", "lm_loss", "mqar_accuracy", "passkey_figure", "passkey_grid", "plot_passkey", "validation_loss"]
+__all__ = ["covered", "haystack_for", "lm_loss", "mqar_accuracy", "passkey_figure", "passkey_grid", "plot_passkey", "validation_loss"]

@@ -206,6 +206,9 @@ class YocoForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
     _no_split_modules = ["Block"]
+    # gradient_checkpointing_enable() (5.x: activation_checkpointing_enable()) sets each Block's own
+    # ``gradient_checkpointing`` flag and function: yoco's activation checkpointing
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: YocoConfig):
         super().__init__(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,55 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class RopeExtension:
+    """A training-free RoPE extension by ``factor`` (ModelConfig's rope_extension fields)."""
+
+    kind: str  # "pi", "ntk" or "yarn"
+    factor: float
+    original_len: int | None = None  # YaRN: the training length
+    beta_fast: float = 32.0  # YaRN: frequencies turning more often than this within original_len stay
+    beta_slow: float = 1.0  # YaRN: ... less often than this are interpolated by the factor
+
+    def frequencies(self, inv_freq: torch.Tensor, exponents: torch.Tensor, theta: float) -> torch.Tensor:
+        """The extended frequencies (fp64) of the frequencies ``inv_freq = theta ** -exponents``."""
+        if self.kind == "pi":  # positions divided by the factor
+            return inv_freq / self.factor
+        if self.kind == "ntk":
+            # NTK-aware: a larger base, so the fastest frequency stays and the slowest is divided by the
+            # factor (theta * s^(d/(d-2)) for the standard frequencies; any schedule by its top exponent)
+            return (theta * self.factor ** (1 / float(exponents.max()))) ** -exponents
+        # YaRN (Peng et al. 2023, eq. 18-19): by the number of turns r = L / wavelength a frequency makes
+        # within the training length, interpolate the slow ones (r < beta_slow), keep the fast ones
+        # (r > beta_fast), ramp linearly between (the paper's continuous form; transformers rounds the
+        # ramp's ends to whole dims)
+        turns = self.original_len * inv_freq / (2 * math.pi)
+        kept = ((turns - self.beta_slow) / (self.beta_fast - self.beta_slow)).clamp(0, 1)
+        return inv_freq / self.factor * (1 - kept) + inv_freq * kept
+
+    @property
+    def attention_factor(self) -> float:
+        """What cos and sin are multiplied by (so q.k by its square): YaRN's sqrt(1/t) = 0.1 ln(s) + 1."""
+        return 0.1 * math.log(self.factor) + 1 if self.kind == "yarn" else 1.0
+
+
+@dataclass(frozen=True)
+class QueryTemperature:
+    """Length-dependent attention temperature: queries at position p multiplied by ``factor(p)``
+    (ModelConfig's attn_temperature fields)."""
+
+    kind: str  # "llama4" or "log"
+    scale: float = 0.1
+    floor_scale: int = 8192
+    train_len: int | None = None
+
+    def factor(self, positions: torch.Tensor) -> torch.Tensor:
+        n = positions.to(torch.float64) + 1
+        if self.kind == "llama4":  # Llama 4's NoPE layers: 1 + scale * log(floor(n / floor_scale) + 1)
+            return 1 + self.scale * torch.log(torch.floor(n / self.floor_scale) + 1)
+        return (n.log() / math.log(self.train_len)).clamp_min(1)  # log-n scaling beyond the training length
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding.
 
@@ -32,9 +82,12 @@ class RotaryEmbedding(nn.Module):
     freqs="linspace": inv_freq_i = theta^-(i/(d/2-1)), i.e. ``theta ** -linspace(0, 1, d/2)`` as in the
     YOCO reference code.
     pairs="half": dimension i rotates with i + d/2; pairs="interleaved": 2i rotates with 2i+1.
+    ``extension``: a training-free extension (PI, NTK-aware, YaRN); ``temperature``: a length-dependent
+    factor on the queries (``queries``).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, freqs: str = "standard", pairs: str = "half"):
+    def __init__(self, head_dim: int, theta: float = 10000.0, freqs: str = "standard", pairs: str = "half",
+                 extension: RopeExtension | None = None, temperature: QueryTemperature | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE head dim must be even, got {head_dim}")
@@ -43,6 +96,7 @@ class RotaryEmbedding(nn.Module):
         if pairs not in ("half", "interleaved"):
             raise ValueError(f"unknown RoPE pairing {pairs!r}")
         self.head_dim, self.theta, self.freqs, self.pairs = head_dim, theta, freqs, pairs
+        self.extension, self.temperature = extension, temperature
         self.register_buffer("inv_freq", self.frequencies(), persistent=False)
 
     def frequencies(self, device=None) -> torch.Tensor:
@@ -51,18 +105,23 @@ class RotaryEmbedding(nn.Module):
             exponent = torch.arange(0, half, dtype=torch.float64, device=device) * 2 / self.head_dim
         else:
             exponent = torch.linspace(0, 1, half, dtype=torch.float64, device=device)
-        return (self.theta ** -exponent).float()
+        inv_freq = self.theta ** -exponent
+        if self.extension is not None:
+            inv_freq = self.extension.frequencies(inv_freq, exponent, self.theta)
+        return inv_freq.float()
 
     def reset_frequencies(self) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after a model was built on the meta device."""
         device = None if self.inv_freq.is_meta else self.inv_freq.device
         self.inv_freq = self.frequencies(device)
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [..., T, 1, d/2] (fp32) for integer positions of shape [..., T]."""
+    def tables(self, positions: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [..., T, 1, d/2] (fp32) for integer positions of shape [..., T]; ``scaled``:
+        times YaRN's attention factor (the rotation alone without it: re-rotating cached keys)."""
         # fp64 angles: positions up to ~1M times fp32 frequencies would lose the low digits.
         angles = positions.to(torch.float64)[..., None] * self.inv_freq.to(torch.float64)
-        return angles.cos().float().unsqueeze(-2), angles.sin().float().unsqueeze(-2)
+        factor = self.extension.attention_factor if scaled and self.extension is not None else 1.0
+        return (angles.cos() * factor).float().unsqueeze(-2), (angles.sin() * factor).float().unsqueeze(-2)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x of shape [B, T, H, d]; tables broadcast over B and H."""
@@ -76,12 +135,49 @@ class RotaryEmbedding(nn.Module):
             out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
         return out.to(x.dtype)
 
+    def keys(self, x: torch.Tensor, step: "Step") -> torch.Tensor:
+        """Keys x [B, T, h, d] at the step's positions."""
+        return self.apply(x, *step.rope(self))
+
+    def queries(self, x: torch.Tensor, step: "Step") -> torch.Tensor:
+        """Queries x [B, T, H, d] at the step's positions: rotated, and multiplied by the temperature."""
+        x = self.keys(x, step)
+        if self.temperature is None:
+            return x
+        factor = self.temperature.factor(step.positions)  # [T] or [B, T]
+        return (x * factor[..., None, None].to(torch.float32)).to(x.dtype)
+
+
+class NoRotation(RotaryEmbedding):
+    """NoPE: keys and queries are not rotated (the attention knows order only from what the layers below
+    wrote into them); its queries can still take a temperature. Stands where a RotaryEmbedding does, so
+    the caches that re-rotate keys (``rotate_by``) leave them as they are."""
+
+    def tables(self, positions: torch.Tensor, scaled: bool = True) -> tuple[None, None]:
+        return None, None
+
+    def apply(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        return x
+
+
+def global_positions(config, head_dim: int) -> RotaryEmbedding:
+    """How a model's global attention sees positions, from its config (``global_position``,
+    ``rope_extension`` and ``attn_temperature`` fields): RoPE, possibly extended, or NoPE, either with an
+    optional query temperature."""
+    temperature = None if config.attn_temperature is None else QueryTemperature(
+        config.attn_temperature, config.attn_scale, config.attn_floor_scale, config.attn_train_len)
+    if config.global_position == "nope":
+        return NoRotation(head_dim, temperature=temperature)
+    extension = None if config.rope_extension is None else RopeExtension(
+        config.rope_extension, config.rope_factor, config.rope_original_len, config.yarn_beta_fast, config.yarn_beta_slow)
+    return RotaryEmbedding(head_dim, config.rope_theta, config.rope_freqs, config.rope_pairs, extension, temperature)
+
 
 def rotate_by(rotary: RotaryEmbedding, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Keys or queries x [B, h, n, d] RoPE-rotated further by ``delta`` positions (negative moves them
     back): one per row ``[B]``, or one per row and token ``[B, n]``. Compressed caches re-rotate cached
     keys with it (StreamingLLM moves its sinks, InfLLM sees far tokens at one distance)."""
-    cos, sin = rotary.tables(delta[:, None] if delta.dim() == 1 else delta)  # [B, 1 or n, 1, d/2]
+    cos, sin = rotary.tables(delta[:, None] if delta.dim() == 1 else delta, scaled=False)  # [B, 1 or n, 1, d/2]
     return rotary.apply(x.transpose(1, 2), cos, sin).transpose(1, 2)
 
 
@@ -111,6 +207,9 @@ class Step:
     length: int  # tokens in this call
     pad: torch.Tensor | None  # [B] left-pad counts, or None when no row is padded
     device: torch.device
+    # The call writes no cache (a training or scoring forward), so a block may recompute its activations
+    # in backward (activation checkpointing) without writing anything twice.
+    cache_free: bool = False
     _tables: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -139,4 +238,4 @@ class Step:
 
     def last(self, k: int) -> "Step":
         """The same call restricted to its last k tokens (for the YOCO cross-decoder's queries)."""
-        return Step(self.start + self.length - k, k, self.pad, self.device)
+        return Step(self.start + self.length - k, k, self.pad, self.device, self.cache_free)

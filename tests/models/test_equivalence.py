@@ -5,6 +5,7 @@ import torch
 from harness import engine_logits, make_model
 
 from yoco.engine import generate, left_pad, prefill
+from yoco.models.base import Block
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -109,3 +110,45 @@ def test_bf16_cached_decode_tracks_fp32(variant):
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # bf16 keeps ~3 significant digits; the argmax of random logits mostly survives.
     assert (got - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant, monkeypatch):
+    """A checkpointed block recomputes its activations in backward: the same loss and gradients, every
+    block run twice (forward and recomputation); a forward with a cache is never checkpointed (its
+    recomputation would write the cache twice), even with gradients on."""
+    ids = torch.randint(0, 256, (2, 40))
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, model = make_model(variant), make_model(variant)
+    want_loss, want_grads = loss_and_grads(plain)
+    model.set_activation_checkpointing(True)
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert blocks and all(b.gradient_checkpointing for b in blocks)
+    runs = []  # (block, whether its arguments held a cache) of every run of a block's body
+    inner = Block._forward
+    monkeypatch.setattr(Block, "_forward",
+                        lambda self, x, step, *a, **k: runs.append((self, not step.cache_free)) or inner(self, x, step, *a, **k))
+    got_loss, got_grads = loss_and_grads(model)
+    assert len(runs) == 2 * len(blocks)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+    def cached_runs(m):
+        runs.clear()
+        cache = m.new_cache(2, capacity=41)
+        m(ids[:, :30], cache).sum().backward()  # gradients on, through a cache
+        return [block for block, held in runs if held], cache
+
+    plain_runs, _ = cached_runs(plain)
+    checkpointed_runs, cache = cached_runs(model)
+    assert len(checkpointed_runs) == len(plain_runs) > 0  # a call with a cache runs once: not checkpointed
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, 30:], cache), plain(ids)[:, 30:], atol=ATOL, rtol=RTOL)

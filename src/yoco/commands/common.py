@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..arguments import NATURAL, POSITIVE_INT, ListOf, kv_bit_width, names, quantized_bit_width
+from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, kv_bit_width, names, quantized_bit_width
 from ..checkpoint import load_model, resolve_checkpoint
-from ..config import NAMES, PRESETS
+from ..config import ATTN_TEMPERATURES, GLOBAL_POSITIONS, NAMES, POSITION_FIELDS, PRESETS, ROPE_EXTENSIONS
 from ..errors import YocoError
 from ..models import CausalLM, build_model
 from ..quantize import DEFAULT_GROUP, DEFAULT_RESIDUAL, KVQuantization
@@ -63,6 +63,31 @@ def kv_quantization(args: argparse.Namespace, bits: int | None = None) -> KVQuan
     return KVQuantization(bits, args.kv_group, args.kv_residual)
 
 
+def add_position_flags(p: argparse.ArgumentParser, trained: bool = False) -> None:
+    """How the global attention sees positions (ModelConfig's position fields): a training-free RoPE
+    extension and a query temperature, which an evaluation can put on any trained model; with
+    ``trained``, also NoPE (``--global-position``), which a model must be trained with."""
+    if trained:
+        p.add_argument("--global-position", choices=GLOBAL_POSITIONS,
+                       help="the global attention's positions: RoPE, or none (NoPE; a YOCO self-decoder keeps RoPE)")
+    p.add_argument("--rope-extension", choices=ROPE_EXTENSIONS,
+                   help="training-free RoPE extension of the global attention (position interpolation, "
+                        "NTK-aware, YaRN); needs --rope-factor")
+    p.add_argument("--rope-factor", type=POSITIVE, help="the extension's factor (> 1): new length / training length")
+    p.add_argument("--rope-original-len", type=POSITIVE_INT, help="YaRN: the length the model was trained at")
+    p.add_argument("--attn-temperature", choices=ATTN_TEMPERATURES,
+                   help="length-dependent temperature of the global queries: llama4 (1 + scale * log(floor((p+1) / "
+                        "floor) + 1)) or log (max(1, log(p+1) / log(train len)))")
+    p.add_argument("--attn-scale", type=POSITIVE, help="llama4 temperature: its scale (default 0.1)")
+    p.add_argument("--attn-floor-scale", type=POSITIVE_INT, help="llama4 temperature: its floor (default 8192)")
+    p.add_argument("--attn-train-len", type=POSITIVE_INT, help="log temperature: the training length")
+
+
+def position_changes(args: argparse.Namespace) -> dict:
+    """The position fields the ``add_position_flags`` options set (the ones given)."""
+    return {name: getattr(args, name) for name in POSITION_FIELDS if getattr(args, name, None) is not None}
+
+
 def add_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
 
@@ -103,5 +128,5 @@ def add_curriculum_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--short-steps", type=NATURAL, default=defaults.short_steps, help="steps on --short-seq-len rows")
 
 
-__all__ = ["UsageError", "add_archs", "add_curriculum_flags", "add_dtype", "add_model_args", "add_seed",
-           "add_training_flags", "load_from_args"]
+__all__ = ["UsageError", "add_archs", "add_curriculum_flags", "add_dtype", "add_model_args", "add_position_flags",
+           "add_seed", "add_training_flags", "load_from_args", "position_changes"]

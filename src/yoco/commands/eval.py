@@ -8,10 +8,13 @@ from pathlib import Path
 from ..arguments import DEPTH, POSITIVE_INT, ListOf, TokenCount
 from ..checkpoint import load_model, resolve_checkpoint
 from ..data import SPECIAL_TOKENS, TokenShards, find_shards, is_shard_folder
-from ..report import print_table, write_json
+from ..report import format_bytes, print_table, write_json
 from ..tasks import MQAR_PAIRS, MQAR_QUERIES, MQAR_SAMPLES, TaskError, mqar_batch
 from ..tokenizer import tokenizer_for
-from .common import UsageError, add_dtype, add_kv_quantization, add_seed, kv_quantization
+from ..config import POSITION_FIELDS
+from ..models import with_positions
+from .common import (UsageError, add_dtype, add_kv_quantization, add_position_flags, add_seed, kv_quantization,
+                     position_changes)
 
 
 def add_parser(subparsers) -> None:
@@ -23,6 +26,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--depths", type=ListOf(DEPTH, "depths"), default="0,0.25,0.5,0.75,1",
                    help="needle depths, comma-separated (0 = start, 1 = end)")
     p.add_argument("--trials", type=POSITIVE_INT, default=4, help="keys per (context, depth) cell")
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=4096,
+                   help="passkey prompt tokens per prefill call (long contexts: larger is faster, more memory)")
+    add_position_flags(p)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="validation rows per batch")
     p.add_argument("--seq-len", type=POSITIVE_INT, default=256, help="tokens per validation row")
     p.add_argument("--batches", type=POSITIVE_INT, default=16,
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import covered, mqar_accuracy, passkey_grid, plot_passkey, validation_loss
 
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
-    model = load_model(args.checkpoint, dtype=args.dtype)
+    model = with_positions(load_model(args.checkpoint, dtype=args.dtype), position_changes(args))
     tokenizer = tokenizer_for(args.checkpoint, model.config.vocab_size)
     data = Path(args.data) if args.data else find_shards(args.checkpoint)
     if not is_shard_folder(data):
@@ -64,14 +70,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.2f} over "
           f"{covered(report)} ({report['batches']} batches of {args.batch_size} x {args.seq_len})")
     haystack = val.tokens
+    longest = max(args.contexts) + 16  # the prompt and its answer's few tokens
+    limit = model.config.max_seq_len
+    if longest > limit:
+        print(f"note: contexts up to {max(args.contexts):,} tokens are beyond the model's max_seq_len={limit:,}: "
+              "evaluated as extrapolation (the limit is raised for this evaluation only)")
+        model.config = model.config.replace(max_seq_len=longest)
+    if len(haystack) <= max(args.contexts):
+        print(f"note: the held-out split holds {len(haystack):,} tokens; longer contexts repeat it end to end "
+              "(each cell's haystack_repeated says how often)")
     try:
         cells = passkey_grid(model, tokenizer, haystack, args.contexts, args.depths, args.trials, args.seed,
-                             kv_bits=quantization)
-    except TaskError as e:  # a context too short for the needle, a haystack too small, a bad depth
+                             prefill_chunk=args.prefill_chunk, kv_bits=quantization, progress=True)
+    except TaskError as e:  # a context too short for the needle, a bad depth
         raise UsageError(f"passkey: {e}") from None
+    finally:
+        model.config = model.config.replace(max_seq_len=limit)
     report["passkey"] = cells
-    print_table(["context", "depth", "accuracy"], [[c["context"], f"{c['depth']:.0%}", f"{c['accuracy']:.0%}"]
-                                                   for c in cells])
+    report["positions"] = {name: getattr(model.config, name) for name in POSITION_FIELDS}
+    print_table(["context", "depth", "accuracy", "time s", "peak RSS"],
+                [[c["context"], f"{c['depth']:.0%}", f"{c['accuracy']:.0%}", f"{c['seconds']:.1f}",
+                  format_bytes(c["peak_rss_bytes"])] for c in cells])
     # MQAR draws ids past the trained tokenizer's special tokens (<|endoftext|>, <|pad|>), as the study does
     ids, mask = mqar_batch(args.mqar_samples, args.mqar_pairs, args.mqar_queries,
                            range(len(SPECIAL_TOKENS), min(model.config.vocab_size, 4096)), seed=args.seed)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import POSITIVE_INT, SHARE
+from ..arguments import DEPTH, POSITIVE_INT, SHARE, ListOf, TokenCount, names
 from ..config import PRESETS
+from ..long_study import LONG_OPTIONS, QUICK_OPTION
 from ..study import STUDY_ARCHS, StudySettings
-from .common import add_archs, add_curriculum_flags, add_seed, add_training_flags
+from .common import UsageError, add_archs, add_curriculum_flags, add_seed, add_training_flags
 
 DEFAULTS = StudySettings()
 # --quick: fewer steps per architecture and fewer passkey keys per cell
@@ -33,12 +34,41 @@ def add_parser(subparsers) -> None:
                                                        f"{QUICK_TRIALS} with --quick)")
     p.add_argument("--val-batches", type=POSITIVE_INT, help="batches for the final validation loss (default: the "
                                                             "whole held-out split)")
+    p.add_argument("--long", action="store_true",
+                   help="the long-context study: YOCO-SWA trained at 1024 tokens with each position option of its "
+                        "global attention (and the controls), passkey from 1K to 1M tokens; with --quick the best "
+                        f"option ({QUICK_OPTION}) and rope at 64K and 1M only")
+    p.add_argument("--options", type=names(LONG_OPTIONS, "position option"), action="extend",
+                   help=f"--long: the position options to run (default: {','.join(LONG_OPTIONS)})")
+    p.add_argument("--contexts", type=ListOf(TokenCount(1), "context lengths"),
+                   help="--long: passkey contexts (default: 1K,4K,16K,64K,256K,1M; --quick: 64K,1M)")
+    p.add_argument("--depths", type=ListOf(DEPTH, "depths"), help="--long: needle depths (default: 0,0.25,0.5,0.75,1; "
+                                                                  "--quick: 0,0.5,1)")
     add_seed(p)
     p.add_argument("--out", required=True, help="study folder: data/, one run folder per architecture, results")
     p.set_defaults(func=run)
 
 
+def run_long(args: argparse.Namespace) -> int:
+    from ..long_study import LongStudySettings, markdown, run_long_study
+
+    changes = {name: value for name, value in (
+        ("options", tuple(args.options) if args.options else None), ("contexts", args.contexts and tuple(args.contexts)),
+        ("depths", args.depths and tuple(args.depths)), ("trials", args.trials), ("steps", args.steps),
+        ("corpus", args.data), ("seed", args.seed)) if value is not None}
+    settings = (LongStudySettings.quick if args.quick else LongStudySettings)(**changes)
+    results = run_long_study(settings, args.out)
+    print(markdown(results))
+    print(f"wrote {args.out}/results.json, results.md and a passkey heatmap per option")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.long:
+        return run_long(args)
+    for flag in ("options", "contexts", "depths"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} is an option of the long study: add --long")
     from ..study import markdown, run_study
 
     settings = StudySettings(archs=tuple(args.arch) if args.arch else STUDY_ARCHS, preset=args.preset,

@@ -8,7 +8,7 @@ import argparse
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, SHARE
 from ..config import NAMES, PRESETS
 from ..train import TrainSettings, train
-from .common import add_curriculum_flags, add_seed, add_training_flags
+from .common import add_curriculum_flags, add_position_flags, add_seed, add_training_flags, position_changes
 
 DEFAULTS = TrainSettings()
 
@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default=DEFAULTS.parallel,
                    help="under torchrun: replicate (DDP) or shard with FSDP2 (fully_shard per block)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute its activations in backward: about a third "
+                        "more compute, so rows several times longer fit in memory")
     p.add_argument("--retrieval-mix", type=SHARE, default=DEFAULTS.retrieval_mix,
                    help="share of each batch given to synthetic retrieval rows (e.g. 0.25), scored on their "
                         "retrieval targets only")
@@ -42,6 +45,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--window", type=POSITIVE_INT,
                    help="sliding window (yoco-swa's self-decoder; for transformer, every layer; default: the preset's "
                         "for yoco-swa and swa, none otherwise)")
+    add_position_flags(p, trained=True)
     p.add_argument("--init-from", help="start from this checkpoint's weights (same model and tokenizer; a new schedule)")
     add_seed(p)
     p.set_defaults(func=run)
@@ -55,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, bf16=args.bf16, parallel=args.parallel,
                              retrieval_mix=args.retrieval_mix, retrieval_tasks=tuple(args.retrieval_tasks),
                              short_seq_len=args.short_seq_len, short_steps=args.short_steps,
-                             overrides={} if args.window is None else {"window": args.window},
-                             init_from=args.init_from)
+                             overrides={**({} if args.window is None else {"window": args.window}),
+                                        **position_changes(args)},
+                             init_from=args.init_from, activation_checkpointing=args.activation_checkpointing)
     final = train(settings, args.out, resume=args.resume)  # bad settings raise yoco errors: one line, exit 2
     val = "no validation loss" if final.get("val_loss") is None else \
         f"val loss {final['val_loss']:.4f} over {final['val_covers']}"

@@ -43,16 +43,14 @@ class QKVProjection(nn.Module):
         self.rotary = rotary
 
     def queries(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        """q [B, H, T, d], RoPE applied at the step's positions."""
+        """q [B, H, T, d] at the step's positions (RoPE, and a temperature if the positions have one)."""
         B, T, _ = x.shape
-        cos, sin = step.rope(self.rotary)
-        return self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        return self.rotary.queries(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), step).transpose(1, 2)
 
     def keys_values(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """k and v [B, n_kv, T, d], RoPE on k at the step's positions."""
         B, T, _ = x.shape
-        cos, sin = step.rope(self.rotary)
-        k = self.rotary.apply(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        k = self.rotary.keys(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), step)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
 

@@ -15,7 +15,8 @@ class GlobalKV(nn.Module):
     """Builds the one K/V cache of a YOCO model from the self-decoder output.
 
     ``K = RoPE(k_proj(RMSNorm(h)))``, ``V = v_proj(RMSNorm(h))`` with n_kv heads; cached once and read
-    by every cross-decoder layer.
+    by every cross-decoder layer. ``rotary``: the global attention's positions (``global_positions``:
+    RoPE, extended RoPE or none).
     """
 
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
@@ -37,8 +38,7 @@ class GlobalKV(nn.Module):
         K/V written, or, without one, this call's K/V alone (``CallKV``)."""
         B, T, _ = x.shape
         h = self.norm(x)
-        cos, sin = step.rope(self.rotary)
-        k = self.rotary.apply(self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = self.rotary.keys(self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim), step).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         kv = CallKV() if cache is None else cache
         kv.append(k, v)
@@ -73,8 +73,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, kv) -> torch.Tensor:
         """Queries at the step's slots (the positions that need logits) over the global ``kv``."""
         B, T, _ = x.shape
-        cos, sin = step.rope(self.rotary)
-        q = self.rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        q = self.rotary.queries(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), step).transpose(1, 2)
         o = kv.attend(q, step)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

@@ -44,6 +44,19 @@ def build_model(config: ModelConfig | str, *, preset: str = "tiny", dtype: torch
     return model.eval()
 
 
+def with_positions(model: CausalLM, changes: dict[str, Any]) -> CausalLM:
+    """``model`` with its global attention's position fields changed (``config.POSITION_FIELDS``: a
+    training-free RoPE extension or a query temperature for an evaluation), the same weights; itself
+    when there is nothing to change. The fields are validated (a bad combination raises ConfigError)."""
+    if not changes:
+        return model
+    config = model.config.replace(**changes)
+    parameter = next(model.parameters())
+    changed = build_model(config, dtype=parameter.dtype, device=parameter.device)
+    changed.load_state_dict(model.state_dict())  # positions hold no weights: every tensor carries over
+    return changed.train(model.training)
+
+
 # ---------------------------------------------------------------------- facts from a config
 # What every command reports about an architecture, asked of its model class (which composes them from
 # its mixers): nothing outside the models branches on architecture names.
@@ -84,4 +97,5 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 __all__ = ["BlockTransformer", "CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "cache_bytes",
-           "cache_growth_per_token", "model_class", "prefill_flops", "quadratic_prefill", "resolve_dtype"]
+           "cache_growth_per_token", "model_class", "prefill_flops", "quadratic_prefill", "resolve_dtype",
+           "with_positions"]

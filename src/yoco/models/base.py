@@ -15,10 +15,12 @@ A model's ``forward(ids, cache=None, pad=None, num_logits=None, check_ids=True)`
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cache import ModelCache
 from ..config import ModelConfig
@@ -42,7 +44,15 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x += mixer(norm(x), ...); x += ffn(norm(x))``."""
+    """Pre-norm residual block: ``x += mixer(norm(x), ...); x += ffn(norm(x))``.
+
+    Activation checkpointing (``gradient_checkpointing``, the attribute transformers'
+    ``gradient_checkpointing_enable`` sets on every module that has it): a training forward keeps only
+    the block's input and recomputes the rest during backward. Only a call without a cache is
+    checkpointed (its step says so: ``Step.cache_free``), since recomputing would write a cache twice."""
+
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = staticmethod(functools.partial(checkpoint, use_reentrant=False))
 
     def __init__(self, mixer: nn.Module, config: ModelConfig):
         super().__init__()
@@ -52,6 +62,11 @@ class Block(nn.Module):
         self.ffn = SwiGLU(config.dim, config.ffn_dim)
 
     def forward(self, x: torch.Tensor, *mixer_args, **mixer_kwargs) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled() and mixer_args[0].cache_free:
+            return self._gradient_checkpointing_func(self._forward, x, *mixer_args, **mixer_kwargs)
+        return self._forward(x, *mixer_args, **mixer_kwargs)
+
+    def _forward(self, x: torch.Tensor, *mixer_args, **mixer_kwargs) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), *mixer_args, **mixer_kwargs)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -85,6 +100,13 @@ class CausalLM(nn.Module):
                 nn.init.ones_(module.weight)
         # The YOCO reference multiplies embeddings by sqrt(dim) and draws them with std dim^-0.5.
         nn.init.normal_(self.embed.weight, std=cfg.dim ** -0.5 if cfg.scale_embeddings else cfg.init_std)
+
+    def set_activation_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block's activations in training forwards (``Block``): memory for one block's
+        activations instead of every layer's, for about one more forward of compute."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.gradient_checkpointing = enable
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -132,7 +154,7 @@ class CausalLM(nn.Module):
         if start + T > self.config.max_seq_len:
             raise InputError(f"sequence of {start + T} tokens is longer than the model's maximum "
                              f"max_seq_len={self.config.max_seq_len}")
-        return Step(start, T, pad, ids.device)
+        return Step(start, T, pad, ids.device, cache_free=cache is None)
 
     @staticmethod
     def check_pad(pad: torch.Tensor, batch_size: int, length: int) -> torch.Tensor | None:

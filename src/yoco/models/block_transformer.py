@@ -260,7 +260,7 @@ class BlockTransformer(CausalLM):
         if shift:
             pad = pad + shift
         block_pad = torch.div(pad, self.block_len, rounding_mode="floor") if group.masks_pad_blocks else None
-        step = Step(start + shift - prepended, ids.shape[1], pad, ids.device)
+        step = Step(start + shift - prepended, ids.shape[1], pad, ids.device, cache_free=group.layers is None)
         logits = self._aligned_forward(ids, group.layers, step, block_pad, num_logits)
         if prepended and num_logits is None:
             logits = logits[:, prepended:]  # the virtual pad slots' logits
@@ -291,7 +291,7 @@ class BlockTransformer(CausalLM):
             x = self.block_embed(all_ids[:, : n_done * b]).reshape(B, n_done, cfg.dim)
             if cfg.scale_embeddings:
                 x = x * math.sqrt(cfg.dim)
-            bstep = Step(k0, n_done, block_pad, ids.device)
+            bstep = Step(k0, n_done, block_pad, ids.device, step.cache_free)
             for layer, c in zip(self.block_layers, block_caches):
                 x = layer(x, bstep, c)
             context = self.block_norm(x)  # context[:, i] is block k0 + i's context embedding
@@ -378,7 +378,7 @@ class BlockTransformer(CausalLM):
 
     def _token_decode(self, x: torch.Tensor, start: int, caches) -> torch.Tensor:
         """The token decoder over windows x [N, L, D] starting at local position `start`."""
-        step = Step(start, x.shape[1], None, x.device)
+        step = Step(start, x.shape[1], None, x.device, cache_free=caches is None)
         for i, layer in enumerate(self.token_layers):
             x = layer(x, step, caches[i] if caches is not None else None)
         return x

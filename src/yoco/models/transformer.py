@@ -18,7 +18,7 @@ from torch import nn
 
 from ..cache import ModelCache
 from ..config import ConfigError, ModelConfig
-from ..layers import RotaryEmbedding
+from ..layers import RotaryEmbedding, global_positions
 from ..mixers.attention import CausalSelfAttention
 from ..mixers.mla import MultiHeadLatentAttention
 from ..mixers.sliding_window import SlidingWindowAttention
@@ -31,7 +31,7 @@ ATTENTION_MIXERS: dict[str, type[nn.Module]] = {"gqa": CausalSelfAttention, "mla
 class Transformer(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_freqs, config.rope_pairs)
+        self.rotary = global_positions(config, config.head_dim)  # every layer is global attention
         sources = config.kv_sources
         if config.attention == "mla":
             self.rope_key_rotary = RotaryEmbedding(config.mla_rope_dim, config.rope_theta, config.rope_freqs,

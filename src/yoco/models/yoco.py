@@ -19,7 +19,7 @@ from torch import nn
 
 from ..cache import ModelCache
 from ..config import ConfigError, ModelConfig
-from ..layers import RotaryEmbedding
+from ..layers import RotaryEmbedding, global_positions
 from ..mixers.cross_attention import CrossAttention, GlobalKV
 from ..mixers.retention import GatedRetention
 from ..mixers.sliding_window import SlidingWindowAttention
@@ -34,7 +34,9 @@ class YOCO(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         rope = (config.rope_theta, config.rope_freqs, config.rope_pairs)
-        self.rotary = RotaryEmbedding(config.head_dim, *rope)
+        # the global K/V and the cross-decoder's queries see positions as the config says; the
+        # self-decoder always by plain RoPE (a window or a decay never reaches beyond what it trained on)
+        self.rotary = global_positions(config, config.head_dim)
         if self.self_decoder(config) is GatedRetention:
             # retention heads (dim / retention_heads wide) have a RoPE of their own
             self_rotary = RotaryEmbedding(config.dim // config.n_retention_heads, *rope)
@@ -42,7 +44,7 @@ class YOCO(CausalLM):
             def self_mixer() -> nn.Module:
                 return GatedRetention(config, self_rotary)
         else:
-            self_rotary = self.rotary
+            self_rotary = RotaryEmbedding(config.head_dim, *rope) if config.positions_changed else self.rotary
 
             def self_mixer() -> nn.Module:
                 return SlidingWindowAttention(config, self_rotary, config.window)

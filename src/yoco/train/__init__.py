@@ -68,6 +68,7 @@ class TrainSettings:
     val_percent: float = 2.0
     overrides: dict = field(default_factory=dict)
     init_from: str | None = None  # a checkpoint whose weights start the run (fine-tuning, curricula)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (longer rows fit)
 
     def shape(self, step: int) -> tuple[int, int]:
         """(rows, tokens per row) of step `step`'s batch (per accumulation micro-step)."""
@@ -216,6 +217,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
             model.load_state_dict(initial_weights(Path(settings.init_from), config, data_dir).state_dict())
             log(f"weights from {settings.init_from}")
     model = model.to(world.device).train()
+    model.set_activation_checkpointing(settings.activation_checkpointing)
     trained = wrap(model, world, settings.parallel)  # runs forward/backward (DDP, or the FSDP2-sharded model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
