@@ -1,5 +1,6 @@
 """One decode layer-step of attention over a long K/V cache: full precision against 8-, 4- and 2-bit
-quantized caches, through the native kernel and through the PyTorch path, in one process.
+quantized caches, each through the native kernel and through the PyTorch path (SDPA for full precision),
+in one process.
 
     .venv/bin/python scripts/bench_quantized_attention.py [--positions 262144] [--repeats 10]
 
@@ -64,17 +65,15 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads; native kernel: {'built' if native.library() else 'not available'}")
     print(f"{'cache':<16} {'path':<8} {'ms':>8} {'MiB':>9}")
     with torch.inference_mode():
-        full = filled(KVCache(1, KV_HEADS, DIM, dtype=torch.float32, capacity=N + 1), N, seed=0)
-        print(f"{'fp32':<16} {'sdpa':<8} {timed(full, q, step, args.repeats):8.2f} {full.nbytes() / 2**20:9.1f}")
-        del full
-        for bits in (8, 4, 2):
-            cache = filled(QuantizedKV(KVGeometry(KV_HEADS, DIM, DIM), KVQuantization(bits), 1, dtype=torch.float32,
+        for bits in (32, 8, 4, 2):
+            cache = filled(KVCache(1, KV_HEADS, DIM, dtype=torch.float32, capacity=N + 1) if bits == 32 else
+                           QuantizedKV(KVGeometry(KV_HEADS, DIM, DIM), KVQuantization(bits), 1, dtype=torch.float32,
                                        capacity=N + 1), N, seed=0)
-            for path, setting in (("native", "1"), ("pytorch", "0")):
+            for path, setting in (("native", "1"), ("pytorch", "0")):  # pytorch: SDPA for fp32
                 os.environ["YOCO_NATIVE"] = setting
                 if path == "native" and native.library() is None:
                     continue
-                print(f"{f'{bits}-bit':<16} {path:<8} {timed(cache, q, step, args.repeats):8.2f} "
+                print(f"{'fp32' if bits == 32 else f'{bits}-bit':<16} {path:<8} {timed(cache, q, step, args.repeats):8.2f} "
                       f"{cache.nbytes() / 2**20:9.1f}")
             os.environ.pop("YOCO_NATIVE")
     return 0

@@ -1,6 +1,7 @@
 """Profile yoco serve's scheduler alone (no HTTP) under the bench-serve load: C prompts of N random ids,
 each replaced by a new one when it ends, for S seconds; prints tokens/s, how many sequences decoded at
-once, and the time of the iterations that advanced a prefill against those that did not (second half).
+once, the time of the iterations that advanced a prefill against those that did not, and of a decode step
+(second half).
 
     .venv/bin/python scripts/profile_scheduler.py runs/bench-serve/models/yoco-swa-40m-16768 --seconds 600
 
@@ -50,6 +51,15 @@ def main() -> None:
         return advance(sequence)
 
     scheduler._advance_prefill = advance_and_note
+    decode_times = []  # seconds of each iteration's decode step
+    decode = scheduler._decode
+
+    def decode_and_time(sequences):
+        began = time.perf_counter()
+        decode(sequences)
+        decode_times.append((began - start, time.perf_counter() - began, len(sequences)))
+
+    scheduler._decode = decode_and_time
     log = []  # (start, seconds, advanced a prefill, sequences decoding, tokens)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -67,6 +77,10 @@ def main() -> None:
           f"{sum(r[3] for r in late) / len(late):.1f} sequences decoding on average; "
           f"{len(with_chunk)} advanced a prefill (mean {sum(with_chunk) / max(1, len(with_chunk)):.2f} s), "
           f"{len(without)} did not (mean {sum(without) / max(1, len(without)):.2f} s)")
+    steps = [d for d in decode_times if d[0] > args.seconds / 2]
+    if steps:
+        print(f"second half: a decode step took {sum(d[1] for d in steps) / len(steps):.3f} s on average for "
+              f"{sum(d[2] for d in steps) / len(steps):.1f} sequences")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,23 @@ def test_eval_command(tmp_path, capsys):
     assert "no held-out token shards" in capsys.readouterr().err
     assert main(argv[:3] + ["--contexts", "40"]) == 2
     assert "too short for the needle" in capsys.readouterr().err
+    # beyond max_seq_len (1024 in the tiny preset) and the held-out split: extrapolation, the haystack
+    # repeated, both said; a training-free extension put on for the evaluation, and recorded
+    capsys.readouterr()
+    long = argv[:3] + ["--contexts", "4K", "--depths", "0.5", "--trials", "1", "--batches", "1", "--seq-len", "32",
+                       "--mqar-samples", "2", "--rope-extension", "yarn", "--rope-factor", "2",
+                       "--rope-original-len", "1024", "--json", str(tmp_path / "long.json")]
+    assert main(long) == 0
+    out = capsys.readouterr().out
+    assert "beyond the model's max_seq_len=1,024: evaluated as extrapolation" in out
+    assert "longer contexts repeat it end to end" in out
+    report = json.loads((tmp_path / "long.json").read_text())
+    cell = report["passkey"][0]
+    assert cell["context"] == 4096 and cell["haystack_repeated"] > 1
+    assert cell["seconds"] > 0 and cell["peak_rss_bytes"] > 0
+    assert report["positions"]["rope_extension"] == "yarn" and report["positions"]["rope_factor"] == 2.0
+    assert main(long[:-2] + ["--rope-factor", "1"]) == 2  # a factor of 1 extends nothing
+    assert "rope_factor" in capsys.readouterr().err
 
 
 def test_passkey_heatmap_text_reads_on_dark_and_light_cells():

@@ -40,6 +40,23 @@ def test_save_pretrained_round_trip_and_auto_classes(arch, tmp_path):
     torch.testing.assert_close(again(ids).logits, tiny(arch)(ids), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch,positions", [
+    ("yoco-swa", {"global_position": "nope", "attn_temperature": "llama4", "attn_floor_scale": 4}),
+    ("yoco-swa", {"rope_extension": "yarn", "rope_factor": 8.0, "rope_original_len": 16}),
+    ("transformer", {"rope_extension": "ntk", "rope_factor": 4.0, "attn_temperature": "log", "attn_train_len": 8}),
+])
+def test_position_options_travel_with_a_transformers_folder(arch, positions, tmp_path):
+    model = YocoForCausalLM.from_yoco(tiny(arch, **positions))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert {name: getattr(loaded.config, name) for name in positions} == positions
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    # and they change the model: the same weights without them give other logits
+    plain = YocoForCausalLM.from_yoco(tiny(arch))
+    assert (plain(ids).logits - model(ids).logits).abs().max() > 1e-6
+
+
 def test_dtype_is_honoured(tmp_path):
     YocoForCausalLM.from_yoco(tiny("yoco-swa")).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)

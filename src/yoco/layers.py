@@ -36,14 +36,18 @@ class RopeExtension:
     beta_fast: float = 32.0  # YaRN: frequencies turning more often than this within original_len stay
     beta_slow: float = 1.0  # YaRN: ... less often than this are interpolated by the factor
 
-    def frequencies(self, inv_freq: torch.Tensor, exponents: torch.Tensor, theta: float) -> torch.Tensor:
-        """The extended frequencies (fp64) of the frequencies ``inv_freq = theta ** -exponents``."""
+    def frequencies(self, inv_freq: torch.Tensor, exponents: torch.Tensor, theta: float,
+                    top_exponent: float) -> torch.Tensor:
+        """The extended frequencies (fp64) of the frequencies ``inv_freq = theta ** -exponents``, the
+        largest exponent being ``top_exponent`` (given as a number: the tensors may be on the meta device)."""
         if self.kind == "pi":  # positions divided by the factor
             return inv_freq / self.factor
         if self.kind == "ntk":
             # NTK-aware: a larger base, so the fastest frequency stays and the slowest is divided by the
             # factor (theta * s^(d/(d-2)) for the standard frequencies; any schedule by its top exponent)
-            return (theta * self.factor ** (1 / float(exponents.max()))) ** -exponents
+            if top_exponent <= 0:  # one frequency, the fastest: NTK keeps it
+                return inv_freq
+            return (theta * self.factor ** (1 / top_exponent)) ** -exponents
         # YaRN (Peng et al. 2023, eq. 18-19): by the number of turns r = L / wavelength a frequency makes
         # within the training length, interpolate the slow ones (r < beta_slow), keep the fast ones
         # (r > beta_fast), ramp linearly between (the paper's continuous form; transformers rounds the
@@ -107,7 +111,8 @@ class RotaryEmbedding(nn.Module):
             exponent = torch.linspace(0, 1, half, dtype=torch.float64, device=device)
         inv_freq = self.theta ** -exponent
         if self.extension is not None:
-            inv_freq = self.extension.frequencies(inv_freq, exponent, self.theta)
+            top = (half - 1) * 2 / self.head_dim if self.freqs == "standard" else 1.0
+            inv_freq = self.extension.frequencies(inv_freq, exponent, self.theta, top)
         return inv_freq.float()
 
     def reset_frequencies(self) -> None:
