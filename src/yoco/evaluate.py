@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,26 @@ def haystack_for(tokens: Sequence[int], context: int) -> tuple[Sequence[int], in
         return tokens, 1
     times = -(-need // len(tokens))
     return list(tokens) * times, times
+
+
+# Positions a passkey prompt's answer may take beyond its context (the key's few tokens).
+ANSWER_ROOM = 16
+
+
+@contextmanager
+def extrapolating(model: CausalLM, context: int):
+    """The model admitting passkey prompts of ``context`` tokens and their answers for the length of a
+    ``with``: its ``max_seq_len`` raised if it is shorter (scoring beyond it is extrapolation, not an
+    error), and put back after. Yields the limit it had when it was raised, else None."""
+    limit = model.config.max_seq_len
+    if context + ANSWER_ROOM <= limit:
+        yield None
+        return
+    model.config = model.config.replace(max_seq_len=context + ANSWER_ROOM)
+    try:
+        yield limit
+    finally:
+        model.config = model.config.replace(max_seq_len=limit)
 
 
 def passkey_grid(model: CausalLM, tokenizer, haystack: Sequence[int], contexts: Sequence[int],
@@ -159,4 +180,4 @@ def mqar_accuracy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor) -> flo
     return (predicted[scored] == target[scored]).float().mean().item()
 
 
-__all__ = ["covered", "haystack_for", "lm_loss", "mqar_accuracy", "passkey_figure", "passkey_grid", "plot_passkey", "validation_loss"]
+__all__ = ["ANSWER_ROOM", "covered", "extrapolating", "haystack_for", "lm_loss", "mqar_accuracy", "passkey_figure", "passkey_grid", "plot_passkey", "validation_loss"]

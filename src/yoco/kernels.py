@@ -70,6 +70,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 NATIVE_QUERIES = 64
 
 
+def native_decode_buffers(q: torch.Tensor, n_kv: int, dv: int,
+                          scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the native decode kernels take and fill, for queries q [B, H, T, d] over n_kv K/V heads: the
+    queries of each K/V head together, [B, n_kv, M = H / n_kv * T, d] float32, dense, already times the
+    softmax scale (None: 1/sqrt(d)); and the empty outputs [B, n_kv, M, dv] and log-sum-exp [B, n_kv, M]
+    (read back as [B, H, T, dv] and [B, H, T])."""
+    B, H, T, d = q.shape
+    M = (H // n_kv) * T
+    grouped = (q.reshape(B, n_kv, M, d).float() * (d ** -0.5 if scale is None else scale)).contiguous()
+    return grouped, torch.empty(B, n_kv, M, dv, dtype=torch.float32), torch.empty(B, n_kv, M, dtype=torch.float32)
+
+
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Unmasked attention (and its log-sum-exp [B, H, T]) of few queries q [B, H, T, d] over float32
@@ -88,10 +100,8 @@ def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lib = native.library()
     if lib is None:
         return None
-    grouped = (q.reshape(B, h, M, d) * (d ** -0.5 if scale is None else scale)).contiguous()
     dv = v.shape[-1]
-    out = torch.empty(B, h, M, dv, dtype=torch.float32)
-    lse = torch.empty(B, h, M, dtype=torch.float32)
+    grouped, out, lse = native_decode_buffers(q, h, dv, scale)
     counts = torch.full((B,), S, dtype=torch.long)
     status = lib.yoco_dense_attention(grouped.data_ptr(), grouped.stride(0), grouped.stride(1),
                                       k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),

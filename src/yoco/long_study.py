@@ -30,7 +30,7 @@ from pathlib import Path
 from .checkpoint import latest_checkpoint, load_model
 from .config import get_config
 from .data import TokenShards, load_tokenizer
-from .evaluate import passkey_grid, plot_passkey, validation_loss
+from .evaluate import extrapolating, passkey_grid, plot_passkey, validation_loss
 from .models import with_positions
 from .report import write_json, write_markdown
 from .study import match_ffn, parameter_count
@@ -149,12 +149,13 @@ def evaluate_option(name: str, model, tokenizer, haystack, settings: LongStudySe
                    f"{settings.control_limit:,} tokens one prompt would take longer than the whole YOCO evaluation)")
     cells = []
     for context in contexts:
-        scored = with_positions(model, option.at_eval(context, settings.seq_len))
-        scored.config = scored.config.replace(max_seq_len=max(scored.config.max_seq_len, context + 16))
+        added = option.at_eval(context, settings.seq_len)
+        scored = with_positions(model, added)
         log(f"{name}: passkey at {context:,} tokens")
-        for cell in passkey_grid(scored, tokenizer, haystack, [context], settings.depths, settings.trials,
-                                 settings.seed, prefill_chunk=settings.prefill_chunk, progress=True):
-            cells.append({**cell, "positions": option.at_eval(context, settings.seq_len)})  # what was added
+        with extrapolating(scored, context):
+            grid = passkey_grid(scored, tokenizer, haystack, [context], settings.depths, settings.trials,
+                                settings.seed, prefill_chunk=settings.prefill_chunk, progress=True)
+        cells += [{**cell, "positions": added} for cell in grid]
     return cells, stopped
 
 

@@ -29,7 +29,7 @@ import torch
 from . import native
 from .cache import CacheError, Expand, KVGeometry, tensor_bytes
 from .errors import YocoError
-from .kernels import NATIVE_QUERIES, attention_part, merge_parts, slot_mask
+from .kernels import NATIVE_QUERIES, attention_part, merge_parts, native_decode_buffers, slot_mask
 from .layers import Step
 
 KV_BITS = (2, 4, 8)
@@ -374,7 +374,7 @@ class QuantizedKV:
     def _attend_native(self, q: torch.Tensor, counts: list[int],
                        scale: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Attention (and log-sum-exp) of few queries over each row's first ``counts[b]`` quantized
-        positions by the native kernel (``csrc/quantized_attention.c``: codes unpacked into vectors, key
+        positions by the native kernel (``csrc/decode_attention.c``: codes unpacked into vectors, key
         scales folded into the queries, online softmax, both cores), or None where it does not apply: not
         on the CPU, latent rows, a policy's per-head entries, many queries (a prefill chunk: the blockwise
         matmuls are faster there), buffers whose rows are not dense, or shapes the kernel declines."""
@@ -392,10 +392,8 @@ class QuantizedKV:
         lib = native.library()
         if lib is None:
             return None
-        grouped = (q.reshape(B, h, M, d).to(SCALE_DTYPE) * (d ** -0.5 if scale is None else scale)).contiguous()
         dv = self.geometry.value_dim
-        out = torch.empty(B, h, M, dv, dtype=SCALE_DTYPE)
-        lse = torch.empty(B, h, M, dtype=SCALE_DTYPE)
+        grouped, out, lse = native_decode_buffers(q, h, dv, scale)
         rows = torch.tensor(counts, dtype=torch.long)
         status = lib.yoco_quantized_attention(
             grouped.data_ptr(), grouped.stride(0), grouped.stride(1),

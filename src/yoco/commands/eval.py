@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import covered, mqar_accuracy, passkey_grid, plot_passkey, validation_loss
+    from ..evaluate import covered, extrapolating, mqar_accuracy, passkey_grid, plot_passkey, validation_loss
 
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
     model = with_positions(load_model(args.checkpoint, dtype=args.dtype), position_changes(args))
@@ -70,22 +70,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"validation loss {report['val_loss']:.4f}, perplexity {report['perplexity']:.2f} over "
           f"{covered(report)} ({report['batches']} batches of {args.batch_size} x {args.seq_len})")
     haystack = val.tokens
-    longest = max(args.contexts) + 16  # the prompt and its answer's few tokens
-    limit = model.config.max_seq_len
-    if longest > limit:
-        print(f"note: contexts up to {max(args.contexts):,} tokens are beyond the model's max_seq_len={limit:,}: "
-              "evaluated as extrapolation (the limit is raised for this evaluation only)")
-        model.config = model.config.replace(max_seq_len=longest)
-    if len(haystack) <= max(args.contexts):
-        print(f"note: the held-out split holds {len(haystack):,} tokens; longer contexts repeat it end to end "
-              "(each cell's haystack_repeated says how often)")
-    try:
-        cells = passkey_grid(model, tokenizer, haystack, args.contexts, args.depths, args.trials, args.seed,
-                             prefill_chunk=args.prefill_chunk, kv_bits=quantization, progress=True)
-    except TaskError as e:  # a context too short for the needle, a bad depth
-        raise UsageError(f"passkey: {e}") from None
-    finally:
-        model.config = model.config.replace(max_seq_len=limit)
+    with extrapolating(model, max(args.contexts)) as limit:
+        if limit is not None:
+            print(f"note: contexts up to {max(args.contexts):,} tokens are beyond the model's max_seq_len={limit:,}: "
+                  "evaluated as extrapolation (the limit is raised for this evaluation only)")
+        if len(haystack) <= max(args.contexts):
+            print(f"note: the held-out split holds {len(haystack):,} tokens; longer contexts repeat it end to end "
+                  "(each cell's haystack_repeated says how often)")
+        try:
+            cells = passkey_grid(model, tokenizer, haystack, args.contexts, args.depths, args.trials, args.seed,
+                                 prefill_chunk=args.prefill_chunk, kv_bits=quantization, progress=True)
+        except TaskError as e:  # a context too short for the needle, a bad depth
+            raise UsageError(f"passkey: {e}") from None
     report["passkey"] = cells
     report["positions"] = {name: getattr(model.config, name) for name in POSITION_FIELDS}
     print_table(["context", "depth", "accuracy", "time s", "peak RSS"],
