@@ -25,8 +25,6 @@ transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import math
 import os
 import platform
@@ -37,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
+from .allocator import release_free_memory
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_stepper, prefill
 from .errors import YocoError
@@ -117,22 +116,6 @@ class BenchSettings:
 
 
 # ---------------------------------------------------------------------- memory and machine
-_LIBC = None
-
-
-def release_free_memory() -> None:
-    """Return freed heap memory to the OS so the next RSS measurement starts from what is live."""
-    global _LIBC
-    gc.collect()
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
 def vm_hwm(pid: int | str) -> int | None:
     """The kernel's resident-memory high-water mark (``VmHWM``) of process ``pid`` ("self": this one),
     in bytes; None where /proc does not tell it (not Linux, or the process is gone)."""

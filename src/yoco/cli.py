@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .allocator import retain_freed_memory
 from .arguments import Parser
 from .commands import COMMANDS
 from .errors import YocoError
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad option, already named on one line (2)
         return e.code if isinstance(e.code, int) else 2
+    retain_freed_memory()  # a yoco process reuses its freed activations (see yoco.allocator)
     try:
         return args.func(args)
     except YocoError as e:
