@@ -11,7 +11,7 @@ from harness import make_model, serving
 from yoco.cli import main
 from yoco.serve.app import create_app
 from yoco.report import json_text
-from yoco.serve.bench import markdown_table, plot, ratio_lines
+from yoco.serve.bench import SERVER_FIGURES, markdown_table, plot, ratio_lines, server_figures
 from yoco.serve.load import RequestTrace, carries_a_token, run_load, summarise, tokens_by_minute
 from yoco.serve.scheduler import Scheduler
 from yoco.tokenizer import ByteTokenizer
@@ -50,7 +50,13 @@ def test_load_against_a_yoco_server_counts_every_token():
     with serving(create_app(scheduler, "tiny")) as url:
         s = asyncio.run(run_load(f"{url}/v1", "tiny", prompts, concurrency=3, new_tokens=5, requests=7,
                                  extra_body={"ignore_eos": True}, timeout=60))
+        server = server_figures(url)
     assert (s.requests, s.failed, s.output_tokens) == (7, 0, 35)
+    # each prompt of 48 bytes in 3 calls of 16; 4 tokens of each decoded after its first
+    assert server["server_prefill_calls"] == 7 * 3 and server["server_prefill_s"] > 0
+    assert 4 <= server["server_decode_steps"] <= 7 * 4 and server["server_decode_s"] > 0
+    assert 1 <= server["server_max_running"] <= 3
+    assert server_figures("http://127.0.0.1:1") == dict.fromkeys(SERVER_FIGURES)  # nothing there: unknown
     assert 1 <= s.max_concurrent <= 3 and s.ttft_p50_s > 0 and s.itl_p50_s > 0
 
 

@@ -1,6 +1,8 @@
 """The scheduler without HTTP: staggered arrivals decode exactly as each prompt alone, the budget is
 held, finished and cancelled sequences free their caches, and the text stream's stop rules."""
 
+import time
+
 import pytest
 import torch
 from harness import POLICIES, make_model
@@ -151,6 +153,19 @@ def test_cancelled_sequence_frees_its_cache_at_the_next_step():
             pass
     assert other.cache is None and scheduler.live_bytes() == 0 and scheduler.reserved == 0
     assert len(events) < 30
+
+
+def test_run_drives_the_sequences_on_this_thread_until_told_and_stop_ends_it():
+    model = make_model("yoco-swa").eval()
+    scheduler = Scheduler(model, ByteTokenizer(256), kv_budget=1 << 30, prefill_chunk=4)
+    ends = []
+    scheduler.submit(Request(PROMPTS[1], 6, emit=lambda e: e.finish_reason and ends.append(e)))
+    deadline = time.monotonic() + 60
+    scheduler.run(until=lambda: bool(ends) or time.monotonic() > deadline)
+    assert [e.finish_reason for e in ends] == ["length"] and scheduler.live_bytes() == 0
+    assert scheduler.metrics.generation_tokens == 6
+    scheduler.stop()
+    scheduler.run()  # stopped: returns at once instead of waiting for work
 
 
 def test_text_stream_cuts_at_stop_strings_across_tokens_and_holds_partial_characters():

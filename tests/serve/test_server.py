@@ -2,6 +2,10 @@
 staggered requests, streaming, stop strings, disconnects, the budget and every bad request's answer."""
 
 import json
+import os
+import signal
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,8 +17,9 @@ from harness import POLICIES, make_model, serving
 
 from yoco.cli import main
 from yoco.engine import generate
-from yoco.serve.app import create_app
+from yoco.serve.app import ServerStartError, create_app, serve_forever
 from yoco.serve.metrics import parse_metrics
+from yoco.serve.peer import free_port
 from yoco.serve.scheduler import Scheduler
 from yoco.tokenizer import ByteTokenizer
 
@@ -195,6 +200,54 @@ def test_every_bad_request_gets_its_status_and_message_and_the_server_goes_on():
         page = httpx.get(f"{url}/metrics", timeout=10).text
         assert "# TYPE yoco_time_to_first_token_seconds histogram" in page
         assert 'yoco_inter_token_latency_seconds_bucket{le="+Inf"}' in page
+        m = metrics(url)  # prompt [1, 2] in one chunk; 3 tokens: the prefill's first, then 2 decode steps
+        assert m["yoco_prefill_call_seconds_count"] >= 1 and m["yoco_decode_step_seconds_count"] >= 2
+        assert m["yoco_prefill_call_seconds_sum"] > 0 and m["yoco_decode_step_seconds_sum"] > 0
+
+
+def test_serve_forever_runs_the_scheduler_on_the_calling_thread_until_sigterm():
+    model = make_model("transformer").eval()
+    scheduler = Scheduler(model, ByteTokenizer(256), kv_budget=1 << 28, prefill_chunk=6)
+    stepped_on = set()
+    step = scheduler.step
+    scheduler.step = lambda: stepped_on.add(threading.get_ident()) or step()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    answers = []
+
+    def ask():
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    httpx.get(f"{url}/health", timeout=5)
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.02)
+            r = client(url).completions.create(model=NAME, prompt=[5, 6, 7], max_tokens=4, temperature=0)
+            answers.append(r.choices[0].token_ids)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # serve_forever's handler, on the main thread, ends it
+
+    before = signal.getsignal(signal.SIGTERM)
+    asker = threading.Thread(target=ask)
+    asker.start()
+    serve_forever(create_app(scheduler, NAME, scheduler_thread=False), scheduler, "127.0.0.1", port)
+    asker.join(30)
+    assert answers == [generate(model, [[5, 6, 7]], 4).tokens[0]]
+    assert stepped_on == {threading.get_ident()}  # every iteration on this (the calling) thread
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_serve_forever_says_when_the_port_is_taken():
+    model = make_model("transformer").eval()
+    scheduler = Scheduler(model, ByteTokenizer(256), kv_budget=1 << 28)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ServerStartError, match="is the port taken"):
+            serve_forever(create_app(scheduler, NAME, scheduler_thread=False), scheduler, "127.0.0.1",
+                          taken.getsockname()[1])
 
 
 def test_serve_command_refuses_bad_input_in_one_line(tmp_path, capsys):
@@ -205,7 +258,11 @@ def test_serve_command_refuses_bad_input_in_one_line(tmp_path, capsys):
     save_model(make_model("yoco-swa"), tmp_path / "m")
     assert main(["serve", str(tmp_path / "m"), "--compression", "infllm", "--compression-budget", "0.5"]) == 2
     assert main(["serve", str(tmp_path / "m"), "--compression", "nosuch"]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(tmp_path / "m"), "--port", str(taken.getsockname()[1])]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line]
-    assert len(lines) == 4 and all(line.startswith(("yoco serve: error:", "usage:")) or "error" in line
+    assert len(lines) == 5 and "is the port taken" in lines[-1] and all(line.startswith(("yoco serve: error:", "usage:")) or "error" in line
                                    for line in lines)
     assert "Traceback" not in "".join(lines)

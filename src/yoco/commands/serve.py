@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..arguments import POSITIVE, POSITIVE_INT, budget
@@ -42,9 +41,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 (the extra's presence, checked before the model loads)
 
-        from ..serve.app import create_app
+        from ..serve.app import create_app, serve_forever
     except ImportError as e:
         raise UsageError(f"yoco serve needs the serve extra ({e.name} is missing): pip install 'yoco[serve]'") from None
     from ..checkpoint import load_model, resolve_checkpoint
@@ -60,12 +59,12 @@ def run(args: argparse.Namespace) -> int:
                           kv_bits=kv_quantization(args))
     name = args.name or Path(args.model).resolve().name
     template, special = chat_template(folder)
-    app = create_app(scheduler, name, chat_template=template, special_tokens=special)
+    app = create_app(scheduler, name, chat_template=template, special_tokens=special, scheduler_thread=False)
     one_sequence = scheduler.reservation(min(model.config.max_seq_len, 4096))
-    print(f"yoco serve: {name} ({model.config.arch}, {model.num_parameters() / 1e6:.1f}M params) on "
-          f"http://{args.host}:{args.port}/v1, KV budget {args.kv_budget_gib:g} GiB "
-          f"({kv_budget // one_sequence} sequences of 4K positions)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve_forever(app, scheduler, args.host, args.port,
+                  banner=f"yoco serve: {name} ({model.config.arch}, {model.num_parameters() / 1e6:.1f}M params) on "
+                         f"http://{args.host}:{args.port}/v1, KV budget {args.kv_budget_gib:g} GiB "
+                         f"({kv_budget // one_sequence} sequences of 4K positions)")
     return 0
 
 

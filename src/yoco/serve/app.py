@@ -107,6 +107,10 @@ class ModelNotFound(YocoError, LookupError):
     field = "model"
 
 
+class ServerStartError(YocoError, RuntimeError):
+    """The HTTP server did not start."""
+
+
 # The answer to each error a request can raise: HTTP status, OpenAI's error type, headers.
 ERROR_ANSWERS: dict[type, tuple[int, str, dict | None]] = {
     FieldError: (400, "invalid_request_error", None),
@@ -123,14 +127,17 @@ def error_response(status: int, message: str, *, param: str | None = None, kind:
 
 
 def create_app(scheduler: Scheduler, model_name: str, *, chat_template: str | None = None,
-               special_tokens: dict[str, str] | None = None) -> FastAPI:
-    """The FastAPI app serving ``scheduler``'s model as ``model_name``; the scheduler's thread starts
-    and stops with the app."""
+               special_tokens: dict[str, str] | None = None, scheduler_thread: bool = True) -> FastAPI:
+    """The FastAPI app serving ``scheduler``'s model as ``model_name``. ``scheduler_thread``: the
+    scheduler runs in a thread of its own that starts and stops with the app; otherwise the caller runs
+    it (``serve_forever`` runs it on the main thread)."""
 
     async def lifespan(app):
-        scheduler.start()
+        if scheduler_thread:
+            scheduler.start()
         yield
-        scheduler.stop()
+        if scheduler_thread:
+            scheduler.stop()
 
     app = FastAPI(title="yoco serve", lifespan=lifespan)
     tokenizer = scheduler.tokenizer
@@ -279,6 +286,46 @@ async def stream_events(scheduler: Scheduler, sequence, events: asyncio.Queue, i
             scheduler.cancel(sequence)
 
 
+def serve_forever(app: FastAPI, scheduler: Scheduler, host: str, port: int, banner: str = "") -> None:
+    """Serve ``app`` over HTTP on host:port from a thread while ``scheduler`` runs on this thread (the
+    main one: see ``yoco.serve.scheduler`` for why), until SIGINT or SIGTERM; ``banner`` goes to stderr
+    once the server listens. Raises ``ServerStartError`` when it cannot start (e.g. the port is taken)."""
+    import signal
+    import sys
+    import socket
+    import threading
+
+    import uvicorn
+
+    try:  # bound here, so that a taken port is one line of ours, not uvicorn's log and a dead thread
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as e:
+        raise ServerStartError(f"cannot listen on {host}:{port}: {e.strerror or e} (is the port taken?)") from None
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="yoco-http", daemon=True)
+    http.start()
+    while not server.started:  # the app's startup is quick: a lifespan without work
+        if not http.is_alive():
+            listener.close()
+            raise ServerStartError(f"the HTTP server on {host}:{port} did not start")
+        time.sleep(0.01)
+    if banner:
+        print(banner, file=sys.stderr)
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        scheduler.run(until=lambda: stopping.is_set() or not http.is_alive())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.should_exit = True
+        http.join(timeout=30)
+        listener.close()
+
+
 def compile_chat_template(template: str):
     """A chat template (Jinja, as in transformers' tokenizer_config.json), rendered in a sandbox."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -288,4 +335,4 @@ def compile_chat_template(template: str):
     return lambda **values: compiled.render(**values)
 
 
-__all__ = ["create_app", "compile_chat_template"]
+__all__ = ["create_app", "compile_chat_template", "serve_forever"]

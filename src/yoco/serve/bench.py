@@ -147,7 +147,7 @@ def bench_one(arch: str, settings: ServeBenchSettings, tokenizer, progress=None)
     extra = {} if arch == HF_SERVE else {"ignore_eos": True}
     load = dict(concurrency=settings.concurrency, new_tokens=settings.new_tokens, duration=settings.duration,
                 requests=settings.requests, extra_body=extra, progress=progress)
-    peak_rss = server_max = None
+    peak_rss, server = None, dict.fromkeys(SERVER_FIGURES)
     if settings.url is not None:
         summary = asyncio.run(run_load(settings.url, arch, prompts, **load))
     else:
@@ -159,24 +159,35 @@ def bench_one(arch: str, settings: ServeBenchSettings, tokenizer, progress=None)
         log = Path(settings.workdir) / "logs" / f"{arch}-{settings.context}.log"
         argv = server_command(arch, folder, port, settings)
         name = hf_model_name(folder) if arch == HF_SERVE else arch
-        with start_server(argv, f"{url}/v1/models", settings.startup_timeout, log) as server:
+        with start_server(argv, f"{url}/v1/models", settings.startup_timeout, log) as process:
             summary = asyncio.run(run_load(f"{url}/v1", name, prompts, **load))
             if arch != HF_SERVE:
-                server_max = server_metric(url, "yoco_max_running_sequences")
-        peak_rss = server.peak_rss_at_stop
+                server = server_figures(url)
+        peak_rss = process.peak_rss_at_stop
     return {"arch": arch, "context": settings.context, "concurrency": settings.concurrency, **asdict(summary),
-            "peak_rss_bytes": peak_rss, "server_max_running": server_max}
+            "peak_rss_bytes": peak_rss, **server}
 
 
-def server_metric(url: str, name: str) -> int | None:
+# What a yoco server says of its run (``/metrics``): the most sequences it decoded at once, and where its
+# time went, prefill calls against decode steps (seconds and counts).
+SERVER_FIGURES = {"server_max_running": "yoco_max_running_sequences",
+                  "server_prefill_s": "yoco_prefill_call_seconds_sum",
+                  "server_prefill_calls": "yoco_prefill_call_seconds_count",
+                  "server_decode_s": "yoco_decode_step_seconds_sum",
+                  "server_decode_steps": "yoco_decode_step_seconds_count"}
+
+
+def server_figures(url: str) -> dict:
+    """``SERVER_FIGURES`` read from a yoco server (None for any it does not give)."""
     import httpx
 
     from .metrics import parse_metrics
 
     try:
-        return int(parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)[name])
-    except (httpx.HTTPError, KeyError):
-        return None
+        samples = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+    except httpx.HTTPError:
+        samples = {}
+    return {key: samples.get(name) for key, name in SERVER_FIGURES.items()}
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -49,6 +49,10 @@ class ServerMetrics:
     finished: dict[str, int] = field(default_factory=dict)  # by finish reason, and "cancelled"
     ttft: Histogram = field(default_factory=Histogram)
     itl: Histogram = field(default_factory=Histogram)
+    # Where an iteration's time goes: each prefill call (a chunk of one prompt) and each decode step (one
+    # token of every running sequence), so an operator sees what bounds the inter-token latency.
+    prefill_call: Histogram = field(default_factory=Histogram)
+    decode_step: Histogram = field(default_factory=Histogram)
 
     def render(self) -> str:
         def metric(name: str, kind: str, help_: str, lines: list[str]) -> list[str]:
@@ -77,6 +81,10 @@ class ServerMetrics:
                       self.ttft.lines("yoco_time_to_first_token_seconds"))
         out += metric("yoco_inter_token_latency_seconds", "histogram", "Time between a sequence's tokens.",
                       self.itl.lines("yoco_inter_token_latency_seconds"))
+        out += metric("yoco_prefill_call_seconds", "histogram", "One prefill call (a chunk of one prompt).",
+                      self.prefill_call.lines("yoco_prefill_call_seconds"))
+        out += metric("yoco_decode_step_seconds", "histogram", "One decode step of every running sequence.",
+                      self.decode_step.lines("yoco_decode_step_seconds"))
         return "\n".join(out) + "\n"
 
 

@@ -12,9 +12,15 @@ Each iteration (``Scheduler.step``):
 4. every running sequence decodes one token in one call (``cache.RowBatch``: each row its own cache
    and positions, whatever its length and arrival), and a sequence that finishes leaves at once.
 
-The scheduler runs in its own thread (``start``/``stop``); the server talks to it through ``submit``
-and ``cancel`` and hears back through each request's ``emit`` callback (called from the scheduler's
-thread: the callback must hand the event over thread-safely).
+The scheduler runs on the thread that calls ``run`` (``yoco serve``: the process's main thread, the
+HTTP server in another), or in a thread of its own (``start``/``stop``); the server talks to it
+through ``submit`` and ``cancel`` and hears back through each request's ``emit`` callback (called from
+the scheduler's thread: the callback must hand the event over thread-safely).
+
+Why the main thread: PyTorch's CPU threads are an OpenMP team per calling thread. Once the main thread
+has one (loading the model makes it), libgomp wakes a second thread's team from sleep at every parallel
+region instead of keeping it spinning (it throttles spinning when teams outnumber the cores), which on
+2 cores made every small op ~5x slower and a 16K-token prefill 20-30% slower than on the main thread.
 """
 
 from __future__ import annotations
@@ -201,8 +207,18 @@ class Scheduler:
         self._wake.set()
 
     # ------------------------------------------------------------------ the loop
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Run iterations on this thread until ``stop`` is called or ``until()`` is true (checked at
+        least every 0.1 s while idle)."""
+        with torch.inference_mode():
+            while not self._stopping and not until():
+                if not self.step():
+                    self._wake.wait(timeout=0.1)
+                    self._wake.clear()
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="yoco-scheduler", daemon=True)
+        """Run in a thread of its own (tests, or a server whose main thread is taken)."""
+        self._thread = threading.Thread(target=self.run, name="yoco-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -210,13 +226,6 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
-
-    def _loop(self) -> None:
-        with torch.inference_mode():
-            while not self._stopping:
-                if not self.step():
-                    self._wake.wait(timeout=0.1)
-                    self._wake.clear()
 
     def step(self) -> bool:
         """One iteration; False when there was nothing to do."""
@@ -261,11 +270,13 @@ class Scheduler:
             self.prefilling.append(head)
 
     def _advance_prefill(self, sequence: Sequence) -> None:
+        began = time.perf_counter()
         try:
             logits = next(sequence.prefill)
         except Exception as e:  # this sequence fails alone; the others go on
             self._leave(sequence, Event(finish_reason="error", error=f"prefill failed: {e}"))
             return
+        self.metrics.prefill_call.observe(time.perf_counter() - began)
         if logits is None:
             return
         self.prefilling.remove(sequence)
@@ -274,6 +285,11 @@ class Scheduler:
         self._take(sequence, logits[0])
 
     def _decode(self, sequences: list[Sequence]) -> None:
+        began = time.perf_counter()
+        self._decode_groups(sequences)
+        self.metrics.decode_step.observe(time.perf_counter() - began)
+
+    def _decode_groups(self, sequences: list[Sequence]) -> None:
         groups = [sequences] if self.model.decodes_rows_apart else [[s] for s in sequences]
         for group in groups:
             feed = torch.tensor([[s.tokens[-1]] for s in group], dtype=torch.long, device=self.device)
