@@ -139,6 +139,21 @@ def test_rope_matches_naive_rotation(pairs, freqs):
     torch.testing.assert_close(y, expected.float(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pairs", ["half", "interleaved"])
+def test_rope_of_strided_views_equals_rope_of_their_copies(pairs):
+    # apply takes each pair as one complex number: views whose pairs are not adjacent and aligned (an odd
+    # offset, heads moved to the front) must rotate as their dense copies do, in fp32 and bf16
+    torch.manual_seed(7)
+    rope = RotaryEmbedding(8, 10000.0, "standard", pairs)
+    cos, sin = rope.tables(torch.arange(3, 8))
+    for x in (torch.randn(2, 5, 3, 9)[..., 1:], torch.randn(2, 3, 5, 8).transpose(1, 2),
+              torch.randn(2, 5, 3, 8).to(torch.bfloat16)):
+        torch.testing.assert_close(rope.apply(x, cos, sin), rope.apply(x.contiguous(), cos, sin), atol=1e-6, rtol=1e-6)
+        expected = _naive_rope(x.float(), torch.arange(3, 8), rope.inv_freq, pairs).to(x.dtype)
+        torch.testing.assert_close(rope.apply(x, cos, sin), expected, atol=1e-5 if x.dtype == torch.float32 else 2e-2,
+                                   rtol=1e-5 if x.dtype == torch.float32 else 2e-2)
+
+
 def test_rope_half_and_interleaved_differ():
     torch.manual_seed(4)
     x = torch.randn(1, 3, 1, 8)
