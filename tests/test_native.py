@@ -1,6 +1,6 @@
-"""The native decode-attention kernels (yoco/native.py, csrc/decode_attention.c), over float32 and over
-quantized keys and values: each equals the PyTorch path it stands beside, for every shape it takes, and
-everything around them falls back cleanly."""
+"""The native attention kernels (yoco/native.py, csrc/): decode attention over float32 and over quantized
+keys and values, and a prefill chunk's sliding-window attention: each equals the formula or the PyTorch
+path it stands beside, for every shape it takes, and everything around them falls back cleanly."""
 
 from __future__ import annotations
 
@@ -182,6 +182,72 @@ def test_decoding_through_the_dense_kernel_equals_decoding_without_it(variant, m
     torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
 
 
+WINDOW_SHAPES = [  # B, h, query heads, dims, queries, keys before them, window
+    (1, 2, 8, 64, 300, 127, 128),  # the 40m preset's heads after a full window, a partial last tile
+    (2, 2, 4, 64, 100, 0, 64),  # a prompt's first chunk: no earlier keys, the window shorter than it
+    (1, 1, 1, 32, 50, 20, 300),  # one head; a window reaching back past every key (causal)
+    (1, 2, 6, 128, 40, 9, 10),  # 3 query heads a K/V head, 128 wide
+    (1, 4, 8, 16, 33, 5, 1),  # a window of 1: each query sees itself only
+    (2, 1, 8, 48, 70, 30, 31),  # the generic width; 8 query heads on one K/V head (128 rows a tile)
+]
+
+
+def _window_reference(q, k, v, earlier, window):
+    """Sliding-window attention by the formula, in float64: query t sees keys earlier + t - window < j <=
+    earlier + t."""
+    B, H, T, d = q.shape
+    group = H // k.shape[1]
+    query_at = torch.arange(T)[:, None] + earlier
+    key_at = torch.arange(k.shape[2])[None, :]
+    seen = (key_at <= query_at) & (key_at > query_at - window)
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = (q.double() @ k.transpose(-1, -2) * d ** -0.5).masked_fill(~seen, float("-inf"))
+    return (scores.softmax(-1) @ v).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", WINDOW_SHAPES)
+def test_the_window_kernel_equals_the_formula(shape):
+    B, h, H, d, T, earlier, window = shape
+    g = torch.Generator().manual_seed(T + earlier)
+    q = torch.randn(B, T, H, d, generator=g).transpose(1, 2)  # as the model hands them: [B, T, H, d] moved
+    k = torch.randn(B, h, earlier + T, d, generator=g)
+    v = torch.randn(B, h, earlier + T + 3, d, generator=g)[:, :, :earlier + T]  # a slice of a longer buffer
+    got = kernels.native_window_attention(q, k, v, earlier, window)
+    assert got is not None, "the kernel declined a shape it takes"
+    torch.testing.assert_close(got, _window_reference(q, k, v, earlier, window), atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_what_the_window_kernel_does_not_take_goes_the_pytorch_way():
+    q, k = torch.randn(1, 4, 20, 64), torch.randn(1, 2, 25, 64)
+    assert kernels.native_window_attention(q, k, k, 5, 8) is not None
+    assert kernels.native_window_attention(q.bfloat16(), k.bfloat16(), k.bfloat16(), 5, 8) is None  # float32 only
+    assert kernels.native_window_attention(q[..., :40], k[..., :40], k[..., :40], 5, 8) is None  # 40 wide
+    wide = torch.randn(1, 4, 20, 256), torch.randn(1, 2, 25, 256)
+    assert kernels.native_window_attention(wide[0], wide[1], wide[1], 5, 8) is None  # wider than 128
+    one_kv = torch.randn(1, 1, 25, 64)
+    assert kernels.native_window_attention(torch.randn(1, 16, 20, 64), one_kv, one_kv, 5, 8) is None  # 16 a K/V head
+    assert kernels.native_window_attention(q, k, k, 4, 8) is None  # the keys must end with the queries' own
+    assert kernels.native_window_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, k, 5, 8) is None
+    wanted = q.clone().requires_grad_()
+    assert kernels.native_window_attention(wanted, k, k, 5, 8) is None  # gradients: PyTorch's autograd path
+    with torch.no_grad():
+        assert kernels.native_window_attention(wanted, k, k, 5, 8) is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", ["yoco-swa", "transformer-window"])
+def test_prefill_through_the_window_kernel_equals_prefill_without_it(variant, monkeypatch):
+    from yoco.mixers import sliding_window
+
+    model = make_model(variant)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(8))
+    fused, unfused = _with_and_without(sliding_window, "native_window_attention",
+                                       lambda: engine_logits(model, ids, 100, 30), monkeypatch)
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
+
+
 def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setattr(native, "_tried", False)
@@ -209,5 +275,5 @@ def test_the_library_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert native.build() == first and first.stat().st_mtime_ns == stamp
     source = tmp_path / "other.c"
-    source.write_text(native.SOURCE.read_text() + "\n/* another text */\n")
-    assert native.build(source) != first
+    source.write_text(native.SOURCES[0].read_text() + "\n/* another text */\n")
+    assert native.build((source, *native.SOURCES[1:])) != first

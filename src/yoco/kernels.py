@@ -65,6 +65,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                           enable_gqa=H != n_kv, scale=scale)
 
 
+def native_library_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The native kernels (``yoco.native``) for attention of q over k/v, or None where none applies: not
+    float32 on the CPU, gradients wanted (PyTorch's autograd path), inside torch.compile, values whose
+    rows are not dense, or the kernels not built."""
+    if (q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32)
+            or torch.compiler.is_compiling() or v.stride(-1) != 1
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    return native.library()
+
+
 # At most this many queries per K/V head go to the native decode kernel (a decode step's group of query
 # heads; a prefill chunk's many queries are faster as PyTorch's blockwise matmuls).
 NATIVE_QUERIES = 64
@@ -92,13 +103,8 @@ def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, H, T, d = q.shape
     h, S = k.shape[1], k.shape[2]
     M = (H // h) * T
-    if (q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32) or M > NATIVE_QUERIES
-            or S == 0 or torch.compiler.is_compiling() or (torch.is_grad_enabled() and
-                                                           (q.requires_grad or k.requires_grad or v.requires_grad))
-            or k.stride(-1) != 1 or v.stride(-1) != 1):
-        return None
-    lib = native.library()
-    if lib is None:
+    lib = native_library_for(q, k, v)
+    if lib is None or M > NATIVE_QUERIES or S == 0 or k.stride(-1) != 1:
         return None
     dv = v.shape[-1]
     grouped, out, lse = native_decode_buffers(q, h, dv, scale)
@@ -111,6 +117,35 @@ def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if status:
         return None
     return out.reshape(B, H, T, dv), lse.reshape(B, H, T)
+
+
+# Keys per block of the native window kernel (csrc/window_attention.c's KB): its transposed keys are
+# padded by one block, so that a block's vector loads never read past them.
+WINDOW_KEY_BLOCK = 32
+
+
+def native_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, earlier: int,
+                            window: int) -> torch.Tensor | None:
+    """Sliding-window attention of the queries q [B, H, T, d] over k/v [B, n_kv, S = earlier + T, d] (the
+    ``earlier`` keys before the queries, then their own): query t sees keys earlier + t - window < j <=
+    earlier + t. Computed by the native kernel (``csrc/window_attention.c``: flash attention over the
+    band only, each key block read once for a K/V head's query heads at 16 positions), or None where it
+    does not apply (not float32 on the CPU, gradients wanted, inside torch.compile, shapes it declines),
+    and the caller takes PyTorch's path."""
+    B, H, T, d = q.shape
+    h, S = k.shape[1], k.shape[2]
+    lib = native_library_for(q, k, v)
+    if lib is None or S != earlier + T or q.stride(-1) != 1:
+        return None
+    keys = k.new_zeros(B, h, d, S + WINDOW_KEY_BLOCK)
+    keys[..., :S] = k.transpose(-1, -2)
+    out = torch.empty(B, H, T, d, dtype=torch.float32)
+    status = lib.yoco_window_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                                       keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
+                                       v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+                                       B, H, h, T, S, d, earlier, window, d ** -0.5, torch.get_num_threads(),
+                                       out.data_ptr(), out.stride(0), out.stride(1), out.stride(2))
+    return None if status else out
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+CSRC = Path(__file__).with_name("csrc")
+# One shared library from these sources (and the headers they include, whose text is part of its key).
+SOURCES = (CSRC / "decode_attention.c", CSRC / "window_attention.c")
+HEADERS = (CSRC / "vectors.h",)
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-shared")
 # OpenMP: libgomp.so.1 is the one PyTorch loaded (its wheel ships it), so the kernels share its threads;
 # a compiler without OpenMP builds them single-threaded instead.
@@ -37,6 +40,10 @@ _SIGNATURES = {
     "yoco_quantized_attention": [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64,
                                  _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64,
                                  _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR],
+    # q, its strides (row, head, position); keys transposed, strides (row, head, dim); values, strides;
+    # B, H, h, T, S, d, keys before the first query, window, scale, threads; out, its strides
+    "yoco_window_attention": [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64,
+                              _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _I64, _PTR, _I64, _I64, _I64],
 }
 
 _loaded: ctypes.CDLL | None = None
@@ -55,15 +62,15 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compile ``source`` (if not built already) and return the shared library's path; raises
+def build(sources: tuple[Path, ...] = SOURCES) -> Path:
+    """Compile ``sources`` into one shared library (if not built already) and return its path; raises
     RuntimeError with the compiler's message when it cannot."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    text = source.read_bytes()
+    text = b"\0".join(path.read_bytes() for path in (*sources, *HEADERS))
     key = hashlib.sha256(text + "\0".join((cc, *FLAGS, *THREADS, sys.platform)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+    target = cache_dir() / f"yoco-kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,8 +78,8 @@ def build(source: Path = SOURCE) -> Path:
     os.close(fd)
     try:
         for threads in (THREADS, ()):
-            done = subprocess.run([cc, *FLAGS, *threads, str(source), "-o", partial, "-lm"], capture_output=True,
-                                  text=True)
+            done = subprocess.run([cc, *FLAGS, *threads, f"-I{CSRC}", *map(str, sources), "-o", partial, "-lm"],
+                                  capture_output=True, text=True)
             if not done.returncode:
                 break
         else:

@@ -10,7 +10,7 @@ from yoco.cache import CacheError
 from yoco.config import get_config
 from yoco.layers import RotaryEmbedding
 from yoco.kernels import slot_mask
-from yoco.mixers.sliding_window import RingKVCache, SlidingWindowAttention, blocked_window_attention, window_parts
+from yoco.mixers.sliding_window import RingKVCache, SlidingWindowAttention, blocked_window_attention, window_band
 
 
 def naive_window(q, k, v, window, q_start=0, k_start=0):
@@ -69,20 +69,23 @@ def test_blocked_with_previous_keys(T2, W, block):
     torch.testing.assert_close(out, full_ref[:, :, q_start:], atol=1e-5, rtol=1e-5)
 
 
-def test_window_parts_split_each_block_by_what_its_queries_see():
-    # a full window of W - 1 = 7 earlier keys for 4 queries: 4 anti-causal, 3 seen by all, 4 own
-    assert window_parts(4, 7, 8, False) == [(0, 4, "anti"), (4, 7, "all"), (7, 11, "causal")]
-    assert window_parts(7, 7, 8, False) == [(0, 7, "anti"), (7, 14, "causal")]
-    assert window_parts(4, 0, 8, True) == [(0, 4, "causal")]
-    assert window_parts(4, 3, 8, True) == [(0, 3, "all"), (3, 7, "causal")]
-    assert window_parts(4, 5, 8, False) is None  # the window's edge cuts the earlier keys unevenly
-    assert window_parts(9, 7, 8, False) is None  # a block longer than the window
-    assert window_parts(8, 7, 8, False) is None  # more queries than earlier keys
+def test_window_band_masks_what_each_query_does_not_see_and_is_built_once_per_shape():
+    band = window_band(3, 4, 5, torch.float32, torch.device("cpu"))
+    seen = band == 0  # query r (after 4 earlier keys) sees keys r .. r + 4 of the 7
+    assert seen.tolist() == [[True, True, True, True, True, False, False],
+                             [False, True, True, True, True, True, False],
+                             [False, False, True, True, True, True, True]]
+    assert torch.isneginf(band[~seen]).all()
+    assert window_band(3, 4, 5, torch.float32, torch.device("cpu")) is band
+    with torch.inference_mode():  # built inside inference mode, still usable where autograd tracks
+        built_there = window_band(2, 1, 5, torch.float32, torch.device("cpu"))
+    q = torch.randn(1, 1, 2, 4, requires_grad=True)
+    (q @ q.transpose(-1, -2) + built_there[:, 1:]).sum().backward()
 
 
 @pytest.mark.parametrize("W,block", [(8, 4), (8, 7), (8, 3), (5, 5), (6, 9), (16, 5)])
 @pytest.mark.parametrize("k_behind", [None, 0, 2])
-def test_blocked_parts_match_naive_at_every_offset(W, block, k_behind):
+def test_blocked_matches_naive_at_every_offset(W, block, k_behind):
     # Every block kind (first blocks, full windows, a window's edge cutting a block, a short last
     # block), and keys that start a full window back (None), at the queries (0) or in between.
     T = 37

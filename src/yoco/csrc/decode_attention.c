@@ -30,6 +30,8 @@
  * registers. Both take dk % 16 == 0 and dv % 16 == 0; the quantized one also G % 16 == 0 and packed
  * planes of 8 or a multiple of 16 bytes. Anything else returns -1 and the caller uses the PyTorch path.
  */
+#include "vectors.h"
+
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -42,10 +44,6 @@
 #define MAX_M 64
 #define MAX_D 512
 #define MAX_G 512
-#define L 16 /* floats per vector */
-
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 /* The split of a call into (row, K/V head, token range) units and their partial results. */
 typedef struct {
@@ -71,10 +69,6 @@ typedef struct {
     const float *vs, *vz; int64_t vs_sb, vs_sh;
     int64_t dk, bits, G;
 } QuantizedJob;
-
-static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
-static inline f32x16 splat(float x) { return (f32x16){0} + x; }
 
 /* 16 bytes zero-extended to 16 ints (GCC 12 compiles __builtin_convertvector of bytes lane by lane). */
 static inline i32x16 widen(const uint8_t *bytes) {
@@ -112,29 +106,6 @@ static inline f32x16 codes16(const uint8_t *bytes, int64_t v, int64_t P, int64_t
     const i32x16 codes = (raw >> shift) & ((1 << bits) - 1);
     return __builtin_convertvector(codes, f32x16);
 }
-
-/* e^x for x <= 0 (a score minus the running maximum) to float precision: 2^n e^r with
- * n = round(x / ln 2) and a degree-6 polynomial for e^r, |r| <= ln 2 / 2; 2^n built from its bits. */
-static inline f32x16 exp_nonpositive(f32x16 x) {
-    const i32x16 below = x < -87.0f;
-    x = (f32x16)(((i32x16)x & ~below) | ((i32x16)splat(-87.0f) & below));
-    const i32x16 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16); /* toward zero */
-    const f32x16 nf = __builtin_convertvector(n, f32x16);
-    const f32x16 r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-6f;
-    f32x16 p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return p * (f32x16)((n + 127) << 23);
-}
-
-static inline f32x16 vmax(f32x16 a, f32x16 b) {
-    const i32x16 greater = a > b;
-    return (f32x16)(((i32x16)a & greater) | ((i32x16)b & ~greater));
-}
-static inline float hsum(f32x16 v) { float s = 0.0f; for (int i = 0; i < L; i++) s += v[i]; return s; }
 
 /* One query's online-softmax step over a block of TV * 16 scores of which the first n are real: the
  * running maximum *top, sum of weights *total and weighted values acc[DV] are rescaled when a larger

@@ -1,0 +1,167 @@
+/* Sliding-window attention of a prefill chunk on the CPU (flash attention: an online softmax over key
+ * blocks, so no score matrix beyond one tile is ever held).
+ *
+ * Query t of the chunk sits at key index E + t (E keys come before the chunk: a ring's earlier window)
+ * and sees the keys j with E + t - W < j <= E + t. The work is split into units of (row, K/V head, tile
+ * of QT positions); a unit's rows are the G query heads of its K/V head at its QT positions, which all
+ * read the same W + QT - 1 keys, so each key block is read once for G * QT rows; only the blocks the
+ * tile's band reaches are visited. Per key block:
+ *   scores S = Q K^T  (register tiles of 8 rows x 32 keys: one broadcast query value, two key vectors)
+ *   the window's band masked (-inf, only on blocks the band cuts), online softmax per row
+ *   O += P V          (register tiles of 4 rows x 64 dims: one broadcast weight, four value vectors)
+ *
+ * Layouts (strides in elements):
+ *   q [B, H, T, d] and out [B, H, T, d] (each position's d floats dense; queries not scaled: scale is
+ *   applied here), kt [B, h, d, Sp] the keys transposed (each dim's positions dense, Sp >= S rounded up
+ *   to KB, what lies past S never weighs), v [B, h, S, d] (each position's d floats dense); h divides H.
+ *   d % 16 == 0 and d <= 128; anything else returns -1 and the caller takes the PyTorch path.
+ */
+#include "vectors.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QT 16          /* query positions per unit */
+#define KB 32          /* keys per block */
+#define MAX_ROWS 128   /* G * QT: query heads per K/V head times positions */
+#define MAX_DW 128     /* head dim */
+
+typedef struct {
+    const float *q; int64_t q_sb, q_sh, q_st;
+    const float *kt; int64_t kt_sb, kt_sh, kt_sd;
+    const float *v; int64_t v_sb, v_sh, v_st;
+    float *out; int64_t o_sb, o_sh, o_st;
+    int64_t H, h, G, T, S, d, E, W, tiles;
+    float scale;
+} WindowJob;
+
+/* One unit: K/V head `head` of row `b`, positions t0 .. t0 + QT - 1. */
+static inline __attribute__((always_inline)) void window_unit(const WindowJob *job, int64_t b, int64_t head,
+                                                               int64_t t0, const int64_t d) {
+    const int64_t D = d / L, G = job->G, W = job->W, E = job->E;
+    const int64_t t1 = t0 + QT < job->T ? t0 + QT : job->T, n = t1 - t0, R = G * QT;
+    float qs[MAX_ROWS * MAX_DW] __attribute__((aligned(64)));     /* rows' queries, scaled; row r = g * QT + p */
+    float acc[MAX_ROWS * MAX_DW] __attribute__((aligned(64)));    /* rows' weighted values */
+    float p[MAX_ROWS * KB] __attribute__((aligned(64)));          /* scores, then weights */
+    float top[MAX_ROWS], total[MAX_ROWS];
+    const float *kt = job->kt + b * job->kt_sb + head * job->kt_sh, *v = job->v + b * job->v_sb + head * job->v_sh;
+    const int64_t PR = D <= 4 ? 4 : 2; /* rows of a weighted-values tile: its accumulators fit the registers */
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < QT; i++) {
+            const int64_t r = g * QT + i;
+            top[r] = -INFINITY;
+            total[r] = 0.0f;
+            memset(acc + r * d, 0, sizeof(float) * d);
+            if (i < n) {
+                const float *src = job->q + b * job->q_sb + (head * G + g) * job->q_sh + (t0 + i) * job->q_st;
+                for (int64_t c = 0; c < d; c++) qs[r * d + c] = src[c] * job->scale;
+            } else {
+                memset(qs + r * d, 0, sizeof(float) * d); /* past the chunk's end: computed, never written */
+            }
+        }
+    const int64_t first = E + t0 - W + 1 > 0 ? E + t0 - W + 1 : 0, last = E + t1 - 1; /* keys any row sees */
+    for (int64_t j0 = first; j0 <= last; j0 += KB) {
+        const int64_t nk = j0 + KB <= last + 1 ? KB : last + 1 - j0;
+        /* scores: tiles of 8 rows x 32 keys */
+        for (int64_t r0 = 0; r0 < R; r0 += 8) {
+            f32x16 s[8][2];
+            for (int r = 0; r < 8; r++) s[r][0] = s[r][1] = splat(0.0f);
+            for (int64_t c = 0; c < d; c++) {
+                const f32x16 k0 = load16(kt + c * job->kt_sd + j0), k1 = load16(kt + c * job->kt_sd + j0 + L);
+                for (int r = 0; r < 8; r++) {
+                    const f32x16 x = splat(qs[(r0 + r) * d + c]);
+                    s[r][0] += x * k0;
+                    s[r][1] += x * k1;
+                }
+            }
+            for (int r = 0; r < 8; r++) {
+                store16(p + (r0 + r) * KB, s[r][0]);
+                store16(p + (r0 + r) * KB + L, s[r][1]);
+            }
+        }
+        /* the band: position i sees keys E + t0 + i - W < j <= E + t0 + i; masked only where it cuts */
+        const int band_cuts = j0 <= E + t0 + (n - 1) - W || j0 + KB - 1 > E + t0;
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t i = r % QT, hi = E + t0 + i, lo = hi - W + 1;
+            float *row = p + r * KB;
+            if (band_cuts || nk < KB)
+                for (int64_t j = 0; j < KB; j++)
+                    if (j >= nk || j0 + j < lo || j0 + j > hi) row[j] = -INFINITY;
+            /* online softmax */
+            f32x16 most = vmax(load16(row), load16(row + L));
+            float high = top[r];
+            for (int x = 0; x < L; x++) high = most[x] > high ? most[x] : high;
+            if (high == -INFINITY) { /* sees none of this block (past the chunk's end, or the band) */
+                memset(row, 0, sizeof(float) * KB);
+                continue;
+            }
+            if (high > top[r]) {
+                const float factor = top[r] == -INFINITY ? 0.0f : expf(top[r] - high);
+                total[r] *= factor;
+                for (int64_t c = 0; c < D; c++) store16(acc + r * d + c * L, load16(acc + r * d + c * L) * factor);
+                top[r] = high;
+            }
+            f32x16 sum = splat(0.0f);
+            for (int64_t x = 0; x < KB; x += L) {
+                const f32x16 sc = load16(row + x);
+                const f32x16 e = (f32x16)((i32x16)exp_nonpositive(sc - high) & (sc != -INFINITY)); /* masked: 0 */
+                store16(row + x, e);
+                sum += e;
+            }
+            total[r] += hsum(sum);
+        }
+        /* weighted values: tiles of PR rows x d */
+        for (int64_t r0 = 0; r0 < R; r0 += PR) {
+            f32x16 o[4][MAX_DW / L];
+            for (int64_t r = 0; r < PR; r++)
+                for (int64_t c = 0; c < D; c++) o[r][c] = load16(acc + (r0 + r) * d + c * L);
+            for (int64_t j = 0; j < nk; j++) {
+                const float *vr = v + (j0 + j) * job->v_st;
+                f32x16 x[MAX_DW / L];
+                for (int64_t c = 0; c < D; c++) x[c] = load16(vr + c * L);
+                for (int64_t r = 0; r < PR; r++) {
+                    const f32x16 w = splat(p[(r0 + r) * KB + j]);
+                    for (int64_t c = 0; c < D; c++) o[r][c] += w * x[c];
+                }
+            }
+            for (int64_t r = 0; r < PR; r++)
+                for (int64_t c = 0; c < D; c++) store16(acc + (r0 + r) * d + c * L, o[r][c]);
+        }
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t r = g * QT + i;
+            float *dst = job->out + b * job->o_sb + (head * G + g) * job->o_sh + (t0 + i) * job->o_st;
+            const float inv = 1.0f / total[r];
+            for (int64_t c = 0; c < d; c++) dst[c] = acc[r * d + c] * inv;
+        }
+}
+
+/* The common head dims as constants, so the tiles' loops over d unroll. */
+static void window_unit_64(const WindowJob *job, int64_t b, int64_t head, int64_t t0) { window_unit(job, b, head, t0, 64); }
+static void window_unit_128(const WindowJob *job, int64_t b, int64_t head, int64_t t0) { window_unit(job, b, head, t0, 128); }
+static void window_unit_any(const WindowJob *job, int64_t b, int64_t head, int64_t t0) { window_unit(job, b, head, t0, job->d); }
+
+int yoco_window_attention(const float *q, int64_t q_sb, int64_t q_sh, int64_t q_st,
+                          const float *kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sd,
+                          const float *v, int64_t v_sb, int64_t v_sh, int64_t v_st,
+                          int64_t B, int64_t H, int64_t h, int64_t T, int64_t S, int64_t d, int64_t E, int64_t W,
+                          float scale, int64_t threads, float *out, int64_t o_sb, int64_t o_sh, int64_t o_st) {
+    if (d < L || d > MAX_DW || d % L || h < 1 || H % h || (H / h) * QT > MAX_ROWS || W < 1 || E < 0 || T < 1
+        || S < E + T)
+        return -1;
+    if (threads < 1) threads = 1;
+    const WindowJob job = {q, q_sb, q_sh, q_st, kt, kt_sb, kt_sh, kt_sd, v, v_sb, v_sh, v_st, out, o_sb, o_sh, o_st,
+                           H, h, H / h, T, S, d, E, W, (T + QT - 1) / QT, scale};
+    void (*unit)(const WindowJob *, int64_t, int64_t, int64_t) =
+        d == 64 ? window_unit_64 : d == 128 ? window_unit_128 : window_unit_any;
+    const int64_t units = B * h * job.tiles;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+    for (int64_t x = 0; x < units; x++) {
+        const int64_t bh = x / job.tiles;
+        unit(&job, bh / h, bh % h, (x % job.tiles) * QT);
+    }
+    return 0;
+}
