@@ -41,8 +41,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
+    from ..bench import busy_warning, measure_machine, probe
     from ..config import PRESETS
     from ..report import write_json
     from ..serve.bench import ServeBenchSettings, bench_one, bench_tokenizer, markdown_table, plot, ratio_lines
@@ -68,13 +70,19 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{done} done")
                 bar.refresh()
 
-            rows.append(bench_one(arch, settings, tokenizer, progress))
+            before = measure_machine(torch.float32)  # the machine probe around each server's run
+            row = bench_one(arch, settings, tokenizer, progress)
+            row["machine"] = probe(before, measure_machine(torch.float32))
+            rows.append(row)
     report = {"settings": asdict(settings), "results": rows,
               "wall_s": time.perf_counter() - started}
     print(markdown_table(rows))
     for line in ratio_lines(rows):
         print(line)
     for row in rows:
+        warning = busy_warning(row["machine"])
+        if warning:
+            print(f"{row['arch']}: {warning}")
         if row["errors"]:
             print(f"{row['arch']}: {row['failed']} failed, e.g. {row['errors'][0]}")
     if args.json:

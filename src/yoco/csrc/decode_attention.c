@@ -170,40 +170,42 @@ static inline __attribute__((always_inline)) void dense_body(const DenseJob *job
     const float *q = job->q + b * job->q_sb + head * job->q_sh;
     const float *k = job->k + b * job->k_sb + head * job->k_sh, *v = job->v + b * job->v_sb + head * job->v_sh;
 
-    f32x16 query[M][DK], acc[M][DV];
+    /* Two phases a block, so that what is live at once fits the registers: the scores, a query at a time
+     * (its 16 keys' dot products summed across lanes by sums16), then the values, each key's row loaded
+     * once for a group of 4 queries' accumulators. */
+    f32x16 acc[M][DV];
     float top[M], total[M], weights[M][L];
     for (int64_t m = 0; m < M; m++) {
         top[m] = -FLT_MAX;
         total[m] = 0.0f;
-        for (int64_t c = 0; c < DK; c++) query[m][c] = load16(q + m * dk + c * L);
         for (int64_t c = 0; c < DV; c++) acc[m][c] = splat(0.0f);
     }
     for (int64_t s0 = t0; s0 < t1; s0 += L) {
         const int64_t n = s0 + L <= t1 ? L : t1 - s0;
-        float score[M][L];
-        for (int64_t t = 0; t < L; t++) {
-            if (t >= n) {
-                for (int64_t m = 0; m < M; m++) score[m][t] = 0.0f;
-                continue;
-            }
-            const float *row = k + (s0 + t) * job->k_st;
-            f32x16 key[DK];
-            for (int64_t c = 0; c < DK; c++) key[c] = load16(row + c * L);
-            for (int64_t m = 0; m < M; m++) {
-                f32x16 dot = query[m][0] * key[0];
-                for (int64_t c = 1; c < DK; c++) dot += query[m][c] * key[c];
-                score[m][t] = hsum(dot);
-            }
-        }
         for (int64_t m = 0; m < M; m++) {
-            const f32x16 scores = load16(score[m]);
+            const float *query = q + m * dk;
+            f32x16 dots[L];
+            for (int64_t t = 0; t < L; t++) {
+                if (t >= n) {
+                    dots[t] = splat(0.0f);
+                    continue;
+                }
+                const float *row = k + (s0 + t) * job->k_st;
+                f32x16 dot = load16(query) * load16(row);
+                for (int64_t c = 1; c < DK; c++) dot += load16(query + c * L) * load16(row + c * L);
+                dots[t] = dot;
+            }
+            const f32x16 scores = sums16(dots);
             softmax_block(&scores, 1, n, &top[m], &total[m], acc[m], DV, weights[m]);
         }
-        for (int64_t t = 0; t < n; t++) {
-            const float *row = v + (s0 + t) * job->v_st;
-            for (int64_t c = 0; c < DV; c++) {
-                const f32x16 x = load16(row + c * L);
-                for (int64_t m = 0; m < M; m++) acc[m][c] += weights[m][t] * x;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t group = M - m0 < 4 ? M - m0 : 4;
+            for (int64_t t = 0; t < n; t++) {
+                const float *row = v + (s0 + t) * job->v_st;
+                for (int64_t c = 0; c < DV; c++) {
+                    const f32x16 x = load16(row + c * L);
+                    for (int64_t m = m0; m < m0 + group; m++) acc[m][c] += weights[m][t] * x;
+                }
             }
         }
     }
