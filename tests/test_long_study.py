@@ -41,7 +41,28 @@ def test_a_run_per_option_scored_at_every_context(corpus, tmp_path):
     table = markdown(results)
     assert "| nope-log | yoco-swa |" in table and "quadratic" in table
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [r["position"] for r in saved["runs"]] == list(runs)
+    assert [r["position"] for r in saved["runs"]] == list(runs) and saved["complete"]
+
+
+def test_a_study_stopped_halfway_keeps_the_runs_it_finished(corpus, tmp_path, monkeypatch):
+    import yoco.long_study as long_study
+
+    settings = LongStudySettings(options=("rope", "rope-pi"), preset="tiny", window=16, steps=2, batch_size=2,
+                                 seq_len=128, short_seq_len=None, contexts=(128,), depths=(0.0,), trials=1,
+                                 prefill_chunk=64, corpus=[corpus], vocab_size=400)
+    evaluate = long_study.evaluate_option
+
+    def stop_at_the_second(name, *args, **kwargs):
+        if name == "rope-pi":
+            raise KeyboardInterrupt
+        return evaluate(name, *args, **kwargs)
+
+    monkeypatch.setattr(long_study, "evaluate_option", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_long_study(settings, tmp_path, log=lambda s: None, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["position"] for r in saved["runs"]] == ["rope"] and not saved["complete"]
+    assert "so far (1 of 2 runs)" in (tmp_path / "results.md").read_text()
 
 
 def test_the_command_and_its_quick_form(tmp_path, monkeypatch):

@@ -199,10 +199,13 @@ def run_long_study(settings: LongStudySettings, out: str | os.PathLike, log=prin
                      f"trained at {settings.seq_len} tokens")
         log(f"{name}: val loss {loss['val_loss']:.4f}; passkey " + ", ".join(
             f"{n}: {a:.0%}" for n, a in run["passkey_by_context"].items()))
-    results = {"settings": {**settings.__dict__, "options": list(settings.options)},
-               "seconds": time.perf_counter() - began, "runs": runs}
-    write_json(results, out / "results.json")
-    write_markdown(markdown(results), out / "results.md")
+        # written after every run (``complete`` false until the last): a study stopped halfway keeps what
+        # it measured
+        results = {"settings": {**settings.__dict__, "options": list(settings.options)},
+                   "seconds": time.perf_counter() - began, "complete": len(runs) == len(settings.options),
+                   "runs": runs}
+        write_json(results, out / "results.json")
+        write_markdown(markdown(results), out / "results.md")
     return results
 
 
@@ -212,7 +215,8 @@ def markdown(results: dict) -> str:
     head = " | ".join(_context_label(int(n)) for n in contexts)
     lines = [f"Long study: preset {s['preset']}, window {s['window']}, trained at {s['seq_len']} tokens "
              f"({s['steps']} steps); passkey at depths {', '.join(f'{d:g}' for d in s['depths'])}, "
-             f"{s['trials']} keys each; whole run {results['seconds'] / 60:.1f} min",
+             f"{s['trials']} keys each; whole run {results['seconds'] / 60:.1f} min"
+             + ("" if results.get("complete", True) else f" so far ({len(results['runs'])} of {len(s['options'])} runs)"),
              "",
              f"| option | arch | val loss | {head} | min over depths at the longest | eval time |",
              "|---|---|---|" + "---|" * len(contexts) + "---|---|"]

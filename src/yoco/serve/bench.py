@@ -36,7 +36,7 @@ class ServeBenchSettings:
     duration: float | None = 600.0
     requests: int | None = None
     preset: str = "40m"
-    prefill_chunk: int = 8192
+    prefill_chunk: int = 4096
     max_batch: int = 256
     dtype: str = "fp32"
     seed: int = 0
