@@ -63,6 +63,16 @@ def test_a_study_stopped_halfway_keeps_the_runs_it_finished(corpus, tmp_path, mo
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["position"] for r in saved["runs"]] == ["rope"] and not saved["complete"]
     assert "so far (1 of 2 runs)" in (tmp_path / "results.md").read_text()
+    # run again, it evaluates only what it had not: the rope run is kept as it was
+    evaluated = []
+    monkeypatch.setattr(long_study, "evaluate_option", lambda name, *a, **k: evaluated.append(name) or evaluate(name, *a, **k))
+    results = run_long_study(settings, tmp_path, log=lambda s: None, progress=False)
+    assert evaluated == ["rope-pi"] and results["complete"]
+    assert results["runs"][0] == saved["runs"][0] and [r["position"] for r in results["runs"]] == ["rope", "rope-pi"]
+    # other settings: nothing is kept
+    evaluated.clear()
+    run_long_study(LongStudySettings(**{**settings.__dict__, "trials": 2}), tmp_path, log=lambda s: None, progress=False)
+    assert evaluated == ["rope", "rope-pi"]
 
 
 def test_the_command_and_its_quick_form(tmp_path, monkeypatch):
@@ -76,6 +86,10 @@ def test_the_command_and_its_quick_form(tmp_path, monkeypatch):
     assert seen[0].contexts == (65536, 1 << 20) and seen[0].depths == (0.0, 0.5, 1.0) and seen[0].trials == 4
     assert main(["study", "--long", "--options", "nope,rope-ntk", "--contexts", "1K,64K", "--out", str(tmp_path)]) == 0
     assert seen[1].options == ("nope", "rope-ntk") and seen[1].contexts == (1024, 65536)
+    # a shared training flag given applies to the long study; one not given keeps the long study's default
+    assert main(["study", "--long", "--seq-len", "512", "--window", "32", "--out", str(tmp_path)]) == 0
+    assert (seen[2].seq_len, seen[2].window, seen[2].batch_size) == (512, 32, LongStudySettings().batch_size)
+    assert seen[2].retrieval_tasks == ("passkey",) and seen[2].short_seq_len == 256
 
 
 def test_bad_long_study_requests_are_refused(tmp_path, capsys):
@@ -83,5 +97,8 @@ def test_bad_long_study_requests_are_refused(tmp_path, capsys):
     assert "--contexts is an option of the long study" in capsys.readouterr().err
     assert main(["study", "--long", "--options", "alibi", "--out", str(tmp_path)]) == 2
     assert "position option" in capsys.readouterr().err
+    for flag in (["--arch", "transformer"], ["--val-batches", "2"]):
+        assert main(["study", "--long", *flag, "--out", str(tmp_path)]) == 2
+        assert f"{flag[0]} is an option of the architecture study, not of --long" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown position option"):
         LongStudySettings(options=("alibi",)).validate()

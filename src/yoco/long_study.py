@@ -21,6 +21,7 @@ best option found (``QUICK_OPTION``) and ``rope`` and scores them at 64K and 1M,
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -159,6 +160,35 @@ def evaluate_option(name: str, model, tokenizer, haystack, settings: LongStudySe
     return cells, stopped
 
 
+def _settings_record(settings: LongStudySettings) -> dict:
+    return {**settings.__dict__, "options": list(settings.options)}
+
+
+def _finished_runs(path: Path, settings: LongStudySettings) -> dict[str, dict]:
+    """The runs an earlier study at ``path`` evaluated with the same settings (its options aside), by
+    option; none if there is no such file, or it was written with other settings."""
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    same = lambda record: {**record, "options": None}  # noqa: E731 - compared with the options left out
+    if same(earlier.get("settings", {})) != same(json.loads(json.dumps(_settings_record(settings)))):
+        return {}
+    return {run["position"]: run for run in earlier.get("runs", [])}
+
+
+def _save(settings: LongStudySettings, runs: list[dict], seconds: float, out: Path) -> dict:
+    """Written after every run (``complete`` false until the last): a study stopped halfway keeps what
+    it measured, and a rerun takes it up from there."""
+    results = {"settings": _settings_record(settings), "seconds": seconds,
+               "complete": len(runs) == len(settings.options), "runs": runs}
+    write_json(results, out / "results.json")
+    write_markdown(markdown(results), out / "results.md")
+    return results
+
+
 def run_long_study(settings: LongStudySettings, out: str | os.PathLike, log=print, progress: bool = True) -> dict:
     settings.validate()
     out = Path(out)
@@ -172,9 +202,17 @@ def run_long_study(settings: LongStudySettings, out: str | os.PathLike, log=prin
     target = parameter_count(get_config("transformer", settings.preset, **vocab))
     val = TokenShards(out / "data", "val")
     runs = []
+    finished = _finished_runs(out / "results.json", settings)
     for name in settings.options:
+        if name in finished:
+            # evaluated under these very settings by an earlier, interrupted study: kept, not redone (an
+            # option's 1M-token cells take tens of minutes; delete results.json to evaluate again)
+            log(f"{name}: evaluated before (results.json), kept")
+            runs.append(finished[name])
+            results = _save(settings, runs, time.perf_counter() - began, out)
+            continue
         run_dir = out / _trained_run(name)
-        # a finished run is not trained again: re-running the study re-evaluates it
+        # a finished training is not done again (an option evaluated with the rope run's weights reuses them)
         train(_train_settings(_trained_run(name), settings, vocab, target), run_dir,
               resume=(run_dir / "latest").exists(), log=log, progress=progress, data_dir=out / "data")
         model = load_model(latest_checkpoint(run_dir)).eval()
@@ -199,13 +237,7 @@ def run_long_study(settings: LongStudySettings, out: str | os.PathLike, log=prin
                      f"trained at {settings.seq_len} tokens")
         log(f"{name}: val loss {loss['val_loss']:.4f}; passkey " + ", ".join(
             f"{n}: {a:.0%}" for n, a in run["passkey_by_context"].items()))
-        # written after every run (``complete`` false until the last): a study stopped halfway keeps what
-        # it measured
-        results = {"settings": {**settings.__dict__, "options": list(settings.options)},
-                   "seconds": time.perf_counter() - began, "complete": len(runs) == len(settings.options),
-                   "runs": runs}
-        write_json(results, out / "results.json")
-        write_markdown(markdown(results), out / "results.md")
+        results = _save(settings, runs, time.perf_counter() - began, out)
     return results
 
 
