@@ -9,6 +9,7 @@ tests/test_test_layout.py; fixtures live in conftest.py):
 - ``hf_model``: a small randomly initialised transformers Llama, Mistral or Qwen2;
 - ``left_padded``: prompts as transformers takes them, ids and attention mask left-padded with 0;
 - ``CPU``, ``cpu_step``: a ``Step`` on the CPU, for calling a token mixer directly;
+- ``run_in_pieces``: a token mixer in one call, in pieces through a cache, and a token at a time;
 - ``rms_norm_reference``: RMSNorm written out in float64, what the norms are checked against;
 - ``naive_attention``: float64 grouped-query attention under a visibility mask, the attention reference;
 - ``serving``: an ASGI app served by uvicorn on 127.0.0.1 on a free port, for the length of a ``with``.
@@ -43,6 +44,7 @@ ARCH_VARIANTS = {
     "yoco-swa-split1": ("yoco-swa", {"n_self_layers": 1}),
     "yoco-gret": ("yoco-gret", {}),
     "yoco-gret-split3": ("yoco-gret", {"n_self_layers": 3}),
+    "yoco-gdn": ("yoco-gdn", {}),
     "block": ("block", {}),
     # How the global attention sees positions (tiny scales, so that each option changes the logits within
     # a test's few hundred tokens): NoPE with Llama 4's temperature, the log-n temperature, and the
@@ -112,6 +114,24 @@ CPU = torch.device("cpu")
 
 def cpu_step(start, length, pad=None):
     return Step(start, length, pad=pad, device=CPU)
+
+
+def run_in_pieces(mixer, x: torch.Tensor, pieces):
+    """A token mixer over x [B, T, dim] three ways: one call without a cache, calls of the given lengths
+    through one cache, and a token at a time through another. Returns (full, pieces, tokens, the pieces'
+    cache, the tokens' cache): what the recurrent mixers' tests compare."""
+    B, T, _ = x.shape
+    assert sum(pieces) == T
+    with torch.no_grad():
+        full = mixer(x, cpu_step(0, T))
+        piece_cache = mixer.new_cache(B, dtype=x.dtype, device="cpu")
+        outs, start = [], 0
+        for n in pieces:
+            outs.append(mixer(x[:, start:start + n], cpu_step(start, n), piece_cache))
+            start += n
+        token_cache = mixer.new_cache(B, dtype=x.dtype, device="cpu")
+        tokens = torch.cat([mixer(x[:, t:t + 1], cpu_step(t, 1), token_cache) for t in range(T)], dim=1)
+    return full, torch.cat(outs, dim=1), tokens, piece_cache, token_cache
 
 
 def rms_norm_reference(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:

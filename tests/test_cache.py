@@ -7,6 +7,7 @@ from harness import make_model
 from yoco import CacheError, KVCache, build_model
 from yoco.cache import RowBatch
 from yoco.engine import decode_step, prefill
+from yoco.mixers.gated_deltanet import DeltaNetState
 from yoco.mixers.retention import RetentionState
 
 
@@ -32,13 +33,19 @@ def test_cache_bytes_equal_formula(variant, context, dtype):
     elif cfg.arch == "yoco-swa":
         expected = 3 * (2 * cfg.n_kv_heads * cfg.head_dim * b * context
                         + cfg.self_layers * 2 * cfg.n_kv_heads * cfg.head_dim * cfg.window * b)
+    elif cfg.arch == "yoco-gdn":
+        # per layer: an fp32 state of H heads x (3/4 dim / H keys) x twice as many values, and the last 3
+        # inputs of the convolution over q, k (3/4 dim each) and v (3/2 dim)
+        heads, keys = cfg.n_deltanet_heads, 3 * cfg.dim // 4
+        per_layer = heads * (keys // heads) * (2 * keys // heads) * 4 + 3 * (keys + keys + 2 * keys) * b
+        expected = 3 * (2 * cfg.n_kv_heads * cfg.head_dim * b * context + cfg.self_layers * per_layer)
     else:
         d = cfg.dim // cfg.n_retention_heads
         expected = 3 * (2 * cfg.n_kv_heads * cfg.head_dim * b * context + cfg.self_layers * cfg.n_retention_heads * d * d * 4)
     assert model.cache_bytes_formula(3, context, dtype) == expected
 
 
-@pytest.mark.parametrize("arch", ["yoco-swa", "yoco-gret"])
+@pytest.mark.parametrize("arch", ["yoco-swa", "yoco-gret", "yoco-gdn"])
 def test_yoco_cache_grows_only_by_the_global_kv(arch):
     model = make_model(arch)
     cfg = model.config
@@ -70,10 +77,10 @@ def test_preallocated_caches_are_written_in_place(variant):
     model = make_model(variant)
     cache = model.new_cache(1, capacity=60)
     def pointers():
-        # K/V and latent buffers (full, ring, global, MLA); a retention state is constant-size and
-        # replaced per step.
+        # K/V and latent buffers (full, ring, global, MLA); a retention or DeltaNet state is constant-size
+        # and replaced per step.
         layers = [part for c in cache.layers for part in (c.parts() if hasattr(c, "parts") else [c])]
-        return [getattr(c, name).data_ptr() for c in layers if not isinstance(c, RetentionState)
+        return [getattr(c, name).data_ptr() for c in layers if not isinstance(c, (RetentionState, DeltaNetState))
                 for name in c.batch_fields]
     ids = torch.randint(0, 256, (1, 60))
     with torch.no_grad():

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from yoco.config import ARCHITECTURES, PRESETS, ConfigError, ModelConfig, get_config
+from yoco.config import ARCH_OWN_FIELDS, ARCHITECTURES, PRESETS, ConfigError, ModelConfig, get_config
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -33,6 +33,9 @@ def test_every_preset_and_arch_builds(arch, preset):
     if arch == "yoco-gret":
         assert cfg.window is None
         assert cfg.dim % cfg.n_retention_heads == 0
+    if arch == "yoco-gdn":
+        assert cfg.window is None and cfg.retention_heads is None
+        assert cfg.n_deltanet_heads * cfg.deltanet_key_dim == 3 * cfg.dim // 4
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -73,9 +76,7 @@ def test_self_layers_default_is_half():
     assert ModelConfig(arch="yoco-gret", dim=64, n_heads=4, n_kv_heads=2).n_retention_heads == 1
 
 
-TINY = dict(PRESETS["tiny"])
-TINY.pop("window")
-TINY.pop("retention_heads")
+TINY = {name: value for name, value in PRESETS["tiny"].items() if name not in ARCH_OWN_FIELDS}
 
 
 def _cfg(**changes):
@@ -108,6 +109,13 @@ INVALID = [
     (dict(n_heads=8, n_kv_heads=2, dim=8), "n_heads"),  # head dim 1 is odd -> RoPE
     (dict(arch="yoco-gret", window=8), "window"),
     (dict(arch="transformer", retention_heads=2), "retention_heads"),
+    (dict(arch="yoco-gdn", retention_heads=2), "retention_heads"),
+    (dict(arch="yoco-gret", deltanet_heads=2), "deltanet_heads"),
+    (dict(arch="yoco-gdn", deltanet_heads=5), "deltanet_heads"),  # 48 keys % 5
+    (dict(arch="yoco-gdn", deltanet_heads=0), "deltanet_heads"),
+    (dict(arch="yoco-gdn", window=8), "window"),
+    (dict(arch="yoco-gdn", deltanet_chunk=0), "deltanet_chunk"),
+    (dict(arch="yoco-gdn", deltanet_conv=1), "deltanet_conv"),
     (dict(rope_theta=0.0), "rope_theta"),
     (dict(norm_eps=0.0), "norm_eps"),
     # how the global attention sees positions

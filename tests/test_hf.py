@@ -14,7 +14,7 @@ from yoco.cli import main
 from yoco.models import cache_bytes
 from yoco.models.base import InputError
 
-ARCHS = ["transformer", "yoco-swa", "yoco-gret", "mha", "mqa", "mla", "cla2", "mqa-cla2", "mlkv", "block", "swa"]
+ARCHS = ["transformer", "yoco-swa", "yoco-gret", "yoco-gdn", "mha", "mqa", "mla", "cla2", "mqa-cla2", "mlkv", "block", "swa"]
 
 
 def tiny(arch, **overrides):

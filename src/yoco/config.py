@@ -5,6 +5,8 @@ Architectures (the names used by the CLI, presets and results):
 - ``transformer``: a pre-norm GQA decoder (optionally sliding-window in every layer).
 - ``yoco-swa``: YOCO with a sliding-window-attention self-decoder.
 - ``yoco-gret``: YOCO with a gated-retention self-decoder.
+- ``yoco-gdn``: YOCO with a gated-DeltaNet self-decoder.
+- ``block``: the Block Transformer.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from .errors import YocoError
 
-ARCHITECTURES = ("transformer", "yoco-swa", "yoco-gret", "block")
+ARCHITECTURES = ("transformer", "yoco-swa", "yoco-gret", "yoco-gdn", "block")
 ATTENTIONS = ("gqa", "mla")
 ROPE_FREQS = ("standard", "linspace")
 ROPE_PAIRS = ("half", "interleaved")
@@ -91,6 +93,11 @@ class ModelConfig:
     # reference default), at least 1.
     retention_heads: int | None = None
     retention_chunk: int = 64
+    # Gated DeltaNet heads (self-decoder of yoco-gdn): keys 3/4 of dim in all, values twice as wide;
+    # None means heads of 128 keys (at least 1). Its chunk length and short convolution's taps.
+    deltanet_heads: int | None = None
+    deltanet_chunk: int = 64
+    deltanet_conv: int = 4
     # Transformer attention: "gqa" (MHA, GQA or MQA by n_kv_heads) or "mla" (multi-head latent
     # attention, DeepSeek-V2): a latent of rank mla_kv_rank plus one decoupled RoPE key of
     # mla_rope_dim shared by all heads is all the cache holds; mla_q_rank adds a low-rank query.
@@ -148,6 +155,15 @@ class ModelConfig:
     def n_retention_heads(self) -> int:
         return self.retention_heads if self.retention_heads is not None else max(1, self.dim // 256)
 
+    @property
+    def n_deltanet_heads(self) -> int:
+        return self.deltanet_heads if self.deltanet_heads is not None else max(1, 3 * self.dim // 4 // 128)
+
+    @property
+    def deltanet_key_dim(self) -> int:
+        """Key width of a gated DeltaNet head (its values are twice as wide)."""
+        return 3 * self.dim // 4 // self.n_deltanet_heads
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -157,7 +173,7 @@ class ModelConfig:
         if self.arch not in ARCHITECTURES:
             raise bad("arch", f"unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
-                     "retention_chunk", "mla_kv_rank", "mla_rope_dim", "cla_factor", "block_len", "block_prefix"):
+                     "retention_chunk", "deltanet_chunk", "mla_kv_rank", "mla_rope_dim", "cla_factor", "block_len", "block_prefix"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
         if self.dim % self.n_heads:
@@ -179,8 +195,12 @@ class ModelConfig:
             raise bad("window", "must be a positive integer (positions each query sees, itself included)")
         if self.arch == "yoco-swa" and self.window is None:
             raise bad("window", "yoco-swa needs a sliding window size")
-        if self.arch == "yoco-gret" and self.window is not None:
-            raise bad("window", "yoco-gret has no sliding window (its self-decoder is gated retention)")
+        if self.is_yoco and self.window is not None and "window" not in PRESET_USE[self.arch]["takes"]:
+            raise bad("window", f"{self.arch} has no sliding window (its self-decoder is not windowed attention)")
+        for name in ARCH_OWN_FIELDS:
+            users = [arch for arch, use in PRESET_USE.items() if name in use["takes"]]
+            if name != "window" and getattr(self, name) is not None and self.arch not in users:
+                raise bad(name, f"only {', '.join(users)} take it, not {self.arch}")
         if self.is_yoco:
             if self.n_layers < 2:
                 raise bad("n_layers", "YOCO needs at least 2 layers (a self-decoder and a cross-decoder)")
@@ -188,11 +208,14 @@ class ModelConfig:
                 raise bad("n_self_layers", f"must be within 1..n_layers-1 = 1..{self.n_layers - 1}")
         elif self.n_self_layers is not None:
             raise bad("n_self_layers", f"only YOCO architectures have a self-decoder, not {self.arch}")
-        if self.retention_heads is not None:
-            if self.arch != "yoco-gret":
-                raise bad("retention_heads", f"only yoco-gret uses gated retention, not {self.arch}")
-            if self.retention_heads < 1 or self.dim % self.retention_heads:
-                raise bad("retention_heads", f"must be a positive divisor of dim={self.dim}")
+        if self.retention_heads is not None and (self.retention_heads < 1 or self.dim % self.retention_heads):
+            raise bad("retention_heads", f"must be a positive divisor of dim={self.dim}")
+        if self.deltanet_heads is not None and (self.deltanet_heads < 1 or 3 * self.dim % (4 * self.deltanet_heads)):
+            raise bad("deltanet_heads", f"must be a positive divisor of the key width 3/4 dim={3 * self.dim / 4:g}")
+        if self.arch == "yoco-gdn" and 3 * self.dim % 4:
+            raise bad("dim", "yoco-gdn's keys are 3/4 of dim: dim must be a multiple of 4")
+        if self.deltanet_conv < 2:
+            raise bad("deltanet_conv", "the short convolution needs at least 2 taps")
         if self.attention not in ATTENTIONS:
             raise bad("attention", f"choose one of {', '.join(ATTENTIONS)}")
         if self.attention == "mla":
@@ -309,14 +332,16 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: small enough that a full forward is milliseconds.
     "tiny": dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                 max_seq_len=1024, window=16, retention_heads=2, retention_chunk=16, mla_kv_rank=24, mla_rope_dim=8),
+                 max_seq_len=1024, window=16, retention_heads=2, retention_chunk=16, deltanet_heads=2,
+                 deltanet_chunk=16, mla_kv_rank=24, mla_rope_dim=8),
     # For studies on a CPU: a ~1.6M-parameter model that trains at thousands of tokens/s, with a
     # window (128) wide enough for a passkey needle and question.
     "small": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=4096,
-                  window=128, retention_heads=1, retention_chunk=64, mla_kv_rank=48, mla_rope_dim=16),
+                  window=128, retention_heads=1, retention_chunk=64, deltanet_heads=1, mla_kv_rank=48,
+                  mla_rope_dim=16),
     # The ~40M-parameter benchmark pair: width 512, 12 layers, 8 query / 2 KV heads, SwiGLU 1408.
     "40m": dict(vocab_size=4096, dim=512, n_layers=12, n_heads=8, n_kv_heads=2, ffn_dim=1408,
-                max_seq_len=1 << 20, window=1024, retention_heads=2, retention_chunk=64, mla_kv_rank=128,
+                max_seq_len=1 << 20, window=1024, retention_heads=2, retention_chunk=64, deltanet_heads=3, mla_kv_rank=128,
                 mla_rope_dim=32),
 }
 # The YOCO reference's RoPE: interleaved pairs, linspace frequencies.
@@ -325,11 +350,12 @@ YOCO_ROPE = dict(rope_freqs="linspace", rope_pairs="interleaved")
 # Preset fields only some architectures take (the others keep the field's default: no window, no
 # retention heads), and which take them; and each architecture's RoPE. The Transformer and the Block
 # Transformer attend fully unless asked for the window-only control (the "swa" variant).
-ARCH_OWN_FIELDS = ("window", "retention_heads")
+ARCH_OWN_FIELDS = ("window", "retention_heads", "deltanet_heads")
 PRESET_USE: dict[str, dict[str, Any]] = {
     "transformer": dict(takes=(), rope={}),
     "yoco-swa": dict(takes=("window",), rope=YOCO_ROPE),
     "yoco-gret": dict(takes=("retention_heads",), rope=YOCO_ROPE),
+    "yoco-gdn": dict(takes=("deltanet_heads",), rope=YOCO_ROPE),
     "block": dict(takes=(), rope={}),
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import cpu_step
+from harness import cpu_step, run_in_pieces
 
 from yoco.config import get_config
 from yoco.layers import RotaryEmbedding
@@ -190,29 +190,13 @@ def test_module_matches_hand_written_reference():
 
 def test_module_full_equals_chunked_and_token_by_token():
     config, module = _module(seed=2, chunk=4)  # chunk 4 so that 3/5/7 don't align with it
-    B, T = 2, 30
-    x = torch.randn(B, T, config.dim, generator=torch.Generator().manual_seed(12))
-    with torch.no_grad():
-        full = module(x, cpu_step(0, T))
-
-        cache = module.new_cache(B, dtype=torch.float32, device="cpu")
-        assert isinstance(cache, RetentionState)
-        pieces, start = [], 0
-        for n in (3, 5, 1, 7, 2, 12):
-            pieces.append(module(x[:, start:start + n], cpu_step(start, n), cache))
-            start += n
-        assert start == T
-        chunked = torch.cat(pieces, dim=1)
-        chunked_state = cache.state.clone()
-
-        cache2 = module.new_cache(B, dtype=torch.float32, device="cpu")
-        tokens = [module(x[:, t:t + 1], cpu_step(t, 1), cache2) for t in range(T)]
-        stepwise = torch.cat(tokens, dim=1)
-
+    x = torch.randn(2, 30, config.dim, generator=torch.Generator().manual_seed(12))
+    full, chunked, stepwise, chunked_cache, stepwise_cache = run_in_pieces(module, x, (3, 5, 1, 7, 2, 12))
+    assert isinstance(chunked_cache, RetentionState)
     torch.testing.assert_close(chunked, full, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(stepwise, full, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(cache2.state, chunked_state, atol=2e-5, rtol=1e-4)
-    assert cache2.state.dtype == torch.float32
+    torch.testing.assert_close(stepwise_cache.state, chunked_cache.state, atol=2e-5, rtol=1e-4)
+    assert stepwise_cache.state.dtype == torch.float32
 
 
 def test_module_default_chunk_full_equals_stepwise():
@@ -241,13 +225,9 @@ def test_module_left_padding_matches_unpadded_row():
 
 def test_module_bf16_keeps_fp32_state():
     config, module = _module(seed=4)
-    module = module.to(torch.bfloat16)
     x = torch.randn(2, 5, config.dim).bfloat16()
-    cache = module.new_cache(2, dtype=torch.bfloat16, device="cpu")
-    with torch.no_grad():
-        y = module(x, cpu_step(0, 5), cache)
-        module(x[:, :1], cpu_step(5, 1), cache)
-    assert y.dtype == torch.bfloat16
+    full, pieces, _, cache, _ = run_in_pieces(module.to(torch.bfloat16), x, (4, 1))
+    assert full.dtype == pieces.dtype == torch.bfloat16
     assert cache.state.dtype == torch.float32
 
 

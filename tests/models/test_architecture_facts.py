@@ -17,7 +17,8 @@ from yoco.models import (MODEL_CLASSES, YOCO, Transformer, build_model, cache_by
 # Whose prefill time grows with the square of the context: full attention over tokens. Windowed and
 # recurrent self-decoders are linear; the Block Transformer attends over blocks (see its quadratic_prefill).
 QUADRATIC = {"transformer": True, "mha": True, "gqa": True, "mqa": True, "mla": True, "cla2": True, "mqa-cla2": True,
-             "mlkv": True, "swa": False, "yoco-swa": False, "yoco-gret": False, "block": False}
+             "mlkv": True, "swa": False, "yoco-swa": False, "yoco-gret": False, "yoco-gdn": False,
+             "block": False}
 
 
 def test_the_names_cover_every_registered_architecture():

@@ -86,7 +86,7 @@ def test_generation_follows_the_full_forward(variant, prompt_len):
     assert tokens == sequence[prompt_len:]
 
 
-@pytest.mark.parametrize("arch", ["yoco-swa", "yoco-gret"])
+@pytest.mark.parametrize("arch", ["yoco-swa", "yoco-gret", "yoco-gdn"])
 def test_yoco_prefill_skips_cross_decoder(arch):
     model = make_model(arch)
     calls = []

@@ -42,7 +42,7 @@ def metrics(url):
 
 
 @pytest.mark.parametrize("variant,policy", [("transformer", None), ("yoco-swa", None), ("yoco-gret", None),
-                                            ("mla", None), ("yoco-swa", "snapkv")])
+                                            ("yoco-gdn", None), ("mla", None), ("yoco-swa", "snapkv")])
 def test_concurrent_staggered_requests_equal_generate_alone(variant, policy):
     model = make_model(variant).eval()
     prompts = [list(range(3, 3 + n)) for n in (31, 5, 17, 9, 24)]

@@ -114,6 +114,11 @@ class GatedRetention(nn.Module):
         self.head_norm = RMSNorm(self.head_dim, eps=config.norm_eps, affine=False)
         self.rotary = rotary
 
+    @classmethod
+    def for_self_decoder(cls, config: ModelConfig, plain_rope) -> "GatedRetention":
+        """A YOCO self-decoder layer, with plain RoPE of the retention heads' width."""
+        return cls(config, plain_rope(config.dim // config.n_retention_heads))
+
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None = None) -> RetentionState:
         return RetentionState(batch_size, self.n_heads, self.head_dim, device=device)
 

@@ -179,6 +179,11 @@ class SlidingWindowAttention(QKVProjection):
         self.window = window
         self.block = block or default_block(window)
 
+    @classmethod
+    def for_self_decoder(cls, config: ModelConfig, plain_rope) -> "SlidingWindowAttention":
+        """A YOCO self-decoder layer: the config's window, plain RoPE of the attention heads."""
+        return cls(config, plain_rope(config.head_dim), config.window)
+
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None = None) -> RingKVCache:
         return RingKVCache(batch_size, self.n_kv_heads, self.head_dim, self.window, dtype=dtype, device=device,
                            block=self.block)

@@ -10,12 +10,11 @@ from ..config import ConfigError, ModelConfig, get_config
 from .base import CausalLM, InputError
 from .block_transformer import BlockTransformer
 from .transformer import Transformer
-from .yoco import YOCO
+from .yoco import SELF_DECODERS, YOCO
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "transformer": Transformer,
-    "yoco-swa": YOCO,
-    "yoco-gret": YOCO,
+    **{arch: YOCO for arch in SELF_DECODERS},  # one per self-decoder mixer
     "block": BlockTransformer,
 }
 

@@ -1,12 +1,12 @@
 """YOCO, "You Only Cache Once" (arXiv 2405.05254): a decoder-decoder language model.
 
-    tokens -> embed -> self-decoder (L_s blocks of sliding-window attention or gated retention)
+    tokens -> embed -> self-decoder (L_s blocks of sliding-window attention, gated retention or gated DeltaNet)
            -> GlobalKV: K = RoPE(k_proj(norm h)), V = v_proj(norm h)      <- the ONE growing cache
            -> cross-decoder (L - L_s blocks; each its own queries, output and FFN, all reading K/V)
            -> norm -> lm_head
 
 The residual stream entering the cross-decoder is the self-decoder output. The self-decoder's
-caches are constant in context (a W-position ring per SWA layer, an fp32 state per retention layer),
+caches are constant in context (a W-position ring per SWA layer, an fp32 state per retention or DeltaNet layer),
 so the cache is ``2 * n_kv * d_h * bytes`` per token plus a constant. Positions whose logits are
 not wanted (all prompt tokens but the last) skip the cross-decoder entirely, so prefill costs the
 self-decoder plus one K/V projection: O(N).
@@ -21,35 +21,40 @@ from ..cache import ModelCache
 from ..config import ConfigError, ModelConfig
 from ..layers import RotaryEmbedding, global_positions
 from ..mixers.cross_attention import CrossAttention, GlobalKV
+from ..mixers.gated_deltanet import GatedDeltaNet
 from ..mixers.retention import GatedRetention
 from ..mixers.sliding_window import SlidingWindowAttention
 from .base import Block, CausalLM, ffn_flops, lm_head_flops
 
 
-# Each YOCO architecture's self-decoder mixer (the cross-decoder is the same for all).
-SELF_DECODERS: dict[str, type[nn.Module]] = {"yoco-swa": SlidingWindowAttention, "yoco-gret": GatedRetention}
+# Each YOCO architecture's self-decoder mixer (the cross-decoder is the same for all). A mixer builds
+# its self-decoder layer with ``for_self_decoder(config, plain_rope)`` (``plain_rope(dim)``: the RoPE of
+# that head width, if it rotates) and states its cache bytes and prefill FLOPs: a new self-decoder is
+# its file and a line here.
+SELF_DECODERS: dict[str, type[nn.Module]] = {"yoco-swa": SlidingWindowAttention, "yoco-gret": GatedRetention,
+                                             "yoco-gdn": GatedDeltaNet}
 
 
 class YOCO(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        rope = (config.rope_theta, config.rope_freqs, config.rope_pairs)
         # the global K/V and the cross-decoder's queries see positions as the config says; the
         # self-decoder always by plain RoPE (a window or a decay never reaches beyond what it trained on)
         self.rotary = global_positions(config, config.head_dim)
-        if self.self_decoder(config) is GatedRetention:
-            # retention heads (dim / retention_heads wide) have a RoPE of their own
-            self_rotary = RotaryEmbedding(config.dim // config.n_retention_heads, *rope)
+        plain: dict[int, RotaryEmbedding] = {}
 
-            def self_mixer() -> nn.Module:
-                return GatedRetention(config, self_rotary)
-        else:
-            self_rotary = RotaryEmbedding(config.head_dim, *rope) if config.positions_changed else self.rotary
+        def plain_rope(dim: int) -> RotaryEmbedding:
+            """One plain RoPE per head width, shared by the self-decoder's layers (and with the global
+            attention when that is plain RoPE too), so a call computes its tables once."""
+            if dim == config.head_dim and not config.positions_changed:
+                return self.rotary
+            if dim not in plain:
+                plain[dim] = RotaryEmbedding(dim, config.rope_theta, config.rope_freqs, config.rope_pairs)
+            return plain[dim]
 
-            def self_mixer() -> nn.Module:
-                return SlidingWindowAttention(config, self_rotary, config.window)
-        self.self_rotary = self_rotary
-        self.self_layers = nn.ModuleList(Block(self_mixer(), config) for _ in range(config.self_layers))
+        mixer = self.self_decoder(config)
+        self.self_layers = nn.ModuleList(Block(mixer.for_self_decoder(config, plain_rope), config)
+                                         for _ in range(config.self_layers))
         self.global_kv = GlobalKV(config, self.rotary)
         n_cross = config.n_layers - config.self_layers
         self.cross_layers = nn.ModuleList(Block(CrossAttention(config, self.rotary), config) for _ in range(n_cross))
