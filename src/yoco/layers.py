@@ -212,6 +212,24 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def pad_to_chunks(chunk: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tensors whose dim 2 is time ([B, H, T, ...]), zero-padded there to a whole number of chunks: what
+    the chunkwise forms of the recurrent mixers run on. Their padded tail is inert: zero keys write
+    nothing (as does a zero write strength) and log-decay 0 keeps the state."""
+    extra = (-tensors[0].shape[2]) % chunk
+    if not extra:
+        return tensors
+    return tuple(F.pad(t, (0, 0) * (t.dim() - 3) + (0, extra)) for t in tensors)
+
+
+def decay_within_chunks(cum_log_decay: torch.Tensor) -> torch.Tensor:
+    """[..., C] cumulative log-decays within each chunk -> [..., C, C]: exp(cum_t - cum_j) for j <= t, and
+    0 above the diagonal (a position never sees a later one)."""
+    C = cum_log_decay.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=cum_log_decay.device).tril()
+    return (cum_log_decay[..., :, None] - cum_log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+
 @dataclass
 class Step:
     """Where the tokens of one forward call sit.

@@ -71,7 +71,7 @@ def shared_settings(args: argparse.Namespace, defaults) -> dict:
 
 
 def run_long(args: argparse.Namespace) -> int:
-    from ..long_study import LongStudySettings, markdown, run_long_study
+    from ..long_study import markdown, run_long_study
 
     for flag in STUDY_ONLY_FLAGS:
         if getattr(args, flag) is not None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..cache import tensor_bytes
 from ..config import ModelConfig
-from ..layers import RMSNorm, Step
+from ..layers import RMSNorm, Step, decay_within_chunks, pad_to_chunks
 
 VALUE_EXPANSION = 2  # value heads are twice as wide as key heads
 
@@ -98,17 +98,12 @@ def deltanet_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_de
     leaving is e^(g_C) S0 + (K e^(g_C - g))^T U."""
     B, H, T, dk = q.shape
     dv = v.shape[-1]
-    q, k, v, log_decay, beta = q.float(), k.float(), v.float(), log_decay.float(), beta.float()
-    extra = (-T) % chunk
-    if extra:
-        q, k, v = (F.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
-        log_decay, beta = F.pad(log_decay, (0, extra)), F.pad(beta, (0, extra))
+    q, k, v, log_decay, beta = pad_to_chunks(chunk, q.float(), k.float(), v.float(), log_decay.float(), beta.float())
     n = q.shape[2] // chunk
     q, k, v = (t.reshape(B, H, n, chunk, -1) for t in (q, k, v))
     g = log_decay.reshape(B, H, n, chunk).cumsum(-1)
     b = beta.reshape(B, H, n, chunk, 1)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    decay = (g[..., :, None] - g[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # j <= t
+    decay = decay_within_chunks(g)  # j <= t
     system = (b * decay * (k @ k.transpose(-1, -2))).tril(-1) + torch.eye(chunk, device=q.device)
     solved = torch.linalg.solve_triangular(system, b * torch.cat((v, k * g.exp()[..., None]), dim=-1),
                                            upper=False, unitriangular=True)
@@ -133,9 +128,10 @@ class DeltaNetState:
 
     batch_fields = ("state", "conv")
 
-    def __init__(self, batch_size: int, n_heads: int, key_dim: int, value_dim: int, conv: int, channels: int,
-                 *, dtype: torch.dtype, device=None):
+    def __init__(self, batch_size: int, n_heads: int, key_dim: int, value_dim: int, conv: int, *, dtype: torch.dtype,
+                 device=None):
         self.state = torch.zeros(batch_size, n_heads, key_dim, value_dim, dtype=torch.float32, device=device)
+        channels = n_heads * (2 * key_dim + value_dim)  # q, k and v
         self.conv = torch.zeros(batch_size, conv - 1, channels, dtype=dtype, device=device)
 
     def nbytes(self) -> int:
@@ -173,7 +169,7 @@ class GatedDeltaNet(nn.Module):
 
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None = None) -> DeltaNetState:
         return DeltaNetState(batch_size, self.n_heads, self.key_dim, self.value_dim, self.conv_weight.shape[1],
-                             self.conv_weight.shape[0], dtype=dtype, device=device)
+                             dtype=dtype, device=device)
 
     def convolve(self, x: torch.Tensor, cache: DeltaNetState | None) -> torch.Tensor:
         """The causal depthwise convolution of x [B, T, C] after the cached inputs (zeros at the start)."""

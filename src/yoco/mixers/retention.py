@@ -23,7 +23,7 @@ from torch import nn
 
 from ..cache import tensor_bytes
 from ..config import ModelConfig
-from ..layers import RMSNorm, RotaryEmbedding, Step
+from ..layers import RMSNorm, RotaryEmbedding, Step, decay_within_chunks, pad_to_chunks
 
 GATE_LOGIT_NORMALIZER = 16.0
 
@@ -31,10 +31,7 @@ GATE_LOGIT_NORMALIZER = 16.0
 def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
     """q, k [B, H, T, dk] (k pre-scaled), v [B, H, T, dv], log_decay [B, H, T] -> o [B, H, T, dv]."""
     q, k, v, log_decay = q.float(), k.float(), v.float(), log_decay.float()
-    cum = log_decay.cumsum(-1)
-    T = q.shape[-2]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    decay = decay_within_chunks(log_decay.cumsum(-1))  # the whole sequence as one chunk
     return ((q @ k.transpose(-1, -2)) * decay) @ v
 
 
@@ -57,20 +54,14 @@ def retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
 
 def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
                         chunk: int, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunkwise-parallel form; any length (the tail is padded with decay 1 and zero keys)."""
+    """Chunkwise-parallel form; any length (the tail is padded with decay 1 and zero keys: pad_to_chunks)."""
     B, H, T, dk = q.shape
     dv = v.shape[-1]
-    q, k, v, log_decay = q.float(), k.float(), v.float(), log_decay.float()
-    extra = (-T) % chunk
-    if extra:
-        # Zero keys add nothing to the state and log-decay 0 keeps it: the padded tail is inert.
-        q, k, v = (F.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
-        log_decay = F.pad(log_decay, (0, extra))
+    q, k, v, log_decay = pad_to_chunks(chunk, q.float(), k.float(), v.float(), log_decay.float())
     n = q.shape[2] // chunk
     q, k, v = (t.view(B, H, n, chunk, -1) for t in (q, k, v))
     cum = log_decay.view(B, H, n, chunk).cumsum(-1)  # within-chunk cumulative log-decay
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    intra_decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    intra_decay = decay_within_chunks(cum)
     out = ((q @ k.transpose(-1, -2)) * intra_decay) @ v
     # Each chunk's contribution to the state at its end, and its total decay.
     chunk_kv = (k * (cum[..., -1:] - cum).exp()[..., None]).transpose(-1, -2) @ v  # [B, H, n, dk, dv]
