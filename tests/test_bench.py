@@ -13,7 +13,7 @@ from yoco.models import cache_bytes
 from yoco.report import write_json
 
 FIELDS = {"arch", "context", "prefill_s", "peak_mem_bytes", "cache_bytes", "decode_tok_s", "budget_batch",
-          "budget_tok_s"}
+          "budget_tok_s", "decode_read_bytes_per_token", "decode_bandwidth_fraction"}
 
 
 def tiny_settings(**changes) -> BenchSettings:
@@ -36,8 +36,11 @@ def test_every_arch_and_length_has_every_field(report):
         assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0 and r["budget_tok_s"] > 0
         assert r["budget_batch"] == 3 and r["params"] > 0 and not r["extrapolated"]
         assert 0 < r["prefill_peak_fraction"] < 1.5
+        assert r["decode_bandwidth_fraction"] == pytest.approx(
+            r["decode_tok_s"] * r["decode_read_bytes_per_token"] / report["machine"]["read_bandwidth_bytes_s"])
     machine = report["machine"]
     assert machine["matmul_flops"] > 1e8 and machine["bandwidth_bytes_s"] > 1e8 and machine["threads"] >= 1
+    assert machine["read_bandwidth_bytes_s"] > 1e8
 
 
 def test_cache_bytes_match_the_formulas(report):
@@ -53,6 +56,45 @@ def test_cache_bytes_match_the_formulas(report):
         assert r["cache_bytes"] == expected, r["arch"]
     per_token = {r["arch"]: r["cache_bytes_per_token"] for r in report["results"]}
     assert per_token["hf-llama"] == per_token["transformer"] == 4 * per_token["yoco-swa"]  # tiny: 4 layers
+
+
+def test_decode_read_bytes_are_the_weights_and_each_layers_cache(report):
+    """The bytes a decode step reads: every weight (an untied embedding table: one row) plus the cache
+    each layer attends to, counted from the config by hand."""
+    config = bench_config("transformer", tiny_settings())
+    d, V, kv_row = config.dim, config.vocab_size, 2 * config.n_kv_heads * config.head_dim * 4
+    rows = {(r["arch"], r["context"]): r for r in report["results"]}
+    for context in (24, 48):
+        llama, ours = rows["hf-llama", context], rows["transformer", context]
+        # transformers' Llama: untied, so its table but one row is never read; every layer its own K/V
+        assert llama["decode_read_bytes_per_token"] == (llama["params"] - (V - 1) * d) * 4 + config.n_layers * kv_row * context
+        tied = config.tie_embeddings
+        assert ours["decode_read_bytes_per_token"] == (ours["params"] - (0 if tied else (V - 1) * d)) * 4 \
+            + config.n_layers * kv_row * context
+        yoco = rows["yoco-swa", context]
+        swa = bench_config("yoco-swa", tiny_settings())
+        n_cross = swa.n_layers - swa.self_layers
+        window = swa.self_layers * 2 * swa.n_kv_heads * swa.head_dim * 4 * swa.window  # the rings, read whole
+        assert yoco["decode_read_bytes_per_token"] == (yoco["params"] - (0 if swa.tie_embeddings else (V - 1) * d)) * 4 \
+            + window + n_cross * kv_row * context  # every cross-decoder layer reads the one global K/V
+
+
+@pytest.mark.parametrize("arch", ["cla2", "mlkv", "mla", "yoco-gret", "yoco-gdn", "block"])
+def test_decode_read_bytes_count_a_shared_cache_once_per_reader(arch):
+    from yoco.models import build_model, weight_read_bytes
+
+    model = build_model(get_config(arch, "tiny"))
+    context = 64 * model.config.block_len
+    caches = model.new_cache(1, capacity=context).layers
+    if arch == "block":  # one cache entry holding every layer's own: each read once
+        assert model.decode_read_bytes(context, torch.float32) == weight_read_bytes(model, torch.float32) + caches[0].nbytes()
+        return
+    readers = model.cache_readers()
+    assert len(readers) == len(caches) and sum(readers) >= len(caches)
+    if arch in ("cla2", "mlkv"):
+        assert sum(readers) == model.config.n_layers > len(caches)  # layers share: each still reads
+    expected = weight_read_bytes(model, torch.float32) + sum(n * c.nbytes() for n, c in zip(readers, caches))
+    assert model.decode_read_bytes(context, torch.float32) == expected
 
 
 def test_json_and_plot_files(report, tmp_path):
@@ -181,6 +223,7 @@ def test_cli_bench_compile_decodes_every_runner_with_the_compiled_step(monkeypat
     monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append((fn.__name__, options)) or fn)
     monkeypatch.setattr(yoco.bench, "measure_matmul_flops", lambda dtype: 100e9)
     monkeypatch.setattr(yoco.bench, "measure_bandwidth", lambda: 40e9)
+    monkeypatch.setattr(yoco.bench, "measure_read_bandwidth", lambda: 30e9)
     argv = ["bench", "--preset", "tiny", "--arch", "yoco-swa,hf-llama", "--context", "32", "--new-tokens", "2",
             "--budget-steps", "1", "--max-budget-batch", "2", "--json", str(tmp_path / "b.json")]
     assert main(argv) == 0
@@ -203,8 +246,8 @@ def test_prefill_flops_of_the_kv_family():
     assert prefill_flops(block, 4096) < prefill_flops(get_config("transformer", "40m"), 4096) / 4
 
 
-def figures(gflops: float, gbytes_s: float) -> dict:
-    return {"matmul_flops": gflops * 1e9, "bandwidth_bytes_s": gbytes_s * 1e9}
+def figures(gflops: float, gbytes_s: float, read_gbytes_s: float = 30) -> dict:
+    return {"matmul_flops": gflops * 1e9, "bandwidth_bytes_s": gbytes_s * 1e9, "read_bandwidth_bytes_s": read_gbytes_s * 1e9}
 
 
 def test_probe_keeps_both_figures_and_uses_the_better():
@@ -212,12 +255,14 @@ def test_probe_keeps_both_figures_and_uses_the_better():
     assert not calm["busy"] and busy_warning(calm) is None
     assert calm["matmul_flops"] == 200e9 and calm["bandwidth_bytes_s"] == 40e9
     assert calm["probe"]["start"] == figures(190, 40) and calm["probe"]["end"] == figures(200, 38)
-    assert calm["probe"]["difference"] == pytest.approx({"matmul_flops": 0.05, "bandwidth_bytes_s": 0.05})
+    assert calm["probe"]["difference"] == pytest.approx({"matmul_flops": 0.05, "bandwidth_bytes_s": 0.05,
+                                                         "read_bandwidth_bytes_s": 0})
     assert not probe(figures(200, 40), figures(150, 30))["busy"]  # 25% apart: still calm
 
 
 @pytest.mark.parametrize("start,end", [(figures(100, 40), figures(200, 40)),  # matmul alone
-                                       (figures(200, 40), figures(200, 20))])  # bandwidth alone
+                                       (figures(200, 40), figures(200, 20)),  # bandwidth alone
+                                       (figures(200, 40, 30), figures(200, 40, 15))])  # reading alone
 def test_probe_calls_the_machine_busy_when_start_and_end_differ_by_more_than_a_quarter(start, end):
     busy = probe(start, end)
     assert busy["busy"] and max(busy["probe"]["difference"].values()) == pytest.approx(0.5)
@@ -237,6 +282,7 @@ def test_cli_bench_warns_when_the_machine_was_busy(end_gflops, busy, monkeypatch
     measured = iter([200e9, end_gflops * 1e9])  # the start, then the end of the run
     monkeypatch.setattr(yoco.bench, "measure_matmul_flops", lambda dtype: next(measured))
     monkeypatch.setattr(yoco.bench, "measure_bandwidth", lambda: 40e9)
+    monkeypatch.setattr(yoco.bench, "measure_read_bandwidth", lambda: 30e9)
     argv = ["bench", "--preset", "tiny", "--arch", "yoco-swa", "--context", "32", "--new-tokens", "2",
             "--budget-steps", "1", "--max-budget-batch", "2", "--json", str(tmp_path / "b.json"),
             "--markdown", str(tmp_path / "b.md")]
@@ -249,6 +295,7 @@ def test_cli_bench_warns_when_the_machine_was_busy(end_gflops, busy, monkeypatch
     assert machine["matmul_flops"] == 200e9  # the better figure
     row = json.loads((tmp_path / "b.json").read_text())["results"][0]
     assert row["prefill_peak_fraction"] == pytest.approx(row["prefill_flops"] / row["prefill_s"] / 200e9)
+    assert row["decode_bandwidth_fraction"] == pytest.approx(row["decode_tok_s"] * row["decode_read_bytes_per_token"] / 30e9)
     if busy:
         assert warnings == [busy_warning(machine)] and "200 GFLOP/s at the start, 100 at the end" in warnings[0]
         assert busy_warning(machine) in (tmp_path / "b.md").read_text()
@@ -259,7 +306,8 @@ def test_cli_bench_warns_when_the_machine_was_busy(end_gflops, busy, monkeypatch
 def made_up_row(arch: str, context: int = 1024, **values) -> dict:
     row = dict(arch=arch, context=context, params=1e6, prefill_s=1.0, peak_mem_bytes=1 << 20, cache_bytes=1 << 20,
                cache_bytes_per_token=1024, decode_tok_s=10.0, budget_batch=4, budget_tok_s=40.0, prefill_flops=1e9,
-               prefill_peak_fraction=0.5, extrapolated=False)
+               prefill_peak_fraction=0.5, decode_read_bytes_per_token=1 << 21, decode_bandwidth_fraction=0.7,
+               extrapolated=False)
     row.update(values)
     return row
 

@@ -12,10 +12,13 @@ process run measures:
   (cache + decode activations per sequence) and the decode tokens/s that batch reaches. The batch is
   made by repeating the prefilled sequence's cache (values do not change attention cost).
 
-The machine's matmul FLOP/s and memory bandwidth are measured in the same run (at its start and end,
-keeping the better; both are recorded, and figures more than 25% apart mark the machine as busy), and
-each prefill's useful FLOPs (``prefill_flops``, which each model class composes from its mixers)
-give its fraction of that peak.
+The machine's matmul FLOP/s and memory bandwidth (copying, and reading alone) are measured in the same
+run (at its start and end, keeping the better; both are recorded, and figures more than 25% apart mark
+the machine as busy). Each prefill's useful FLOPs (``prefill_flops``, which each model class composes
+from its mixers) give its fraction of that peak; each decode step's least bytes read
+(``decode_read_bytes_per_token``: the weights, and each cache once per layer that attends to it, as
+``CausalLM.decode_read_bytes`` composes them) times its tokens/s give the fraction of the read
+bandwidth decode reaches (``decode_bandwidth_fraction``).
 
 Architectures: this library's ``transformer``, ``yoco-swa``, ``yoco-gret``, and ``hf-llama``: a
 transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA attention, its
@@ -40,7 +43,7 @@ from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_stepper, prefill
 from .errors import YocoError
 from .hf_runner import TransformersLM
-from .models import build_model, cache_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
+from .models import build_model, cache_bytes, weight_read_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
 from .quantize import DEFAULT_GROUP, DEFAULT_RESIDUAL, KVQuantization, QuantizationError
 from .report import format_bytes, times
 
@@ -187,6 +190,19 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) ->
     return 2 * n ** 3 / best
 
 
+def measure_read_bandwidth(size_bytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Best-of bytes/s of reading a large buffer once (a sum over it, on every thread): what a decode step,
+    which reads weights and caches and writes next to nothing, can reach at most."""
+    src = torch.ones(size_bytes // 4, dtype=torch.float32)
+    src.sum()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - t0)
+    return size_bytes / best
+
+
 def measure_bandwidth(size_bytes: int = 256 << 20, repeats: int = 5) -> float:
     """Best-of bytes/s of copying a large buffer (bytes read + bytes written)."""
     src = torch.ones(size_bytes // 4, dtype=torch.float32)
@@ -227,12 +243,13 @@ def machine_info(dtype: torch.dtype) -> dict:
     }
 
 
-PROBED = ("matmul_flops", "bandwidth_bytes_s")
+PROBED = ("matmul_flops", "bandwidth_bytes_s", "read_bandwidth_bytes_s")
 BUSY_DIFFERENCE = 0.25  # start and end figures further apart than this: something else ran meanwhile
 
 
 def measure_machine(dtype: torch.dtype) -> dict:
-    return {"matmul_flops": measure_matmul_flops(dtype), "bandwidth_bytes_s": measure_bandwidth()}
+    return {"matmul_flops": measure_matmul_flops(dtype), "bandwidth_bytes_s": measure_bandwidth(),
+            "read_bandwidth_bytes_s": measure_read_bandwidth()}
 
 
 def probe(start: dict, end: dict) -> dict:
@@ -257,7 +274,8 @@ def busy_warning(machine: dict) -> str | None:
     return (f"warning: the machine was busy during the run: matmul {start['matmul_flops'] / 1e9:.0f} GFLOP/s at "
             f"the start, {end['matmul_flops'] / 1e9:.0f} at the end; copy bandwidth "
             f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, {end['bandwidth_bytes_s'] / 1e9:.1f} at "
-            f"the end (more than {BUSY_DIFFERENCE:.0%} apart): the timings are not reliable, rerun on an idle machine")
+            f"the end; read bandwidth {start['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, "
+            f"{end['read_bandwidth_bytes_s'] / 1e9:.1f} at the end (more than {BUSY_DIFFERENCE:.0%} apart): the timings are not reliable, rerun on an idle machine")
 
 
 # ---------------------------------------------------------------------- runners
@@ -290,6 +308,13 @@ class EngineRunner:
 
     def cache_bytes(self) -> int:
         return self.cache.nbytes()
+
+    def decode_read_bytes(self, context: int, dtype: torch.dtype, quantization: KVQuantization | None) -> int:
+        """Bytes a decode step at ``context`` reads at least (``CausalLM.decode_read_bytes``); for a
+        transformers model, whose layers each read their own cache, its weights and the cache it holds."""
+        if hasattr(self.model, "decode_read_bytes"):
+            return self.model.decode_read_bytes(context, dtype, quantization)
+        return weight_read_bytes(self.model.model, dtype) + self.cache.nbytes()
 
     def repeat(self, n: int) -> None:
         self.cache = self.cache.repeat(n)
@@ -385,6 +410,7 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
             logits = runner.prefill(ids, capacity, quantization)
             prefill_s = time.perf_counter() - t0
         held = runner.cache_bytes()
+        read_bytes = runner.decode_read_bytes(context, dtype, quantization)
         if progress:
             progress(f"{runner.arch} @ {context}: decoding")
         decode_tok_s, last = timed_decode(runner, logits.argmax(-1), settings.new_tokens)
@@ -417,6 +443,8 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         "decode_step_peak_bytes": step_peak.growth,
         "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
         "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],
+        "decode_read_bytes_per_token": read_bytes,
+        "decode_bandwidth_fraction": decode_tok_s * read_bytes / machine["read_bandwidth_bytes_s"],
         "extrapolated": False,
     }
 
@@ -435,7 +463,9 @@ def extrapolate(arch: str, config: ModelConfig, context: int, measured: list[dic
     cache = cache_bytes(config, 1, n, dtype)
     ref_cache = cache_bytes(config, 1, m, dtype)
     budget_batch = int(min(settings.budget_bytes // cache, settings.max_budget_batch))
-    decode_scale = (weights + ref_cache) / (weights + cache)
+    # decode is bound by the bytes it reads: the reference's, with its cache grown to this context
+    read_bytes = ref["decode_read_bytes_per_token"] + cache - ref_cache
+    decode_scale = ref["decode_read_bytes_per_token"] / read_bytes
     return {
         "arch": arch, "context": n, "kv_bits": settings.unquantized_bits(), "params": ref["params"],
         "prefill_s": ref["prefill_s"] * prefill_flops(config, n) / prefill_flops(config, m),
@@ -445,6 +475,7 @@ def extrapolate(arch: str, config: ModelConfig, context: int, measured: list[dic
         "budget_batch": budget_batch,
         "budget_tok_s": None,
         "prefill_flops": prefill_flops(config, n), "prefill_peak_fraction": None,
+        "decode_read_bytes_per_token": read_bytes, "decode_bandwidth_fraction": None,
         "extrapolated": True,
     }
 
@@ -508,6 +539,9 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     for r in results:
         if r["prefill_peak_fraction"] is not None:
             r["prefill_peak_fraction"] = r["prefill_flops"] / r["prefill_s"] / machine["matmul_flops"]
+        if r["decode_bandwidth_fraction"] is not None:
+            r["decode_bandwidth_fraction"] = (r["decode_tok_s"] * r["decode_read_bytes_per_token"]
+                                              / machine["read_bandwidth_bytes_s"])
     settings_dict = asdict(settings)
     settings_dict["archs"], settings_dict["contexts"] = list(settings.archs), contexts
     return {"machine": machine, "settings": settings_dict, "results": results,
@@ -544,7 +578,8 @@ def kv_table(preset: str = "40m", context: int = 4096, dtype: str = "fp32", name
 def machine_line(machine: dict) -> str:
     return (f"{machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
             f"{machine['ram_bytes'] / GIB:.0f} GiB; matmul {machine['matmul_flops'] / 1e9:.0f} GFLOP/s, "
-            f"copy bandwidth {machine['bandwidth_bytes_s'] / 1e9:.1f} GB/s; torch {machine['torch']}")
+            f"copy bandwidth {machine['bandwidth_bytes_s'] / 1e9:.1f} GB/s, read bandwidth "
+            f"{machine['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s; torch {machine['torch']}")
 
 
 def _fmt(value, spec: str) -> str:
@@ -552,7 +587,7 @@ def _fmt(value, spec: str) -> str:
 
 
 TABLE_HEADERS = ["arch", "context", "kv bits", "params", "prefill s", "% peak", "peak mem", "cache", "decode tok/s",
-                 "budget batch", "budget tok/s"]
+                 "decode MB/token", "% bandwidth", "budget batch", "budget tok/s"]
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -562,6 +597,8 @@ def table_rows(report: dict) -> list[list[str]]:
         rows.append([r["arch"] + star, str(r["context"]), str(r.get("kv_bits", "-")), f"{r['params'] / 1e6:.1f}M", _fmt(r["prefill_s"], ".2f"),
                      _fmt(None if r["prefill_peak_fraction"] is None else 100 * r["prefill_peak_fraction"], ".0f"),
                      format_bytes(r["peak_mem_bytes"], 1), format_bytes(r["cache_bytes"], 1), _fmt(r["decode_tok_s"], ".1f"),
+                     _fmt(r["decode_read_bytes_per_token"] / 1e6, ".1f"),
+                     _fmt(None if r["decode_bandwidth_fraction"] is None else 100 * r["decode_bandwidth_fraction"], ".0f"),
                      str(r["budget_batch"]), _fmt(r["budget_tok_s"], ".1f")])
     return rows
 

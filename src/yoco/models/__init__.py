@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ModelConfig, get_config
-from .base import CausalLM, InputError
+from .base import CausalLM, InputError, weight_read_bytes
 from .block_transformer import BlockTransformer
 from .transformer import Transformer
 from .yoco import SELF_DECODERS, YOCO
@@ -97,4 +97,4 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 __all__ = ["BlockTransformer", "CausalLM", "InputError", "MODEL_CLASSES", "Transformer", "YOCO", "build_model", "cache_bytes",
            "cache_growth_per_token", "model_class", "prefill_flops", "quadratic_prefill", "resolve_dtype",
-           "with_positions"]
+           "weight_read_bytes", "with_positions"]

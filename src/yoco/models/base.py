@@ -233,9 +233,30 @@ class CausalLM(nn.Module):
         quantization = as_quantization(kv_bits)
         if quantization is None:
             return self.cache_bytes_for(self.config, batch_size, context, dtype)
-        return batch_size * sum(QuantizedKV.bytes_per_row(m.kv_geometry(), quantization, context, dtype)
-                                if hasattr(m, "kv_geometry") else type(m).cache_bytes_per_row(self.config, context, dtype)
-                                for m in self.cache_owners())
+        return batch_size * sum(self.owner_bytes_per_row(m, context, dtype, quantization) for m in self.cache_owners())
+
+    def owner_bytes_per_row(self, owner: nn.Module, context: int, dtype: torch.dtype, quantization=None) -> int:
+        """Bytes one cache owner's cache holds per row at ``context`` positions (quantized, if asked: a
+        growing K/V cache by the quantization's formula; fixed-size caches stay as they are)."""
+        if quantization is not None and hasattr(owner, "kv_geometry"):
+            return QuantizedKV.bytes_per_row(owner.kv_geometry(), quantization, context, dtype)
+        return type(owner).cache_bytes_per_row(self.config, context, dtype)
+
+    def cache_readers(self) -> list[int]:
+        """How many layers attend to each cache owner's cache in a decode step (``cache_owners`` order):
+        one each, unless layers share a cache (YOCO's cross-decoder, CLA, MLKV)."""
+        return [1] * len(self.cache_owners())
+
+    def decode_read_bytes(self, context: int, dtype: torch.dtype | None = None, kv_bits=None) -> int:
+        """The bytes one decode step of one sequence at ``context`` positions must read from memory at
+        least: every weight once (of an embedding table looked up and not shared with the LM head, one
+        row) and each cache once per layer that attends to it. Decode at batch 1 is bound by this
+        traffic, so tokens/s times it is the memory bandwidth decode achieves."""
+        dtype = dtype or next(self.parameters()).dtype
+        quantization = as_quantization(kv_bits)
+        caches = sum(readers * self.owner_bytes_per_row(m, context, dtype, quantization)
+                     for m, readers in zip(self.cache_owners(), self.cache_readers()))
+        return weight_read_bytes(self, dtype) + caches
 
     # ------------------------------------------------------------------ facts from a config
     # Each architecture composes these from its mixers' own (``cache_bytes_per_row``, ``prefill_flops``,
@@ -262,6 +283,17 @@ class CausalLM(nn.Module):
     def quadratic_prefill(cls, config: ModelConfig) -> bool:
         """Whether prefill time grows with the square of the context (attention over every earlier token)."""
         raise NotImplementedError
+
+
+def weight_read_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of ``model``'s weights (in ``dtype``) a decode step reads: all of them, but of an embedding
+    table that no linear layer shares (an untied one) only the row looked up. Any ``nn.Module`` (a
+    transformers model too)."""
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    unread = sum(m.weight.numel() - m.weight.shape[1] for m in model.modules()
+                 if isinstance(m, nn.Embedding) and id(m.weight) not in shared)
+    parameters = {id(p): p.numel() for p in model.parameters()}  # shared ones once
+    return (sum(parameters.values()) - unread) * dtype.itemsize
 
 
 def ffn_flops(config: ModelConfig, n: float) -> float:

@@ -55,6 +55,10 @@ class Transformer(CausalLM):
     def cache_owners(self) -> list[nn.Module]:
         return [layer.mixer for layer, slot in zip(self.layers, self.cache_slot) if slot is not None]
 
+    def cache_readers(self) -> list[int]:
+        attended = [self.cache_slot[source] for source in self.config.kv_sources]  # the slot each layer reads
+        return [attended.count(slot) for slot in range(len(self.cache_owners()))]
+
     def residual_blocks(self) -> list[Block]:
         return list(self.layers)
 

@@ -63,6 +63,9 @@ class YOCO(CausalLM):
     def cache_owners(self) -> list[nn.Module]:
         return [layer.mixer for layer in self.self_layers] + [self.global_kv]
 
+    def cache_readers(self) -> list[int]:
+        return [1] * len(self.self_layers) + [len(self.cross_layers)]  # every cross-decoder layer reads the global K/V
+
     def residual_blocks(self) -> list[Block]:
         # the self-decoder's output is both the global K/V's input and the cross-decoder's residual stream
         return list(self.self_layers) + list(self.cross_layers)
