@@ -604,9 +604,9 @@ def table_rows(report: dict) -> list[list[str]]:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    return "\n".join(lines)
+    from .report import markdown_table as table
+
+    return table(TABLE_HEADERS, table_rows(report))
 
 
 def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> list[str]:

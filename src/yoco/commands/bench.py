@@ -6,10 +6,13 @@ import argparse
 
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, Number, TokenCount, token_count_text
 from ..bench import (BENCH_ARCHS, DEFAULT_CONTEXTS, GIB, QUICK_CONTEXTS, TABLE_HEADERS, BenchSettings, busy_warning,
-                     kv_bits_rows, machine_line, markdown_table, ratio_rows, run_bench, table_rows, write_plot)
+                     kv_bits_rows, machine_line, ratio_rows, run_bench, table_rows, write_plot)
+from ..bench import markdown_table as bench_markdown
+from ..bench_train import (TRAIN_ARCHS, TRAIN_SEQ_LENS, TRAIN_TABLE_HEADERS, TrainBenchSettings, run_train_bench,
+                           train_ratio_rows, train_table_rows)
 from ..config import NAMES, PRESETS
-from ..report import print_table, write_json, write_markdown
-from .common import add_archs, add_dtype, add_kv_quantization, add_seed
+from ..report import markdown_table, print_table, write_json, write_markdown
+from .common import UsageError, add_archs, add_dtype, add_kv_quantization, add_seed
 
 # --quick: fewer contexts (QUICK_CONTEXTS) and fewer timed steps
 QUICK_NEW_TOKENS = 12
@@ -46,6 +49,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=NATURAL, default=BenchSettings.threads, help="torch threads (0: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="decode with the step captured by torch.compile (the warm-up step compiles)")
+    train = p.add_argument_group("training throughput (--train)")
+    train.add_argument("--train", action="store_true",
+                       help=f"measure training tokens/s instead: {', '.join(TRAIN_ARCHS)} by default (hf-llama: "
+                            f"transformers' Trainer on a LlamaForCausalLM of the same dimensions), on rows of the "
+                            f"--context lengths (default {contexts_text(TRAIN_SEQ_LENS)}); --dtype bf16 autocasts")
+    train.add_argument("--batch-size", type=POSITIVE_INT, default=TrainBenchSettings.batch_size,
+                       help="rows per training step")
+    train.add_argument("--train-steps", type=POSITIVE_INT, default=TrainBenchSettings.steps,
+                       help="timed training steps per architecture and length")
+    train.add_argument("--warmup-steps", type=POSITIVE_INT, default=TrainBenchSettings.warmup,
+                       help="untimed training steps first")
+    train.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute each block's activations in backward (both sides)")
     add_seed(p)
     add_kv_quantization(p, many=True)
     p.add_argument("--json", help="write the results as JSON here")
@@ -55,6 +71,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.train:
+        return run_train(args)
     archs = tuple(args.arch) if args.arch else BENCH_ARCHS
     contexts = tuple(args.context) if args.context else QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
     new_tokens = args.new_tokens or (QUICK_NEW_TOKENS if args.quick else BenchSettings.new_tokens)
@@ -85,6 +103,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     if args.markdown:
         notes = ratio_rows(report) + kv_bits_rows(report) + ([warning] if warning else [])
-        write_markdown(markdown_table(report) + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", args.markdown)
+        write_markdown(bench_markdown(report) + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", args.markdown)
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+# flags of the inference benchmark that mean nothing to --train (given with it: refused, not ignored)
+INFERENCE_ONLY = {"kv_bits": "--kv-bits", "compile": "--compile", "new_tokens": "--new-tokens",
+                  "budget_steps": "--budget-steps", "quick": "--quick", "plot": "--plot"}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    given = [flag for name, flag in INFERENCE_ONLY.items() if getattr(args, name)]
+    if given:
+        raise UsageError(f"{', '.join(given)} measure inference, not training: drop {'them' if len(given) > 1 else 'it'} "
+                         "with --train")
+    settings = TrainBenchSettings(archs=tuple(args.arch) if args.arch else TRAIN_ARCHS,
+                                  seq_lens=tuple(args.context) if args.context else TRAIN_SEQ_LENS, preset=args.preset,
+                                  dtype=args.dtype, batch_size=args.batch_size, steps=args.train_steps,
+                                  warmup=args.warmup_steps, activation_checkpointing=args.activation_checkpointing,
+                                  threads=args.threads, seed=args.seed)
+    report = run_train_bench(settings, log=lambda text: print(text, flush=True))
+    print()
+    print_table(TRAIN_TABLE_HEADERS, train_table_rows(report))
+    notes = train_ratio_rows(report)
+    for line in notes:
+        print(line)
+    print(f"machine: {machine_line(report['machine'])}; whole run {report['wall_s']:.0f} s")
+    warning = busy_warning(report["machine"])
+    if warning:
+        print(warning)
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        lines = "\n".join(f"- {line}" for line in notes + ([warning] if warning else []))
+        write_markdown(markdown_table(TRAIN_TABLE_HEADERS, train_table_rows(report)) + "\n\n" + lines + "\n",
+                       args.markdown)
         print(f"wrote {args.markdown}")
     return 0

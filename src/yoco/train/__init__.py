@@ -163,6 +163,14 @@ def check_validation(val: TokenShards, settings: TrainSettings, data_dir: Path) 
                         "rows is rebuilt once removed)")
 
 
+def optimizer_for(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW at the settings' learning rate and betas, decaying matrices only (not norms or biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=settings.betas)
+
+
 # ---------------------------------------------------------------------- the loop
 def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool = False, log=print,
           progress: bool = True, stop_after: int | None = None, data_dir: str | os.PathLike | None = None) -> dict:
@@ -219,10 +227,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
     model = model.to(world.device).train()
     model.set_activation_checkpointing(settings.activation_checkpointing)
     trained = wrap(model, world, settings.parallel)  # runs forward/backward (DDP, or the FSDP2-sharded model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=settings.betas)
+    optimizer = optimizer_for(model, settings)
     optimizer_format = "fsdp-full" if sharded(world, settings.parallel) else "torch"
     if checkpoint is not None:
         if state.get("optimizer_format", "torch") != optimizer_format:
@@ -286,4 +291,4 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, *, resume: bool =
     return last
 
 
-__all__ = ["TrainSettings", "lr_factor", "train"]
+__all__ = ["TrainSettings", "lr_factor", "optimizer_for", "train"]
