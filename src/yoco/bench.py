@@ -80,19 +80,8 @@ class BenchSettings:
     overrides: dict = field(default_factory=dict)  # ModelConfig fields replacing the preset's
 
     def validate(self) -> None:
-        known = ("hf-llama",) + NAMES
-        unknown = [a for a in self.archs if a not in known]
-        if unknown or not self.archs:
-            raise BenchError(f"unknown architecture(s) {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(known)}")
-        if not self.contexts or any(not isinstance(c, int) or c < 2 for c in self.contexts):
-            raise BenchError(f"context lengths must be integers >= 2, got {list(self.contexts)}")
-        if self.preset not in PRESETS:
-            raise BenchError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        resolve_dtype(self.dtype)
-        for name in ("new_tokens", "budget_steps", "max_budget_batch", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise BenchError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_run(self, self.contexts, "context lengths", ("new_tokens", "budget_steps", "max_budget_batch",
+                                                            "prefill_chunk"))
         if self.new_tokens < 2:
             raise BenchError("new-tokens must be >= 2 (the first decoded token is a warm-up)")
         if self.budget_bytes <= 0:
@@ -116,6 +105,24 @@ class BenchSettings:
 
     def quantization(self, bits: int) -> KVQuantization | None:
         return None if bits == self.unquantized_bits() else KVQuantization(bits, self.kv_group, self.kv_residual)
+
+
+def check_run(settings, lengths, what: str, counts: tuple[str, ...]) -> None:
+    """The checks every benchmark's settings share: known architectures (``archs``), lengths of at least
+    2, a known ``preset`` and ``dtype``, and the named counts at least 1."""
+    known = ("hf-llama",) + NAMES
+    unknown = [a for a in settings.archs if a not in known]
+    if unknown or not settings.archs:
+        raise BenchError(f"unknown architecture(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(known)}")
+    if not lengths or any(not isinstance(n, int) or n < 2 for n in lengths):
+        raise BenchError(f"{what} must be integers >= 2, got {list(lengths)}")
+    if settings.preset not in PRESETS:
+        raise BenchError(f"unknown preset {settings.preset!r}; choose one of {', '.join(PRESETS)}")
+    resolve_dtype(settings.dtype)
+    for name in counts:
+        if getattr(settings, name) < 1:
+            raise BenchError(f"{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
 
 
 # ---------------------------------------------------------------------- memory and machine

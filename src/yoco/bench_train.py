@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench import PROBED, BenchError, PeakRSS, llama_model, machine_info, machine_line, measure_machine, probe
-from .config import NAMES, PRESETS, ModelConfig, get_config
+from .bench import PROBED, BenchError, PeakRSS, check_run, llama_model, machine_info, machine_line, measure_machine, probe
+from .config import ModelConfig, get_config
 from .evaluate import lm_loss
 from .models import build_model, resolve_dtype
 from .report import times
@@ -50,19 +50,7 @@ class TrainBenchSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        known = ("hf-llama",) + NAMES
-        unknown = [a for a in self.archs if a not in known]
-        if unknown or not self.archs:
-            raise BenchError(f"unknown architecture(s) {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(known)}")
-        if not self.seq_lens or any(not isinstance(n, int) or n < 2 for n in self.seq_lens):
-            raise BenchError(f"row lengths must be integers >= 2, got {list(self.seq_lens)}")
-        if self.preset not in PRESETS:
-            raise BenchError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        resolve_dtype(self.dtype)
-        for name in ("batch_size", "steps", "warmup"):
-            if getattr(self, name) < 1:
-                raise BenchError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_run(self, self.seq_lens, "row lengths", ("batch_size", "steps", "warmup"))
 
     @property
     def bf16(self) -> bool:
