@@ -89,17 +89,23 @@ def test_the_slice_a_validation_loss_covers_is_named():
     assert covered({**result, "tokens": 0, "split_tokens": 3}) == "no row: the 3 held-out tokens are fewer than one row"
 
 
-def test_eval_command(tmp_path, capsys):
+def tiny_run(root, data_dir=None):
+    """A 3-step tiny training run in root/run (its data in ``data_dir``: a study's shared folder), and
+    its checkpoint."""
     from yoco.train import TrainSettings, latest_checkpoint, train
 
-    corpus = tmp_path / "corpus"
+    corpus = root / "corpus"
     corpus.mkdir()
     for i in range(30):
         (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n\n" * 20)
     train(TrainSettings(arch="yoco-gret", preset="tiny", corpus=[str(corpus)], vocab_size=300, steps=3,
                         batch_size=2, seq_len=32, eval_every=3, save_every=3, val_percent=30.0),
-          tmp_path / "run", progress=False, log=lambda s: None)
-    checkpoint = latest_checkpoint(tmp_path / "run")
+          root / "run", progress=False, log=lambda s: None, data_dir=data_dir)
+    return latest_checkpoint(root / "run")
+
+
+def test_eval_command(tmp_path, capsys):
+    checkpoint = tiny_run(tmp_path)
     argv = ["eval", "--checkpoint", str(checkpoint), "--contexts", "160,256", "--depths", "0,1", "--trials", "1",
             "--batches", "2", "--seq-len", "32", "--mqar-samples", "4", "--json", str(tmp_path / "e.json"),
             "--plot", str(tmp_path / "e.png")]
@@ -136,6 +142,31 @@ def test_eval_command(tmp_path, capsys):
     assert report["positions"]["rope_extension"] == "yarn" and report["positions"]["rope_factor"] == 2.0
     assert main(long[:-2] + ["--rope-factor", "1"]) == 2  # a factor of 1 extends nothing
     assert "rope_factor" in capsys.readouterr().err
+
+
+def test_eval_finds_a_studys_data_and_refuses_shards_of_another_tokenizer(tmp_path, capsys):
+    import shutil
+
+    checkpoint = tiny_run(tmp_path, data_dir=tmp_path / "data")  # a study: data/ beside its runs
+    argv = ["eval", "--checkpoint", str(tmp_path / "run"), "--contexts", "160", "--depths", "0", "--trials", "1",
+            "--batches", "1", "--seq-len", "32", "--mqar-samples", "2", "--json", str(tmp_path / "e.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["val_loss"] > 0
+    # the same shards, but said to be written with a tokenizer that maps text to other ids
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "data", other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[300 - 2:300]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    capsys.readouterr()
+    assert main(argv + ["--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another tokenizer" in err and str(other) in err and "\n" not in err
+    # found by itself, such a folder is passed over for the study's
+    shutil.copytree(other, checkpoint.parent / "data")
+    assert main(argv) == 0
 
 
 def test_passkey_heatmap_text_reads_on_dark_and_light_cells():

@@ -297,8 +297,23 @@ def find_shards(model_folder: str | os.PathLike, levels_up: int = 0) -> Path:
     for _ in range(levels_up):
         parent = parent.parent
         candidates.append(parent / "data")
-    return next((folder for folder in candidates if is_shard_folder(folder)), candidates[0])
+    return next((folder for folder in candidates
+                 if is_shard_folder(folder) and same_tokenizer(folder, model_folder) is not False), candidates[0])
+
+
+def same_tokenizer(a: str | os.PathLike, b: str | os.PathLike) -> bool | None:
+    """Whether folders ``a`` and ``b`` hold the same ``tokenizer.json`` (its model and added tokens: the
+    ids text becomes); None when either holds none or one that cannot be read."""
+    def essence(folder):
+        try:
+            spec = json.loads((Path(folder) / "tokenizer.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return (spec.get("model"), spec.get("added_tokens")) if isinstance(spec, dict) else None
+
+    ea, eb = essence(a), essence(b)
+    return None if ea is None or eb is None else ea == eb
 
 
 __all__ = ["DataError", "Document", "EOS", "PAD", "TokenShards", "build_shards", "corpus_documents", "find_shards",
-           "is_shard_folder", "load_tokenizer", "stdlib_sources", "train_tokenizer"]
+           "is_shard_folder", "load_tokenizer", "same_tokenizer", "stdlib_sources", "train_tokenizer"]

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, kv_bit_width, names, quantized_bit_width
 from ..checkpoint import load_model, resolve_checkpoint
+from ..data import find_shards, is_shard_folder, same_tokenizer
 from ..config import ATTN_TEMPERATURES, GLOBAL_POSITIONS, NAMES, POSITION_FIELDS, PRESETS, ROPE_EXTENSIONS
 from ..errors import YocoError
 from ..models import CausalLM, build_model
@@ -36,6 +38,21 @@ def load_from_args(args: argparse.Namespace) -> CausalLM:
         args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
         return load_model(args.checkpoint, dtype=args.dtype)
     return build_model(args.arch, preset=args.preset, dtype=args.dtype, seed=args.seed)
+
+
+def held_out_shards(model_folder: str, data: str | None) -> Path:
+    """The token shards to evaluate the model in ``model_folder`` on: ``data`` (``--data``), or the
+    ``data/`` its training run keeps beside its checkpoints, or its study's a level up, whichever is
+    nearest and was written with the model's tokenizer. Refused, naming the folder, when it holds no
+    shards or shards of another tokenizer (their ids would mean other text to the model)."""
+    folder = Path(data) if data else find_shards(model_folder, levels_up=1)
+    if not is_shard_folder(folder):
+        raise UsageError(f"no held-out token shards at {str(folder)!r}: pass --data with a token shard folder "
+                         "written with this model's tokenizer")
+    if same_tokenizer(folder, model_folder) is False:
+        raise UsageError(f"the token shards at {str(folder)!r} were written with another tokenizer than the model's "
+                         f"({str(model_folder)!r}): pass --data with shards written with this model's tokenizer")
+    return folder
 
 
 def add_kv_quantization(p: argparse.ArgumentParser, many: bool = False) -> None:

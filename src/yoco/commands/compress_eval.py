@@ -9,11 +9,11 @@ from pathlib import Path
 from ..arguments import DEPTH, POSITIVE_INT, ListOf, budget
 from ..checkpoint import load_any_model, resolve_checkpoint
 from ..compress import POLICIES
-from ..data import TokenShards, find_shards, is_shard_folder
+from ..data import TokenShards
 from ..models import CausalLM
 from ..report import write_json, write_markdown
 from ..tokenizer import tokenizer_for
-from .common import UsageError, add_dtype, add_kv_quantization, add_seed, kv_quantization
+from .common import UsageError, add_dtype, add_kv_quantization, add_seed, held_out_shards, kv_quantization
 
 DEFAULT_MODEL = "runs/study-retrieval/yoco-swa/checkpoint-2200"
 DEFAULT_POLICIES = "streamingllm,snapkv,pyramidkv,h2o,corm,infllm"
@@ -73,11 +73,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_any_model(args.model, args.dtype)
     # a transformers model may pad its vocabulary beyond its tokenizer's; a yoco model is sized by it
     tokenizer = tokenizer_for(args.model, model.config.vocab_size, exact=isinstance(model, CausalLM))
-    # a training run keeps data/ beside its checkpoints; a study keeps one for all its runs, a level up
-    data = Path(args.data) if args.data else find_shards(args.model, levels_up=1)
-    if not is_shard_folder(data):
-        raise UsageError(f"no held-out token shards at {str(data)!r}: pass --data with a token shard folder "
-                         "written with this model's tokenizer")
+    data = held_out_shards(args.model, args.data)
     val = TokenShards(data, "val")
     if len(val) < args.context + args.ppl_tokens + args.ppl_rows:
         val = TokenShards(data, "train")

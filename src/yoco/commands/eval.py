@@ -7,20 +7,20 @@ from pathlib import Path
 
 from ..arguments import DEPTH, POSITIVE_INT, ListOf, TokenCount
 from ..checkpoint import load_model, resolve_checkpoint
-from ..data import SPECIAL_TOKENS, TokenShards, find_shards, is_shard_folder
+from ..data import SPECIAL_TOKENS, TokenShards
 from ..report import format_bytes, print_table, write_json
 from ..tasks import MQAR_PAIRS, MQAR_QUERIES, MQAR_SAMPLES, TaskError, mqar_batch
 from ..tokenizer import tokenizer_for
 from ..config import POSITION_FIELDS
 from ..models import with_positions
-from .common import (UsageError, add_dtype, add_kv_quantization, add_position_flags, add_seed, kv_quantization,
-                     position_changes)
+from .common import (UsageError, add_dtype, add_kv_quantization, add_position_flags, add_seed, held_out_shards,
+                     kv_quantization, position_changes)
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="validation loss, passkey retrieval heatmap and MQAR of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a model folder, or a training run folder (its latest)")
-    p.add_argument("--data", help="token shard folder (default: the run's data/ beside the checkpoint)")
+    p.add_argument("--data", help="token shard folder (default: the run's data/ beside the checkpoint, or its study's a level up)")
     p.add_argument("--contexts", type=ListOf(TokenCount(1), "context lengths"), default="256,512,1024",
                    help="passkey context lengths, comma-separated")
     p.add_argument("--depths", type=ListOf(DEPTH, "depths"), default="0,0.25,0.5,0.75,1",
@@ -50,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a run folder: its latest checkpoint
     model = with_positions(load_model(args.checkpoint, dtype=args.dtype), position_changes(args))
     tokenizer = tokenizer_for(args.checkpoint, model.config.vocab_size)
-    data = Path(args.data) if args.data else find_shards(args.checkpoint)
-    if not is_shard_folder(data):
-        raise UsageError(f"no held-out token shards at {str(data)!r}: pass --data with the run's data folder")
+    data = held_out_shards(args.checkpoint, args.data)
     val = TokenShards(data, "val")
     if len(val) < args.seq_len + 1:
         print(f"note: the validation split holds {len(val)} tokens, fewer than one row of {args.seq_len} + 1; "
