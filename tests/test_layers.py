@@ -8,6 +8,7 @@ import pytest
 import torch
 from harness import rms_norm_reference
 
+from yoco import layers
 from yoco.layers import NoRotation, QueryTemperature, RMSNorm, RopeExtension, RotaryEmbedding, Step, SwiGLU, rotate_by
 
 
@@ -351,3 +352,23 @@ def test_nope_rotates_nothing_and_keeps_its_temperature():
     torch.testing.assert_close(nope.queries(x, step), x * factors[:, None, None])
     keys = x.transpose(1, 2)
     assert torch.equal(rotate_by(nope, keys, torch.tensor([3])), keys)
+
+
+# ---------------------------------------------------------------------- Linear
+@pytest.mark.parametrize("bf16_arithmetic", [False, True])
+@pytest.mark.parametrize("rows", [1, 15, 16, 300])
+def test_linear_in_bf16_multiplies_in_fp32_for_many_rows_where_the_cpu_lacks_bf16(rows, bf16_arithmetic, monkeypatch):
+    monkeypatch.setattr(layers, "CPU_BF16_ARITHMETIC", bf16_arithmetic)
+    torch.manual_seed(rows)
+    linear = layers.Linear(64, 48, bias=True).bfloat16()
+    x = torch.randn(rows, 64).bfloat16()
+    wide = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float()).bfloat16()
+    plain = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    expected = wide if rows >= layers.FP32_COMPUTE_ROWS and not bf16_arithmetic else plain
+    assert linear(x).equal(expected)
+    # fp32, and bf16 under autocast (fp32 weights): exactly nn.Linear
+    linear32, x32 = linear.float(), x.float()
+    assert linear32(x32).equal(torch.nn.functional.linear(x32, linear32.weight, linear32.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear32(x32).equal(torch.nn.Linear.forward(linear32, x32))
+    assert isinstance(linear, torch.nn.Linear) and set(linear.state_dict()) == {"weight", "bias"}

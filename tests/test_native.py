@@ -222,7 +222,12 @@ def test_the_window_kernel_equals_the_formula(shape):
 def test_what_the_window_kernel_does_not_take_goes_the_pytorch_way():
     q, k = torch.randn(1, 4, 20, 64), torch.randn(1, 2, 25, 64)
     assert kernels.native_window_attention(q, k, k, 5, 8) is not None
-    assert kernels.native_window_attention(q.bfloat16(), k.bfloat16(), k.bfloat16(), 5, 8) is None  # float32 only
+    # bf16: widened for the kernel, the result rounded back (exactly the fp32 kernel on the widened inputs)
+    q16, k16 = q.bfloat16(), k.bfloat16()
+    got = kernels.native_window_attention(q16, k16, k16, 5, 8)
+    assert got.dtype == torch.bfloat16
+    assert got.equal(kernels.native_window_attention(q16.float(), k16.float(), k16.float(), 5, 8).bfloat16())
+    assert kernels.native_window_attention(q.half(), k.half(), k.half(), 5, 8) is None  # float32 and bf16 only
     assert kernels.native_window_attention(q[..., :40], k[..., :40], k[..., :40], 5, 8) is None  # 40 wide
     wide = torch.randn(1, 4, 20, 256), torch.randn(1, 2, 25, 256)
     assert kernels.native_window_attention(wide[0], wide[1], wide[1], 5, 8) is None  # wider than 128

@@ -130,8 +130,13 @@ def native_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     ``earlier`` keys before the queries, then their own): query t sees keys earlier + t - window < j <=
     earlier + t. Computed by the native kernel (``csrc/window_attention.c``: flash attention over the
     band only, each key block read once for a K/V head's query heads at 16 positions), or None where it
-    does not apply (not float32 on the CPU, gradients wanted, inside torch.compile, shapes it declines),
-    and the caller takes PyTorch's path."""
+    does not apply (not float32 or bf16 on the CPU, gradients wanted, inside torch.compile, shapes it
+    declines), and the caller takes PyTorch's path. bf16 is widened to fp32 for the kernel and the
+    result rounded back: a prefill chunk's own keys, cheap beside the attention, which PyTorch's bf16
+    path runs several times slower on a CPU without bf16 arithmetic."""
+    if q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu":
+        out = native_window_attention(q.float(), k.float(), v.float(), earlier, window)
+        return None if out is None else out.to(torch.bfloat16)
     B, H, T, d = q.shape
     h, S = k.shape[1], k.shape[2]
     lib = native_library_for(q, k, v)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..cache import CallKV, KVCache, KVGeometry
 from ..config import ModelConfig
-from ..layers import RotaryEmbedding, Step, rotate_by
+from ..layers import Linear, RotaryEmbedding, Step, rotate_by
 
 
 def visible_pairs(n: float, window: int | None = None) -> float:
@@ -35,11 +35,11 @@ class QKVProjection(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, produces_kv: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         if produces_kv:
-            self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-            self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+            self.k_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+            self.v_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.rotary = rotary
 
     def queries(self, x: torch.Tensor, step: Step) -> torch.Tensor:

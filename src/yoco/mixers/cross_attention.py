@@ -7,7 +7,7 @@ from torch import nn
 
 from ..cache import CallKV, KVCache, KVGeometry
 from ..config import ModelConfig
-from ..layers import RMSNorm, RotaryEmbedding, Step
+from ..layers import Linear, RMSNorm, RotaryEmbedding, Step
 from .attention import kv_bytes_per_position, rope_kv_geometry, visible_pairs
 
 
@@ -23,8 +23,8 @@ class GlobalKV(nn.Module):
         super().__init__()
         self.n_kv_heads, self.head_dim = config.n_kv_heads, config.head_dim
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.rotary = rotary
 
     def new_cache(self, batch_size: int, *, dtype: torch.dtype, device, capacity: int | None) -> KVCache:
@@ -66,8 +66,8 @@ class CrossAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor, step: Step, kv) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..cache import tensor_bytes
 from ..config import ModelConfig
-from ..layers import RMSNorm, Step, decay_within_chunks, pad_to_chunks
+from ..layers import Linear, RMSNorm, Step, decay_within_chunks, pad_to_chunks
 
 VALUE_EXPANSION = 2  # value heads are twice as wide as key heads
 
@@ -148,19 +148,19 @@ class GatedDeltaNet(nn.Module):
         self.chunk = config.deltanet_chunk
         keys, values = self.n_heads * self.key_dim, self.n_heads * self.value_dim
         self.widths = (keys, keys, values)
-        self.qkv_proj = nn.Linear(dim, 2 * keys + values, bias=False)
+        self.qkv_proj = Linear(dim, 2 * keys + values, bias=False)
         # depthwise causal convolution of q, k and v: tap conv-1 multiplies the current token
         self.conv_weight = nn.Parameter(torch.empty(2 * keys + values, config.deltanet_conv))
         nn.init.uniform_(self.conv_weight, -config.deltanet_conv ** -0.5, config.deltanet_conv ** -0.5)
-        self.a_proj = nn.Linear(dim, self.n_heads, bias=False)
-        self.b_proj = nn.Linear(dim, self.n_heads, bias=False)
+        self.a_proj = Linear(dim, self.n_heads, bias=False)
+        self.b_proj = Linear(dim, self.n_heads, bias=False)
         # Mamba-2's decay parameters: rates A in (0, 16], time steps dt log-uniform in [1e-3, 0.1]
         self.A_log = nn.Parameter(torch.empty(self.n_heads).uniform_(1e-4, 16).log())
         dt = torch.empty(self.n_heads).uniform_(math.log(1e-3), math.log(0.1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        self.g_proj = nn.Linear(dim, values, bias=False)
+        self.g_proj = Linear(dim, values, bias=False)
         self.head_norm = RMSNorm(self.value_dim, eps=config.norm_eps)
-        self.out_proj = nn.Linear(values, dim, bias=False)
+        self.out_proj = Linear(values, dim, bias=False)
 
     @classmethod
     def for_self_decoder(cls, config: ModelConfig, plain_rope) -> "GatedDeltaNet":

@@ -30,7 +30,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from ..cache import CacheError, CallKV, Expand, KVGeometry, SlotCache, attend_in_slot_order
 from ..config import ModelConfig
-from ..layers import RMSNorm, RotaryEmbedding, Step, rotate_by
+from ..layers import Linear, RMSNorm, RotaryEmbedding, Step, rotate_by
 from .attention import visible_pairs
 
 
@@ -95,7 +95,7 @@ def effective_linear(module: nn.Module, in_features: int,
 def computes_plain_linear(module: nn.Module) -> bool:
     """Whether calling ``module`` is exactly ``F.linear(x, module.weight, module.bias)``."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks)
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not any(hooks)
+    return isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, Linear.forward) and not any(hooks)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -126,18 +126,18 @@ class MultiHeadLatentAttention(nn.Module):
         self.absorb: bool | None = None
         dim, q_out = config.dim, H * (self.d_nope + self.d_R)
         if self.is_producer:
-            self.kv_down = nn.Linear(dim, self.d_c, bias=False)
+            self.kv_down = Linear(dim, self.d_c, bias=False)
             self.kv_norm = RMSNorm(self.d_c, config.norm_eps)
-            self.k_rope = nn.Linear(dim, self.d_R, bias=False)
+            self.k_rope = Linear(dim, self.d_R, bias=False)
         if config.mla_q_rank is None:
-            self.q_proj = nn.Linear(dim, q_out, bias=False)
+            self.q_proj = Linear(dim, q_out, bias=False)
         else:
-            self.q_down = nn.Linear(dim, config.mla_q_rank, bias=False)
+            self.q_down = Linear(dim, config.mla_q_rank, bias=False)
             self.q_norm = RMSNorm(config.mla_q_rank, config.norm_eps)
-            self.q_up = nn.Linear(config.mla_q_rank, q_out, bias=False)
-        self.k_up = nn.Linear(self.d_c, H * self.d_nope, bias=False)
-        self.v_up = nn.Linear(self.d_c, H * self.d_v, bias=False)
-        self.o_proj = nn.Linear(H * self.d_v, dim, bias=False)
+            self.q_up = Linear(config.mla_q_rank, q_out, bias=False)
+        self.k_up = Linear(self.d_c, H * self.d_nope, bias=False)
+        self.v_up = Linear(self.d_c, H * self.d_v, bias=False)
+        self.o_proj = Linear(H * self.d_v, dim, bias=False)
 
     @property
     def is_producer(self) -> bool:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..cache import tensor_bytes
 from ..config import ModelConfig
-from ..layers import RMSNorm, RotaryEmbedding, Step, decay_within_chunks, pad_to_chunks
+from ..layers import Linear, RMSNorm, RotaryEmbedding, Step, decay_within_chunks, pad_to_chunks
 
 GATE_LOGIT_NORMALIZER = 16.0
 
@@ -96,12 +96,12 @@ class GatedRetention(nn.Module):
         self.n_heads = config.n_retention_heads
         self.head_dim = dim // self.n_heads
         self.chunk = config.retention_chunk
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.g_proj = nn.Linear(dim, dim, bias=False)
-        self.gt_proj = nn.Linear(dim, self.n_heads, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = Linear(dim, dim, bias=False)
+        self.k_proj = Linear(dim, dim, bias=False)
+        self.v_proj = Linear(dim, dim, bias=False)
+        self.g_proj = Linear(dim, dim, bias=False)
+        self.gt_proj = Linear(dim, self.n_heads, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
         self.head_norm = RMSNorm(self.head_dim, eps=config.norm_eps, affine=False)
         self.rotary = rotary
 

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..cache import ModelCache
 from ..config import ModelConfig
 from ..errors import YocoError
-from ..layers import RMSNorm, Step, SwiGLU
+from ..layers import Linear, RMSNorm, Step, SwiGLU
 from ..quantize import QuantizedKV, as_quantization
 
 # Projections that write into the residual stream get a depth-scaled init (GPT-2 / Megatron).
@@ -83,7 +83,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

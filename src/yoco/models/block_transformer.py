@@ -42,7 +42,7 @@ from torch import nn
 
 from ..cache import ModelCache, map_rows, tensor_bytes
 from ..config import ModelConfig
-from ..layers import RMSNorm, RotaryEmbedding, Step
+from ..layers import Linear, RMSNorm, RotaryEmbedding, Step
 from ..mixers.attention import CausalSelfAttention
 from .base import Block, CausalLM, InputError, ffn_flops, lm_head_flops, weight_read_bytes
 
@@ -132,7 +132,7 @@ class BlockTransformer(CausalLM):
                                           for _ in range(self.n_block_layers))
         self.block_norm = RMSNorm(D, eps=config.norm_eps)
         # Context embedding -> P prefix vectors; the start context stands in for block -1.
-        self.expand = nn.Linear(D, P * D, bias=False)
+        self.expand = Linear(D, P * D, bias=False)
         self.start_context = nn.Parameter(torch.zeros(D))
         # Token decoder: self.embed (width dim) and RoPE over local positions 0..P+b-1.
         self.token_rotary = RotaryEmbedding(config.head_dim, *rope)
