@@ -345,3 +345,18 @@ def test_plot_title_mentions_dashes_only_when_something_is_dashed(extrapolated):
     assert bool(dashed) is extrapolated
     assert ("dashed = extrapolated" in fig._suptitle.get_text()) is extrapolated
     plt.close(fig)
+
+
+@pytest.mark.parametrize("bf16_arithmetic,expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_a_bf16_prefill_is_set_against_the_peak_of_the_arithmetic_it_runs_in(bf16_arithmetic, expected, monkeypatch):
+    import yoco.bench
+    from yoco import layers
+
+    monkeypatch.setattr(layers, "CPU_BF16_ARITHMETIC", bf16_arithmetic)
+    measured = []
+    monkeypatch.setattr(yoco.bench, "measure_matmul_flops", lambda dtype: measured.append(dtype) or 1e11)
+    monkeypatch.setattr(yoco.bench, "measure_bandwidth", lambda: 40e9)
+    monkeypatch.setattr(yoco.bench, "measure_read_bandwidth", lambda: 30e9)
+    assert yoco.bench.machine_info(torch.bfloat16)["matmul_dtype"] == str(expected).removeprefix("torch.")
+    assert measured == [expected]
+    assert yoco.bench.arithmetic_dtype(torch.float32) == torch.float32

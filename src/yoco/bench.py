@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
+from . import layers
 from .allocator import release_free_memory
 from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_stepper, prefill
@@ -246,6 +247,7 @@ def machine_info(dtype: torch.dtype) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "matmul_dtype": str(arithmetic_dtype(dtype)).removeprefix("torch."),
         **measure_machine(dtype),
     }
 
@@ -254,8 +256,14 @@ PROBED = ("matmul_flops", "bandwidth_bytes_s", "read_bandwidth_bytes_s")
 BUSY_DIFFERENCE = 0.25  # start and end figures further apart than this: something else ran meanwhile
 
 
+def arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model stored in ``dtype`` multiplies in, whose matmul peak its prefill is set against:
+    fp32 for bf16 on a CPU without bf16 arithmetic (``layers.Linear``), else ``dtype``."""
+    return torch.float32 if dtype == torch.bfloat16 and not layers.CPU_BF16_ARITHMETIC else dtype
+
+
 def measure_machine(dtype: torch.dtype) -> dict:
-    return {"matmul_flops": measure_matmul_flops(dtype), "bandwidth_bytes_s": measure_bandwidth(),
+    return {"matmul_flops": measure_matmul_flops(arithmetic_dtype(dtype)), "bandwidth_bytes_s": measure_bandwidth(),
             "read_bandwidth_bytes_s": measure_read_bandwidth()}
 
 
