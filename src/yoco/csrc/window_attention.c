@@ -45,7 +45,7 @@ static inline __attribute__((always_inline)) void window_unit(const WindowJob *j
     float qs[MAX_ROWS * MAX_DW] __attribute__((aligned(64)));     /* rows' queries, scaled; row r = g * QT + p */
     float acc[MAX_ROWS * MAX_DW] __attribute__((aligned(64)));    /* rows' weighted values */
     float p[MAX_ROWS * KB] __attribute__((aligned(64)));          /* scores, then weights */
-    float top[MAX_ROWS], total[MAX_ROWS];
+    float top[MAX_ROWS] __attribute__((aligned(64))), total[MAX_ROWS] __attribute__((aligned(64)));
     const float *kt = job->kt + b * job->kt_sb + head * job->kt_sh, *v = job->v + b * job->v_sb + head * job->v_sh;
     const int64_t PR = D <= 4 ? 4 : 2; /* rows of a weighted-values tile: its accumulators fit the registers */
     for (int64_t g = 0; g < G; g++)
@@ -83,34 +83,43 @@ static inline __attribute__((always_inline)) void window_unit(const WindowJob *j
         }
         /* the band: position i sees keys E + t0 + i - W < j <= E + t0 + i; masked only where it cuts */
         const int band_cuts = j0 <= E + t0 + (n - 1) - W || j0 + KB - 1 > E + t0;
-        for (int64_t r = 0; r < R; r++) {
-            const int64_t i = r % QT, hi = E + t0 + i, lo = hi - W + 1;
-            float *row = p + r * KB;
-            if (band_cuts || nk < KB)
+        if (band_cuts || nk < KB)
+            for (int64_t r = 0; r < R; r++) {
+                const int64_t i = r % QT, hi = E + t0 + i, lo = hi - W + 1;
+                float *row = p + r * KB;
                 for (int64_t j = 0; j < KB; j++)
                     if (j >= nk || j0 + j < lo || j0 + j > hi) row[j] = -INFINITY;
-            /* online softmax */
-            f32x16 most = vmax(load16(row), load16(row + L));
-            float high = top[r];
-            for (int x = 0; x < L; x++) high = most[x] > high ? most[x] : high;
-            if (high == -INFINITY) { /* sees none of this block (past the chunk's end, or the band) */
-                memset(row, 0, sizeof(float) * KB);
-                continue;
             }
-            if (high > top[r]) {
-                const float factor = top[r] == -INFINITY ? 0.0f : expf(top[r] - high);
-                total[r] *= factor;
-                for (int64_t c = 0; c < D; c++) store16(acc + r * d + c * L, load16(acc + r * d + c * L) * factor);
-                top[r] = high;
+        /* online softmax, 16 rows at a time (R = G * QT is a multiple of 16): their maxima and sums are
+         * reduced across lanes together (maxes16, sums16), not row by row */
+        for (int64_t r0 = 0; r0 < R; r0 += L) {
+            f32x16 part[L];
+            for (int r = 0; r < L; r++) part[r] = vmax(load16(p + (r0 + r) * KB), load16(p + (r0 + r) * KB + L));
+            const f32x16 before = load16(top + r0), high = vmax(maxes16(part), before);
+            /* the earlier weights' factor: e^(before - high), 0 before any key was seen (-inf) */
+            const f32x16 factor = (f32x16)((i32x16)exp_nonpositive(before - high) & (before != -INFINITY));
+            store16(top + r0, high);
+            store16(total + r0, load16(total + r0) * factor);
+            for (int r = 0; r < L; r++) {
+                float *row = p + (r0 + r) * KB;
+                if (high[r] == -INFINITY) { /* sees none of this block (past the chunk's end, or the band) */
+                    memset(row, 0, sizeof(float) * KB);
+                    part[r] = splat(0.0f);
+                    continue;
+                }
+                if (high[r] > before[r]) /* the maximum rose: what was summed so far weighs less */
+                    for (int64_t c = 0; c < D; c++)
+                        store16(acc + (r0 + r) * d + c * L, load16(acc + (r0 + r) * d + c * L) * factor[r]);
+                f32x16 sum = splat(0.0f);
+                for (int64_t x = 0; x < KB; x += L) {
+                    const f32x16 sc = load16(row + x);
+                    const f32x16 e = (f32x16)((i32x16)exp_nonpositive(sc - high[r]) & (sc != -INFINITY)); /* masked: 0 */
+                    store16(row + x, e);
+                    sum += e;
+                }
+                part[r] = sum;
             }
-            f32x16 sum = splat(0.0f);
-            for (int64_t x = 0; x < KB; x += L) {
-                const f32x16 sc = load16(row + x);
-                const f32x16 e = (f32x16)((i32x16)exp_nonpositive(sc - high) & (sc != -INFINITY)); /* masked: 0 */
-                store16(row + x, e);
-                sum += e;
-            }
-            total[r] += hsum(sum);
+            store16(total + r0, load16(total + r0) + sums16(part));
         }
         /* weighted values: tiles of PR rows x d */
         for (int64_t r0 = 0; r0 < R; r0 += PR) {
