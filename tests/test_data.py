@@ -59,6 +59,20 @@ def test_folders_files_and_jsonl(tmp_path):
     assert [d.text for d in docs] == ["x = 1\n", "hello\n", "first", "second"]
 
 
+def test_a_folder_of_text_files_without_known_suffixes_is_read(tmp_path):
+    from yoco.data import looks_like_text
+
+    (tmp_path / "notes").write_text("plain notes\n")
+    (tmp_path / "server.log").write_text("héllo wörld\n" * 1000)  # multi-byte characters, longer than one sniff
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (tmp_path / "latin1.dat").write_bytes("caf\xe9\n".encode("latin-1"))  # not UTF-8: passed over
+    docs = list(corpus_documents([tmp_path]))
+    assert sorted(d.name.rsplit("/", 1)[-1] for d in docs) == ["notes", "server.log"]
+    # a multi-byte character cut by the sniff's end is still text
+    (tmp_path / "cut").write_bytes(b"a" * 8191 + "é".encode() + b"\n")
+    assert looks_like_text(tmp_path / "cut")
+
+
 @pytest.mark.parametrize("content,message", [
     ("{not json}\n", "docs.jsonl:1: not valid JSON"),
     (json.dumps({"body": "x"}) + "\n", 'docs.jsonl:1: each JSONL line must be an object with a "text"'),

@@ -69,9 +69,29 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
             yield Document(f"{path}:{number}", record["text"])
 
 
+def looks_like_text(path: Path, sniff: int = 8192) -> bool:
+    """Whether a file of no known text suffix holds text: its first ``sniff`` bytes have no NUL and
+    decode as UTF-8 (a character cut at the end aside)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(sniff)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and len(head) == sniff  # only the cut last character is bad
+    return True
+
+
 def _files_under(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                  and "__pycache__" not in p.parts)
+    """A folder's text files: those of a known text suffix, and those of any other (or none) that hold
+    text (``looks_like_text``: plain text saved as ``notes``, ``LICENSE``, ``.log``...); binaries and
+    caches are passed over."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                  and (p.suffix.lower() in TEXT_SUFFIXES or looks_like_text(p)))
 
 
 def corpus_documents(paths: Sequence[str | os.PathLike] | None = None) -> Iterator[Document]:
