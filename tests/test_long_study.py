@@ -75,6 +75,24 @@ def test_a_study_stopped_halfway_keeps_the_runs_it_finished(corpus, tmp_path, mo
     assert evaluated == ["rope", "rope-pi"]
 
 
+def test_another_control_limit_scores_the_control_again_and_keeps_the_rest(corpus, tmp_path, monkeypatch):
+    import yoco.long_study as long_study
+
+    settings = LongStudySettings(options=("rope", "transformer"), preset="tiny", window=16, steps=2, batch_size=2,
+                                 seq_len=128, short_seq_len=None, contexts=(128, 256), depths=(0.0,), trials=1,
+                                 control_limit=128, prefill_chunk=64, corpus=[corpus], vocab_size=400)
+    first = run_long_study(settings, tmp_path, log=lambda s: None, progress=False)
+    control = first["runs"][1]
+    assert set(control["passkey_by_context"]) == {"128"}
+    assert "scored up to 128 tokens" in control["stopped"] and "one of 256 would take about 4x" in control["stopped"]
+    evaluate, evaluated = long_study.evaluate_option, []
+    monkeypatch.setattr(long_study, "evaluate_option", lambda name, *a, **k: evaluated.append(name) or evaluate(name, *a, **k))
+    again = run_long_study(LongStudySettings(**{**settings.__dict__, "control_limit": 256}), tmp_path,
+                           log=lambda s: None, progress=False)
+    assert evaluated == ["transformer"] and again["runs"][0] == first["runs"][0]
+    assert set(again["runs"][1]["passkey_by_context"]) == {"128", "256"} and again["runs"][1]["stopped"] is None
+
+
 def test_the_command_and_its_quick_form(tmp_path, monkeypatch):
     import yoco.long_study as long_study
 

@@ -98,7 +98,10 @@ class LongStudySettings:
     contexts: tuple[int, ...] = LONG_CONTEXTS
     depths: tuple[float, ...] = LONG_DEPTHS
     trials: int = 4
-    control_limit: int = 65536  # the longest context the quadratic Transformer control is scored at
+    # the longest context the quadratic Transformer control is scored at: at 16K one of its prompts takes
+    # about as long as a 1M-token prompt of YOCO-SWA; at 64K it would take ~16x that (tens of minutes for
+    # its 20 prompts)
+    control_limit: int = 16384
     prefill_chunk: int = 16384
     corpus: list[str] = field(default_factory=list)
     vocab_size: int = TrainSettings.vocab_size
@@ -139,15 +142,16 @@ def _train_settings(name: str, settings: LongStudySettings, vocab: dict, target:
                                     **option.trained(settings.seq_len)})
 
 
+def scored_contexts(name: str, settings: LongStudySettings) -> list[int]:
+    """The contexts an option is scored at: all, but the quadratic control's up to ``control_limit``."""
+    return [n for n in settings.contexts if name != "transformer" or n <= settings.control_limit]
+
+
 def evaluate_option(name: str, model, tokenizer, haystack, settings: LongStudySettings,
                     log=print) -> tuple[list[dict], str | None]:
     """Passkey cells of one option at every context it is scored at, and why it stops short, if it does."""
     option = POSITION_OPTIONS[name]
-    contexts = [n for n in settings.contexts if name != "transformer" or n <= settings.control_limit]
-    stopped = None
-    if len(contexts) < len(settings.contexts):
-        stopped = (f"scored up to {max(contexts, default=0):,} tokens: its prefill is quadratic (beyond "
-                   f"{settings.control_limit:,} tokens one prompt would take longer than the whole YOCO evaluation)")
+    contexts = scored_contexts(name, settings)
     cells = []
     for context in contexts:
         added = option.at_eval(context, settings.seq_len)
@@ -157,6 +161,15 @@ def evaluate_option(name: str, model, tokenizer, haystack, settings: LongStudySe
             grid = passkey_grid(scored, tokenizer, haystack, [context], settings.depths, settings.trials,
                                 settings.seed, prefill_chunk=settings.prefill_chunk, progress=True)
         cells += [{**cell, "positions": added} for cell in grid]
+    stopped = None
+    if len(contexts) < len(settings.contexts):
+        longest = max(contexts, default=0)
+        beyond = min(n for n in settings.contexts if n > longest)
+        per_prompt = (sum(c["seconds"] for c in cells if c["context"] == longest)
+                      / max(1, sum(c["trials"] for c in cells if c["context"] == longest)))
+        stopped = (f"scored up to {longest:,} tokens: its prefill is quadratic (a prompt of {longest:,} took "
+                   f"{per_prompt:.1f} s here; one of {beyond:,} would take about {(beyond / max(1, longest)) ** 2:.0f}x "
+                   f"that, {per_prompt * (beyond / max(1, longest)) ** 2 / 60:.0f} min, and the longer contexts more)")
     return cells, stopped
 
 
@@ -165,18 +178,20 @@ def _settings_record(settings: LongStudySettings) -> dict:
 
 
 def _finished_runs(path: Path, settings: LongStudySettings) -> dict[str, dict]:
-    """The runs an earlier study at ``path`` evaluated with the same settings (its options aside), by
-    option; none if there is no such file, or it was written with other settings."""
+    """The runs an earlier study at ``path`` evaluated with the same settings, by option; none if there
+    is no such file, or it was written with other settings. The options and the control's limit aside:
+    a run is kept when it was scored at the contexts these settings score it at."""
     if not path.exists():
         return {}
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    same = lambda record: {**record, "options": None}  # noqa: E731 - compared with the options left out
+    same = lambda record: {**record, "options": None, "control_limit": None}  # noqa: E731 - (those left out)
     if same(earlier.get("settings", {})) != same(json.loads(json.dumps(_settings_record(settings)))):
         return {}
-    return {run["position"]: run for run in earlier.get("runs", [])}
+    return {run["position"]: run for run in earlier.get("runs", [])
+            if set(run.get("passkey_by_context", {})) == {str(n) for n in scored_contexts(run["position"], settings)}}
 
 
 def _save(settings: LongStudySettings, runs: list[dict], seconds: float, out: Path) -> dict:
