@@ -67,7 +67,8 @@ def test_a_study_stopped_halfway_keeps_the_runs_it_finished(corpus, tmp_path, mo
     evaluated = []
     monkeypatch.setattr(long_study, "evaluate_option", lambda name, *a, **k: evaluated.append(name) or evaluate(name, *a, **k))
     results = run_long_study(settings, tmp_path, log=lambda s: None, progress=False)
-    assert evaluated == ["rope-pi"] and results["complete"]
+    assert evaluated == ["rope-pi"] and results["complete"] and results["kept"] == ["rope"]
+    assert "runs kept from an earlier one, not counted: rope" in markdown(results)
     assert results["runs"][0] == saved["runs"][0] and [r["position"] for r in results["runs"]] == ["rope", "rope-pi"]
     # other settings: nothing is kept
     evaluated.clear()

@@ -194,11 +194,12 @@ def _finished_runs(path: Path, settings: LongStudySettings) -> dict[str, dict]:
             if set(run.get("passkey_by_context", {})) == {str(n) for n in scored_contexts(run["position"], settings)}}
 
 
-def _save(settings: LongStudySettings, runs: list[dict], seconds: float, out: Path) -> dict:
+def _save(settings: LongStudySettings, runs: list[dict], seconds: float, out: Path, kept: list[str]) -> dict:
     """Written after every run (``complete`` false until the last): a study stopped halfway keeps what
-    it measured, and a rerun takes it up from there."""
+    it measured, and a rerun takes it up from there. ``seconds`` is this invocation's time; ``kept``
+    the runs it took from an earlier one (their time is not in it)."""
     results = {"settings": _settings_record(settings), "seconds": seconds,
-               "complete": len(runs) == len(settings.options), "runs": runs}
+               "complete": len(runs) == len(settings.options), "kept": kept, "runs": runs}
     write_json(results, out / "results.json")
     write_markdown(markdown(results), out / "results.md")
     return results
@@ -216,7 +217,7 @@ def run_long_study(settings: LongStudySettings, out: str | os.PathLike, log=prin
     # retrieval study's YOCO-SWA)
     target = parameter_count(get_config("transformer", settings.preset, **vocab))
     val = TokenShards(out / "data", "val")
-    runs = []
+    runs, kept = [], []
     finished = _finished_runs(out / "results.json", settings)
     for name in settings.options:
         if name in finished:
@@ -224,7 +225,8 @@ def run_long_study(settings: LongStudySettings, out: str | os.PathLike, log=prin
             # option's 1M-token cells take tens of minutes; delete results.json to evaluate again)
             log(f"{name}: evaluated before (results.json), kept")
             runs.append(finished[name])
-            results = _save(settings, runs, time.perf_counter() - began, out)
+            kept.append(name)
+            results = _save(settings, runs, time.perf_counter() - began, out, kept)
             continue
         run_dir = out / _trained_run(name)
         # a finished training is not done again (an option evaluated with the rope run's weights reuses them)
@@ -252,7 +254,7 @@ def run_long_study(settings: LongStudySettings, out: str | os.PathLike, log=prin
                      f"trained at {settings.seq_len} tokens")
         log(f"{name}: val loss {loss['val_loss']:.4f}; passkey " + ", ".join(
             f"{n}: {a:.0%}" for n, a in run["passkey_by_context"].items()))
-        results = _save(settings, runs, time.perf_counter() - began, out)
+        results = _save(settings, runs, time.perf_counter() - began, out, kept)
     return results
 
 
@@ -263,6 +265,8 @@ def markdown(results: dict) -> str:
     lines = [f"Long study: preset {s['preset']}, window {s['window']}, trained at {s['seq_len']} tokens "
              f"({s['steps']} steps); passkey at depths {', '.join(f'{d:g}' for d in s['depths'])}, "
              f"{s['trials']} keys each; whole run {results['seconds'] / 60:.1f} min"
+             + (f" in this invocation (runs kept from an earlier one, not counted: {', '.join(results['kept'])})"
+                if results.get("kept") else "")
              + ("" if results.get("complete", True) else f" so far ({len(results['runs'])} of {len(s['options'])} runs)"),
              "",
              f"| option | arch | val loss | {head} | min over depths at the longest | eval time |",
