@@ -44,7 +44,8 @@ from .config import NAMES, PRESETS, ModelConfig, get_config
 from .engine import decode_stepper, prefill
 from .errors import YocoError
 from .hf_runner import TransformersLM
-from .models import build_model, cache_bytes, weight_read_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype
+from .models import (build_model, cache_bytes, cache_growth_per_token, prefill_flops, quadratic_prefill, resolve_dtype,
+                     weight_read_bytes)
 from .quantize import DEFAULT_GROUP, DEFAULT_RESIDUAL, KVQuantization, QuantizationError
 from .report import format_bytes, times
 
@@ -290,7 +291,8 @@ def busy_warning(machine: dict) -> str | None:
             f"the start, {end['matmul_flops'] / 1e9:.0f} at the end; copy bandwidth "
             f"{start['bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, {end['bandwidth_bytes_s'] / 1e9:.1f} at "
             f"the end; read bandwidth {start['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s at the start, "
-            f"{end['read_bandwidth_bytes_s'] / 1e9:.1f} at the end (more than {BUSY_DIFFERENCE:.0%} apart): the timings are not reliable, rerun on an idle machine")
+            f"{end['read_bandwidth_bytes_s'] / 1e9:.1f} at the end (more than {BUSY_DIFFERENCE:.0%} apart): the "
+            "timings are not reliable, rerun on an idle machine")
 
 
 # ---------------------------------------------------------------------- runners
@@ -474,7 +476,6 @@ def extrapolate(arch: str, config: ModelConfig, context: int, measured: list[dic
     ref = max(measured, key=lambda r: r["context"])
     dtype = resolve_dtype(settings.dtype)
     n, m = context, ref["context"]
-    weights = ref["params"] * dtype.itemsize
     cache = cache_bytes(config, 1, n, dtype)
     ref_cache = cache_bytes(config, 1, m, dtype)
     budget_batch = int(min(settings.budget_bytes // cache, settings.max_budget_batch))
@@ -506,9 +507,9 @@ def room_to_compile(settings: BenchSettings):
     return torch._dynamo.config.patch(cache_size_limit=max(8, 4 * len(settings.archs)))
 
 
-def run_bench(settings: BenchSettings, log=print) -> dict:
-    from tqdm import tqdm
-
+def start_run(settings, log) -> tuple[float, torch.dtype, dict]:
+    """What every benchmark run does first: check its settings, set its threads, measure the machine.
+    Returns the start time, the dtype and the machine's figures (``probe_again`` at the end)."""
     settings.validate()
     started = time.perf_counter()
     if settings.threads:
@@ -517,6 +518,19 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     log("measuring the machine (matmul FLOP/s, memory bandwidth)...")
     machine = machine_info(dtype)
     log(f"machine: {machine_line(machine)}")
+    return started, dtype, machine
+
+
+def probe_again(machine: dict, dtype: torch.dtype) -> None:
+    """Measure the machine again at the end of a run: a busy moment at the start would understate the
+    peak, and start and end far apart say that the run shared the machine (``probe``)."""
+    machine.update(probe({key: machine[key] for key in PROBED}, measure_machine(dtype)))
+
+
+def run_bench(settings: BenchSettings, log=print) -> dict:
+    from tqdm import tqdm
+
+    started, dtype, machine = start_run(settings, log)
     runners = {}
     for arch in settings.archs:
         runners[arch] = make_runner(arch, settings)
@@ -548,9 +562,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
             results.append(measure(runners[arch], context, settings, machine,
                                    progress=lambda text: bar.set_postfix_str(text), bits=bits))
     bar.close()
-    # Measure again at the end: a busy moment at the start would understate the peak, and start and
-    # end far apart say that the run shared the machine. Every prefill is expressed against the better.
-    machine.update(probe({key: machine[key] for key in PROBED}, measure_machine(dtype)))
+    probe_again(machine, dtype)  # every prefill and decode is then expressed against the better figures
     for r in results:
         if r["prefill_peak_fraction"] is not None:
             r["prefill_peak_fraction"] = r["prefill_flops"] / r["prefill_s"] / machine["matmul_flops"]
@@ -601,6 +613,10 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _percent(fraction: float | None) -> str:
+    return _fmt(None if fraction is None else 100 * fraction, ".0f")
+
+
 TABLE_HEADERS = ["arch", "context", "kv bits", "params", "prefill s", "% peak", "peak mem", "cache", "decode tok/s",
                  "decode MB/token", "% bandwidth", "budget batch", "budget tok/s"]
 
@@ -610,18 +626,12 @@ def table_rows(report: dict) -> list[list[str]]:
     for r in report["results"]:
         star = "*" if r["extrapolated"] else ""
         rows.append([r["arch"] + star, str(r["context"]), str(r.get("kv_bits", "-")), f"{r['params'] / 1e6:.1f}M", _fmt(r["prefill_s"], ".2f"),
-                     _fmt(None if r["prefill_peak_fraction"] is None else 100 * r["prefill_peak_fraction"], ".0f"),
+                     _percent(r["prefill_peak_fraction"]),
                      format_bytes(r["peak_mem_bytes"], 1), format_bytes(r["cache_bytes"], 1), _fmt(r["decode_tok_s"], ".1f"),
                      _fmt(r["decode_read_bytes_per_token"] / 1e6, ".1f"),
-                     _fmt(None if r["decode_bandwidth_fraction"] is None else 100 * r["decode_bandwidth_fraction"], ".0f"),
+                     _percent(r["decode_bandwidth_fraction"]),
                      str(r["budget_batch"]), _fmt(r["budget_tok_s"], ".1f")])
     return rows
-
-
-def markdown_table(report: dict) -> str:
-    from .report import markdown_table as table
-
-    return table(TABLE_HEADERS, table_rows(report))
 
 
 def ratio_rows(report: dict, base: str = "hf-llama", arch: str = "yoco-swa") -> list[str]:

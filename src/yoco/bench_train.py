@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench import PROBED, BenchError, PeakRSS, check_run, llama_model, machine_info, machine_line, measure_machine, probe
+from .bench import BenchError, PeakRSS, check_run, llama_model, probe_again, start_run
 from .config import ModelConfig, get_config
 from .evaluate import lm_loss
 from .models import build_model, resolve_dtype
@@ -146,14 +146,7 @@ def measure_training(arch: str, settings: TrainBenchSettings, seq_len: int) -> d
 def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
     from tqdm import tqdm
 
-    settings.validate()
-    started = time.perf_counter()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    dtype = resolve_dtype(settings.dtype)
-    log("measuring the machine (matmul FLOP/s, memory bandwidth)...")
-    machine = machine_info(dtype)
-    log(f"machine: {machine_line(machine)}")
+    started, dtype, machine = start_run(settings, log)
     plan = [(n, a) for n in sorted(set(settings.seq_lens)) for a in settings.archs]
     results = []
     bar = tqdm(plan, desc="bench --train", unit="run", dynamic_ncols=True)
@@ -161,7 +154,7 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
         bar.set_postfix_str(f"{arch} @ {seq_len}")
         results.append(measure_training(arch, settings, seq_len))
     bar.close()
-    machine.update(probe({key: machine[key] for key in PROBED}, measure_machine(dtype)))
+    probe_again(machine, dtype)
     record = asdict(settings)
     record["archs"], record["seq_lens"] = list(settings.archs), sorted(set(settings.seq_lens))
     return {"machine": machine, "settings": record, "results": results, "wall_s": time.perf_counter() - started}

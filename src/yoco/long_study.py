@@ -167,9 +167,10 @@ def evaluate_option(name: str, model, tokenizer, haystack, settings: LongStudySe
         beyond = min(n for n in settings.contexts if n > longest)
         per_prompt = (sum(c["seconds"] for c in cells if c["context"] == longest)
                       / max(1, sum(c["trials"] for c in cells if c["context"] == longest)))
+        growth = (beyond / max(1, longest)) ** 2  # quadratic
         stopped = (f"scored up to {longest:,} tokens: its prefill is quadratic (a prompt of {longest:,} took "
-                   f"{per_prompt:.1f} s here; one of {beyond:,} would take about {(beyond / max(1, longest)) ** 2:.0f}x "
-                   f"that, {per_prompt * (beyond / max(1, longest)) ** 2 / 60:.0f} min, and the longer contexts more)")
+                   f"{per_prompt:.1f} s here; one of {beyond:,} would take about {growth:.0f}x that, "
+                   f"{per_prompt * growth / 60:.0f} min, and the longer contexts more)")
     return cells, stopped
 
 
@@ -265,8 +266,8 @@ def markdown(results: dict) -> str:
     lines = [f"Long study: preset {s['preset']}, window {s['window']}, trained at {s['seq_len']} tokens "
              f"({s['steps']} steps); passkey at depths {', '.join(f'{d:g}' for d in s['depths'])}, "
              f"{s['trials']} keys each; whole run {results['seconds'] / 60:.1f} min"
-             + (f" in this invocation (runs kept from an earlier one, not counted: {', '.join(results['kept'])})"
-                if results.get("kept") else "")
+             + (f" in this invocation (runs kept from an earlier one, not counted: "
+                f"{', '.join(results['kept'])})" if results.get("kept") else "")
              + ("" if results.get("complete", True) else f" so far ({len(results['runs'])} of {len(s['options'])} runs)"),
              "",
              f"| option | arch | val loss | {head} | min over depths at the longest | eval time |",

@@ -7,7 +7,6 @@ import argparse
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, Number, TokenCount, token_count_text
 from ..bench import (BENCH_ARCHS, DEFAULT_CONTEXTS, GIB, QUICK_CONTEXTS, TABLE_HEADERS, BenchSettings, busy_warning,
                      kv_bits_rows, machine_line, ratio_rows, run_bench, table_rows, write_plot)
-from ..bench import markdown_table as bench_markdown
 from ..bench_train import (TRAIN_ARCHS, TRAIN_SEQ_LENS, TRAIN_TABLE_HEADERS, TrainBenchSettings, run_train_bench,
                            train_ratio_rows, train_table_rows)
 from ..config import NAMES, PRESETS
@@ -84,12 +83,23 @@ def run(args: argparse.Namespace) -> int:
                              compile=args.compile, kv_bits=tuple(args.kv_bits or ()), kv_group=args.kv_group,
                              kv_residual=args.kv_residual)
     report = run_bench(settings, log=lambda text: print(text, flush=True))
+    extrapolated = ("* extrapolated from the longest measured context (not run): prefill by useful FLOPs, decode by "
+                    "bytes read per token, cache by formula")
+    return show_and_write(args, report, TABLE_HEADERS, table_rows(report), ratio_rows(report) + kv_bits_rows(report),
+                          under_table=extrapolated if any(r["extrapolated"] for r in report["results"]) else None,
+                          plot=write_plot)
+
+
+def show_and_write(args: argparse.Namespace, report: dict, headers, rows, notes: list[str],
+                   under_table: str | None = None, plot=None) -> int:
+    """What both benchmarks print and write: the table (a note under it), the comparison lines, the
+    machine and, if its probes disagreed, the busy warning; the JSON, the plot (``plot(report, path)``)
+    and the Markdown (the table, the comparison lines and the warning), where asked."""
     print()
-    print_table(TABLE_HEADERS, table_rows(report))
-    if any(r["extrapolated"] for r in report["results"]):
-        print("* extrapolated from the longest measured context (not run): prefill by useful FLOPs, decode by "
-              "bytes read per token, cache by formula")
-    for line in ratio_rows(report) + kv_bits_rows(report):
+    print_table(headers, rows)
+    if under_table:
+        print(under_table)
+    for line in notes:
         print(line)
     print(f"machine: {machine_line(report['machine'])}; whole run {report['wall_s']:.0f} s")
     warning = busy_warning(report["machine"])
@@ -98,12 +108,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
-    if args.plot:
-        write_plot(report, args.plot)
+    if plot is not None and args.plot:
+        plot(report, args.plot)
         print(f"wrote {args.plot}")
     if args.markdown:
-        notes = ratio_rows(report) + kv_bits_rows(report) + ([warning] if warning else [])
-        write_markdown(bench_markdown(report) + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", args.markdown)
+        lines = "\n".join(f"- {line}" for line in notes + ([warning] if warning else []))
+        write_markdown(markdown_table(headers, rows) + "\n\n" + lines + "\n", args.markdown)
         print(f"wrote {args.markdown}")
     return 0
 
@@ -116,29 +126,12 @@ INFERENCE_ONLY = {"kv_bits": "--kv-bits", "compile": "--compile", "new_tokens": 
 def run_train(args: argparse.Namespace) -> int:
     given = [flag for name, flag in INFERENCE_ONLY.items() if getattr(args, name)]
     if given:
-        raise UsageError(f"{', '.join(given)} measure inference, not training: drop {'them' if len(given) > 1 else 'it'} "
-                         "with --train")
+        raise UsageError(f"{', '.join(given)} measure inference, not training: drop "
+                         f"{'them' if len(given) > 1 else 'it'} with --train")
     settings = TrainBenchSettings(archs=tuple(args.arch) if args.arch else TRAIN_ARCHS,
                                   seq_lens=tuple(args.context) if args.context else TRAIN_SEQ_LENS, preset=args.preset,
                                   dtype=args.dtype, batch_size=args.batch_size, steps=args.train_steps,
                                   warmup=args.warmup_steps, activation_checkpointing=args.activation_checkpointing,
                                   threads=args.threads, seed=args.seed)
     report = run_train_bench(settings, log=lambda text: print(text, flush=True))
-    print()
-    print_table(TRAIN_TABLE_HEADERS, train_table_rows(report))
-    notes = train_ratio_rows(report)
-    for line in notes:
-        print(line)
-    print(f"machine: {machine_line(report['machine'])}; whole run {report['wall_s']:.0f} s")
-    warning = busy_warning(report["machine"])
-    if warning:
-        print(warning)
-    if args.json:
-        write_json(report, args.json)
-        print(f"wrote {args.json}")
-    if args.markdown:
-        lines = "\n".join(f"- {line}" for line in notes + ([warning] if warning else []))
-        write_markdown(markdown_table(TRAIN_TABLE_HEADERS, train_table_rows(report)) + "\n\n" + lines + "\n",
-                       args.markdown)
-        print(f"wrote {args.markdown}")
-    return 0
+    return show_and_write(args, report, TRAIN_TABLE_HEADERS, train_table_rows(report), train_ratio_rows(report))

@@ -20,7 +20,8 @@ from .common import (UsageError, add_dtype, add_kv_quantization, add_position_fl
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="validation loss, passkey retrieval heatmap and MQAR of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a model folder, or a training run folder (its latest)")
-    p.add_argument("--data", help="token shard folder (default: the run's data/ beside the checkpoint, or its study's a level up)")
+    p.add_argument("--data", help="token shard folder (default: the run's data/ beside the checkpoint, or its "
+                                  "study's a level up)")
     p.add_argument("--contexts", type=ListOf(TokenCount(1), "context lengths"), default="256,512,1024",
                    help="passkey context lengths, comma-separated")
     p.add_argument("--depths", type=ListOf(DEPTH, "depths"), default="0,0.25,0.5,0.75,1",

@@ -113,7 +113,8 @@ static inline __attribute__((always_inline)) void window_unit(const WindowJob *j
                 f32x16 sum = splat(0.0f);
                 for (int64_t x = 0; x < KB; x += L) {
                     const f32x16 sc = load16(row + x);
-                    const f32x16 e = (f32x16)((i32x16)exp_nonpositive(sc - high[r]) & (sc != -INFINITY)); /* masked: 0 */
+                    /* a masked score weighs 0 */
+                    const f32x16 e = (f32x16)((i32x16)exp_nonpositive(sc - high[r]) & (sc != -INFINITY));
                     store16(row + x, e);
                     sum += e;
                 }

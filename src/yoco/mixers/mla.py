@@ -93,9 +93,11 @@ def effective_linear(module: nn.Module, in_features: int,
 
 
 def computes_plain_linear(module: nn.Module) -> bool:
-    """Whether calling ``module`` is exactly ``F.linear(x, module.weight, module.bias)``."""
+    """Whether calling ``module`` computes ``F.linear(x, module.weight, module.bias)`` (``layers.Linear``
+    does, in fp32 for many bf16 rows on a CPU without bf16 arithmetic)."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks)
-    return isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, Linear.forward) and not any(hooks)
+    plain = type(module).forward in (nn.Linear.forward, Linear.forward)
+    return isinstance(module, nn.Linear) and plain and not any(hooks)
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -253,10 +253,12 @@ class CausalLM(nn.Module):
         row) and each cache once per layer that attends to it. Decode at batch 1 is bound by this
         traffic, so tokens/s times it is the memory bandwidth decode achieves."""
         dtype = dtype or next(self.parameters()).dtype
-        quantization = as_quantization(kv_bits)
-        caches = sum(readers * self.owner_bytes_per_row(m, context, dtype, quantization)
-                     for m, readers in zip(self.cache_owners(), self.cache_readers()))
-        return weight_read_bytes(self, dtype) + caches
+        return weight_read_bytes(self, dtype) + self.cache_read_bytes(context, dtype, as_quantization(kv_bits))
+
+    def cache_read_bytes(self, context: int, dtype: torch.dtype, quantization=None) -> int:
+        """The cache part of ``decode_read_bytes``: each owner's cache times the layers reading it."""
+        return sum(readers * self.owner_bytes_per_row(m, context, dtype, quantization)
+                   for m, readers in zip(self.cache_owners(), self.cache_readers()))
 
     # ------------------------------------------------------------------ facts from a config
     # Each architecture composes these from its mixers' own (``cache_bytes_per_row``, ``prefill_flops``,

@@ -44,7 +44,7 @@ from ..cache import ModelCache, map_rows, tensor_bytes
 from ..config import ModelConfig
 from ..layers import Linear, RMSNorm, RotaryEmbedding, Step
 from ..mixers.attention import CausalSelfAttention
-from .base import Block, CausalLM, InputError, ffn_flops, lm_head_flops, weight_read_bytes
+from .base import Block, CausalLM, InputError, ffn_flops, lm_head_flops
 
 
 class BlockIds:
@@ -154,13 +154,12 @@ class BlockTransformer(CausalLM):
     def cache_owners(self) -> list[nn.Module]:
         return [layer.mixer for layer in self.block_layers] + [layer.mixer for layer in self.token_layers]
 
-    def decode_read_bytes(self, context: int, dtype: torch.dtype | None = None, kv_bits=None) -> int:
+    def cache_read_bytes(self, context: int, dtype: torch.dtype, quantization=None) -> int:
         # every layer reads its own cache once (a block-decoder layer its block entries, a token-decoder
-        # layer its window): the bytes the cache holds
-        if kv_bits is not None:
+        # layer its window): the bytes the cache holds (its owners' caches are not the mixers' own size)
+        if quantization is not None:
             raise InputError("the Block Transformer's caches are not quantized (kv_bits)")
-        dtype = dtype or next(self.parameters()).dtype
-        return weight_read_bytes(self, dtype) + self.cache_bytes_for(self.config, 1, context, dtype)
+        return self.cache_bytes_for(self.config, 1, context, dtype)
 
     def new_cache(self, batch_size: int = 1, *, capacity: int | None = None, pad: torch.Tensor | None = None,
                   dtype: torch.dtype | None = None, device=None, compression=None, kv_bits=None) -> ModelCache:

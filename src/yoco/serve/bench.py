@@ -195,15 +195,14 @@ def markdown_table(rows: list[dict]) -> str:
         return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
     from ..report import format_bytes
+    from ..report import markdown_table as table
 
-    lines = ["| arch | context | clients | requests | failed | output tok/s | requests/s | max concurrent | "
-             "TTFT p50 s | TTFT p99 s | ITL p50 s | ITL p99 s | peak RSS |", "|" + "---|" * 13]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['context']} | {r['concurrency']} | {r['requests']} | {r['failed']} | "
-                     f"{f(r['output_tok_s'])} | {f(r['requests_s'], 3)} | {r['max_concurrent']} | "
-                     f"{f(r['ttft_p50_s'])} | {f(r['ttft_p99_s'])} | {f(r['itl_p50_s'], 3)} | {f(r['itl_p99_s'], 3)} | "
-                     f"{'-' if r['peak_rss_bytes'] is None else format_bytes(r['peak_rss_bytes'])} |")
-    return "\n".join(lines)
+    headers = ["arch", "context", "clients", "requests", "failed", "output tok/s", "requests/s", "max concurrent",
+               "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s", "peak RSS"]
+    return table(headers, [[r["arch"], r["context"], r["concurrency"], r["requests"], r["failed"], f(r["output_tok_s"]),
+                            f(r["requests_s"], 3), r["max_concurrent"], f(r["ttft_p50_s"]), f(r["ttft_p99_s"]),
+                            f(r["itl_p50_s"], 3), f(r["itl_p99_s"], 3),
+                            "-" if r["peak_rss_bytes"] is None else format_bytes(r["peak_rss_bytes"])] for r in rows])
 
 
 def ratio_lines(rows: list[dict], arch: str = "yoco-swa") -> list[str]:
