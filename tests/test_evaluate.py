@@ -128,7 +128,9 @@ def test_eval_command(tmp_path, capsys):
     # beyond max_seq_len (1024 in the tiny preset) and the held-out split: extrapolation, the haystack
     # repeated, both said; a training-free extension put on for the evaluation, and recorded
     capsys.readouterr()
-    long = argv[:3] + ["--contexts", "4K", "--depths", "0.5", "--trials", "1", "--batches", "1", "--seq-len", "32",
+    # 16K: more than the whole corpus (~8K tokens), so the held-out split (which documents hash into it
+    # depends on their paths, here under tmp_path) is always repeated
+    long = argv[:3] + ["--contexts", "16K", "--depths", "0.5", "--trials", "1", "--batches", "1", "--seq-len", "32",
                        "--mqar-samples", "2", "--rope-extension", "yarn", "--rope-factor", "2",
                        "--rope-original-len", "1024", "--json", str(tmp_path / "long.json")]
     assert main(long) == 0
@@ -137,7 +139,7 @@ def test_eval_command(tmp_path, capsys):
     assert "longer contexts repeat it end to end" in out
     report = json.loads((tmp_path / "long.json").read_text())
     cell = report["passkey"][0]
-    assert cell["context"] == 4096 and cell["haystack_repeated"] > 1
+    assert cell["context"] == 16384 and cell["haystack_repeated"] > 1
     assert cell["seconds"] > 0 and cell["peak_rss_bytes"] > 0
     assert report["positions"]["rope_extension"] == "yarn" and report["positions"]["rope_factor"] == 2.0
     assert main(long[:-2] + ["--rope-factor", "1"]) == 2  # a factor of 1 extends nothing
