@@ -127,6 +127,7 @@ DENSE_SHAPES = [  # B, h, query heads, queries, dims, positions: specialised and
     (1, 8, 8, 1, 128, 1),
     (2, 1, 6, 1, 48, 300),  # the generic path: 6 queries, 48 wide
     (1, 2, 4, 1, 16, 5),  # the tiny preset's
+    (1, 2, 8, 1, 64, 20000),  # units of 2,512 keys: blocks of 64 end inside them
 ]
 
 
@@ -170,6 +171,27 @@ def test_what_the_dense_kernel_does_not_take_goes_the_pytorch_way():
     assert kernels.native_decode_attention(wanted, k, k) is None  # gradients: PyTorch's autograd path
     with torch.no_grad():
         assert kernels.native_decode_attention(wanted, k, k) is not None
+
+
+@needs_kernel
+def test_a_compiled_decode_step_reads_the_cache_through_the_kernel():
+    # fullgraph: a ctypes call would break the graph; the operator stays in it (dynamo's eager backend:
+    # no C++ compiler needed) and the profile shows it ran
+    q, k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+    step = torch.compile(lambda q, k, v: kernels.attend(q, k, v), backend="eager", fullgraph=True)
+    with torch.profiler.profile() as profile:
+        got = step(q, k, v)
+    assert "yoco::dense_decode_attention" in {event.key for event in profile.key_averages()}
+    torch.testing.assert_close(got, _dense_reference(q, k, v, None)[0], atol=2e-6, rtol=1e-5)
+
+
+def test_the_kernel_operator_without_the_library_computes_the_formula(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)
+    q, k, v = torch.randn(2, 4, 2, 32), torch.randn(2, 2, 70, 32), torch.randn(2, 2, 70, 32)
+    got = kernels.dense_decode(q, k, v, 0.3)
+    want = _dense_reference(q, k, v, 0.3)
+    torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=1e-6)
 
 
 @needs_kernel

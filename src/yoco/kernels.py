@@ -65,12 +65,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                           enable_gqa=H != n_kv, scale=scale)
 
 
-def native_library_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def native_library_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, in_graph: bool = False):
     """The native kernels (``yoco.native``) for attention of q over k/v, or None where none applies: not
-    float32 on the CPU, gradients wanted (PyTorch's autograd path), inside torch.compile, values whose
-    rows are not dense, or the kernels not built."""
+    float32 on the CPU, gradients wanted (PyTorch's autograd path), values whose rows are not dense, or
+    the kernels not built; inside torch.compile too, unless the caller reaches them through a custom
+    operator the graph can hold (``in_graph``)."""
     if (q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32)
-            or torch.compiler.is_compiling() or v.stride(-1) != 1
+            or (torch.compiler.is_compiling() and not in_graph) or v.stride(-1) != 1
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
     return native.library()
@@ -79,6 +80,8 @@ def native_library_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 # At most this many queries per K/V head go to the native decode kernel (a decode step's group of query
 # heads; a prefill chunk's many queries are faster as PyTorch's blockwise matmuls).
 NATIVE_QUERIES = 64
+# The widths (channels of a key or value row) the native decode kernels take.
+NATIVE_WIDTHS = range(16, 513, 16)
 
 
 def native_decode_buffers(q: torch.Tensor, n_kv: int, dv: int,
@@ -93,30 +96,58 @@ def native_decode_buffers(q: torch.Tensor, n_kv: int, dv: int,
     return grouped, torch.empty(B, n_kv, M, dv, dtype=torch.float32), torch.empty(B, n_kv, M, dtype=torch.float32)
 
 
+def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and log-sum-exp of q [B, H, T, d] over float32 k/v [B, n_kv, S, d] by the native dense
+    decode kernel, for shapes ``native_decode_attention`` has checked; where the kernel cannot run (the
+    library gone, or its partial results not allocated) the formula computes the same."""
+    B, H, T, d = q.shape
+    h, S, dv = k.shape[1], k.shape[2], v.shape[-1]
+    lib = native.library()
+    if lib is not None:
+        grouped, out, lse = native_decode_buffers(q, h, dv, scale)
+        counts = torch.full((B,), S, dtype=torch.long)
+        if not lib.yoco_dense_attention(grouped.data_ptr(), grouped.stride(0), grouped.stride(1),
+                                        k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+                                        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+                                        counts.data_ptr(), B, h, (H // h) * T, d, dv, torch.get_num_threads(),
+                                        out.data_ptr(), lse.data_ptr()):
+            return out.reshape(B, H, T, dv), lse.reshape(B, H, T)
+    scores = (q.reshape(B, h, H // h * T, d) * scale) @ k.transpose(-1, -2)
+    lse = scores.logsumexp(-1)
+    out = (scores - lse[..., None]).exp() @ v
+    return out.reshape(B, H, T, dv), lse.reshape(B, H, T)
+
+
+# ``dense_decode`` as an operator torch.compile can hold in its graph (it cannot trace a ctypes call);
+# eager code calls the function itself, without the dispatcher's overhead.
+dense_decode_attention = torch.library.custom_op("yoco::dense_decode_attention", dense_decode, mutates_args=())
+
+
+@dense_decode_attention.register_fake
+def _(q, k, v, scale):
+    B, H, T, _ = q.shape
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T)
+
+
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Unmasked attention (and its log-sum-exp [B, H, T]) of few queries q [B, H, T, d] over float32
     k/v [B, n_kv, S, d] by the native kernel (``csrc/decode_attention.c``: online softmax, the keys split
     over both cores and merged by log-sum-exp, as Flash-Decoding does), or None where it does not apply:
-    not float32 on the CPU, gradients wanted, inside torch.compile, many queries, positions whose rows
-    are not dense, or shapes the kernel declines (the caller then takes PyTorch's path)."""
+    not float32 on the CPU, gradients wanted, many queries, positions whose rows are not dense, widths
+    the kernel does not take (the caller then takes PyTorch's path). Inside torch.compile it is reached
+    through the operator ``dense_decode_attention``, so a compiled decode step reads a long cache as
+    fast as an eager one."""
     B, H, T, d = q.shape
-    h, S = k.shape[1], k.shape[2]
-    M = (H // h) * T
-    lib = native_library_for(q, k, v)
-    if lib is None or M > NATIVE_QUERIES or S == 0 or k.stride(-1) != 1:
+    h, S, dv = k.shape[1], k.shape[2], v.shape[-1]
+    lib = native_library_for(q, k, v, in_graph=True)
+    if (lib is None or (H // h) * T > NATIVE_QUERIES or S == 0 or k.stride(-1) != 1
+            or d not in NATIVE_WIDTHS or dv not in NATIVE_WIDTHS):
         return None
-    dv = v.shape[-1]
-    grouped, out, lse = native_decode_buffers(q, h, dv, scale)
-    counts = torch.full((B,), S, dtype=torch.long)
-    status = lib.yoco_dense_attention(grouped.data_ptr(), grouped.stride(0), grouped.stride(1),
-                                      k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-                                      v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-                                      counts.data_ptr(), B, h, M, d, dv, torch.get_num_threads(),
-                                      out.data_ptr(), lse.data_ptr())
-    if status:
-        return None
-    return out.reshape(B, H, T, dv), lse.reshape(B, H, T)
+    scale = d ** -0.5 if scale is None else scale
+    if torch.compiler.is_compiling():
+        return dense_decode_attention(q, k, v, scale)
+    return dense_decode(q, k, v, scale)
 
 
 # Keys per block of the native window kernel (csrc/window_attention.c's KB): its transposed keys are

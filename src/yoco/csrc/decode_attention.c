@@ -44,6 +44,34 @@
 #define MAX_M 64
 #define MAX_D 512
 #define MAX_G 512
+/* Keys a block of the dense kernel: its softmax reduces across lanes once per block, not per 16 keys. */
+#define KEYS 64
+
+/* A query's dot product with a key row, as a vector of 16 partial sums. */
+static inline f32x16 dot(const float *query, const float *row, const int64_t DK) {
+    f32x16 d = load16(query) * load16(row);
+    for (int64_t c = 1; c < DK; c++) d += load16(query + c * L) * load16(row + c * L);
+    return d;
+}
+
+/* The query's dot products with 16 rows (stride apart), lane t row t's: sums16's pairing done as the
+ * dots arrive, so that few vectors are live at once (all 16 dots held before pairing spill). */
+static inline f32x16 dots16(const float *query, const float *rows, const int64_t stride, const int64_t DK) {
+    f32x16 y[2];
+    for (int h = 0; h < 2; h++) {
+        f32x16 x[2];
+        for (int i = 0; i < 2; i++) {
+            f32x16 w[2];
+            for (int j = 0; j < 2; j++) {
+                const float *row = rows + (8 * h + 4 * i + 2 * j) * stride;
+                w[j] = PAIR1(vadd, dot(query, row, DK), dot(query, row + stride, DK));
+            }
+            x[i] = PAIR2(vadd, w[0], w[1]);
+        }
+        y[h] = PAIR3(vadd, x[0], x[1]);
+    }
+    return PAIR4(vadd, y[0], y[1]);
+}
 
 /* The split of a call into (row, K/V head, token range) units and their partial results. */
 typedef struct {
@@ -170,43 +198,49 @@ static inline __attribute__((always_inline)) void dense_body(const DenseJob *job
     const float *q = job->q + b * job->q_sb + head * job->q_sh;
     const float *k = job->k + b * job->k_sb + head * job->k_sh, *v = job->v + b * job->v_sb + head * job->v_sh;
 
-    /* Two phases a block, so that what is live at once fits the registers: the scores, a query at a time
-     * (its 16 keys' dot products summed across lanes by sums16), then the values, each key's row loaded
-     * once for a group of 4 queries' accumulators. */
+    /* Two phases a block of KEYS keys: the scores, a query at a time (16 keys' dot products summed across
+     * lanes as they arrive, dots16), then the values, each key's row loaded once for a group of 4
+     * queries' accumulators, which are held in registers for the block and in memory between phases
+     * (so that the score phase has the registers to itself). */
     f32x16 acc[M][DV];
-    float top[M], total[M], weights[M][L];
+    float top[M], total[M], weights[M][KEYS];
     for (int64_t m = 0; m < M; m++) {
         top[m] = -FLT_MAX;
         total[m] = 0.0f;
         for (int64_t c = 0; c < DV; c++) acc[m][c] = splat(0.0f);
     }
-    for (int64_t s0 = t0; s0 < t1; s0 += L) {
-        const int64_t n = s0 + L <= t1 ? L : t1 - s0;
+    const int64_t ks = job->k_st, vs = job->v_st;
+    for (int64_t s0 = t0; s0 < t1; s0 += KEYS) {
+        const int64_t n = s0 + KEYS <= t1 ? KEYS : t1 - s0;
         for (int64_t m = 0; m < M; m++) {
             const float *query = q + m * dk;
-            f32x16 dots[L];
-            for (int64_t t = 0; t < L; t++) {
-                if (t >= n) {
-                    dots[t] = splat(0.0f);
-                    continue;
+            f32x16 scores[KEYS / L];
+            for (int64_t g = 0; g < KEYS / L; g++) {
+                const float *rows = k + (s0 + g * L) * ks;
+                if (g * L + L <= n) {
+                    scores[g] = dots16(query, rows, ks, DK);
+                } else { /* the last block's tail: keys past n score 0 (softmax_block ignores them) */
+                    f32x16 dots[L];
+                    for (int64_t t = 0; t < L; t++) dots[t] = g * L + t < n ? dot(query, rows + t * ks, DK) : splat(0.0f);
+                    scores[g] = sums16(dots);
                 }
-                const float *row = k + (s0 + t) * job->k_st;
-                f32x16 dot = load16(query) * load16(row);
-                for (int64_t c = 1; c < DK; c++) dot += load16(query + c * L) * load16(row + c * L);
-                dots[t] = dot;
             }
-            const f32x16 scores = sums16(dots);
-            softmax_block(&scores, 1, n, &top[m], &total[m], acc[m], DV, weights[m]);
+            softmax_block(scores, KEYS / L, n, &top[m], &total[m], acc[m], DV, weights[m]);
         }
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t group = M - m0 < 4 ? M - m0 : 4;
+            f32x16 held[4][DV];
+            for (int64_t m = 0; m < group; m++)
+                for (int64_t c = 0; c < DV; c++) held[m][c] = acc[m0 + m][c];
             for (int64_t t = 0; t < n; t++) {
-                const float *row = v + (s0 + t) * job->v_st;
+                const float *row = v + (s0 + t) * vs;
                 for (int64_t c = 0; c < DV; c++) {
                     const f32x16 x = load16(row + c * L);
-                    for (int64_t m = m0; m < m0 + group; m++) acc[m][c] += weights[m][t] * x;
+                    for (int64_t m = 0; m < group; m++) held[m][c] += weights[m0 + m][t] * x;
                 }
             }
+            for (int64_t m = 0; m < group; m++)
+                for (int64_t c = 0; c < DV; c++) acc[m0 + m][c] = held[m][c];
         }
     }
     unit_store(&job->u, unit, M, DV, top, total, &acc[0][0]);

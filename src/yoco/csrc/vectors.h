@@ -45,23 +45,30 @@ static inline float hsum(f32x16 v) { float s = 0.0f; for (int i = 0; i < L; i++)
 #define PICK(a, b, ...) __builtin_shuffle(a, b, (i32x16){__VA_ARGS__})
 #endif
 
-/* The sums of 16 vectors, as one vector: lane t = the sum of v[t]'s lanes. Four rounds of pairing, each
- * adding two vectors' lane halves so that a pair's partial sums share one vector: 15 additions and 30
- * shuffles for what 16 horizontal sums would take 16 x 4 rounds of. REDUCE16(COMBINE) is that body for
- * any lane-wise COMBINE (v: the 16 vectors). */
-#define REDUCE16(COMBINE)                                                                                      \
-    f32x16 w[8], x[4], y[2];                                                                                   \
-    for (int i = 0; i < 8; i++) /* [v(2i): 8 partial results | v(2i+1): 8] */                                 \
-        w[i] = COMBINE(PICK(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),  \
-                       PICK(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31)); \
-    for (int i = 0; i < 4; i++) /* four vectors' 4 partial results each */                                    \
-        x[i] = COMBINE(PICK(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),  \
-                       PICK(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)); \
-    for (int i = 0; i < 2; i++) /* eight vectors' 2 partial results each */                                   \
-        y[i] = COMBINE(PICK(x[2 * i], x[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),  \
-                       PICK(x[2 * i], x[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31)); \
-    return COMBINE(PICK(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),               \
-                   PICK(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31))
+/* The four rounds of pairing two vectors' lane halves with a lane-wise COMBINE (a + b, max), so that a
+ * pair's partial results share one vector: round r keeps 16 / 2^r results of each of its two inputs. */
+#define PAIR1(COMBINE, a, b) \
+    COMBINE(PICK(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23), \
+            PICK(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+#define PAIR2(COMBINE, a, b) \
+    COMBINE(PICK(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27), \
+            PICK(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31))
+#define PAIR3(COMBINE, a, b) \
+    COMBINE(PICK(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29), \
+            PICK(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31))
+#define PAIR4(COMBINE, a, b) \
+    COMBINE(PICK(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), \
+            PICK(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31))
+
+/* The sums of 16 vectors, as one vector: lane t = the sum of v[t]'s lanes. Four rounds of pairing: 15
+ * additions and 30 shuffles for what 16 horizontal sums would take 16 x 4 rounds of. REDUCE16(COMBINE)
+ * is that body for any lane-wise COMBINE (v: the 16 vectors). */
+#define REDUCE16(COMBINE)                                                        \
+    f32x16 w[8], x[4], y[2];                                                     \
+    for (int i = 0; i < 8; i++) w[i] = PAIR1(COMBINE, v[2 * i], v[2 * i + 1]); \
+    for (int i = 0; i < 4; i++) x[i] = PAIR2(COMBINE, w[2 * i], w[2 * i + 1]); \
+    for (int i = 0; i < 2; i++) y[i] = PAIR3(COMBINE, x[2 * i], x[2 * i + 1]); \
+    return PAIR4(COMBINE, y[0], y[1])
 
 static inline f32x16 vadd(f32x16 a, f32x16 b) { return a + b; }
 static inline f32x16 sums16(const f32x16 *v) { REDUCE16(vadd); }
