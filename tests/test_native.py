@@ -163,7 +163,8 @@ def test_the_dense_kernel_equals_the_formula(shape, scale):
 def test_what_the_dense_kernel_does_not_take_goes_the_pytorch_way():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 50, 64)
     assert kernels.native_decode_attention(q, k, k) is not None
-    assert kernels.native_decode_attention(q.bfloat16(), k.bfloat16(), k.bfloat16()) is None  # float32 only
+    assert kernels.native_decode_attention(q.half(), k.half(), k.half()) is None  # float32 and bfloat16 only
+    assert kernels.native_decode_attention(q, k.bfloat16(), k.bfloat16()) is None  # queries of the cache's dtype
     assert kernels.native_decode_attention(torch.randn(1, 4, 40, 64), k, k) is None  # 80 queries a head
     assert kernels.native_decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), k) is None
     assert kernels.native_decode_attention(q[..., :40], k[..., :40], k[..., :40]) is None  # 40 wide
@@ -171,6 +172,23 @@ def test_what_the_dense_kernel_does_not_take_goes_the_pytorch_way():
     assert kernels.native_decode_attention(wanted, k, k) is None  # gradients: PyTorch's autograd path
     with torch.no_grad():
         assert kernels.native_decode_attention(wanted, k, k) is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_the_dense_kernel_reads_a_bf16_cache_widened(shape):
+    # bf16 keys and values are widened exactly; the arithmetic is float32's: the formula over the same
+    # widened values, up to float32 rounding, and the output rounded to bf16 as the model's activations
+    B, h, H, T, d, S = shape
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(B, H, T, d, generator=g).bfloat16()
+    k = torch.randn(B, h, S + 7, d, generator=g).bfloat16()[:, :, :S]
+    v = torch.randn(B, h, S + 7, d, generator=g).bfloat16()[:, :, :S]
+    got = kernels.native_decode_attention(q, k, v)
+    assert got is not None and got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    want = _dense_reference(q.float(), k.float(), v.float(), None)
+    torch.testing.assert_close(got[0], want[0].bfloat16(), atol=0, rtol=0.008)  # bf16's rounding step: 2^-7
+    torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=1e-6)
 
 
 @needs_kernel

@@ -65,12 +65,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                           enable_gqa=H != n_kv, scale=scale)
 
 
-def native_library_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, in_graph: bool = False):
+def native_library_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, in_graph: bool = False,
+                       dtypes: tuple[torch.dtype, ...] = (torch.float32,)):
     """The native kernels (``yoco.native``) for attention of q over k/v, or None where none applies: not
-    float32 on the CPU, gradients wanted (PyTorch's autograd path), values whose rows are not dense, or
-    the kernels not built; inside torch.compile too, unless the caller reaches them through a custom
-    operator the graph can hold (``in_graph``)."""
-    if (q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32)
+    on the CPU, not all of one of ``dtypes``, gradients wanted (PyTorch's autograd path), values whose
+    rows are not dense, or the kernels not built; inside torch.compile too, unless the caller reaches
+    them through a custom operator the graph can hold (``in_graph``)."""
+    if (q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype and q.dtype in dtypes)
             or (torch.compiler.is_compiling() and not in_graph) or v.stride(-1) != 1
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
@@ -109,13 +110,13 @@ def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
         if not lib.yoco_dense_attention(grouped.data_ptr(), grouped.stride(0), grouped.stride(1),
                                         k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
                                         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-                                        counts.data_ptr(), B, h, (H // h) * T, d, dv, torch.get_num_threads(),
-                                        out.data_ptr(), lse.data_ptr()):
-            return out.reshape(B, H, T, dv), lse.reshape(B, H, T)
-    scores = (q.reshape(B, h, H // h * T, d) * scale) @ k.transpose(-1, -2)
+                                        counts.data_ptr(), B, h, (H // h) * T, d, dv, k.dtype == torch.bfloat16,
+                                        torch.get_num_threads(), out.data_ptr(), lse.data_ptr()):
+            return out.reshape(B, H, T, dv).to(q.dtype), lse.reshape(B, H, T)
+    scores = (q.reshape(B, h, H // h * T, d).float() * scale) @ k.float().transpose(-1, -2)
     lse = scores.logsumexp(-1)
-    out = (scores - lse[..., None]).exp() @ v
-    return out.reshape(B, H, T, dv), lse.reshape(B, H, T)
+    out = (scores - lse[..., None]).exp() @ v.float()
+    return out.reshape(B, H, T, dv).to(q.dtype), lse.reshape(B, H, T)
 
 
 # ``dense_decode`` as an operator torch.compile can hold in its graph (it cannot trace a ctypes call);
@@ -126,21 +127,22 @@ dense_decode_attention = torch.library.custom_op("yoco::dense_decode_attention",
 @dense_decode_attention.register_fake
 def _(q, k, v, scale):
     B, H, T, _ = q.shape
-    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T)
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Unmasked attention (and its log-sum-exp [B, H, T]) of few queries q [B, H, T, d] over float32
-    k/v [B, n_kv, S, d] by the native kernel (``csrc/decode_attention.c``: online softmax, the keys split
-    over both cores and merged by log-sum-exp, as Flash-Decoding does), or None where it does not apply:
-    not float32 on the CPU, gradients wanted, many queries, positions whose rows are not dense, widths
+    """Unmasked attention (and its float32 log-sum-exp [B, H, T]) of few queries q [B, H, T, d] over
+    float32 or bfloat16 k/v [B, n_kv, S, d] (q of their dtype) by the native kernel
+    (``csrc/decode_attention.c``: online softmax in float32, the keys split over both cores and merged
+    by log-sum-exp, as Flash-Decoding does), or None where it does not apply: another dtype or device,
+    gradients wanted, many queries, positions whose rows are not dense, widths
     the kernel does not take (the caller then takes PyTorch's path). Inside torch.compile it is reached
     through the operator ``dense_decode_attention``, so a compiled decode step reads a long cache as
     fast as an eager one."""
     B, H, T, d = q.shape
     h, S, dv = k.shape[1], k.shape[2], v.shape[-1]
-    lib = native_library_for(q, k, v, in_graph=True)
+    lib = native_library_for(q, k, v, in_graph=True, dtypes=(torch.float32, torch.bfloat16))
     if (lib is None or (H // h) * T > NATIVE_QUERIES or S == 0 or k.stride(-1) != 1
             or d not in NATIVE_WIDTHS or dv not in NATIVE_WIDTHS):
         return None

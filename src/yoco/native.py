@@ -32,9 +32,9 @@ THREADS = ("-fopenmp",)
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
     # q, q strides; k, its strides (row, head, position); the same for v; counts; B, h, M, dk, dv,
-    # threads; out, lse
+    # bf16 (k and v bfloat16, else float32), threads; out, lse
     "yoco_dense_attention": [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64,
-                             _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR],
+                             _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR],
     # q, q strides; k codes, strides, k scale, k zero, their strides; the same for values; counts;
     # B, h, M, dk, dv, bits, G, threads; out, lse
     "yoco_quantized_attention": [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64,

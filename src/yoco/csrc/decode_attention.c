@@ -2,8 +2,9 @@
  * cache once, with an online softmax (flash-decoding), so no score array is materialised. Two kernels
  * share the softmax, the split into work units and their merge:
  *
- * - yoco_dense_attention: float32 keys and values, one row of d floats per position (a KV cache's, a
- *   ring buffer's, YOCO's global K/V).
+ * - yoco_dense_attention: float32 or bfloat16 keys and values (widened as they are loaded: a bf16
+ *   cache is read at half the bytes), one row of d values per position (a KV cache's, a ring buffer's,
+ *   YOCO's global K/V).
  * - yoco_quantized_attention: KIVI-quantized keys and values (yoco/quantize.py). Codes are unpacked into
  *   vector registers and never written back as a full-precision cache. Scale folding (KIVI): a key
  *   group's per-channel scales multiply the queries once per group instead of every key, and its zero
@@ -17,8 +18,8 @@
  *   counts  [B] int64: the positions of each row to read (0..counts[b]-1)
  *   out     [B, h, M, dv] float32, lse [B, h, M] float32 (-inf and zeros for a row with no positions)
  * dense:
- *   k [B, h, S, dk], v [B, h, S, dv] float32 with a stride per row, head and position; each position's
- *   row dense
+ *   k [B, h, S, dk], v [B, h, S, dv] float32 (bf16 = 0) or bfloat16 (bf16 = 1) with a stride per row,
+ *   head and position; each position's row dense
  * quantized (what yoco.quantize.QuantizedKV holds):
  *   k_codes [B, h, S / G, dk, G * bits / 8] uint8: each channel's codes of a group's G tokens, packed
  *           planar: byte j holds tokens j, j + P, j + 2P, ... (P = G * bits / 8), the first in the low bits
@@ -47,26 +48,35 @@
 /* Keys a block of the dense kernel: its softmax reduces across lanes once per block, not per 16 keys. */
 #define KEYS 64
 
-/* A query's dot product with a key row, as a vector of 16 partial sums. */
-static inline f32x16 dot(const float *query, const float *row, const int64_t DK) {
-    f32x16 d = load16(query) * load16(row);
-    for (int64_t c = 1; c < DK; c++) d += load16(query + c * L) * load16(row + c * L);
+/* 16 values of a cache row from element i on: float32, or bfloat16 widened (bf16, a constant where
+ * inlined, so each specialisation loads one way). */
+static inline __attribute__((always_inline)) f32x16 row16(const void *row, int64_t i, const int bf16) {
+    return bf16 ? load16_bf16((const uint16_t *)row + i) : load16((const float *)row + i);
+}
+
+/* A query's dot product with a key row (element i on), as a vector of 16 partial sums. */
+static inline __attribute__((always_inline)) f32x16 dot(const float *query, const void *keys, int64_t i,
+                                                        const int64_t DK, const int bf16) {
+    f32x16 d = load16(query) * row16(keys, i, bf16);
+    for (int64_t c = 1; c < DK; c++) d += load16(query + c * L) * row16(keys, i + c * L, bf16);
     return d;
 }
 
-/* The query's dot products with 16 rows (stride apart), lane t row t's: sums16's pairing done as the
- * dots arrive, so that few vectors are live at once (all 16 dots held before pairing spill). */
-static inline f32x16 dots16(const float *query, const float *rows, const int64_t stride, const int64_t DK) {
+/* The query's dot products with 16 key rows (from element i on, stride apart), lane t row t's: sums16's
+ * pairing done as the dots arrive, so that few vectors are live at once (all 16 dots held before pairing
+ * spill). */
+static inline __attribute__((always_inline)) f32x16 dots16(const float *query, const void *keys, int64_t i,
+                                                           const int64_t stride, const int64_t DK, const int bf16) {
     f32x16 y[2];
     for (int h = 0; h < 2; h++) {
         f32x16 x[2];
-        for (int i = 0; i < 2; i++) {
+        for (int r = 0; r < 2; r++) {
             f32x16 w[2];
             for (int j = 0; j < 2; j++) {
-                const float *row = rows + (8 * h + 4 * i + 2 * j) * stride;
-                w[j] = PAIR1(vadd, dot(query, row, DK), dot(query, row + stride, DK));
+                const int64_t row = i + (8 * h + 4 * r + 2 * j) * stride;
+                w[j] = PAIR1(vadd, dot(query, keys, row, DK, bf16), dot(query, keys, row + stride, DK, bf16));
             }
-            x[i] = PAIR2(vadd, w[0], w[1]);
+            x[r] = PAIR2(vadd, w[0], w[1]);
         }
         y[h] = PAIR3(vadd, x[0], x[1]);
     }
@@ -83,9 +93,9 @@ typedef struct {
 typedef struct {
     Units u;
     const float *q; int64_t q_sb, q_sh;
-    const float *k; int64_t k_sb, k_sh, k_st;
-    const float *v; int64_t v_sb, v_sh, v_st;
-    int64_t dk;
+    const void *k; int64_t k_sb, k_sh, k_st;
+    const void *v; int64_t v_sb, v_sh, v_st;
+    int64_t dk, bf16; /* bf16: keys and values are bfloat16, else float32 */
 } DenseJob;
 
 typedef struct {
@@ -191,12 +201,12 @@ static inline void unit_store(const Units *u, int64_t unit, const int64_t M, con
 /* One unit's work. Always inlined into the specialisations below, so that for the common shapes M and
  * the dims are constants: every loop over them unrolls and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dense_body(const DenseJob *job, int64_t unit, const int64_t M,
-                                                             const int64_t dk, const int64_t dv) {
+                                                             const int64_t dk, const int64_t dv, const int bf16) {
     const int64_t DK = dk / L, DV = dv / L;
     int64_t b, head, t0, t1;
     unit_range(&job->u, unit, &b, &head, &t0, &t1);
     const float *q = job->q + b * job->q_sb + head * job->q_sh;
-    const float *k = job->k + b * job->k_sb + head * job->k_sh, *v = job->v + b * job->v_sb + head * job->v_sh;
+    const int64_t k0 = b * job->k_sb + head * job->k_sh, v0 = b * job->v_sb + head * job->v_sh; /* elements */
 
     /* Two phases a block of KEYS keys: the scores, a query at a time (16 keys' dot products summed across
      * lanes as they arrive, dots16), then the values, each key's row loaded once for a group of 4
@@ -216,12 +226,13 @@ static inline __attribute__((always_inline)) void dense_body(const DenseJob *job
             const float *query = q + m * dk;
             f32x16 scores[KEYS / L];
             for (int64_t g = 0; g < KEYS / L; g++) {
-                const float *rows = k + (s0 + g * L) * ks;
+                const int64_t rows = k0 + (s0 + g * L) * ks;
                 if (g * L + L <= n) {
-                    scores[g] = dots16(query, rows, ks, DK);
+                    scores[g] = dots16(query, job->k, rows, ks, DK, bf16);
                 } else { /* the last block's tail: keys past n score 0 (softmax_block ignores them) */
                     f32x16 dots[L];
-                    for (int64_t t = 0; t < L; t++) dots[t] = g * L + t < n ? dot(query, rows + t * ks, DK) : splat(0.0f);
+                    for (int64_t t = 0; t < L; t++)
+                        dots[t] = g * L + t < n ? dot(query, job->k, rows + t * ks, DK, bf16) : splat(0.0f);
                     scores[g] = sums16(dots);
                 }
             }
@@ -233,9 +244,9 @@ static inline __attribute__((always_inline)) void dense_body(const DenseJob *job
             for (int64_t m = 0; m < group; m++)
                 for (int64_t c = 0; c < DV; c++) held[m][c] = acc[m0 + m][c];
             for (int64_t t = 0; t < n; t++) {
-                const float *row = v + (s0 + t) * vs;
+                const int64_t row = v0 + (s0 + t) * vs;
                 for (int64_t c = 0; c < DV; c++) {
-                    const f32x16 x = load16(row + c * L);
+                    const f32x16 x = row16(job->v, row + c * L, bf16);
                     for (int64_t m = 0; m < group; m++) held[m][c] += weights[m0 + m][t] * x;
                 }
             }
@@ -246,15 +257,21 @@ static inline __attribute__((always_inline)) void dense_body(const DenseJob *job
     unit_store(&job->u, unit, M, DV, top, total, &acc[0][0]);
 }
 
-#define DENSE(QUERIES, D) \
-    static void dense_##QUERIES##_##D(const void *job, int64_t unit) { dense_body(job, unit, QUERIES, D, D); }
+#define DENSE(QUERIES, D)                                                                                  \
+    static void dense_##QUERIES##_##D(const void *job, int64_t unit) { dense_body(job, unit, QUERIES, D, D, 0); } \
+    static void dense_bf16_##QUERIES##_##D(const void *job, int64_t unit) { dense_body(job, unit, QUERIES, D, D, 1); }
 #define DENSE_SHAPES(X) \
     X(1, 32) X(2, 32) X(4, 32) X(8, 32) X(1, 64) X(2, 64) X(4, 64) X(8, 64) X(1, 128) X(2, 128) X(4, 128) X(8, 128)
 DENSE_SHAPES(DENSE)
 
 static void dense_any(const void *job, int64_t unit) {
     const DenseJob *j = job;
-    dense_body(j, unit, j->u.M, j->dk, j->u.dv);
+    dense_body(j, unit, j->u.M, j->dk, j->u.dv, 0);
+}
+
+static void dense_bf16_any(const void *job, int64_t unit) {
+    const DenseJob *j = job;
+    dense_body(j, unit, j->u.M, j->dk, j->u.dv, 1);
 }
 
 /* ---------------------------------------------------------------------- quantized keys and values */
@@ -403,16 +420,17 @@ static void units_merge(Units *u, float *out, float *lse) {
 /* ---------------------------------------------------------------------- entry points */
 /* Each returns 0, or -1 for shapes it does not take (the caller then uses the PyTorch path). */
 int yoco_dense_attention(const float *q, int64_t q_sb, int64_t q_sh,
-                         const float *k, int64_t k_sb, int64_t k_sh, int64_t k_st,
-                         const float *v, int64_t v_sb, int64_t v_sh, int64_t v_st,
+                         const void *k, int64_t k_sb, int64_t k_sh, int64_t k_st,
+                         const void *v, int64_t v_sb, int64_t v_sh, int64_t v_st,
                          const int64_t *counts, int64_t B, int64_t h, int64_t M, int64_t dk, int64_t dv,
-                         int64_t threads, float *out, float *lse) {
+                         int64_t bf16, int64_t threads, float *out, float *lse) {
     if (M < 1 || M > MAX_M || dk < L || dk > MAX_D || dv < L || dv > MAX_D || dk % L || dv % L) return -1;
     if (threads < 1) threads = 1;
-    DenseJob job = {{0}, q, q_sb, q_sh, k, k_sb, k_sh, k_st, v, v_sb, v_sh, v_st, dk};
+    DenseJob job = {{0}, q, q_sb, q_sh, k, k_sb, k_sh, k_st, v, v_sb, v_sh, v_st, dk, bf16 != 0};
     if (units_plan(&job.u, counts, B, h, M, dv, threads, L)) return -1;
-    UnitFn run_unit = dense_any;
-#define CASE(QUERIES, D) if (M == QUERIES && dk == D && dv == D) run_unit = dense_##QUERIES##_##D;
+    UnitFn run_unit = bf16 ? dense_bf16_any : dense_any;
+#define CASE(QUERIES, D) \
+    if (M == QUERIES && dk == D && dv == D) run_unit = bf16 ? dense_bf16_##QUERIES##_##D : dense_##QUERIES##_##D;
     DENSE_SHAPES(CASE)
 #undef CASE
     units_run(&job.u, &job, run_unit, threads);

@@ -11,7 +11,15 @@
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
 static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+/* 16 bfloat16 values widened to float32 (exactly: a bfloat16 is a float32's upper half). */
+static inline f32x16 load16_bf16(const uint16_t *p) {
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    return (f32x16)(__builtin_convertvector(h, i32x16) << 16);
+}
 static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 static inline f32x16 splat(float x) { return (f32x16){0} + x; }
 
