@@ -72,6 +72,7 @@ class BenchSettings:
     prefill_chunk: int = 2048
     max_quadratic_context: int = 32768  # above this, Transformers are extrapolated, not run
     threads: int = 0  # 0: torch's default
+    repeats: int = 1  # prefills timed per row, the fastest reported (noise on a shared machine only slows)
     seed: int = 0
     compile: bool = False  # decode with the step torch.compile captured (engine.decode_stepper)
     # K/V cache bit widths to measure: 8, 4, 2 quantized (yoco.quantize), or the dtype's own width (32 for
@@ -83,7 +84,7 @@ class BenchSettings:
 
     def validate(self) -> None:
         check_run(self, self.contexts, "context lengths", ("new_tokens", "budget_steps", "max_budget_batch",
-                                                            "prefill_chunk"))
+                                                            "prefill_chunk", "repeats"))
         if self.new_tokens < 2:
             raise BenchError("new-tokens must be >= 2 (the first decoded token is a warm-up)")
         if self.budget_bytes <= 0:
@@ -421,11 +422,16 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
     ids = torch.randint(0, runner.config.vocab_size, (1, context), generator=generator)
     capacity = positions_needed(context, settings)
     with torch.inference_mode():
-        runner.reset()
-        with PeakRSS() as peak:
-            t0 = time.perf_counter()
-            logits = runner.prefill(ids, capacity, quantization)
-            prefill_s = time.perf_counter() - t0
+        timings = []
+        for _ in range(settings.repeats):
+            runner.reset()
+            with PeakRSS() as run_peak:
+                t0 = time.perf_counter()
+                logits = runner.prefill(ids, capacity, quantization)
+                timings.append(time.perf_counter() - t0)
+            if len(timings) == 1:
+                peak = run_peak  # the first, from a fresh start, holds the memory growth
+        prefill_s = min(timings)
         held = runner.cache_bytes()
         read_bytes = runner.decode_read_bytes(context, dtype, quantization)
         if progress:
@@ -453,7 +459,7 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
     flops = prefill_flops(runner.config, context)
     return {
         "arch": runner.arch, "context": context, "kv_bits": bits, "params": runner.params,
-        "prefill_s": prefill_s, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": held,
+        "prefill_s": prefill_s, "prefill_s_each": timings, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": held,
         "cache_bytes_per_token": cache_growth_per_token(runner.config, dtype) if quantization is None else
         (quantized_bytes(1, 2 * context, dtype, kv_bits=quantization)
          - quantized_bytes(1, context, dtype, kv_bits=quantization)) / context if quantized_bytes else held / context,

@@ -46,6 +46,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-quadratic-context", type=POSITIVE_INT, default=BenchSettings.max_quadratic_context,
                    help="Transformer contexts above this are extrapolated, not run")
     p.add_argument("--threads", type=NATURAL, default=BenchSettings.threads, help="torch threads (0: torch's choice)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=BenchSettings.repeats,
+                   help="prefills timed per row; the fastest is reported (another job on the machine only ever "
+                        "slows one), all are in the JSON (prefill_s_each)")
     p.add_argument("--compile", action="store_true",
                    help="decode with the step captured by torch.compile (the warm-up step compiles)")
     train = p.add_argument_group("training throughput (--train)")
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                              new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
                              max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
                              max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed,
-                             compile=args.compile, kv_bits=tuple(args.kv_bits or ()), kv_group=args.kv_group,
+                             repeats=args.repeats, compile=args.compile, kv_bits=tuple(args.kv_bits or ()), kv_group=args.kv_group,
                              kv_residual=args.kv_residual)
     report = run_bench(settings, log=lambda text: print(text, flush=True))
     extrapolated = ("* extrapolated from the longest measured context (not run): prefill by useful FLOPs, decode by "
