@@ -7,6 +7,9 @@ the whole cache quantized and for each prompt-once policy's kept entries quantiz
 
 - ``passkey_acc``: passkey retrieval at ``context`` tokens over the given needle depths (the prompt is
   compressed after prefill, then the key is generated greedily);
+- ``task_acc`` / ``task_mean``: each asked task of the RULER-style suite (``yoco.ruler``: single needle,
+  multi-key, multi-value, multi-query, variable tracking) at ``context`` tokens, the same prompts for
+  every row, and their mean;
 - ``ppl``: perplexity of ``ppl_tokens`` held-out tokens that follow a ``context``-token prefix, fed one
   by one through the compressed cache (teacher forcing: the policies that keep their budget while
   decoding keep evicting);
@@ -31,7 +34,8 @@ import torch.nn.functional as F
 from .compress.policies import policy_for_context
 from .data import DataError
 from .engine import decode_step, prefill
-from .evaluate import passkey_grid
+from .evaluate import haystack_for, passkey_grid
+from .ruler import score, suite
 
 
 def cache_nbytes(model, cache, batch_size: int, context: int, kv_bits=None) -> int:
@@ -63,13 +67,29 @@ def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy, kv_bit
             "index_bytes": getattr(cache, "index_bytes", lambda: 0)()}
 
 
+@torch.inference_mode()
+def task_accuracy(model, tokenizer, prompts, compression=None, kv_bits=None, prefill_chunk: int = 1024) -> dict:
+    """Each task's mean score over its prompts (``yoco.ruler.TaskPrompt``s), each answered greedily with
+    the prompt's cache compressed after prefill (``compression``) or quantized (``kv_bits``)."""
+    from .engine import generate
+
+    scores: dict[str, list[float]] = {}
+    for prompt in prompts:
+        out = generate(model, [prompt.ids], max_new_tokens=prompt.max_new_tokens, prefill_chunk=prefill_chunk,
+                       compression=compression, kv_bits=kv_bits)
+        scores.setdefault(prompt.task, []).append(score(prompt, tokenizer.decode(out.tokens[0])))
+    return {task: sum(s) / len(s) for task, s in scores.items()}
+
+
 def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tuple[str, float | int | None]], *,
                   context: int, depths: Sequence[float], trials: int, ppl_rows: int, ppl_tokens: int, seed: int = 0,
-                  progress=None, kv_bits: Sequence = ()) -> list[dict]:
+                  progress=None, kv_bits: Sequence = (), tasks: Sequence[str] = (), task_samples: int = 4) -> list[dict]:
     """One result row per (policy, budget) in ``specs`` (policy "full": no compression), then, for each
     quantization in ``kv_bits`` (``yoco.quantize.KVQuantization``s), one for the whole cache and one per
-    (policy, budget) whose policy compresses the prompt once (SnapKV, PyramidKV, AdaKV)."""
+    (policy, budget) whose policy compresses the prompt once (SnapKV, PyramidKV, AdaKV). ``tasks``: the
+    RULER-style tasks each row is scored on too, ``task_samples`` prompts each."""
     rng = random.Random(seed)
+    prompts = suite(tasks, tokenizer.encode, haystack_for(haystack, context)[0], context, task_samples, seed)
     span = context + ppl_tokens
     if len(haystack) < span + ppl_rows:
         raise DataError(f"held-out text has {len(haystack)} tokens; {ppl_rows} rows of {span} need more")
@@ -94,6 +114,9 @@ def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tup
                **measured,
                "passkey_acc": sum(c["accuracy"] for c in cells) / len(cells),
                "passkey_by_depth": {str(c["depth"]): c["accuracy"] for c in cells}}
+        if prompts:
+            row["task_acc"] = task_accuracy(model, tokenizer, prompts, policy, quantization)
+            row["task_mean"] = sum(row["task_acc"].values()) / len(row["task_acc"])
         results.append(row)
         if progress is not None:
             progress(row)
@@ -106,14 +129,17 @@ def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tup
 def markdown_table(results: list[dict]) -> str:
     from .report import format_bytes
 
-    lines = ["| policy | budget | kv bits | cache | of full | offloaded | passkey | ppl | decode tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    tasks = list(dict.fromkeys(t for r in results for t in r.get("task_acc", {})))
+    extra = "".join(f" {t} |" for t in tasks) + (" task mean |" if tasks else "")
+    lines = ["| policy | budget | kv bits | cache | of full | offloaded | passkey |" + extra + " ppl | decode tok/s |",
+             "|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + bool(tasks)) + "---|---|"]
     for r in results:
         budget = "-" if r["budget"] is None else str(r["budget"])
         offloaded = format_bytes(r["offloaded_bytes"]) if r.get("offloaded_bytes") else "-"
+        scores = "".join(f" {r['task_acc'][t]:.0%} |" for t in tasks) + (f" {r['task_mean']:.0%} |" if tasks else "")
         lines.append(f"| {r['policy']} | {budget} | {r.get('kv_bits', '-')} | {format_bytes(r['cache_bytes'])} | "
                      f"{r['cache_ratio']:.1%} | "
-                     f"{offloaded} | {r['passkey_acc']:.0%} | {r['ppl']:.2f} | {r['decode_tok_s']:.0f} |")
+                     f"{offloaded} | {r['passkey_acc']:.0%} |{scores} {r['ppl']:.2f} | {r['decode_tok_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

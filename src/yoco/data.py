@@ -55,7 +55,8 @@ def stdlib_sources() -> list[Path]:
     return sorted(files)
 
 
-def _read_jsonl(path: Path) -> Iterator[Document]:
+def read_jsonl(path: Path) -> Iterator[Document]:
+    """The documents of a JSONL file: one object with a "text" string per line (blank lines skipped)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -86,7 +87,7 @@ def looks_like_text(path: Path, sniff: int = 8192) -> bool:
     return True
 
 
-def _files_under(path: Path) -> list[Path]:
+def files_under(path: Path) -> list[Path]:
     """A folder's text files: those of a known text suffix, and those of any other (or none) that hold
     text (``looks_like_text``: plain text saved as ``notes``, ``LICENSE``, ``.log``...); binaries and
     caches are passed over."""
@@ -106,11 +107,11 @@ def corpus_documents(paths: Sequence[str | os.PathLike] | None = None) -> Iterat
             path = Path(raw)
             if not path.exists():
                 raise DataError(f"corpus path {str(path)!r} does not exist")
-            files.extend(_files_under(path) if path.is_dir() else [path])
+            files.extend(files_under(path) if path.is_dir() else [path])
     found = False
     for path in files:
         if path.suffix.lower() == ".jsonl":
-            for doc in _read_jsonl(path):
+            for doc in read_jsonl(path):
                 if doc.text.strip():
                     found = True
                     yield doc
@@ -171,8 +172,10 @@ def in_validation(name: str, val_percent: float) -> bool:
 
 def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.PathLike, *,
                  val_percent: float = 2.0, min_val_tokens: int = 1, batch_docs: int = 256,
-                 progress: bool = True) -> dict:
-    """Tokenize every document once into ``train.bin`` / ``val.bin`` + ``meta.json`` in `out_dir`.
+                 progress: bool = True, eos_id: int | None = None) -> dict:
+    """Tokenize every document once into ``train.bin`` / ``val.bin`` + ``meta.json`` in `out_dir`, each
+    followed by the end-of-text id (``eos_id``; default the tokenizer's ``<|endoftext|>``: a
+    transformers model's tokenizer names its own).
 
     Validation gets the documents whose name hashes into ``val_percent``; when they hold fewer than
     ``min_val_tokens`` tokens (one validation row: a small corpus may hash nothing, or a 3-token file,
@@ -186,7 +189,9 @@ def build_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
         raise DataError(f"val_percent={val_percent} must be within [0, 100)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    eos = tokenizer.token_to_id(EOS)
+    eos = tokenizer.token_to_id(EOS) if eos_id is None else eos_id
+    if eos is None:
+        raise DataError(f"the tokenizer has no {EOS} token: give the end-of-text id")
     vocab = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
     counts = {"train": 0, "val": 0}

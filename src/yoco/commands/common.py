@@ -5,12 +5,16 @@ that cannot be carried out raises."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, kv_bit_width, names, quantized_bit_width
 from ..checkpoint import load_model, resolve_checkpoint
-from ..data import find_shards, is_shard_folder, same_tokenizer
+from ..data import (EOS, DataError, build_shards, corpus_documents, files_under, find_shards, is_shard_folder,
+                    load_tokenizer, read_jsonl, same_tokenizer)
 from ..config import ATTN_TEMPERATURES, GLOBAL_POSITIONS, NAMES, POSITION_FIELDS, PRESETS, ROPE_EXTENSIONS
 from ..errors import YocoError
 from ..models import CausalLM, build_model
@@ -53,6 +57,69 @@ def held_out_shards(model_folder: str, data: str | None) -> Path:
         raise UsageError(f"the token shards at {str(folder)!r} were written with another tokenizer than the model's "
                          f"({str(model_folder)!r}): pass --data with shards written with this model's tokenizer")
     return folder
+
+
+def end_of_text_id(model_folder: str | Path, tokenizer) -> int:
+    """The id a model reads as the end of a document: the tokenizer's ``<|endoftext|>`` (yoco's), else the
+    ``eos_token_id`` of a transformers folder's config.json (the first, if a list)."""
+    eos = tokenizer.token_to_id(EOS)
+    if eos is not None:
+        return eos
+    try:
+        eos = json.loads((Path(model_folder) / "config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        eos = None
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if not isinstance(eos, int):
+        raise UsageError(f"{str(model_folder)!r} names no end-of-text token (no {EOS} in its tokenizer, no "
+                         "eos_token_id in its config.json): its text cannot be split into documents")
+    return eos
+
+
+def text_shards(model_folder: str | Path, text: str | None, jsonl: str | None, cache_root: str | Path) -> Path:
+    """Token shards of the given text (``--text``: a file or a folder of text files, a ``.jsonl`` among
+    them read by line; ``--jsonl``: one JSONL file whatever its name) written with the model's own
+    tokenizer, every token in one split. Built once into ``cache_root/.yoco-text-shards/KEY`` and reused:
+    the key covers the tokenizer, its end-of-text id and each file's path, size and modification time,
+    so changed text or another model's tokenizer builds anew."""
+    folder = Path(model_folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise UsageError(f"{str(folder)!r} has no tokenizer.json: --text needs the model's tokenizer")
+    tokenizer = load_tokenizer(folder, require_eos=False)
+    eos = end_of_text_id(folder, tokenizer)
+    source = Path(jsonl if jsonl is not None else text)
+    if not source.exists():
+        raise UsageError(f"{'--jsonl' if jsonl is not None else '--text'} path {str(source)!r} does not exist")
+    if jsonl is not None and not source.is_file():
+        raise UsageError(f"--jsonl {str(source)!r} is not a file")
+    files = files_under(source) if source.is_dir() else [source]
+    key = hashlib.sha256((folder / "tokenizer.json").read_bytes())
+    key.update(f"{eos}:{jsonl is not None}".encode())
+    for path in files:
+        stat = path.stat()
+        key.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    out = Path(cache_root) / ".yoco-text-shards" / key.hexdigest()[:20]
+    if is_shard_folder(out):
+        return out
+
+    def documents():
+        found = False
+        for doc in read_jsonl(source) if jsonl is not None else corpus_documents([source]):
+            if doc.text.strip():
+                found = True
+                yield doc
+        if not found:
+            raise UsageError(f"{str(source)!r} holds no text")
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        build_shards(documents(), tokenizer, partial, val_percent=0, eos_id=eos)
+    except (DataError, UsageError):
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(out)  # whole or absent: a folder with meta.json is a finished build
+    return out
 
 
 def add_kv_quantization(p: argparse.ArgumentParser, many: bool = False) -> None:
