@@ -23,9 +23,10 @@ def main() -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--archs", default="transformer,hf-llama")
     args = p.parse_args()
-    ids = torch.randint(0, 4096, (1, args.context), generator=torch.Generator().manual_seed(0))
     runners = {a: make_runner(a, BenchSettings(archs=(a,), contexts=(args.context,), dtype=args.dtype))
                for a in args.archs.split(",")}
+    vocab = next(iter(runners.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.context), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {a: [] for a in runners}
     with torch.inference_mode():
         for runner in runners.values():  # warm-up

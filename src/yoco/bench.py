@@ -459,7 +459,8 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
     flops = prefill_flops(runner.config, context)
     return {
         "arch": runner.arch, "context": context, "kv_bits": bits, "params": runner.params,
-        "prefill_s": prefill_s, "prefill_s_each": timings, "peak_mem_bytes": peak.growth, "peak_rss_bytes": peak.peak, "cache_bytes": held,
+        "prefill_s": prefill_s, "prefill_s_each": timings, "peak_mem_bytes": peak.growth,
+        "peak_rss_bytes": peak.peak, "cache_bytes": held,
         "cache_bytes_per_token": cache_growth_per_token(runner.config, dtype) if quantization is None else
         (quantized_bytes(1, 2 * context, dtype, kv_bits=quantization)
          - quantized_bytes(1, context, dtype, kv_bits=quantization)) / context if quantized_bytes else held / context,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .compress.policies import policy_for_context
 from .data import DataError
-from .engine import decode_step, prefill
+from .engine import decode_step, generate, prefill
 from .evaluate import haystack_for, passkey_grid
 from .ruler import score, suite
 
@@ -71,8 +71,6 @@ def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy, kv_bit
 def task_accuracy(model, tokenizer, prompts, compression=None, kv_bits=None, prefill_chunk: int = 1024) -> dict:
     """Each task's mean score over its prompts (``yoco.ruler.TaskPrompt``s), each answered greedily with
     the prompt's cache compressed after prefill (``compression``) or quantized (``kv_bits``)."""
-    from .engine import generate
-
     scores: dict[str, list[float]] = {}
     for prompt in prompts:
         out = generate(model, [prompt.ids], max_new_tokens=prompt.max_new_tokens, prefill_chunk=prefill_chunk,
@@ -83,7 +81,8 @@ def task_accuracy(model, tokenizer, prompts, compression=None, kv_bits=None, pre
 
 def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tuple[str, float | int | None]], *,
                   context: int, depths: Sequence[float], trials: int, ppl_rows: int, ppl_tokens: int, seed: int = 0,
-                  progress=None, kv_bits: Sequence = (), tasks: Sequence[str] = (), task_samples: int = 4) -> list[dict]:
+                  progress=None, kv_bits: Sequence = (), tasks: Sequence[str] = (),
+                  task_samples: int = 4) -> list[dict]:
     """One result row per (policy, budget) in ``specs`` (policy "full": no compression), then, for each
     quantization in ``kv_bits`` (``yoco.quantize.KVQuantization``s), one for the whole cache and one per
     (policy, budget) whose policy compresses the prompt once (SnapKV, PyramidKV, AdaKV). ``tasks``: the

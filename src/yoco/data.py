@@ -55,7 +55,7 @@ def stdlib_sources() -> list[Path]:
     return sorted(files)
 
 
-def read_jsonl(path: Path) -> Iterator[Document]:
+def _read_jsonl(path: Path) -> Iterator[Document]:
     """The documents of a JSONL file: one object with a "text" string per line (blank lines skipped)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -95,8 +95,9 @@ def files_under(path: Path) -> list[Path]:
                   and (p.suffix.lower() in TEXT_SUFFIXES or looks_like_text(p)))
 
 
-def corpus_documents(paths: Sequence[str | os.PathLike] | None = None) -> Iterator[Document]:
-    """Every document of the corpus; raises DataError for a missing path or a corpus with no text."""
+def corpus_documents(paths: Sequence[str | os.PathLike] | None = None, *, jsonl: bool = False) -> Iterator[Document]:
+    """Every document of the corpus (``jsonl``: every file read as JSONL, whatever its name); raises
+    DataError for a missing path or a corpus with no text."""
     if not paths:
         files = stdlib_sources()
         if not files:
@@ -110,8 +111,8 @@ def corpus_documents(paths: Sequence[str | os.PathLike] | None = None) -> Iterat
             files.extend(files_under(path) if path.is_dir() else [path])
     found = False
     for path in files:
-        if path.suffix.lower() == ".jsonl":
-            for doc in read_jsonl(path):
+        if jsonl or path.suffix.lower() == ".jsonl":
+            for doc in _read_jsonl(path):
                 if doc.text.strip():
                     found = True
                     yield doc

@@ -98,8 +98,8 @@ def native_decode_buffers(q: torch.Tensor, n_kv: int, dv: int,
 
 
 def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention and log-sum-exp of q [B, H, T, d] over float32 k/v [B, n_kv, S, d] by the native dense
-    decode kernel, for shapes ``native_decode_attention`` has checked; where the kernel cannot run (the
+    """Attention and log-sum-exp of q [B, H, T, d] over float32 or bfloat16 k/v [B, n_kv, S, d] by the
+    native dense decode kernel, for shapes ``native_decode_attention`` has checked; where the kernel cannot run (the
     library gone, or its partial results not allocated) the formula computes the same."""
     B, H, T, d = q.shape
     h, S, dv = k.shape[1], k.shape[2], v.shape[-1]

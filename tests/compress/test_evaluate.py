@@ -100,28 +100,38 @@ def test_compress_eval_reads_your_text_with_the_models_tokenizer(checkpoint, tmp
     (folder / "blob.bin").write_bytes(b"\0\1\2" * 100)  # not text: passed over
     out = tmp_path / "out" / "r.json"
     out.parent.mkdir()
-    assert main(["compress-eval", "--model", str(checkpoint), "--text", str(folder), "--json", str(out), *SMALL_RUN]) == 0
-    assert json.loads(out.read_text())["results"][0]["ppl"] > 1
-    (shards,) = (out.parent / ".yoco-text-shards").iterdir()
+    cache = out.parent / ".yoco-text-shards"
     tokenizer = load_tokenizer(checkpoint)
     eos = end_of_text_id(checkpoint, tokenizer)
-    ids = [int(t) for t in TokenShards(shards, "train").tokens]
-    # the model's tokenizer, each file a document ended by the end-of-text id: the ids give the text back
-    assert ids.count(eos) == 2 and ids[-1] == eos
-    first = ids.index(eos)
-    assert tokenizer.decode(ids[:first]) == TEXT[6000:12000] and tokenizer.decode(ids[first + 1:-1]) == TEXT[:6000]
+
+    def evaluate(option, path):
+        """Runs compress-eval on the text; returns the shard folders it added and their documents' texts."""
+        before = set(cache.iterdir()) if cache.is_dir() else set()
+        assert main(["compress-eval", "--model", str(checkpoint), option, str(path), "--json", str(out),
+                     *SMALL_RUN]) == 0
+        assert json.loads(out.read_text())["results"][0]["ppl"] > 1
+        added = sorted(set(cache.iterdir()) - before)
+        documents = []
+        for shards in added:
+            ids = [int(t) for t in TokenShards(shards, "train").tokens]
+            assert ids[-1] == eos  # each document ended by the end-of-text id
+            ends = [i for i, t in enumerate(ids) if t == eos]
+            documents += [tokenizer.decode(ids[a + 1:b]) for a, b in zip([-1] + ends, ends)]
+        return added, documents
+
+    # the model's tokenizer, each file a document: the ids give the texts back, in the files' order
+    (shards,), documents = evaluate("--text", folder)
+    assert documents == [TEXT[6000:12000], TEXT[:6000]]
     built = (shards / "meta.json").stat().st_mtime_ns
-    assert main(["compress-eval", "--model", str(checkpoint), "--text", str(folder), "--json", str(out), *SMALL_RUN]) == 0
-    assert (shards / "meta.json").stat().st_mtime_ns == built  # cached: not tokenized again
+    assert evaluate("--text", folder) == ([], [])  # cached: not tokenized again
+    assert (shards / "meta.json").stat().st_mtime_ns == built
     (folder / "more.txt").write_text(TEXT[6000:13000])  # changed text: built anew
-    assert main(["compress-eval", "--model", str(checkpoint), "--text", str(folder), "--json", str(out), *SMALL_RUN]) == 0
-    assert len(list((out.parent / ".yoco-text-shards").iterdir())) == 2
+    assert len(evaluate("--text", folder)[0]) == 1
 
     lines = tmp_path / "docs.data"  # JSONL whatever its name
     lines.write_text(json.dumps({"text": TEXT[:7000]}) + "\n\n" + json.dumps({"text": TEXT[7000:14000]}) + "\n")
-    assert main(["compress-eval", "--model", str(checkpoint), "--jsonl", str(lines), "--json", str(out), *SMALL_RUN]) == 0
-    jsonl_shards = [p for p in (out.parent / ".yoco-text-shards").iterdir()]
-    assert len(jsonl_shards) == 3
+    added, documents = evaluate("--jsonl", lines)
+    assert len(added) == 1 and documents == [TEXT[:7000], TEXT[7000:14000]]
 
 
 def test_compress_eval_refuses_empty_or_missing_text(checkpoint, tmp_path, capsys):

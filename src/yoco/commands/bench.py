@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
                              new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
                              max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
                              max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed,
-                             repeats=args.repeats, compile=args.compile, kv_bits=tuple(args.kv_bits or ()), kv_group=args.kv_group,
-                             kv_residual=args.kv_residual)
+                             repeats=args.repeats, compile=args.compile, kv_bits=tuple(args.kv_bits or ()),
+                             kv_group=args.kv_group, kv_residual=args.kv_residual)
     report = run_bench(settings, log=lambda text: print(text, flush=True))
     extrapolated = ("* extrapolated from the longest measured context (not run): prefill by useful FLOPs, decode by "
                     "bytes read per token, cache by formula")

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, kv_bit_width, names, quantized_bit_width
 from ..checkpoint import load_model, resolve_checkpoint
 from ..data import (EOS, DataError, build_shards, corpus_documents, files_under, find_shards, is_shard_folder,
-                    load_tokenizer, read_jsonl, same_tokenizer)
+                    load_tokenizer, same_tokenizer)
 from ..config import ATTN_TEMPERATURES, GLOBAL_POSITIONS, NAMES, POSITION_FIELDS, PRESETS, ROPE_EXTENSIONS
 from ..errors import YocoError
 from ..models import CausalLM, build_model
@@ -101,21 +101,12 @@ def text_shards(model_folder: str | Path, text: str | None, jsonl: str | None, c
     out = Path(cache_root) / ".yoco-text-shards" / key.hexdigest()[:20]
     if is_shard_folder(out):
         return out
-
-    def documents():
-        found = False
-        for doc in read_jsonl(source) if jsonl is not None else corpus_documents([source]):
-            if doc.text.strip():
-                found = True
-                yield doc
-        if not found:
-            raise UsageError(f"{str(source)!r} holds no text")
-
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        build_shards(documents(), tokenizer, partial, val_percent=0, eos_id=eos)
-    except (DataError, UsageError):
+        build_shards(corpus_documents([source], jsonl=jsonl is not None), tokenizer, partial, val_percent=0,
+                     eos_id=eos)
+    except DataError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     partial.rename(out)  # whole or absent: a folder with meta.json is a finished build
