@@ -51,6 +51,12 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert report["settings"]["dtype"] == "bf16" and [r["arch"] for r in report["results"]] == ["transformer", "yoco-swa"]
     assert "| yoco-swa | 32 |" in (tmp_path / "t.md").read_text()
     assert "training yoco-swa vs transformer @ 32-token rows" in capsys.readouterr().out
+    # without --dtype, training autocasts to bf16 (what people train in); fp32 is asked for
+    for given, dtype in (([], "bf16"), (["--dtype", "fp32"], "fp32")):
+        argv = ["bench", "--train", "--preset", "tiny", "--arch", "transformer", "--context", "32", "--train-steps", "1",
+                "--json", str(tmp_path / "d.json")] + given
+        assert main(argv) == 0
+        assert json.loads((tmp_path / "d.json").read_text())["settings"]["dtype"] == dtype
 
 
 @pytest.mark.parametrize("extra,message", [

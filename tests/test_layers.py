@@ -366,9 +366,38 @@ def test_linear_in_bf16_multiplies_in_fp32_for_many_rows_where_the_cpu_lacks_bf1
     plain = torch.nn.functional.linear(x, linear.weight, linear.bias)
     expected = wide if rows >= layers.FP32_COMPUTE_ROWS and not bf16_arithmetic else plain
     assert linear(x).equal(expected)
-    # fp32, and bf16 under autocast (fp32 weights): exactly nn.Linear
+    # fp32: exactly nn.Linear
     linear32, x32 = linear.float(), x.float()
     assert linear32(x32).equal(torch.nn.functional.linear(x32, linear32.weight, linear32.bias))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert linear32(x32).equal(torch.nn.Linear.forward(linear32, x32))
     assert isinstance(linear, torch.nn.Linear) and set(linear.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("bf16_arithmetic", [False, True])
+@pytest.mark.parametrize("rows", [1, 300])
+def test_linear_under_bf16_autocast_is_autocasts_product_computed_in_fp32_where_the_cpu_lacks_bf16(
+        rows, bf16_arithmetic, monkeypatch):
+    monkeypatch.setattr(layers, "CPU_BF16_ARITHMETIC", bf16_arithmetic)
+    torch.manual_seed(rows)
+    linear = layers.Linear(64, 48, bias=True)  # fp32 weights, as autocast training keeps them
+    x = torch.randn(rows, 64, requires_grad=True)
+
+    def run(forward):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(x)
+        grads = torch.autograd.grad(y.float().square().sum(), (x, linear.weight, linear.bias))
+        return y, grads
+
+    y, grads = run(linear)
+    y_autocast, grads_autocast = run(lambda x: torch.nn.Linear.forward(linear, x))
+    assert y.dtype == y_autocast.dtype == torch.bfloat16
+    if rows >= layers.FP32_COMPUTE_ROWS and not bf16_arithmetic:
+        # the operands rounded to bf16 as autocast rounds them, multiplied exactly and accumulated in fp32
+        bf = layers.rounded_to_bf16
+        exact = torch.nn.functional.linear(bf(x.detach()), bf(linear.weight.detach()), bf(linear.bias.detach()))
+        assert y.equal(exact.bfloat16())
+        # autocast's own result differs by its summation order only: within one bf16 rounding
+        torch.testing.assert_close(y.float(), y_autocast.float(), rtol=2 ** -7, atol=1e-6)
+        for g, g_autocast in zip(grads, grads_autocast):
+            torch.testing.assert_close(g, g_autocast, rtol=2 ** -6, atol=2e-2 * g_autocast.abs().max().item())
+    else:
+        assert y.equal(y_autocast) and all(g.equal(h) for g, h in zip(grads, grads_autocast))

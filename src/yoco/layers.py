@@ -32,18 +32,39 @@ CPU_BF16_ARITHMETIC = cpu_has_bf16_arithmetic()
 FP32_COMPUTE_ROWS = 16
 
 
+def widens_bf16(device: torch.device) -> bool:
+    """Whether bf16 products on ``device`` are faster computed in fp32: a CPU without bf16 arithmetic."""
+    return device.type == "cpu" and not CPU_BF16_ARITHMETIC
+
+
+def autocasting_to_bf16(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) whose bf16 products on a CPU without bf16
     arithmetic are computed in fp32 for calls of many rows: bf16 is then a storage format, never slower
-    than fp32. Everywhere else (fp32, CUDA, CPUs with bf16 instructions, autocast) exactly
-    ``nn.Linear``."""
+    than fp32. Under bf16 autocast on such a CPU the operands are rounded to bf16 as autocast would
+    (products of bf16 values are exact in fp32, and bf16 matmuls accumulate in fp32 too), multiplied in
+    fp32 and the result rounded to bf16: autocast's result up to summation order, at fp32's speed (4x
+    bf16's there), and the backward's products in fp32 as well. Everywhere else (fp32, CUDA, CPUs with
+    bf16 instructions) exactly ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and not CPU_BF16_ARITHMETIC and x.numel() >= FP32_COMPUTE_ROWS * x.shape[-1]):
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
+        if widens_bf16(x.device) and x.numel() >= FP32_COMPUTE_ROWS * x.shape[-1]:
+            if autocasting_to_bf16(x.device):
+                with torch.autocast(x.device.type, enabled=False):
+                    return F.linear(rounded_to_bf16(x), rounded_to_bf16(self.weight),
+                                    None if self.bias is None else rounded_to_bf16(self.bias)).to(torch.bfloat16)
+            if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
         return F.linear(x, self.weight, self.bias)
+
+
+def rounded_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x's values rounded to bf16, held in fp32."""
+    return x.to(torch.bfloat16).float()
 
 
 class RMSNorm(nn.Module):

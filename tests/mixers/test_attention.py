@@ -8,11 +8,13 @@ from harness import cpu_step, naive_attention
 
 from yoco.cache import CacheError, KVCache
 from yoco.config import get_config
+from yoco import layers
 from yoco.layers import RotaryEmbedding
 from yoco.kernels import attend, slot_mask
 from yoco.mixers.attention import CausalSelfAttention
 from yoco.cache import CallKV
 from yoco.mixers.cross_attention import CrossAttention, GlobalKV
+from yoco.mixers.sliding_window import window_band
 
 
 def _rand(*shape, seed):
@@ -34,6 +36,40 @@ def test_attend_gqa_groups_are_contiguous():
     v = torch.stack([torch.full((T, d), 1.0), torch.full((T, d), 2.0)]).unsqueeze(0)
     out = attend(q, k, v)
     assert out[0, :, 0, 0].tolist() == [1.0, 1.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("bf16_arithmetic", [False, True])
+@pytest.mark.parametrize("mask", ["causal", "band"])
+def test_attend_under_bf16_autocast_with_gradients_attends_the_rounded_values_in_fp32_where_the_cpu_lacks_bf16(
+        mask, bf16_arithmetic, monkeypatch):
+    monkeypatch.setattr(layers, "CPU_BF16_ARITHMETIC", bf16_arithmetic)
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 24, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(2))
+    band = window_band(24, 0, 5, torch.bfloat16, torch.device("cpu"))  # a float mask in the values' dtype
+    kwargs = {"causal": True} if mask == "causal" else {"mask": band}
+
+    def run(attention):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        return o, torch.autograd.grad(o.float().square().sum(), (q, k, v))
+
+    o, grads = run(lambda q, k, v: attend(q, k, v, **kwargs))
+    o_bf16, grads_bf16 = run(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=kwargs.get("mask"), is_causal="causal" in kwargs, enable_gqa=True))
+    assert o.dtype == torch.bfloat16
+    if bf16_arithmetic:
+        assert o.equal(o_bf16)
+        return
+    rounded = [t.detach().bfloat16().float() for t in (q, k, v)]
+    in_fp32 = torch.nn.functional.scaled_dot_product_attention(
+        *rounded, attn_mask=None if "causal" in kwargs else band.float(), is_causal="causal" in kwargs, enable_gqa=True)
+    assert o.equal(in_fp32.bfloat16())  # fp32 attention, not bf16's
+    reference = naive_attention(*(t.detach().bfloat16().float() for t in (q, k, v)),
+                                visible=torch.ones(24, 24).tril().bool() if mask == "causal" else band.float() == 0)
+    torch.testing.assert_close(o.float(), reference.bfloat16().float(), rtol=2 ** -7, atol=1e-5)
+    for g, g_bf16 in zip(grads, grads_bf16):  # bf16 attention's gradients: within its rounding
+        torch.testing.assert_close(g, g_bf16, rtol=0.05, atol=0.05 * g_bf16.abs().max().item())
 
 
 def test_attend_causal_and_mask():

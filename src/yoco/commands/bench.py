@@ -30,7 +30,8 @@ def add_parser(subparsers) -> None:
                         f"(default: {contexts_text(DEFAULT_CONTEXTS)}; {contexts_text(QUICK_CONTEXTS)} with --quick)")
     p.add_argument("--quick", action="store_true", help=f"{contexts_text(QUICK_CONTEXTS)}, fewer tokens: a few minutes")
     p.add_argument("--preset", choices=sorted(PRESETS), default=BenchSettings.preset, help="size preset")
-    add_dtype(p)
+    add_dtype(p, default=None, help="weights and activations (default fp32); with --train, bf16 autocasts the "
+                                     f"matmuls (default {TrainBenchSettings.dtype})")
     p.add_argument("--new-tokens", type=Number(int, "an integer >= 2 (the first decoded token is a warm-up)", low=2),
                    help=f"decode steps at batch 1 (default: {BenchSettings.new_tokens}; {QUICK_NEW_TOKENS} "
                         "with --quick)")
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     contexts = tuple(args.context) if args.context else QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
     new_tokens = args.new_tokens or (QUICK_NEW_TOKENS if args.quick else BenchSettings.new_tokens)
     budget_steps = args.budget_steps or (QUICK_BUDGET_STEPS if args.quick else BenchSettings.budget_steps)
-    settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype,
+    settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype or "fp32",
                              new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
                              max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
                              max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed,
@@ -133,7 +134,8 @@ def run_train(args: argparse.Namespace) -> int:
                          f"{'them' if len(given) > 1 else 'it'} with --train")
     settings = TrainBenchSettings(archs=tuple(args.arch) if args.arch else TRAIN_ARCHS,
                                   seq_lens=tuple(args.context) if args.context else TRAIN_SEQ_LENS, preset=args.preset,
-                                  dtype=args.dtype, batch_size=args.batch_size, steps=args.train_steps,
+                                  dtype=args.dtype or TrainBenchSettings.dtype, batch_size=args.batch_size,
+                                  steps=args.train_steps,
                                   warmup=args.warmup_steps, activation_checkpointing=args.activation_checkpointing,
                                   threads=args.threads, seed=args.seed)
     report = run_train_bench(settings, log=lambda text: print(text, flush=True))

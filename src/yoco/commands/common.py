@@ -163,8 +163,8 @@ def position_changes(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in POSITION_FIELDS if getattr(args, name, None) is not None}
 
 
-def add_dtype(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
+def add_dtype(p: argparse.ArgumentParser, default: str | None = "fp32", help: str = "weights and activations") -> None:
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=default, help=help)
 
 
 def add_seed(p: argparse.ArgumentParser, what: str = "random seed") -> None:
