@@ -232,6 +232,21 @@ def test_adakv_options():
         AdaKV(0.25, kernel_size=2)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 5, 7])
+def test_snapkv_pools_the_older_keys_as_snapkvs_code_does(kernel_size):
+    # SnapKV's reference code (and kvpress's SnapKVPress): the window's attention over the older keys,
+    # avg_pool1d with zero padding counted (count_include_pad), the window itself ranked above all
+    S, window = 20, 6
+    torch.manual_seed(kernel_size)
+    score = torch.rand(1, 2, S)
+    priority = SnapKV(8, window=window, kernel_size=kernel_size).priority(
+        torch.arange(S).expand(1, 2, S), S - 1, score, None, None)
+    expected = torch.nn.functional.avg_pool1d(score[..., :S - window], kernel_size, stride=1,
+                                              padding=kernel_size // 2)
+    torch.testing.assert_close(priority[..., :S - window].float(), expected, rtol=1e-6, atol=1e-7)
+    assert bool((priority[..., S - window:] > priority[..., :S - window].max()).all())
+
+
 @pytest.mark.parametrize("policy", [SnapKV(8, window=4), PyramidKV(8, window=4), AdaKV(8, window=4)])
 def test_snapkv_pools_a_left_padded_row_as_alone(policy):
     # a row's left padding is no neighbour of its first tokens: their pooled scores (what decides

@@ -7,8 +7,9 @@ always win; empty and pad entries get -inf, so they never do.
 
 - ``StreamingLLM``: ``n_sink`` first tokens + the most recent ones; keeps the budget while decoding;
   the sinks are re-rotated to sit just before the recent window (``StreamingLLM.after_update``).
-- ``SnapKV``: the last ``window`` (``observation_window``) prompt queries' attention, summed over each query group, average-
-  pooled along keys (``kernel_size``); top-k per head plus the window itself. At prefill only.
+- ``SnapKV``: the last ``window`` (``observation_window``) prompt queries' attention, summed over each query
+  group, average-pooled along the older keys (``kernel_size``, as SnapKV's code pools); top-k per head plus
+  the window itself. At prefill only.
 - ``PyramidKV``: SnapKV's selection with a per-layer budget falling linearly with depth.
 - ``AdaKV``: SnapKV's scores with the layer's budget shared by its K/V heads (top scores across heads
   jointly, each head guaranteed a share). At prefill only.
@@ -254,25 +255,23 @@ class SnapKV(Policy):
             raise BudgetError(f"SnapKV needs window >= 1 and an odd kernel_size, got {window}, {kernel_size}")
         self.observation_window, self.kernel_size = window, kernel_size
 
-    def pooled(self, score: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        """``score`` [B, h, S] averaged over each entry's ``kernel_size`` neighbours, counting only the
-        ``real`` ones (a row's left padding is not a neighbour: a padded row pools as it would alone)."""
+    def pooled(self, score: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """``score`` [B, h, S] of the ``scored`` entries (the others: 0) averaged over each entry's
+        ``kernel_size`` neighbours, divided by ``kernel_size`` wherever it stands, as SnapKV's code pools
+        (``avg_pool1d`` of the prefix's scores, zero-padded, ``count_include_pad``; kvpress alike): the
+        observation window, a row's left padding and the prompt's edges are neighbours scoring 0, so a
+        padded row pools as it would alone."""
         B, h, S = score.shape
+        score = score.float() * scored
         if self.kernel_size == 1:
             return score
-        weight = torch.ones_like(score, dtype=torch.float32) if real is None else real.float()
-
-        def pool(x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.avg_pool1d(x.reshape(B * h, 1, S), self.kernel_size, stride=1,
-                                                  padding=self.kernel_size // 2, count_include_pad=False)
-
-        sums, counts = pool(score.float() * weight), pool(weight)  # both divided by the same window size
-        return torch.where(counts > 0, sums / counts.clamp_min(1e-30), 0.0).view(B, h, S)
+        return torch.nn.functional.avg_pool1d(score.reshape(B * h, 1, S), self.kernel_size, stride=1,
+                                              padding=self.kernel_size // 2).view(B, h, S)
 
     def priority(self, slots, newest, score, limit, pad):
         recent = slots > newest - self.observation_window
         real = (slots >= 0) if pad is None else (slots >= pad[:, None, None])
-        return torch.where(recent, PROTECTED + recency(slots), self.pooled(score, real).double())
+        return torch.where(recent, PROTECTED + recency(slots), self.pooled(score, real & ~recent).double())
 
 
 class PyramidKV(SnapKV):
