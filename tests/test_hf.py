@@ -9,6 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from yoco import YocoCache, YocoConfig, YocoForCausalLM, build_model, generate, get_config, load_model, save_model
 from yoco.checkpoint import CheckpointError
+from yoco.data import load_tokenizer
+from yoco.tokenizer import save_tokenizer
 from yoco.hf import cache_arg, output_cache
 from yoco.cli import main
 from yoco.models import cache_bytes
@@ -301,6 +303,33 @@ def test_llama_with_unsupported_features_is_refused():
                          num_attention_heads=4, attention_bias=True)
     with pytest.raises(ConfigError, match="bias"):
         from_llama(LlamaForCausalLM(config))
+
+
+@pytest.mark.parametrize("scale_embeddings", [False, True])
+def test_a_yoco_transformer_written_as_a_llama_has_its_logits_and_tokenizer(scale_embeddings, tmp_path, capsys):
+    assert main(["init", "--arch", "transformer", "--preset", "small", "--out", str(tmp_path / "yoco")]) == 0
+    model = load_model(tmp_path / "yoco")
+    model = build_model(model.config.replace(scale_embeddings=scale_embeddings, n_layers=2), seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # logits that differ a lot by token
+    tokenizer = load_tokenizer(tmp_path / "yoco")
+    save_model(model, tmp_path / "source", eos_token_id=256, tokenizer=tokenizer)
+    save_tokenizer(tokenizer, tmp_path / "source", model.config.max_seq_len)
+    assert main(["convert", "--checkpoint", str(tmp_path / "source"), "--to-llama", "--out", str(tmp_path / "llama")]) == 0
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    assert type(llama).__name__ == "LlamaForCausalLM" and llama.config.eos_token_id == 256
+    ids = torch.randint(0, model.config.vocab_size, (2, 30))
+    torch.testing.assert_close(llama(ids).logits, model(ids), atol=2e-5, rtol=1e-5)
+    assert AutoTokenizer.from_pretrained(tmp_path / "llama")("def f():")["input_ids"] == tokenizer.encode("def f():").ids
+    from yoco.convert import from_llama  # and back: the same logits again
+    torch.testing.assert_close(from_llama(llama)(ids), model(ids), atol=2e-5, rtol=1e-5)
+    # what a Llama cannot express is refused with a message, and nothing is written
+    assert main(["init", "--arch", "yoco-swa", "--preset", "tiny", "--out", str(tmp_path / "swa")]) == 0
+    capsys.readouterr()
+    assert main(["convert", "--checkpoint", str(tmp_path / "swa"), "--to-llama", "--out", str(tmp_path / "no")]) == 2
+    assert "cannot write this model as a Llama" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["convert", "--checkpoint", str(tmp_path / "source"), "--to-llama", "--out", str(tmp_path / "llama")]) == 2
 
 
 def test_yoco_init_writes_a_folder_transformers_loads(tmp_path, capsys):

@@ -345,14 +345,11 @@ def llama_model(config: ModelConfig, dtype: torch.dtype, seed: int, attn_impleme
     """transformers' ``LlamaForCausalLM`` with the dimensions of a yoco Transformer config and random
     weights (seeded), in eval mode: the Transformer people run today, here and as the serving peer
     (``yoco.serve.peer``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    hf_config = LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
-        rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
-        attn_implementation=attn_implementation)
+    from .convert import llama_config_of
+
+    hf_config = llama_config_of(config, attn_implementation)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(hf_config).to(dtype).eval()
     if model.config._attn_implementation != attn_implementation:

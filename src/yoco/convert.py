@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import ConfigError, ModelConfig
@@ -101,6 +103,62 @@ def llama_config(hf_config) -> ModelConfig:
                        tie_embeddings=bool(c.tie_word_embeddings))
 
 
+def llama_config_of(config: ModelConfig, attn_implementation: str = "sdpa"):
+    """The transformers ``LlamaConfig`` of a yoco Transformer's dimensions."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=config.max_seq_len, rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings, attn_implementation=attn_implementation)
+
+
+def to_llama(model: CausalLM, eos_token_id: int | None = None):
+    """A transformers ``LlamaForCausalLM`` computing what a yoco Transformer computes (the same logits):
+    a model for the tools that take a Llama folder (kvpress, lm-eval's hf model, vLLM). What a Llama
+    cannot express is refused: another attention or position scheme, a window, shared K/V layers, and
+    scaled embeddings under tied weights (the scale is folded into the embedding, which the head reads)."""
+    from transformers import LlamaForCausalLM
+
+    c = model.config
+    unsupported = []
+    if c.arch != "transformer" or c.attention != "gqa":
+        unsupported.append(f"arch={c.arch} attention={c.attention} (a GQA transformer is needed)")
+    if c.window is not None:
+        unsupported.append(f"window={c.window}")
+    if len(set(c.kv_sources)) != c.n_layers:
+        unsupported.append("K/V shared across layers")
+    if (c.global_position, c.rope_freqs, c.rope_pairs, c.rope_extension, c.attn_temperature) != (
+            "rope", "standard", "half", None, None):
+        unsupported.append("positions other than plain RoPE (standard frequencies, half-split pairs)")
+    if c.scale_embeddings and c.tie_embeddings:
+        unsupported.append("scaled embeddings tied to the head")
+    if unsupported:
+        raise ConfigError("cannot write this model as a Llama: " + ", ".join(unsupported))
+    hf_config = llama_config_of(c)
+    hf_config.eos_token_id = eos_token_id
+    param = next(model.parameters())
+    llama = LlamaForCausalLM(hf_config).to(dtype=param.dtype, device=param.device).eval()
+    names = {target.format(i=i): source.format(i=i) for i in range(c.n_layers) for source, target in LLAMA_NAMES.items()}
+    state = {names[name]: tensor for name, tensor in model.state_dict().items()}
+    if c.scale_embeddings:
+        state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * math.sqrt(c.dim)
+    load_weights(llama, state, c.tie_embeddings, "cannot write this model as a Llama")
+    return llama
+
+
+def load_weights(model: torch.nn.Module, state: dict, tied: bool, refusal: str) -> None:
+    """Load renamed weights into ``model`` (a tied head is the embedding's: not loaded), or refuse with
+    what is missing and unexpected."""
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ConfigError(f"{refusal}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
 def from_llama(llama) -> CausalLM:
     """A yoco Transformer with the weights of a transformers ``LlamaForCausalLM`` (a model object or
     a local folder): identical logits, the start point for ``convert_kv_heads`` and uptraining."""
@@ -122,10 +180,5 @@ def from_llama(llama) -> CausalLM:
         if name not in patterns:
             raise ConfigError(f"cannot convert this Llama checkpoint: unexpected weight {name!r}")
         state[patterns[name]] = tensor
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ConfigError(f"cannot convert this Llama checkpoint: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    load_weights(model, state, config.tie_embeddings, "cannot convert this Llama checkpoint")
     return model.eval()
