@@ -4,6 +4,10 @@ chunked prefill, greedy decode steps at batch 1): wall times and torch.profiler'
     .venv/bin/python scripts/profile_model.py --arch transformer --context 8K
     .venv/bin/python scripts/profile_model.py --arch hf-llama --context 8K --dtype bf16
     .venv/bin/python scripts/profile_model.py --arch yoco-swa --context 1M --phase decode
+    .venv/bin/python scripts/profile_model.py --arch yoco-swa --context 8K --phase train --dtype bf16
+
+``--phase train`` profiles one training step of a yoco model as ``yoco bench --train`` takes it (forward
+with the loss, backward, clipping, AdamW; ``--dtype bf16`` autocasts), after one untimed step.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ def main() -> None:
     p.add_argument("--context", type=TokenCount(2), default=8192)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--prefill-chunk", type=int, default=BenchSettings.prefill_chunk)
-    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--phase", choices=("prefill", "decode", "both", "train"), default="both")
     p.add_argument("--steps", type=int, default=8, help="decode steps profiled (after 2 untimed)")
     p.add_argument("--rows", type=int, default=20, help="operator rows to print")
     args = p.parse_args()
+    if args.phase == "train":
+        return profile_training(args)
     settings = BenchSettings(archs=(args.arch,), contexts=(args.context,), preset=args.preset, dtype=args.dtype,
                              prefill_chunk=args.prefill_chunk, new_tokens=args.steps + 2)
     runner = make_runner(args.arch, settings)
@@ -57,6 +63,35 @@ def main() -> None:
                 took = time.perf_counter() - began
             print(f"{args.arch} decode at {args.context:,}: {args.steps / took:.2f} tok/s (under the profiler)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def profile_training(args) -> None:
+    from yoco.bench_train import TrainBenchSettings, optimizer_settings, random_rows, train_config
+    from yoco.evaluate import lm_loss
+    from yoco.models import build_model
+    from yoco.train import optimizer_for
+
+    settings = TrainBenchSettings(archs=(args.arch,), seq_lens=(args.context,), preset=args.preset, dtype=args.dtype)
+    config = train_config(args.arch, settings)
+    model = build_model(config, seed=0).train()
+    ours = optimizer_settings()
+    optimizer = optimizer_for(model, ours)
+
+    def step(i: int) -> None:
+        rows = random_rows(config, settings, args.context, i)
+        optimizer.zero_grad(set_to_none=True)
+        lm_loss(model, rows[:, :-1], rows[:, 1:], settings.bf16).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ours.grad_clip)
+        optimizer.step()
+
+    step(0)
+    with profile() as prof:
+        began = time.perf_counter()
+        step(1)
+        took = time.perf_counter() - began
+    print(f"{args.arch} ({args.preset}, {args.dtype}) training step on {args.context:,}-token rows: {took:.2f} s "
+          f"(under the profiler)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":
