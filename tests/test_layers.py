@@ -248,6 +248,16 @@ def test_swiglu_matches_hand_computation():
     u = x @ mlp.up_proj.weight.T
     expected = (g * torch.sigmoid(g) * u) @ mlp.down_proj.weight.T
     torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)
+    # without autograd it works in place (on its own temporaries only): the same values, x untouched
+    before = x.clone()
+    with torch.inference_mode():
+        assert mlp(x).equal(mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    assert x.equal(before)
+    x.requires_grad_(True)  # with it, gradients flow as through the formula
+    (grad,) = torch.autograd.grad(mlp(x).sum(), x)
+    g, u = x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T
+    (want,) = torch.autograd.grad(((g * torch.sigmoid(g) * u) @ mlp.down_proj.weight.T).sum(), x)
+    torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)
     assert mlp.gate_proj.bias is None and mlp.up_proj.bias is None and mlp.down_proj.bias is None
     assert mlp.gate_proj.weight.shape == (20, 12) and mlp.down_proj.weight.shape == (12, 20)
 

