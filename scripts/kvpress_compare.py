@@ -33,6 +33,7 @@ from yoco.compress import policy_for_context
 from yoco.compression_eval import cache_nbytes
 from yoco.data import TokenShards
 from yoco.engine import decode_step, prefill
+from yoco.errors import YocoError
 from yoco.evaluate import haystack_for
 from yoco.report import write_json, write_markdown
 from yoco.ruler import RULER_TASKS, TaskPrompt, score, suite
@@ -153,7 +154,10 @@ def main(argv=None) -> int:
     model = load_any_model(args.model, "fp32")
     tokenizer = tokenizer_for(args.model, model.config.vocab_size, exact=False)
     data = text_shards(args.model, args.text, None, out) if args.text else held_out_shards(args.model, args.data)
-    haystack = haystack_for(TokenShards(data, "val").tokens, args.context)[0]
+    held_out = TokenShards(data, "val")
+    if len(held_out) <= args.context:  # --text puts every token in one split, as compress-eval reads it
+        held_out = TokenShards(data, "train")
+    haystack = haystack_for(held_out.tokens, args.context)[0]
     prompts = passkeys(tokenizer.encode, haystack, args.context, args.samples, args.seed) + suite(
         [t for t in args.tasks.split(",") if t], tokenizer.encode, haystack, args.context, args.samples, args.seed)
     write_json([{"task": q.task, "ids": q.ids, "answers": q.answers, "max_new_tokens": q.max_new_tokens}
@@ -188,4 +192,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except YocoError as e:  # bad input: one line, exit status 2, as the yoco command does
+        print(f"kvpress_compare.py: {e}", file=sys.stderr)
+        sys.exit(2)
