@@ -51,14 +51,12 @@ class Linear(nn.Linear):
     bf16 instructions) exactly ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= FP32_COMPUTE_ROWS * x.shape[-1] and widens_bf16(x.device):  # a decode row: one test
-            if autocasting_to_bf16(x.device):
-                with torch.autocast(x.device.type, enabled=False):
-                    return F.linear(rounded_to_bf16(x), rounded_to_bf16(self.weight),
-                                    None if self.bias is None else rounded_to_bf16(self.bias)).to(torch.bfloat16)
-            if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
-                bias = None if self.bias is None else self.bias.float()
-                return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
+        if (x.numel() >= FP32_COMPUTE_ROWS * x.shape[-1] and widens_bf16(x.device)  # a decode row: one test
+                and (autocasting_to_bf16(x.device) or x.dtype == self.weight.dtype == torch.bfloat16)):
+            # bf16 values (a bf16 model's, or autocast's rounding of fp32 ones) multiplied in fp32
+            with torch.autocast(x.device.type, enabled=False):
+                bias = None if self.bias is None else rounded_to_bf16(self.bias)
+                return F.linear(rounded_to_bf16(x), rounded_to_bf16(self.weight), bias).to(torch.bfloat16)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -266,7 +264,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
-        if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
+        if gate.requires_grad:
             return self.down_proj(F.silu(gate) * self.up_proj(x))
         # without autograd, in place: two fewer [T, hidden] temporaries (the largest activations)
         return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     contexts = tuple(args.context) if args.context else QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS
     new_tokens = args.new_tokens or (QUICK_NEW_TOKENS if args.quick else BenchSettings.new_tokens)
     budget_steps = args.budget_steps or (QUICK_BUDGET_STEPS if args.quick else BenchSettings.budget_steps)
-    settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype or "fp32",
+    settings = BenchSettings(archs=archs, contexts=contexts, preset=args.preset, dtype=args.dtype or BenchSettings.dtype,
                              new_tokens=new_tokens, budget_bytes=int(args.budget_gib * GIB), budget_steps=budget_steps,
                              max_budget_batch=args.max_budget_batch, prefill_chunk=args.prefill_chunk,
                              max_quadratic_context=args.max_quadratic_context, threads=args.threads, seed=args.seed,
