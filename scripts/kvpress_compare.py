@@ -22,24 +22,20 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 from yoco.arguments import POSITIVE_INT, ListOf
 from yoco.checkpoint import load_any_model
 from yoco.compress import policy_for_context
 from yoco.compression_eval import cache_nbytes
-from yoco.data import TokenShards
-from yoco.engine import decode_step, prefill
+from yoco.engine import stream
 from yoco.errors import YocoError
 from yoco.evaluate import haystack_for
 from yoco.report import write_json, write_markdown
-from yoco.ruler import RULER_TASKS, TaskPrompt, score, suite
+from yoco.ruler import RULER_TASKS, TaskPrompt, suite, task_scores
 from yoco.tasks import passkey_key, passkey_prompt
 from yoco.tokenizer import tokenizer_for
-from yoco.commands.common import held_out_shards, text_shards
+from yoco.commands.common import config_eos_token_id, held_out_shards, held_out_split, text_shards
 
 # kvpress press -> yoco policy spec with kvpress's defaults where yoco's differ
 POLICY_OF_PRESS = {
@@ -49,23 +45,21 @@ POLICY_OF_PRESS = {
     "streamingllm": "streamingllm:n_sink=4",
     "tova": "tova",
 }
-SAME_ALGORITHM = {"snapkv", "pyramidkv", "adakv"}  # at prefill only on both sides (see the notes)
 
 
-@torch.inference_mode()
 def answer(model, ids: list[int], max_new_tokens: int, policy, eos: set[int]) -> dict:
-    """The prompt prefilled whole and compressed by ``policy`` (None: not), then answered greedily: the
-    answer's tokens, the kept K/V bytes and the prefill's time, as the peer records them."""
-    cache = model.new_cache(1, capacity=len(ids) + max_new_tokens, compression=policy)
-    prompt = torch.tensor([ids])
-    start = time.perf_counter()
-    logits = prefill(model, prompt, cache, chunk=len(ids))
-    prefill_s = time.perf_counter() - start
-    nbytes = cache_nbytes(model, cache, 1, len(ids))
-    generated = [int(logits[0].argmax())]
-    while len(generated) < max_new_tokens and generated[-1] not in eos:
-        generated.append(int(decode_step(model, torch.tensor([generated[-1]]), cache)[0].argmax()))
-    return {"tokens": generated, "cache_bytes": nbytes, "prefill_s": prefill_s}
+    """The prompt prefilled whole and compressed by ``policy`` (None: not), then answered greedily by the
+    engine: the answer's tokens, the K/V bytes held right after the prefill (the engine yields its first
+    token before any decode step) and the prefill's time, as the peer records them."""
+    generation = stream(model, [ids], max_new_tokens, stop_tokens=sorted(eos), prefill_chunk=len(ids),
+                        compression=policy)
+    steps = iter(generation)
+    next(steps)
+    nbytes = cache_nbytes(model, generation.cache, 1, len(ids))
+    for _ in steps:
+        pass
+    result = generation.result()
+    return {"tokens": result.tokens[0], "cache_bytes": nbytes, "prefill_s": result.prefill_s}
 
 
 def passkeys(encode, haystack, context: int, samples: int, seed: int) -> list[TaskPrompt]:
@@ -81,15 +75,8 @@ def passkeys(encode, haystack, context: int, samples: int, seed: int) -> list[Ta
     return prompts
 
 
-def accuracy(prompts, answers, decode) -> dict[str, float]:
-    scores: dict[str, list[float]] = {}
-    for prompt, out in zip(prompts, answers):
-        scores.setdefault(prompt.task, []).append(score(prompt, decode(out["tokens"])))
-    return {task: sum(s) / len(s) for task, s in scores.items()}
-
-
 def summary(prompts, answers, decode) -> dict:
-    acc = accuracy(prompts, answers, decode)
+    acc = task_scores(prompts, [decode(a["tokens"]) for a in answers])
     return {"task_acc": acc, "task_mean": sum(acc.values()) / len(acc),
             "cache_bytes": statistics.mean(a["cache_bytes"] for a in answers),
             "prefill_s": statistics.mean(a["prefill_s"] for a in answers)}
@@ -154,10 +141,7 @@ def main(argv=None) -> int:
     model = load_any_model(args.model, "fp32")
     tokenizer = tokenizer_for(args.model, model.config.vocab_size, exact=False)
     data = text_shards(args.model, args.text, None, out) if args.text else held_out_shards(args.model, args.data)
-    held_out = TokenShards(data, "val")
-    if len(held_out) <= args.context:  # --text puts every token in one split, as compress-eval reads it
-        held_out = TokenShards(data, "train")
-    haystack = haystack_for(held_out.tokens, args.context)[0]
+    haystack = haystack_for(held_out_split(data, args.context + 1).tokens, args.context)[0]
     prompts = passkeys(tokenizer.encode, haystack, args.context, args.samples, args.seed) + suite(
         [t for t in args.tasks.split(",") if t], tokenizer.encode, haystack, args.context, args.samples, args.seed)
     write_json([{"task": q.task, "ids": q.ids, "answers": q.answers, "max_new_tokens": q.max_new_tokens}
@@ -172,7 +156,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     from transformers import __version__ as transformers_version
 
-    eos = json.loads((Path(args.model) / "config.json").read_text()).get("eos_token_id")  # the peer stops there too
+    eos = config_eos_token_id(args.model)  # the peer stops there too
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     ours = {}
     for press, ratio in tqdm(list(peer), desc="yoco", unit="run", file=sys.stderr):

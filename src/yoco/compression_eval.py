@@ -35,7 +35,7 @@ from .compress.policies import policy_for_context
 from .data import DataError
 from .engine import decode_step, generate, prefill
 from .evaluate import haystack_for, passkey_grid
-from .ruler import score, suite
+from .ruler import suite, task_scores
 
 
 def cache_nbytes(model, cache, batch_size: int, context: int, kv_bits=None) -> int:
@@ -71,12 +71,10 @@ def perplexity_and_speed(model, rows: torch.Tensor, context: int, policy, kv_bit
 def task_accuracy(model, tokenizer, prompts, compression=None, kv_bits=None, prefill_chunk: int = 1024) -> dict:
     """Each task's mean score over its prompts (``yoco.ruler.TaskPrompt``s), each answered greedily with
     the prompt's cache compressed after prefill (``compression``) or quantized (``kv_bits``)."""
-    scores: dict[str, list[float]] = {}
-    for prompt in prompts:
-        out = generate(model, [prompt.ids], max_new_tokens=prompt.max_new_tokens, prefill_chunk=prefill_chunk,
-                       compression=compression, kv_bits=kv_bits)
-        scores.setdefault(prompt.task, []).append(score(prompt, tokenizer.decode(out.tokens[0])))
-    return {task: sum(s) / len(s) for task, s in scores.items()}
+    answers = [tokenizer.decode(generate(model, [prompt.ids], max_new_tokens=prompt.max_new_tokens,
+                                         prefill_chunk=prefill_chunk, compression=compression,
+                                         kv_bits=kv_bits).tokens[0]) for prompt in prompts]
+    return task_scores(prompts, answers)
 
 
 def compress_eval(model, tokenizer, haystack: Sequence[int], specs: Sequence[tuple[str, float | int | None]], *,

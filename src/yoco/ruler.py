@@ -140,6 +140,14 @@ def score(prompt: TaskPrompt, generated: str) -> float:
     return sum(a in words for a in prompt.answers) / len(prompt.answers)
 
 
+def task_scores(prompts: Sequence[TaskPrompt], answers: Sequence[str]) -> dict[str, float]:
+    """Each task's mean ``score`` over its prompts, given the text generated for each prompt."""
+    scores: dict[str, list[float]] = {}
+    for prompt, generated in zip(prompts, answers, strict=True):
+        scores.setdefault(prompt.task, []).append(score(prompt, generated))
+    return {task: sum(s) / len(s) for task, s in scores.items()}
+
+
 def suite(tasks: Sequence[str], encode, haystack: Sequence[int], context: int, samples: int,
           seed: int = 0) -> list[TaskPrompt]:
     """``samples`` prompts of each task, the same for a given seed, haystack and context whatever else

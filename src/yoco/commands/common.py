@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..arguments import NATURAL, POSITIVE, POSITIVE_INT, ListOf, kv_bit_width, names, quantized_bit_width
 from ..checkpoint import load_model, resolve_checkpoint
-from ..data import (EOS, DataError, build_shards, corpus_documents, files_under, find_shards, is_shard_folder,
-                    load_tokenizer, same_tokenizer)
+from ..data import (EOS, DataError, TokenShards, build_shards, corpus_documents, files_under, find_shards,
+                    is_shard_folder, load_tokenizer, same_tokenizer)
 from ..config import ATTN_TEMPERATURES, GLOBAL_POSITIONS, NAMES, POSITION_FIELDS, PRESETS, ROPE_EXTENSIONS
 from ..errors import YocoError
 from ..models import CausalLM, build_model
@@ -59,16 +59,29 @@ def held_out_shards(model_folder: str, data: str | None) -> Path:
     return folder
 
 
+def config_eos_token_id(model_folder: str | Path):
+    """The ``eos_token_id`` a model folder's config.json names, as written there (an int, or a list of
+    them in some transformers configs), or None where it names none or cannot be read."""
+    try:
+        return json.loads((Path(model_folder) / "config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def held_out_split(data: Path, needed: int) -> TokenShards:
+    """The held-out tokens of a shard folder: its validation split, or its training split where the
+    validation one holds fewer than ``needed`` (``--text`` shards keep every token in one split)."""
+    val = TokenShards(data, "val")
+    return val if len(val) >= needed else TokenShards(data, "train")
+
+
 def end_of_text_id(model_folder: str | Path, tokenizer) -> int:
     """The id a model reads as the end of a document: the tokenizer's ``<|endoftext|>`` (yoco's), else the
     ``eos_token_id`` of a transformers folder's config.json (the first, if a list)."""
     eos = tokenizer.token_to_id(EOS)
     if eos is not None:
         return eos
-    try:
-        eos = json.loads((Path(model_folder) / "config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        eos = None
+    eos = config_eos_token_id(model_folder)
     eos = eos[0] if isinstance(eos, list) and eos else eos
     if not isinstance(eos, int):
         raise UsageError(f"{str(model_folder)!r} names no end-of-text token (no {EOS} in its tokenizer, no "

@@ -9,14 +9,13 @@ from pathlib import Path
 from ..arguments import DEPTH, POSITIVE_INT, ListOf, budget
 from ..checkpoint import load_any_model, resolve_checkpoint
 from ..compress import POLICIES
-from ..data import TokenShards
 from ..models import CausalLM
 from ..report import write_json, write_markdown
 from ..ruler import RULER_TASKS, task_names
 from ..tasks import TaskError
 from ..tokenizer import tokenizer_for
-from .common import (UsageError, add_dtype, add_kv_quantization, add_seed, held_out_shards, kv_quantization,
-                     text_shards)
+from .common import (UsageError, add_dtype, add_kv_quantization, add_seed, held_out_shards, held_out_split,
+                     kv_quantization, text_shards)
 
 DEFAULT_MODEL = "runs/study-retrieval/yoco-swa/checkpoint-2200"
 DEFAULT_POLICIES = "streamingllm,snapkv,pyramidkv,h2o,corm,infllm"
@@ -101,9 +100,7 @@ def run(args: argparse.Namespace) -> int:
         data = text_shards(args.model, args.text, args.jsonl, Path(args.json).parent if args.json else Path.cwd())
     else:
         data = held_out_shards(args.model, args.data)
-    val = TokenShards(data, "val")
-    if len(val) < args.context + args.ppl_tokens + args.ppl_rows:
-        val = TokenShards(data, "train")
+    val = held_out_split(data, args.context + args.ppl_tokens + args.ppl_rows)
     specs = [("full", None)] + [(p, b) for p in policies for b in args.budget]
     quantizations = [q for q in (kv_quantization(args, bits) for bits in dict.fromkeys(args.kv_bits or ())) if q]
     if quantizations:

@@ -4,12 +4,11 @@ transformers Llama folder as the yoco Transformer."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..arguments import POSITIVE_INT
 from ..checkpoint import load_model, resolve_checkpoint, save_model
-from .common import UsageError
+from .common import UsageError, config_eos_token_id
 
 
 def add_parser(subparsers) -> None:
@@ -74,10 +73,7 @@ def copy_tokenizer(source: Path, out: str, model_max_length: int):
     if (source / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(source, require_eos=False)
         save_tokenizer(tokenizer, out, model_max_length)
-    try:
-        eos = json.loads((source / "config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError):
-        eos = None
+    eos = config_eos_token_id(source)
     return tokenizer, eos if isinstance(eos, int) and not isinstance(eos, bool) else None
 
 
