@@ -66,24 +66,10 @@ def main() -> None:
 
 
 def profile_training(args) -> None:
-    from yoco.bench_train import TrainBenchSettings, optimizer_settings, random_rows, train_config
-    from yoco.evaluate import lm_loss
-    from yoco.models import build_model
-    from yoco.train import optimizer_for
+    from yoco.bench_train import TrainBenchSettings, train_config, yoco_training
 
     settings = TrainBenchSettings(archs=(args.arch,), seq_lens=(args.context,), preset=args.preset, dtype=args.dtype)
-    config = train_config(args.arch, settings)
-    model = build_model(config, seed=0).train()
-    ours = optimizer_settings()
-    optimizer = optimizer_for(model, ours)
-
-    def step(i: int) -> None:
-        rows = random_rows(config, settings, args.context, i)
-        optimizer.zero_grad(set_to_none=True)
-        lm_loss(model, rows[:, :-1], rows[:, 1:], settings.bf16).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), ours.grad_clip)
-        optimizer.step()
-
+    _, step = yoco_training(train_config(args.arch, settings), settings, args.context)
     step(0)
     with profile() as prof:
         began = time.perf_counter()
@@ -92,7 +78,6 @@ def profile_training(args) -> None:
     print(f"{args.arch} ({args.preset}, {args.dtype}) training step on {args.context:,}-token rows: {took:.2f} s "
           f"(under the profiler)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-
 
 if __name__ == "__main__":
     main()

@@ -77,19 +77,31 @@ def optimizer_settings() -> TrainSettings:
     return TrainSettings()
 
 
-def time_yoco(arch: str, config: ModelConfig, settings: TrainBenchSettings, seq_len: int) -> tuple[list[float], int]:
-    """Wall times of each step of one of this library's models, and its parameter count."""
+def yoco_training(config: ModelConfig, settings: TrainBenchSettings, seq_len: int):
+    """One of this library's models built from ``config`` and the step ``yoco train`` takes on it:
+    ``step(i)`` trains on the i-th batch of random rows (forward with the loss, backward, clipping, AdamW).
+    Returns the model and the step."""
     model = build_model(config, seed=settings.seed).train()
     model.set_activation_checkpointing(settings.activation_checkpointing)
     ours = optimizer_settings()
     optimizer = optimizer_for(model, ours)
-    ends = []
-    for step in range(settings.warmup + settings.steps):
-        rows = random_rows(config, settings, seq_len, step)
+
+    def step(i: int) -> None:
+        rows = random_rows(config, settings, seq_len, i)
         optimizer.zero_grad(set_to_none=True)
         lm_loss(model, rows[:, :-1], rows[:, 1:], settings.bf16).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), ours.grad_clip)
         optimizer.step()
+
+    return model, step
+
+
+def time_yoco(arch: str, config: ModelConfig, settings: TrainBenchSettings, seq_len: int) -> tuple[list[float], int]:
+    """Wall times of each step of one of this library's models, and its parameter count."""
+    model, step = yoco_training(config, settings, seq_len)
+    ends = []
+    for i in range(settings.warmup + settings.steps):
+        step(i)
         ends.append(time.perf_counter())
     return ends, model.num_parameters()
 
