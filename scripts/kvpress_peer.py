@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -27,7 +28,6 @@ import transformers
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
-import kvpress
 from kvpress import AdaKVPress, PyramidKVPress, SnapKVPress, StreamingLLMPress, TOVAPress
 
 PRESSES = {
@@ -89,18 +89,12 @@ def main(argv=None) -> int:
         press = None if name == "full" else PRESSES[name](ratio)
         results.append({"press": name, "ratio": ratio,
                         "answers": [answer(model, q["ids"], q["max_new_tokens"], press) for q in prompts]})
-    report = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _version("kvpress"),
+    report = {"kvpress": version("kvpress"),  # (the package has no __version__)
               "transformers": transformers.__version__, "torch": torch.__version__, "results": results}
     tmp = Path(args.out).with_suffix(".partial")
     tmp.write_text(json.dumps(report))
     os.replace(tmp, args.out)
     return 0
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 if __name__ == "__main__":
