@@ -229,10 +229,11 @@ WINDOW_SHAPES = [  # B, h, query heads, dims, queries, keys before them, window
     (1, 2, 6, 128, 40, 9, 10),  # 3 query heads a K/V head, 128 wide
     (1, 4, 8, 16, 33, 5, 1),  # a window of 1: each query sees itself only
     (2, 1, 8, 48, 70, 30, 31),  # the generic width; 8 query heads on one K/V head (128 rows a tile)
+    (1, 2, 8, 64, 64, 2000, 2064),  # a prefill chunk's causal attention over a cache's 2,000 earlier keys
 ]
 
 
-def _window_reference(q, k, v, earlier, window):
+def _window_reference(q, k, v, earlier, window, scale=None):
     """Sliding-window attention by the formula, in float64: query t sees keys earlier + t - window < j <=
     earlier + t."""
     B, H, T, d = q.shape
@@ -241,21 +242,23 @@ def _window_reference(q, k, v, earlier, window):
     key_at = torch.arange(k.shape[2])[None, :]
     seen = (key_at <= query_at) & (key_at > query_at - window)
     k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
-    scores = (q.double() @ k.transpose(-1, -2) * d ** -0.5).masked_fill(~seen, float("-inf"))
+    scores = (q.double() @ k.transpose(-1, -2) * (d ** -0.5 if scale is None else scale)).masked_fill(
+        ~seen, float("-inf"))
     return (scores.softmax(-1) @ v).float()
 
 
 @needs_kernel
 @pytest.mark.parametrize("shape", WINDOW_SHAPES)
-def test_the_window_kernel_equals_the_formula(shape):
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_the_window_kernel_equals_the_formula(shape, scale):
     B, h, H, d, T, earlier, window = shape
     g = torch.Generator().manual_seed(T + earlier)
     q = torch.randn(B, T, H, d, generator=g).transpose(1, 2)  # as the model hands them: [B, T, H, d] moved
     k = torch.randn(B, h, earlier + T, d, generator=g)
     v = torch.randn(B, h, earlier + T + 3, d, generator=g)[:, :, :earlier + T]  # a slice of a longer buffer
-    got = kernels.native_window_attention(q, k, v, earlier, window)
+    got = kernels.native_window_attention(q, k, v, earlier, window, scale)
     assert got is not None, "the kernel declined a shape it takes"
-    torch.testing.assert_close(got, _window_reference(q, k, v, earlier, window), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, _window_reference(q, k, v, earlier, window, scale), atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel
@@ -274,6 +277,7 @@ def test_what_the_window_kernel_does_not_take_goes_the_pytorch_way():
     one_kv = torch.randn(1, 1, 25, 64)
     assert kernels.native_window_attention(torch.randn(1, 16, 20, 64), one_kv, one_kv, 5, 8) is None  # 16 a K/V head
     assert kernels.native_window_attention(q, k, k, 4, 8) is None  # the keys must end with the queries' own
+    assert kernels.native_window_attention(q, k, torch.randn(1, 2, 25, 32), 5, 8) is None  # values of another width
     assert kernels.native_window_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, k, 5, 8) is None
     wanted = q.clone().requires_grad_()
     assert kernels.native_window_attention(wanted, k, k, 5, 8) is None  # gradients: PyTorch's autograd path
@@ -290,6 +294,18 @@ def test_prefill_through_the_window_kernel_equals_prefill_without_it(variant, mo
     ids = torch.randint(0, model.config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(8))
     fused, unfused = _with_and_without(sliding_window, "native_window_attention",
                                        lambda: engine_logits(model, ids, 100, 30), monkeypatch)
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", ["transformer", "transformer-mqa", "cla2", "mlkv", "block", "transformer-ntk"])
+def test_causal_prefill_through_the_kernel_equals_prefill_without_it(variant, monkeypatch):
+    """A prefill chunk's causal attention (the first chunk's, and a later chunk's over the cache's earlier
+    keys) runs in the window kernel with a window past every key; the logits are those of PyTorch's."""
+    model = make_model(variant)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(9))
+    fused, unfused = _with_and_without(kernels, "native_window_attention", lambda: engine_logits(model, ids, 100, 30),
+                                       monkeypatch)
     torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
 
 

@@ -163,37 +163,41 @@ def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return dense_decode(q, k, v, scale)
 
 
-# Keys per block of the native window kernel (csrc/window_attention.c's KB): its transposed keys are
-# padded by one block, so that a block's vector loads never read past them.
+# Keys per block of the native window kernel (csrc/window_attention.c's KB): it takes the keys in blocks
+# of this many positions, each block transposed.
 WINDOW_KEY_BLOCK = 32
 
 
 def native_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, earlier: int,
-                            window: int) -> torch.Tensor | None:
+                            window: int, scale: float | None = None) -> torch.Tensor | None:
     """Sliding-window attention of the queries q [B, H, T, d] over k/v [B, n_kv, S = earlier + T, d] (the
     ``earlier`` keys before the queries, then their own): query t sees keys earlier + t - window < j <=
-    earlier + t. Computed by the native kernel (``csrc/window_attention.c``: flash attention over the
-    band only, each key block read once for a K/V head's query heads at 16 positions), or None where it
-    does not apply (not float32 or bf16 on the CPU, gradients wanted, inside torch.compile, shapes it
-    declines), and the caller takes PyTorch's path. bf16 is widened to fp32 for the kernel and the
-    result rounded back: a prefill chunk's own keys, cheap beside the attention, which PyTorch's bf16
-    path runs several times slower on a CPU without bf16 arithmetic."""
+    earlier + t (window >= S: causal attention over every earlier key). ``scale`` None is 1/sqrt(d).
+    Computed by the native kernel (``csrc/window_attention.c``: flash attention over the band only,
+    each key block read once for a K/V head's query heads at 16 positions), or None where it does not
+    apply (not float32 or bf16 on the CPU, gradients wanted, inside torch.compile, shapes it declines),
+    and the caller takes PyTorch's path. bf16 is widened to fp32 for the kernel and the result rounded
+    back: cheap beside the attention, which PyTorch's bf16 path runs several times slower on a CPU
+    without bf16 arithmetic."""
     if q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu":
-        out = native_window_attention(q.float(), k.float(), v.float(), earlier, window)
+        out = native_window_attention(q.float(), k.float(), v.float(), earlier, window, scale)
         return None if out is None else out.to(torch.bfloat16)
     B, H, T, d = q.shape
     h, S = k.shape[1], k.shape[2]
     lib = native_library_for(q, k, v)
-    if lib is None or S != earlier + T or q.stride(-1) != 1:
+    if lib is None or S != earlier + T or q.stride(-1) != 1 or k.shape[-1] != d or v.shape[-1] != d:
         return None
-    keys = k.new_zeros(B, h, d, S + WINDOW_KEY_BLOCK)
-    keys[..., :S] = k.transpose(-1, -2)
+    blocks = -(-S // WINDOW_KEY_BLOCK)
+    keys = k.new_zeros(B, h, blocks * WINDOW_KEY_BLOCK, d)
+    keys[:, :, :S] = k
+    keys = keys.view(B, h, blocks, WINDOW_KEY_BLOCK, d).transpose(-1, -2).contiguous()  # [B, h, blocks, d, KB]
     out = torch.empty(B, H, T, d, dtype=torch.float32)
     status = lib.yoco_window_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
                                        keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
                                        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-                                       B, H, h, T, S, d, earlier, window, d ** -0.5, torch.get_num_threads(),
-                                       out.data_ptr(), out.stride(0), out.stride(1), out.stride(2))
+                                       B, H, h, T, S, d, earlier, window, d ** -0.5 if scale is None else scale,
+                                       torch.get_num_threads(), out.data_ptr(), out.stride(0), out.stride(1),
+                                       out.stride(2))
     return None if status else out
 
 
@@ -304,6 +308,13 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
                         flash_part(q, k[:, :, S - T:], v[:, :, S - T:], True, scale)], q.dtype)
 
 
+# Up to this many keys a prefill chunk's causal attention runs in the native kernel (the window kernel with
+# a window past every key), which reads each key block once for a K/V head's query heads at 16 positions:
+# 1.1-1.9x PyTorch's flash attention up to 16K keys on 2 cores; beyond, its 16-position tiles read the
+# keys from memory 4x as often as PyTorch's 256-query blocks and it falls behind (0.95x at 32K).
+NATIVE_CAUSAL_KEYS = 16384
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
                      scale: float | None = None) -> torch.Tensor:
     """Queries at the step's slots against keys at slots 0..S-1 (a cache's, or this call's own when the
@@ -311,6 +322,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: St
     follows from the step's ints and whether rows are padded (a padded row always hides its pads from
     its queries at decode), never from tensor values: no host synchronisation."""
     if step.pad is None:
+        if step.length > 1 and k.shape[2] <= NATIVE_CAUSAL_KEYS:
+            fused = native_window_attention(q, k, v, k.shape[2] - step.length, k.shape[2], scale)
+            if fused is not None:
+                return fused
         if step.start == 0:
             return attend(q, k, v, causal=True, scale=scale)
         if step.length > 1:

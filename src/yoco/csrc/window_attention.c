@@ -1,8 +1,9 @@
-/* Sliding-window attention of a prefill chunk on the CPU (flash attention: an online softmax over key
- * blocks, so no score matrix beyond one tile is ever held).
+/* Sliding-window and causal attention of a prefill chunk on the CPU (flash attention: an online softmax
+ * over key blocks, so no score matrix beyond one tile is ever held).
  *
- * Query t of the chunk sits at key index E + t (E keys come before the chunk: a ring's earlier window)
- * and sees the keys j with E + t - W < j <= E + t. The work is split into units of (row, K/V head, tile
+ * Query t of the chunk sits at key index E + t (E keys come before the chunk: a ring's earlier window,
+ * or a cache's earlier keys) and sees the keys j with E + t - W < j <= E + t (W >= E + T: every earlier
+ * key, plain causal attention). The work is split into units of (row, K/V head, tile
  * of QT positions); a unit's rows are the G query heads of its K/V head at its QT positions, which all
  * read the same W + QT - 1 keys, so each key block is read once for G * QT rows; only the blocks the
  * tile's band reaches are visited. Per key block:
@@ -12,8 +13,11 @@
  *
  * Layouts (strides in elements):
  *   q [B, H, T, d] and out [B, H, T, d] (each position's d floats dense; queries not scaled: scale is
- *   applied here), kt [B, h, d, Sp] the keys transposed (each dim's positions dense, Sp >= S rounded up
- *   to KB, what lies past S never weighs), v [B, h, S, d] (each position's d floats dense); h divides H.
+ *   applied here), kt [B, h, Sp / KB, d, KB] the keys in blocks of KB positions, each block transposed
+ *   (its d rows of KB positions dense, blocks kt_sblock apart; Sp >= S rounded up to KB, what lies past S
+ *   never weighs): a block is one dense 8 KB piece, where rows of a whole transposed key matrix lay far
+ *   apart (at 32K keys, 128 KB: a TLB miss per row), v [B, h, S, d] (each position's d floats dense);
+ *   h divides H.
  *   d % 16 == 0 and d <= 128; anything else returns -1 and the caller takes the PyTorch path.
  */
 #include "vectors.h"
@@ -30,7 +34,7 @@
 
 typedef struct {
     const float *q; int64_t q_sb, q_sh, q_st;
-    const float *kt; int64_t kt_sb, kt_sh, kt_sd;
+    const float *kt; int64_t kt_sb, kt_sh, kt_sblock;
     const float *v; int64_t v_sb, v_sh, v_st;
     float *out; int64_t o_sb, o_sh, o_st;
     int64_t H, h, G, T, S, d, E, W, tiles;
@@ -61,15 +65,17 @@ static inline __attribute__((always_inline)) void window_unit(const WindowJob *j
                 memset(qs + r * d, 0, sizeof(float) * d); /* past the chunk's end: computed, never written */
             }
         }
-    const int64_t first = E + t0 - W + 1 > 0 ? E + t0 - W + 1 : 0, last = E + t1 - 1; /* keys any row sees */
+    /* the keys any row sees, from the start of the block holding the first (keys come in blocks) */
+    const int64_t seen = E + t0 - W + 1 > 0 ? E + t0 - W + 1 : 0, first = seen - seen % KB, last = E + t1 - 1;
     for (int64_t j0 = first; j0 <= last; j0 += KB) {
         const int64_t nk = j0 + KB <= last + 1 ? KB : last + 1 - j0;
+        const float *kb = kt + (j0 / KB) * job->kt_sblock; /* this block's keys: d rows of KB */
         /* scores: tiles of 8 rows x 32 keys */
         for (int64_t r0 = 0; r0 < R; r0 += 8) {
             f32x16 s[8][2];
             for (int r = 0; r < 8; r++) s[r][0] = s[r][1] = splat(0.0f);
             for (int64_t c = 0; c < d; c++) {
-                const f32x16 k0 = load16(kt + c * job->kt_sd + j0), k1 = load16(kt + c * job->kt_sd + j0 + L);
+                const f32x16 k0 = load16(kb + c * KB), k1 = load16(kb + c * KB + L);
                 for (int r = 0; r < 8; r++) {
                     const f32x16 x = splat(qs[(r0 + r) * d + c]);
                     s[r][0] += x * k0;
@@ -155,7 +161,7 @@ static void window_unit_128(const WindowJob *job, int64_t b, int64_t head, int64
 static void window_unit_any(const WindowJob *job, int64_t b, int64_t head, int64_t t0) { window_unit(job, b, head, t0, job->d); }
 
 int yoco_window_attention(const float *q, int64_t q_sb, int64_t q_sh, int64_t q_st,
-                          const float *kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sd,
+                          const float *kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sblock,
                           const float *v, int64_t v_sb, int64_t v_sh, int64_t v_st,
                           int64_t B, int64_t H, int64_t h, int64_t T, int64_t S, int64_t d, int64_t E, int64_t W,
                           float scale, int64_t threads, float *out, int64_t o_sb, int64_t o_sh, int64_t o_st) {
@@ -163,7 +169,7 @@ int yoco_window_attention(const float *q, int64_t q_sb, int64_t q_sh, int64_t q_
         || S < E + T)
         return -1;
     if (threads < 1) threads = 1;
-    const WindowJob job = {q, q_sb, q_sh, q_st, kt, kt_sb, kt_sh, kt_sd, v, v_sb, v_sh, v_st, out, o_sb, o_sh, o_st,
+    const WindowJob job = {q, q_sb, q_sh, q_st, kt, kt_sb, kt_sh, kt_sblock, v, v_sb, v_sh, v_st, out, o_sb, o_sh, o_st,
                            H, h, H / h, T, S, d, E, W, (T + QT - 1) / QT, scale};
     void (*unit)(const WindowJob *, int64_t, int64_t, int64_t) =
         d == 64 ? window_unit_64 : d == 128 ? window_unit_128 : window_unit_any;
