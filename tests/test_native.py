@@ -230,6 +230,7 @@ WINDOW_SHAPES = [  # B, h, query heads, dims, queries, keys before them, window
     (1, 4, 8, 16, 33, 5, 1),  # a window of 1: each query sees itself only
     (2, 1, 8, 48, 70, 30, 31),  # the generic width; 8 query heads on one K/V head (128 rows a tile)
     (1, 2, 8, 64, 64, 2000, 2064),  # a prefill chunk's causal attention over a cache's 2,000 earlier keys
+    (2, 2, 4, 64, 200, 700, 600),  # units of 4 tiles whose bands cross spans of 512 keys at different places
 ]
 
 

@@ -308,13 +308,6 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
                         flash_part(q, k[:, :, S - T:], v[:, :, S - T:], True, scale)], q.dtype)
 
 
-# Up to this many keys a prefill chunk's causal attention runs in the native kernel (the window kernel with
-# a window past every key), which reads each key block once for a K/V head's query heads at 16 positions:
-# 1.1-1.9x PyTorch's flash attention up to 16K keys on 2 cores; beyond, its 16-position tiles read the
-# keys from memory 4x as often as PyTorch's 256-query blocks and it falls behind (0.95x at 32K).
-NATIVE_CAUSAL_KEYS = 16384
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
                      scale: float | None = None) -> torch.Tensor:
     """Queries at the step's slots against keys at slots 0..S-1 (a cache's, or this call's own when the
@@ -322,7 +315,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: St
     follows from the step's ints and whether rows are padded (a padded row always hides its pads from
     its queries at decode), never from tensor values: no host synchronisation."""
     if step.pad is None:
-        if step.length > 1 and k.shape[2] <= NATIVE_CAUSAL_KEYS:
+        if step.length > 1:
+            # the window kernel with a window past every key: 1.04-1.8x PyTorch's CPU flash attention
+            # (1K-64K keys, 2 cores; it reads each key block once for a K/V head's query heads)
             fused = native_window_attention(q, k, v, k.shape[2] - step.length, k.shape[2], scale)
             if fused is not None:
                 return fused
