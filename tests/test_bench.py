@@ -290,6 +290,14 @@ def test_probe_keeps_both_figures_and_uses_the_better():
     assert not probe(figures(200, 40), figures(150, 30))["busy"]  # 25% apart: still calm
 
 
+def test_probes_between_the_ends_count_towards_the_best_figures_not_towards_busy():
+    between = [figures(250, 30, 20), figures(180, 45, 35)]
+    verdict = probe(figures(190, 40), figures(200, 38), between)
+    assert verdict["matmul_flops"] == 250e9 and verdict["bandwidth_bytes_s"] == 45e9
+    assert verdict["read_bandwidth_bytes_s"] == 35e9
+    assert not verdict["busy"] and verdict["probe"]["during"] == between  # start and end alone decide busy
+
+
 @pytest.mark.parametrize("start,end", [(figures(100, 40), figures(200, 40)),  # matmul alone
                                        (figures(200, 40), figures(200, 20)),  # bandwidth alone
                                        (figures(200, 40, 30), figures(200, 40, 15))])  # reading alone
@@ -331,6 +339,23 @@ def test_cli_bench_warns_when_the_machine_was_busy(end_gflops, busy, monkeypatch
         assert busy_warning(machine) in (tmp_path / "b.md").read_text()
     else:
         assert warnings == []
+
+
+def test_cli_bench_measures_the_machine_between_context_lengths_and_uses_the_best(monkeypatch, tmp_path):
+    import yoco.bench
+
+    measured = iter([200e9, 300e9, 190e9])  # the start, between the two lengths, the end
+    monkeypatch.setattr(yoco.bench, "measure_matmul_flops", lambda dtype: next(measured))
+    monkeypatch.setattr(yoco.bench, "measure_bandwidth", lambda: 40e9)
+    monkeypatch.setattr(yoco.bench, "measure_read_bandwidth", lambda: 30e9)
+    argv = ["bench", "--preset", "tiny", "--arch", "yoco-swa", "--context", "32,64", "--new-tokens", "2",
+            "--budget-steps", "1", "--max-budget-batch", "2", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [p["matmul_flops"] for p in report["machine"]["probe"]["during"]] == [300e9]
+    assert report["machine"]["matmul_flops"] == 300e9 and not report["machine"]["busy"]
+    for row in report["results"]:
+        assert row["prefill_peak_fraction"] == pytest.approx(row["prefill_flops"] / row["prefill_s"] / 300e9)
 
 
 def made_up_row(arch: str, context: int = 1024, **values) -> dict:

@@ -269,17 +269,21 @@ def measure_machine(dtype: torch.dtype) -> dict:
             "read_bandwidth_bytes_s": measure_read_bandwidth()}
 
 
-def probe(start: dict, end: dict) -> dict:
-    """The verdict on the machine's figures measured at the start and at the end of a run.
+def probe(start: dict, end: dict, during: list[dict] = ()) -> dict:
+    """The verdict on the machine's figures measured at the start and at the end of a run (and, if given,
+    between its context lengths).
 
-    The figures used are the better of the two (a busy moment understates the peak, nothing
-    overstates it). Each quantity's difference is relative to its better figure; when either differs
-    by more than BUSY_DIFFERENCE the machine counts as busy, and the run's timings as doubtful.
+    The figures used are the best of them all (a busy moment understates the peak, nothing overstates
+    it: a probe that caught a slow moment at both ends would otherwise make every row look closer to
+    the peak than it was). Each quantity's difference between start and end is relative to its better
+    figure; when either differs by more than BUSY_DIFFERENCE the machine counts as busy, and the run's
+    timings as doubtful.
     """
-    best = {key: max(start[key], end[key]) for key in PROBED}
-    difference = {key: abs(start[key] - end[key]) / best[key] for key in PROBED}
+    best = {key: max(figures[key] for figures in (start, end, *during)) for key in PROBED}
+    difference = {key: abs(start[key] - end[key]) / max(start[key], end[key]) for key in PROBED}
     return {**best, "busy": any(d > BUSY_DIFFERENCE for d in difference.values()),
             "probe": {"start": {key: start[key] for key in PROBED}, "end": {key: end[key] for key in PROBED},
+                      "during": [{key: figures[key] for key in PROBED} for figures in during],
                       "difference": difference}}
 
 
@@ -525,10 +529,11 @@ def start_run(settings, log) -> tuple[float, torch.dtype, dict]:
     return started, dtype, machine
 
 
-def probe_again(machine: dict, dtype: torch.dtype) -> None:
+def probe_again(machine: dict, dtype: torch.dtype, during: list[dict] = ()) -> None:
     """Measure the machine again at the end of a run: a busy moment at the start would understate the
-    peak, and start and end far apart say that the run shared the machine (``probe``)."""
-    machine.update(probe({key: machine[key] for key in PROBED}, measure_machine(dtype)))
+    peak, and start and end far apart say that the run shared the machine (``probe``); ``during``: the
+    figures measured between (``measure_machine``), which count towards the best."""
+    machine.update(probe({key: machine[key] for key in PROBED}, measure_machine(dtype), during))
 
 
 def run_bench(settings: BenchSettings, log=print) -> dict:
@@ -553,9 +558,13 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     plan = [(c, a, b) for c in contexts for a in settings.archs for b in settings.widths()
             if b == unquantized or not refused[a, b]]
     results: list[dict] = []
+    during: list[dict] = []  # the machine measured between context lengths (a second each)
     bar = tqdm(plan, desc="bench", unit="run", dynamic_ncols=True)
     with room_to_compile(settings):
         for context, arch, bits in bar:
+            if results and context != results[-1]["context"]:
+                bar.set_postfix_str("measuring the machine")
+                during.append(measure_machine(dtype))
             bar.set_postfix_str(f"{arch} @ {context}" + ("" if bits == unquantized else f", {bits}-bit K/V"))
             if quadratic_prefill(runners[arch].config) and context > settings.max_quadratic_context:
                 if bits == unquantized:  # (quantized rows of a quadratic model past the limit: not run)
@@ -566,7 +575,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
             results.append(measure(runners[arch], context, settings, machine,
                                    progress=lambda text: bar.set_postfix_str(text), bits=bits))
     bar.close()
-    probe_again(machine, dtype)  # every prefill and decode is then expressed against the better figures
+    probe_again(machine, dtype, during)  # every prefill and decode is then expressed against the best figures
     for r in results:
         if r["prefill_peak_fraction"] is not None:
             r["prefill_peak_fraction"] = r["prefill_flops"] / r["prefill_s"] / machine["matmul_flops"]
