@@ -174,7 +174,8 @@ def native_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     ``earlier`` keys before the queries, then their own): query t sees keys earlier + t - window < j <=
     earlier + t (window >= S: causal attention over every earlier key). ``scale`` None is 1/sqrt(d).
     Computed by the native kernel (``csrc/window_attention.c``: flash attention over the band only,
-    each key block read once for a K/V head's query heads at 16 positions), or None where it does not
+    each key block read once for a K/V head's query heads at 16 positions, and from memory once for 4
+    such tiles, which take the keys span by span), or None where it does not
     apply (not float32 or bf16 on the CPU, gradients wanted, inside torch.compile, shapes it declines),
     and the caller takes PyTorch's path. bf16 is widened to fp32 for the kernel and the result rounded
     back: cheap beside the attention, which PyTorch's bf16 path runs several times slower on a CPU
