@@ -40,7 +40,7 @@ typedef struct {
     const float *kt; int64_t kt_sb, kt_sh, kt_sblock;
     const float *v; int64_t v_sb, v_sh, v_st;
     float *out; int64_t o_sb, o_sh, o_st;
-    int64_t H, h, G, T, S, d, E, W, tiles, groups;
+    int64_t H, h, G, T, S, d, E, W, tiles;
     float scale;
 } WindowJob;
 
@@ -179,29 +179,24 @@ static inline __attribute__((always_inline)) void window_unit(const WindowJob *j
                                                                int64_t head, int64_t grp, const int64_t d) {
     const int64_t W = job->W, E = job->E, first_tile = grp * GROUP;
     const int64_t tiles = first_tile + GROUP <= job->tiles ? GROUP : job->tiles - first_tile;
-    int64_t from[GROUP], to[GROUP], lo = INT64_MAX, hi = 0;
+    int64_t t0[GROUP], n[GROUP], from[GROUP], to[GROUP], lo = INT64_MAX, hi = 0;
     for (int64_t u = 0; u < tiles; u++) {
-        const int64_t t0 = (first_tile + u) * QT, n = t0 + QT <= job->T ? QT : job->T - t0;
-        tile_begin(job, states + u, b, head, t0, n);
-        /* the keys any row sees, from the start of the block holding the first (keys come in blocks) */
-        const int64_t seen = E + t0 - W + 1 > 0 ? E + t0 - W + 1 : 0;
+        t0[u] = (first_tile + u) * QT;
+        n[u] = t0[u] + QT <= job->T ? QT : job->T - t0[u];
+        tile_begin(job, states + u, b, head, t0[u], n[u]);
+        /* the blocks holding the keys any row sees (keys come in blocks; the last may be partial) */
+        const int64_t seen = E + t0[u] - W + 1 > 0 ? E + t0[u] - W + 1 : 0;
         from[u] = seen - seen % KB;
-        to[u] = E + t0 + n; /* past the last key seen; the last block may be partial */
-        to[u] = from[u] + (to[u] - from[u] + KB - 1) / KB * KB;
+        to[u] = (E + t0[u] + n[u] + KB - 1) / KB * KB;
         lo = from[u] < lo ? from[u] : lo;
         hi = to[u] > hi ? to[u] : hi;
     }
     for (int64_t s0 = lo - lo % SPAN; s0 < hi; s0 += SPAN)
         for (int64_t u = 0; u < tiles; u++) {
             const int64_t a = from[u] > s0 ? from[u] : s0, z = to[u] < s0 + SPAN ? to[u] : s0 + SPAN;
-            if (a >= z) continue;
-            const int64_t t0 = (first_tile + u) * QT, n = t0 + QT <= job->T ? QT : job->T - t0;
-            tile_blocks(job, states + u, b, head, t0, n, a, z, d);
+            if (a < z) tile_blocks(job, states + u, b, head, t0[u], n[u], a, z, d);
         }
-    for (int64_t u = 0; u < tiles; u++) {
-        const int64_t t0 = (first_tile + u) * QT, n = t0 + QT <= job->T ? QT : job->T - t0;
-        tile_end(job, states + u, b, head, t0, n);
-    }
+    for (int64_t u = 0; u < tiles; u++) tile_end(job, states + u, b, head, t0[u], n[u]);
 }
 
 /* The common head dims as constants, so the tiles' loops over d unroll. */
@@ -226,7 +221,7 @@ int yoco_window_attention(const float *q, int64_t q_sb, int64_t q_sh, int64_t q_
     if (threads < 1) threads = 1;
     const int64_t tiles = (T + QT - 1) / QT, groups = (tiles + GROUP - 1) / GROUP;
     const WindowJob job = {q, q_sb, q_sh, q_st, kt, kt_sb, kt_sh, kt_sblock, v, v_sb, v_sh, v_st, out, o_sb, o_sh, o_st,
-                           H, h, H / h, T, S, d, E, W, tiles, groups, scale};
+                           H, h, H / h, T, S, d, E, W, tiles, scale};
     void (*unit)(const WindowJob *, TileState *, int64_t, int64_t, int64_t) =
         d == 64 ? window_unit_64 : d == 128 ? window_unit_128 : window_unit_any;
     const int64_t units = B * h * groups;
