@@ -1,12 +1,15 @@
 """yoco bench on tiny sizes: every field for every arch and length, formulas, plot, bad flags."""
 
 import json
+import math
+from collections import Counter
 
 import pytest
 import torch
 
-from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, PeakRSS, bench_config, bench_figure, busy_warning,
-                        positions_needed, prefill_flops, probe, ratio_rows, run_bench, write_plot)
+from yoco.bench import (BENCH_ARCHS, BenchError, BenchSettings, LinearCalls, PeakRSS, bench_config, bench_figure,
+                        busy_warning, make_runner, positions_needed, prefill_flops, probe, ratio_rows, run_bench,
+                        write_plot)
 from yoco.cli import main
 from yoco.config import get_config
 from yoco.models import cache_bytes
@@ -36,6 +39,9 @@ def test_every_arch_and_length_has_every_field(report):
         assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0 and r["budget_tok_s"] > 0
         assert r["budget_batch"] == 3 and r["params"] > 0 and not r["extrapolated"]
         assert 0 < r["prefill_peak_fraction"] < 1.5
+        assert 0 < r["prefill_linear_flops"] <= r["prefill_flops"] and r["prefill_linear_s"] > 0
+        assert r["linear_peak_fraction"] == pytest.approx(
+            r["prefill_linear_flops"] / r["prefill_linear_s"] / report["machine"]["matmul_flops"])
         assert r["decode_bandwidth_fraction"] == pytest.approx(
             r["decode_tok_s"] * r["decode_read_bytes_per_token"] / report["machine"]["read_bandwidth_bytes_s"])
     machine = report["machine"]
@@ -116,6 +122,32 @@ def test_quadratic_archs_beyond_the_limit_are_extrapolated():
     assert row["cache_bytes"] == cache_bytes(bench_config("transformer", settings), 1, 256, torch.float32)
     assert row["prefill_s"] > results[("transformer", 32)]["prefill_s"]
     assert not results[("yoco-swa", 256)]["extrapolated"]  # only Transformers are extrapolated
+
+
+def test_linear_calls_record_every_linear_layer_a_prefill_runs():
+    settings = tiny_settings(contexts=(48,))
+    n, chunk = 48, settings.prefill_chunk
+    recorded = {}
+    for arch in ("transformer", "hf-llama", "yoco-swa"):
+        runner = make_runner(arch, settings)
+        ids = torch.randint(0, runner.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode(), LinearCalls() as linears:
+            runner.prefill(ids, n + 4)
+        recorded[arch] = linears
+    config = runner.config
+    # A Transformer's FLOPs outside its causal attention are all its linear layers' (transformers' Llama
+    # runs the prompt in one call, ours in chunks: the same FLOPs)
+    attention = config.n_layers * 4 * config.dim * n * (n + 1) / 2
+    for arch in ("transformer", "hf-llama"):
+        assert recorded[arch].flops() == prefill_flops(bench_config(arch, settings), n) - attention
+    # YOCO: the self-decoder's 7 projections and the global K/V's 2 over every chunk, the cross-decoder's
+    # 5 (its K/V are the global ones) and the LM head for the last position only
+    rows = Counter()
+    for (_, shape, _), count in recorded["yoco-swa"].calls.items():
+        rows[math.prod(shape[:-1])] += count
+    half = config.n_layers // 2
+    assert rows == {chunk: (7 * half + 2) * (n // chunk), 1: 5 * half + 1}
+    assert recorded["yoco-swa"].seconds() > 0
 
 
 def test_prefill_flops():
@@ -356,6 +388,7 @@ def test_cli_bench_measures_the_machine_between_context_lengths_and_uses_the_bes
     assert report["machine"]["matmul_flops"] == 300e9 and not report["machine"]["busy"]
     for row in report["results"]:
         assert row["prefill_peak_fraction"] == pytest.approx(row["prefill_flops"] / row["prefill_s"] / 300e9)
+        assert row["linear_peak_fraction"] == pytest.approx(row["prefill_linear_flops"] / row["prefill_linear_s"] / 300e9)
 
 
 def made_up_row(arch: str, context: int = 1024, **values) -> dict:

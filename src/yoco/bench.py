@@ -18,7 +18,10 @@ the machine as busy). Each prefill's useful FLOPs (``prefill_flops``, which each
 from its mixers) give its fraction of that peak; each decode step's least bytes read
 (``decode_read_bytes_per_token``: the weights, and each cache once per layer that attends to it, as
 ``CausalLM.decode_read_bytes`` composes them) times its tokens/s give the fraction of the read
-bandwidth decode reaches (``decode_bandwidth_fraction``).
+bandwidth decode reaches (``decode_bandwidth_fraction``). Beside a prefill's fraction stands what its own
+linear layers reach (``linear_peak_fraction``): each one the prefill ran, run again alone at the shape it
+was given (``LinearCalls``): the matmul speed this machine's BLAS gives the model's shapes, which bounds
+how close to the square matmul's peak the whole prefill can come.
 
 Architectures: this library's ``transformer``, ``yoco-swa``, ``yoco-gret``, and ``hf-llama``: a
 transformers ``LlamaForCausalLM`` with the same dimensions, random weights, SDPA attention, its
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 import os
 import platform
 import threading
@@ -415,6 +419,46 @@ def why_not_quantized(runner, quantization: KVQuantization) -> str | None:
     return None
 
 
+class LinearCalls:
+    """The linear layers (``nn.Linear``: this library's and transformers') that run while it is entered,
+    recorded by a global forward hook: each module with the shape and dtype of its input, and how often.
+    ``seconds`` runs each alone again at that shape (the fastest of ``repeats``), so that a prefill can be
+    set beside the speed its own matmuls reach on this machine. The hook costs a few microseconds a call."""
+
+    def __init__(self):
+        self.calls: Counter = Counter()
+        self._handle = None
+
+    def __enter__(self) -> "LinearCalls":
+        self._handle = torch.nn.modules.module.register_module_forward_hook(self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _record(self, module, args, output) -> None:
+        if isinstance(module, torch.nn.Linear):
+            self.calls[module, tuple(args[0].shape), args[0].dtype] += 1
+
+    def flops(self) -> float:
+        return float(sum(2 * math.prod(shape[:-1]) * module.in_features * module.out_features * count
+                         for (module, shape, _), count in self.calls.items()))
+
+    def seconds(self, repeats: int = 3) -> float:
+        total = 0.0
+        with torch.inference_mode():
+            for (module, shape, dtype), count in self.calls.items():
+                x = torch.randn(shape, dtype=dtype, device=module.weight.device)
+                module(x)  # warm-up
+                best = math.inf
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    module(x)
+                    best = min(best, time.perf_counter() - t0)
+                total += best * count
+        return total
+
+
 def measure(runner, context: int, settings: BenchSettings, machine: dict, progress=None, bits: int | None = None) -> dict:
     dtype = resolve_dtype(settings.dtype)
     bits = settings.unquantized_bits() if bits is None else bits
@@ -424,9 +468,11 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
     capacity = positions_needed(context, settings)
     with torch.inference_mode():
         timings = []
+        linears = LinearCalls()
         for _ in range(settings.repeats):
             runner.reset()
-            with PeakRSS() as run_peak:
+            # the first prefill records its linear layers (then timed alone, below)
+            with PeakRSS() as run_peak, linears if not timings else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 logits = runner.prefill(ids, capacity, quantization)
                 timings.append(time.perf_counter() - t0)
@@ -457,6 +503,9 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         runner.repeat(budget_batch)
         budget_tok_s, _ = timed_decode(runner, last.repeat_interleave(budget_batch), settings.budget_steps + 1)
         runner.reset()
+    if progress:
+        progress(f"{runner.arch} @ {context}: its linear layers alone")
+    linear_flops, linear_s = linears.flops(), linears.seconds()
     flops = prefill_flops(runner.config, context)
     return {
         "arch": runner.arch, "context": context, "kv_bits": bits, "params": runner.params,
@@ -468,6 +517,8 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         "decode_step_peak_bytes": step_peak.growth,
         "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
         "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],
+        "prefill_linear_flops": linear_flops, "prefill_linear_s": linear_s,
+        "linear_peak_fraction": linear_flops / linear_s / machine["matmul_flops"],
         "decode_read_bytes_per_token": read_bytes,
         "decode_bandwidth_fraction": decode_tok_s * read_bytes / machine["read_bandwidth_bytes_s"],
         "extrapolated": False,
@@ -499,6 +550,7 @@ def extrapolate(arch: str, config: ModelConfig, context: int, measured: list[dic
         "budget_batch": budget_batch,
         "budget_tok_s": None,
         "prefill_flops": prefill_flops(config, n), "prefill_peak_fraction": None,
+        "prefill_linear_flops": None, "prefill_linear_s": None, "linear_peak_fraction": None,
         "decode_read_bytes_per_token": read_bytes, "decode_bandwidth_fraction": None,
         "extrapolated": True,
     }
@@ -579,6 +631,8 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     for r in results:
         if r["prefill_peak_fraction"] is not None:
             r["prefill_peak_fraction"] = r["prefill_flops"] / r["prefill_s"] / machine["matmul_flops"]
+        if r["linear_peak_fraction"] is not None:
+            r["linear_peak_fraction"] = r["prefill_linear_flops"] / r["prefill_linear_s"] / machine["matmul_flops"]
         if r["decode_bandwidth_fraction"] is not None:
             r["decode_bandwidth_fraction"] = (r["decode_tok_s"] * r["decode_read_bytes_per_token"]
                                               / machine["read_bandwidth_bytes_s"])
@@ -630,7 +684,7 @@ def _percent(fraction: float | None) -> str:
     return _fmt(None if fraction is None else 100 * fraction, ".0f")
 
 
-TABLE_HEADERS = ["arch", "context", "kv bits", "params", "prefill s", "% peak", "peak mem", "cache", "decode tok/s",
+TABLE_HEADERS = ["arch", "context", "kv bits", "params", "prefill s", "% peak", "linear % peak", "peak mem", "cache", "decode tok/s",
                  "decode MB/token", "% bandwidth", "budget batch", "budget tok/s"]
 
 
@@ -639,7 +693,7 @@ def table_rows(report: dict) -> list[list[str]]:
     for r in report["results"]:
         star = "*" if r["extrapolated"] else ""
         rows.append([r["arch"] + star, str(r["context"]), str(r.get("kv_bits", "-")), f"{r['params'] / 1e6:.1f}M", _fmt(r["prefill_s"], ".2f"),
-                     _percent(r["prefill_peak_fraction"]),
+                     _percent(r["prefill_peak_fraction"]), _percent(r.get("linear_peak_fraction")),
                      format_bytes(r["peak_mem_bytes"], 1), format_bytes(r["cache_bytes"], 1), _fmt(r["decode_tok_s"], ".1f"),
                      _fmt(r["decode_read_bytes_per_token"] / 1e6, ".1f"),
                      _percent(r["decode_bandwidth_fraction"]),
