@@ -33,12 +33,14 @@ def main() -> None:
     p.add_argument("--phase", choices=("prefill", "decode", "both", "train"), default="both")
     p.add_argument("--steps", type=int, default=8, help="decode steps profiled (after 2 untimed)")
     p.add_argument("--rows", type=int, default=20, help="operator rows to print")
+    p.add_argument("--compile", action="store_true", help="decode with the step torch.compile captured")
     args = p.parse_args()
     retain_freed_memory()  # as the yoco CLI runs (freed activations reused, not faulted in again)
     if args.phase == "train":
         return profile_training(args)
     settings = BenchSettings(archs=(args.arch,), contexts=(args.context,), preset=args.preset, dtype=args.dtype,
-                             prefill_chunk=args.prefill_chunk, new_tokens=args.steps + 2)
+                             prefill_chunk=args.prefill_chunk, new_tokens=args.steps + 2,
+                             compile=args.compile)
     runner = make_runner(args.arch, settings)
     ids = torch.randint(0, runner.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
     capacity = args.context + args.steps + 3

@@ -444,7 +444,7 @@ class LinearCalls:
         return float(sum(2 * math.prod(shape[:-1]) * module.in_features * module.out_features * count
                          for (module, shape, _), count in self.calls.items()))
 
-    def seconds(self, repeats: int = 3) -> float:
+    def seconds(self, repeats: int = 5) -> float:
         total = 0.0
         with torch.inference_mode():
             for (module, shape, dtype), count in self.calls.items():
