@@ -422,8 +422,9 @@ def why_not_quantized(runner, quantization: KVQuantization) -> str | None:
 class LinearCalls:
     """The linear layers (``nn.Linear``: this library's and transformers') that run while it is entered,
     recorded by a global forward hook: each module with the shape and dtype of its input, and how often.
-    ``seconds`` runs each alone again at that shape (the fastest of ``repeats``), so that a prefill can be
-    set beside the speed its own matmuls reach on this machine. The hook costs a few microseconds a call."""
+    ``seconds`` runs them alone again at those shapes (the fastest of ``repeats``; one layer for all those
+    of its kind, size and input shape), so that a prefill can be set beside the speed its own matmuls
+    reach on this machine. The hook costs a few microseconds a call."""
 
     def __init__(self):
         self.calls: Counter = Counter()
@@ -445,9 +446,16 @@ class LinearCalls:
                          for (module, shape, _), count in self.calls.items()))
 
     def seconds(self, repeats: int = 5) -> float:
+        # Layers of one kind, size and dtype given inputs of one shape do the same work: one of them is
+        # timed for all (a 12-layer model's 84 projections are 5 shapes)
+        alike: dict[tuple, list] = {}  # kind -> [one module of that kind, the calls of them all]
+        for (module, shape, dtype), count in self.calls.items():
+            kind = (type(module), module.in_features, module.out_features, module.bias is not None,
+                    module.weight.dtype, module.weight.device, shape, dtype)
+            alike.setdefault(kind, [module, 0])[1] += count
         total = 0.0
         with torch.inference_mode():
-            for (module, shape, dtype), count in self.calls.items():
+            for (*_, shape, dtype), (module, count) in alike.items():
                 x = torch.randn(shape, dtype=dtype, device=module.weight.device)
                 module(x)  # warm-up
                 best = math.inf
