@@ -100,6 +100,25 @@ def test_chunkwise_state_carry_split(T1, chunk):
     torch.testing.assert_close(whole_state, ref_state.float(), atol=ATOL, rtol=1e-5)
 
 
+def test_chunkwise_with_and_without_autograd_agree():
+    # The state is carried across chunks two ways: stacked (autograd differentiates it) and in place
+    # (no autograd): the same outputs, and the first's gradients are the recurrent form's.
+    q, k, v, ld = _inputs(seed=5)
+    init = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain, plain_state = retention_chunkwise(q, k, v, ld, 5, init)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, ld, init)]
+    out, state = retention_chunkwise(*leaves[:4], 5, leaves[4])
+    torch.testing.assert_close(out, plain, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(state, plain_state, atol=ATOL, rtol=1e-5)
+    (out.square().sum() + state.sum()).backward()
+    references = [t.clone().requires_grad_() for t in (q, k, v, ld, init)]
+    ref, ref_state = retention_recurrent(*references[:4], references[4])
+    (ref.square().sum() + ref_state.sum()).backward()
+    for leaf, reference in zip(leaves, references):
+        torch.testing.assert_close(leaf.grad, reference.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_initial_state_contributes():
     q, k, v, ld = _inputs(seed=2, T=5)
     init = torch.ones(2, 2, 8, 8)

@@ -65,16 +65,34 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     out = ((q @ k.transpose(-1, -2)) * intra_decay) @ v
     # Each chunk's contribution to the state at its end, and its total decay.
     chunk_kv = (k * (cum[..., -1:] - cum).exp()[..., None]).transpose(-1, -2) @ v  # [B, H, n, dk, dv]
-    chunk_decay = cum[..., -1].exp()  # [B, H, n]
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, H, n, 1, 1]
     if state is None:
         state = q.new_zeros(B, H, dk, dv)
-    states = []
-    for i in range(n):
-        states.append(state)
-        state = chunk_decay[:, :, i, None, None] * state + chunk_kv[:, :, i]
-    incoming = torch.stack(states, dim=2)  # state entering each chunk
+    incoming, state = states_entering_chunks(chunk_kv, chunk_decay, state)
     out = out + (q * cum.exp()[..., None]) @ incoming
     return out.reshape(B, H, n * chunk, dv)[:, :, :T], state
+
+
+def states_entering_chunks(chunk_kv: torch.Tensor, chunk_decay: torch.Tensor,
+                           state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state entering each chunk [B, H, n, dk, dv] and the state after the last, from each chunk's
+    contribution to the state at its end (chunk_kv [B, H, n, dk, dv]), its decay [B, H, n, 1, 1] and the
+    state entering the first [B, H, dk, dv]: S_(i+1) = decay_i S_i + kv_i."""
+    n = chunk_kv.shape[2]
+    if torch.is_grad_enabled() and (chunk_kv.requires_grad or chunk_decay.requires_grad or state.requires_grad):
+        states = []
+        for i in range(n):
+            states.append(state)
+            state = chunk_decay[:, :, i] * state + chunk_kv[:, :, i]
+        return torch.stack(states, dim=2), state
+    # Without autograd each state is written once, in place, straight into the stack: one pass a chunk
+    # instead of a product, a sum and the stacking copy (a 2,048-token prefill chunk of the 40m preset
+    # carries 32 states of 512 KB; YOCO-gRet's 8K prefill 2.02 -> 1.93 s, the two alternated)
+    incoming = chunk_kv.new_empty(chunk_kv.shape)
+    incoming[:, :, 0] = state
+    for i in range(1, n):
+        torch.addcmul(chunk_kv[:, :, i - 1], chunk_decay[:, :, i - 1], incoming[:, :, i - 1], out=incoming[:, :, i])
+    return incoming, torch.addcmul(chunk_kv[:, :, n - 1], chunk_decay[:, :, n - 1], incoming[:, :, n - 1])
 
 
 class RetentionState:
