@@ -1,6 +1,8 @@
 """The version policy: every dependency range has an upper bound no newer than what the suite has
-passed on, and the environment running the suite lies inside the ranges."""
+passed on, and the environment running the suite lies inside the ranges; and a wheel carries what
+the package reads at run time."""
 
+from fnmatch import fnmatch
 from importlib.metadata import requires, version
 from pathlib import Path
 
@@ -9,7 +11,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-PYPROJECT = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+TOML = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+PYPROJECT = TOML["project"]
 
 
 def declared() -> list[Requirement]:
@@ -37,3 +40,15 @@ def test_the_installed_package_declares_the_same_ranges():
         return {(r.name, r.specifier) for r in reqs}
 
     assert ranges(declared()) == ranges(Requirement(r) for r in requires("yoco"))
+
+
+def test_a_wheel_carries_every_file_the_native_kernels_build_from():
+    # an editable install reads them from the source tree; a wheel holds only the package data named
+    # in pyproject.toml, and a missing header would leave every user of a wheel on the PyTorch path
+    from yoco import native
+
+    patterns = TOML["tool"]["setuptools"]["package-data"]["yoco"]
+    package = Path(native.__file__).parent
+    for path in (*native.SOURCES, *native.HEADERS):
+        name = path.relative_to(package).as_posix()
+        assert any(fnmatch(name, pattern) for pattern in patterns), f"{name} is not package data"
