@@ -148,6 +148,11 @@ def test_linear_calls_record_every_linear_layer_a_prefill_runs():
     half = config.n_layers // 2
     assert rows == {chunk: (7 * half + 2) * (n // chunk), 1: 5 * half + 1}
     assert recorded["yoco-swa"].seconds() > 0
+    # an input given by keyword is recorded too
+    layer = torch.nn.Linear(4, 3)
+    with LinearCalls() as linears:
+        layer(input=torch.randn(2, 5, 4))
+    assert linears.calls == {(layer, (2, 5, 4), torch.float32): 1} and linears.flops() == 2 * 10 * 4 * 3
 
 
 def test_prefill_flops():

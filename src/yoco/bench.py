@@ -438,8 +438,10 @@ class LinearCalls:
         self._handle.remove()
 
     def _record(self, module, args, output) -> None:
-        if isinstance(module, torch.nn.Linear):
-            self.calls[module, tuple(args[0].shape), args[0].dtype] += 1
+        if isinstance(module, torch.nn.Linear) and isinstance(output, torch.Tensor):
+            # the input's shape from the output's rows (an input passed by keyword is not in args)
+            dtype = args[0].dtype if args and isinstance(args[0], torch.Tensor) else output.dtype
+            self.calls[module, (*output.shape[:-1], module.in_features), dtype] += 1
 
     def flops(self) -> float:
         return float(sum(2 * math.prod(shape[:-1]) * module.in_features * module.out_features * count
