@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import Counter
 import os
 import platform
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -694,8 +694,8 @@ def _percent(fraction: float | None) -> str:
     return _fmt(None if fraction is None else 100 * fraction, ".0f")
 
 
-TABLE_HEADERS = ["arch", "context", "kv bits", "params", "prefill s", "% peak", "linear % peak", "peak mem", "cache", "decode tok/s",
-                 "decode MB/token", "% bandwidth", "budget batch", "budget tok/s"]
+TABLE_HEADERS = ["arch", "context", "kv bits", "params", "prefill s", "% peak", "linear % peak", "peak mem", "cache",
+                 "decode tok/s", "decode MB/token", "% bandwidth", "budget batch", "budget tok/s"]
 
 
 def table_rows(report: dict) -> list[list[str]]:
