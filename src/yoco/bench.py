@@ -517,7 +517,7 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
         progress(f"{runner.arch} @ {context}: its linear layers alone")
     linear_flops, linear_s = linears.flops(), linears.seconds()
     flops = prefill_flops(runner.config, context)
-    return {
+    row = {
         "arch": runner.arch, "context": context, "kv_bits": bits, "params": runner.params,
         "prefill_s": prefill_s, "prefill_s_each": timings, "peak_mem_bytes": peak.growth,
         "peak_rss_bytes": peak.peak, "cache_bytes": held,
@@ -526,13 +526,20 @@ def measure(runner, context: int, settings: BenchSettings, machine: dict, progre
          - quantized_bytes(1, context, dtype, kv_bits=quantization)) / context if quantized_bytes else held / context,
         "decode_step_peak_bytes": step_peak.growth,
         "decode_tok_s": decode_tok_s, "budget_batch": budget_batch, "budget_tok_s": budget_tok_s,
-        "prefill_flops": flops, "prefill_peak_fraction": flops / prefill_s / machine["matmul_flops"],
-        "prefill_linear_flops": linear_flops, "prefill_linear_s": linear_s,
-        "linear_peak_fraction": linear_flops / linear_s / machine["matmul_flops"],
-        "decode_read_bytes_per_token": read_bytes,
-        "decode_bandwidth_fraction": decode_tok_s * read_bytes / machine["read_bandwidth_bytes_s"],
-        "extrapolated": False,
+        "prefill_flops": flops, "prefill_linear_flops": linear_flops, "prefill_linear_s": linear_s,
+        "decode_read_bytes_per_token": read_bytes, "extrapolated": False,
     }
+    return against_machine(row, machine)
+
+
+def against_machine(row: dict, machine: dict) -> dict:
+    """A measured row's figures against the machine's (``row`` itself, completed): its prefill and that
+    prefill's linear layers against the matmul peak, its decode against the read bandwidth."""
+    row["prefill_peak_fraction"] = row["prefill_flops"] / row["prefill_s"] / machine["matmul_flops"]
+    row["linear_peak_fraction"] = row["prefill_linear_flops"] / row["prefill_linear_s"] / machine["matmul_flops"]
+    row["decode_bandwidth_fraction"] = (row["decode_tok_s"] * row["decode_read_bytes_per_token"]
+                                        / machine["read_bandwidth_bytes_s"])
+    return row
 
 
 def extrapolate(arch: str, config: ModelConfig, context: int, measured: list[dict], settings: BenchSettings) -> dict:
@@ -639,13 +646,8 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     bar.close()
     probe_again(machine, dtype, during)  # every prefill and decode is then expressed against the best figures
     for r in results:
-        if r["prefill_peak_fraction"] is not None:
-            r["prefill_peak_fraction"] = r["prefill_flops"] / r["prefill_s"] / machine["matmul_flops"]
-        if r["linear_peak_fraction"] is not None:
-            r["linear_peak_fraction"] = r["prefill_linear_flops"] / r["prefill_linear_s"] / machine["matmul_flops"]
-        if r["decode_bandwidth_fraction"] is not None:
-            r["decode_bandwidth_fraction"] = (r["decode_tok_s"] * r["decode_read_bytes_per_token"]
-                                              / machine["read_bandwidth_bytes_s"])
+        if not r["extrapolated"]:
+            against_machine(r, machine)
     settings_dict = asdict(settings)
     settings_dict["archs"], settings_dict["contexts"] = list(settings.archs), contexts
     return {"machine": machine, "settings": settings_dict, "results": results,

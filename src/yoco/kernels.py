@@ -316,16 +316,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: St
     follows from the step's ints and whether rows are padded (a padded row always hides its pads from
     its queries at decode), never from tensor values: no host synchronisation."""
     if step.pad is None:
-        if step.length > 1:
-            # the window kernel with a window past every key: 1.04-1.8x PyTorch's CPU flash attention
-            # (1K-64K keys, 2 cores; it reads each key block once for a K/V head's query heads)
-            fused = native_window_attention(q, k, v, k.shape[2] - step.length, k.shape[2], scale)
-            if fused is not None:
-                return fused
+        if step.length == 1:
+            return attend(q, k, v, scale=scale)  # one query, keys ending with its own: it sees them all
+        # the window kernel with a window past every key: 1.04-1.8x PyTorch's CPU flash attention
+        # (1K-64K keys, 2 cores; it reads each key block once for a K/V head's query heads)
+        fused = native_window_attention(q, k, v, k.shape[2] - step.length, k.shape[2], scale)
+        if fused is not None:
+            return fused
         if step.start == 0:
             return attend(q, k, v, causal=True, scale=scale)
-        if step.length > 1:
-            return chunk_attention(q, k, v, scale)
-        return attend(q, k, v, scale=scale)  # one query, keys ending with its own: it sees them all
+        return chunk_attention(q, k, v, scale)
     mask = slot_mask(step.slots, torch.arange(k.shape[2], device=q.device), step.pad, none_if_unmasked=False)
     return attend(q, k, v, mask, scale=scale)
